@@ -1,0 +1,135 @@
+"""Typed stage configs: one dataclass per stage, filled from YAML and CLI overrides, validated up front."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from todsynth.errors import ConfigError
+
+C = TypeVar("C")
+
+
+def _coerce(name: str, value: Any, tp: Any, source: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(name, value, a, source)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"'{name}' must be one of {list(args)}, got {value!r}", path=source)
+        return value
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{name}' must be a list, got {value!r}", path=source)
+        inner = args[0] if args else Any
+        return origin(_coerce(name, v, inner, source) for v in value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"'{name}' must be true or false, got {value!r}", path=source)
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"'{name}' must be an integer, got {value!r}", path=source)
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"'{name}' must be an integer, got {value!r}", path=source) from None
+        if not math.isfinite(f) or f != int(f):
+            raise ConfigError(f"'{name}' must be an integer, got {value!r}", path=source)
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"'{name}' must be a number, got {value!r}", path=source)
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"'{name}' must be a number, got {value!r}", path=source) from None
+        if not math.isfinite(f):
+            raise ConfigError(f"'{name}' must be a finite number, got {value!r}", path=source)
+        return f
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"'{name}' must be a string, got {value!r}", path=source)
+        return str(value)
+    if tp is Path:
+        return Path(value)
+    return value
+
+
+def build_config(cls: type[C], values: dict[str, Any] | None = None, source: str = "config") -> C:
+    """Create `cls` from a mapping: unknown keys and wrongly typed values raise ConfigError."""
+    values = dict(values or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown}; known: {sorted(names)}", path=source)
+    kwargs = {k: _coerce(k, v, hints[k], source) for k, v in values.items()}
+    cfg = cls(**kwargs)
+    validate = getattr(cfg, "validate", None)
+    if validate is not None:
+        validate()
+    return cfg
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> C:
+    """Read a YAML file (optional) into `cls`, then apply `overrides` (e.g. from the CLI)."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError("config file not found", path=path) from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"not valid YAML: {e}", path=path) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError("expected a mapping of setting: value", path=path)
+        values.update(loaded or {})
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return build_config(cls, values, source)
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """Parse CLI `--set key=value` items; values are YAML scalars (numbers, booleans, lists)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def require(cond: bool, message: str, source: str = "config") -> None:
+    """Raise ConfigError(message) unless `cond`; used by the configs' validate() methods."""
+    if not cond:
+        raise ConfigError(message, path=source)
