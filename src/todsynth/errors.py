@@ -22,13 +22,19 @@ class DataError(TodsynthError):
     """A dataset file or layout is unusable."""
 
 
+MAX_LISTED = 20
+
+
 class DatasetProblems(DataError):
     """Several data problems found by validation, reported together."""
 
     def __init__(self, root: str | Path, problems: list[TodsynthError]):
         self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{len(problems)} problem(s) found:\n{lines}", path=root)
+        shown = problems[:MAX_LISTED]
+        lines = "\n".join(f"  - {p}" for p in shown)
+        more = f"\n  … and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+        super().__init__(f"{len(problems)} problem(s) found:\n{lines}{more}", path=root,
+                         fix="run `todsynth data check` for the full list" if more else None)
 
 
 class ConfigError(TodsynthError):

@@ -1,0 +1,114 @@
+"""`todsynth data`: make a toy dataset, check a dataset, write a few-shot split."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from todsynth.cli.common import console, friendly
+
+if TYPE_CHECKING:
+    from todsynth.data.check import CheckReport
+
+app = typer.Typer(help="Make, check and split segmentation datasets.", no_args_is_help=True)
+
+
+class Layout(str, Enum):
+    """Dataset layouts the toy generator can write."""
+
+    loveda = "loveda"
+    folder = "folder"
+
+
+@app.command()
+@friendly
+def toy(
+    out: Path = typer.Argument(..., help="Folder to write the dataset into."),
+    n: int = typer.Option(16, "--n", help="Number of tiles."),
+    size: int = typer.Option(64, "--size", help="Tile side in pixels."),
+    seed: int = typer.Option(0, "--seed", help="Dataset seed."),
+    split: str = typer.Option("Train", "--split", help="Split folder name (LoveDA layout)."),
+    label_only: bool = typer.Option(False, "--label-only", help="Write masks only."),
+    layout: Layout = typer.Option(Layout.loveda, "--layout", help="LoveDA tree or images/ + masks/ folder."),
+) -> None:
+    """Write a procedural toy dataset (LoveDA classes) for tests and demos."""
+    from todsynth.data.toy import write_toy_dataset
+
+    root = write_toy_dataset(out, n, size=size, seed=seed, split=split, label_only=label_only,
+                             layout=layout.value)
+    console.print(f"wrote {n} toy tile(s) to {escape(str(root))}", soft_wrap=True, highlight=False)
+
+
+def _class_table(report: CheckReport) -> Table:
+    """Rich table of per-class pixel share and image counts."""
+    table = Table(title="classes")
+    table.add_column("class")
+    table.add_column("pixels", justify="right")
+    table.add_column("images", justify="right")
+    for row in report.class_table:
+        table.add_row(escape(row.name), f"{100 * row.share:.1f}%", str(row.images))
+    table.add_row("(ignore)", f"{100 * report.ignore_share:.1f}%", "")
+    return table
+
+
+def _print_report(report: CheckReport) -> None:
+    """Print counts, sizes and the class table, then any problems with their files."""
+    kind = "mask(s), label-only" if report.label_only else "image/mask pair(s)"
+    found = f"{report.n_images} {kind}" if report.classes is not None else "could not be opened"
+    console.print(f"{escape(str(report.root))}: {found}", soft_wrap=True, highlight=False)
+    if report.sizes:
+        sizes = ", ".join(f"{h}x{w}" for h, w in sorted(report.sizes))
+        console.print(f"sizes: {sizes}", highlight=False)
+    if report.classes is not None and report.n_images:
+        console.print(_class_table(report))
+    if report.problems:
+        console.print(f"[bold red]{len(report.problems)} problem(s):[/]")
+        for problem in report.problems:
+            console.print(f"  - {escape(str(problem))}", soft_wrap=True, highlight=False)
+    else:
+        console.print("[green]no problems found[/]")
+
+
+@app.command()
+@friendly
+def check(
+    path: Path = typer.Argument(..., help="Dataset: LoveDA root, images/ + masks/ folder, or .jsonl index."),
+    split: str = typer.Option("Train", "--split", help="Split folder (LoveDA layout)."),
+) -> None:
+    """Read every file once and report sizes, classes and problems (exit code 2 if any)."""
+    from todsynth.data.check import check_dataset
+
+    report = check_dataset(path, split=split)
+    _print_report(report)
+    if report.problems:
+        raise typer.Exit(2)
+
+
+@app.command()
+@friendly
+def split(
+    path: Path = typer.Argument(..., help="Dataset to draw from."),
+    out: Path = typer.Argument(..., help="Split file to write (.json)."),
+    n: int | None = typer.Option(None, "--n", help="Number of samples to keep."),
+    fraction: float | None = typer.Option(None, "--fraction", help="Share of samples to keep, in (0, 1]."),
+    seed: int = typer.Option(0, "--seed", help="Selection seed."),
+    data_split: str = typer.Option("Train", "--split", help="Split folder (LoveDA layout)."),
+) -> None:
+    """Write a seeded few-shot subset that keeps every class present where possible."""
+    from todsynth.data.readers import open_dataset
+    from todsynth.data.split import class_presence, few_shot_split, write_split
+
+    ds = open_dataset(path, split=data_split)
+    presence = class_presence(ds)
+    ids = few_shot_split(ds, n=n, fraction=fraction, seed=seed, presence=presence)
+    write_split(out, ids, {"seed": seed, "source": str(path)})
+    chosen = set(ids)
+    covered = set().union(*(p for id_, p in zip(ds.ids, presence) if id_ in chosen))
+    console.print(f"wrote {len(ids)} of {len(ds)} ids to {escape(str(out))}; "
+                  f"classes present: {len(covered)}/{ds.classes.num_classes}",
+                  soft_wrap=True, highlight=False)
