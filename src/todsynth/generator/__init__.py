@@ -1,0 +1,1 @@
+"""The generator: MM-DiT, flow matching, autoencoders, text encoders, SD3 import, training and sampling."""
