@@ -1,0 +1,198 @@
+"""Mask-to-image pipeline: transformer + autoencoder + text encoder, one conditioning function for
+training and sampling, and plain (or CRFM-corrected) Euler flow sampling with classifier-free guidance."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from todsynth.data.classes import ClassSpec
+from todsynth.errors import CheckpointError
+from todsynth.generator.flow import Corrector, euler_sample, flow_sigmas, predict_x0
+from todsynth.generator.mmdit import MaskControlMMDiT
+
+PIPELINE_FILE = "pipeline.json"
+
+
+@dataclass
+class Conditioning:
+    """Everything the transformer is conditioned on besides (x_t, t)."""
+
+    text: Tensor  # [B, L, Dt]
+    pooled: Tensor  # [B, Dp]
+    mask: Tensor | None  # long labels [B, H, W] (one-hot encoding) or a mask latent [B, C, h, w]
+
+    def cat(self, other: "Conditioning") -> "Conditioning":
+        """Stack two conditionings along the batch (CFG: conditional | unconditional)."""
+        mask = None if self.mask is None else torch.cat([self.mask, other.mask])
+        return Conditioning(torch.cat([self.text, other.text]), torch.cat([self.pooled, other.pooled]), mask)
+
+
+def sample_seeds(seed: int, ids: Sequence[str], k: int = 0) -> list[int]:
+    """Per-sample seeds derived from (global seed, sample id, copy k): independent of batching and processes."""
+    import hashlib
+
+    return [int.from_bytes(hashlib.sha256(f"{seed}/{i}/{k}".encode()).digest()[:8], "little") >> 1 for i in ids]
+
+
+def initial_noise(shape: tuple[int, ...], seeds: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
+    """Noise [B, *shape] where row j depends only on seeds[j]."""
+    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    return torch.stack(rows).to(device)
+
+
+class MaskToImagePipeline:
+    """Generator of images for label maps. Call it with long label maps [B, H, W]; returns images in [0, 1]."""
+
+    def __init__(self, transformer: MaskControlMMDiT, autoencoder: Any, text_encoder: Any,
+                 classes: ClassSpec, image_size: int, prompt_template: str = "a satellite image of {classes}",
+                 extra: dict | None = None):
+        self.transformer = transformer
+        self.autoencoder = autoencoder
+        self.text_encoder = text_encoder
+        self.classes = classes
+        self.image_size = image_size
+        self.prompt_template = prompt_template
+        self.extra = dict(extra or {})
+        self._empty: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    def to(self, device: torch.device | str) -> "MaskToImagePipeline":
+        self.transformer.to(device)
+        if hasattr(self.autoencoder, "to"):
+            self.autoencoder.to(device)
+        return self
+
+    # -- conditioning: the one function for training and sampling ---------------------------------
+    def encode_text(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Token and pooled embeddings for prompts (through the prompt cache when one is attached)."""
+        cache = self.extra.get("prompt_cache")
+        tokens, pooled = cache.get(list(prompts)) if cache is not None else self.text_encoder.encode(list(prompts))
+        return tokens.to(self.device), pooled.to(self.device)
+
+    def prompts_for(self, labels: Tensor) -> list[str]:
+        """Default prompts built from the classes present in each label map."""
+        from todsynth.data.prompts import build_prompt
+
+        return [build_prompt(lab.cpu().numpy(), self.classes, self.prompt_template) for lab in labels]
+
+    def condition(self, labels: Tensor, prompts: Sequence[str], drop_text: Tensor | None = None) -> Conditioning:
+        """Build the transformer's conditioning; `drop_text` [B] bool swaps prompts for "" (CFG dropout)."""
+        if drop_text is not None:
+            prompts = ["" if d else p for p, d in zip(prompts, drop_text.tolist())]
+        text, pooled = self.encode_text(prompts)
+        cfg = self.transformer.config
+        mask: Tensor | None = None
+        if cfg.control != "none":
+            labels = labels.to(self.device)
+            if cfg.mask_encoding == "onehot":
+                mask = labels.long()
+            else:
+                from todsynth.generator.autoencoder import encode_mask_rgb
+
+                rgb = encode_mask_rgb(labels, cfg.num_classes, cfg.ignore_index)
+                mask = self.autoencoder.encode(rgb, sample=False)
+        return Conditioning(text, pooled, mask)
+
+    # -- sampling ---------------------------------------------------------------------------------
+    def velocity_fn(self, cond: Conditioning, guidance_scale: float = 1.0):
+        """v(x, σ) with classifier-free guidance on the text (mask kept in both branches)."""
+        model = self.transformer
+        if guidance_scale == 1.0:
+            return lambda x, sigma: model(x, sigma, cond.text, cond.pooled, cond.mask)
+        b = cond.text.shape[0]
+        empty_t, empty_p = self.encode_text([""] * b)
+        both = cond.cat(Conditioning(empty_t, empty_p, cond.mask))
+
+        def velocity(x: Tensor, sigma: Tensor) -> Tensor:
+            v_c, v_u = model(torch.cat([x, x]), torch.cat([sigma, sigma]), both.text, both.pooled, both.mask).chunk(2)
+            return v_u + guidance_scale * (v_c - v_u)
+
+        return velocity
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        f = getattr(self.autoencoder, "downscale", 1)
+        return (self.transformer.config.in_channels, self.image_size // f, self.image_size // f)
+
+    def __call__(self, labels: Tensor, prompts: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
+                 num_steps: int = 20, guidance_scale: float = 1.0, shift: float = 1.0,
+                 corrector: Corrector | None = None, num_corrected: int = 0,
+                 callback=None, output: str = "image") -> Tensor:
+        """Sample images for label maps [B, H, W]. Each row's noise comes from its own seed."""
+        labels = labels.to(self.device)
+        prompts = list(prompts) if prompts is not None else self.prompts_for(labels)
+        seeds = list(seeds) if seeds is not None else list(range(labels.shape[0]))
+        was_training = self.transformer.training
+        self.transformer.eval()
+        try:
+            with torch.no_grad():
+                cond = self.condition(labels, prompts)
+            x = initial_noise(self.latent_shape(), seeds, self.device)
+            velocity = self.velocity_fn(cond, guidance_scale)
+            sigmas = flow_sigmas(num_steps, shift)
+            with torch.no_grad():
+                x0 = euler_sample(_no_grad(velocity), x, sigmas, corrector, num_corrected, callback)
+        finally:
+            self.transformer.train(was_training)
+        if output == "latent":
+            return x0
+        with torch.no_grad():
+            return self.autoencoder.decode(x0)
+
+    def preview(self, x_t: Tensor, sigma: Tensor, v: Tensor) -> Tensor:
+        """Decoded x̂0 = x_t − σ·v: the 'pre-synth' image at a step."""
+        with torch.no_grad():
+            return self.autoencoder.decode(predict_x0(x_t, sigma, v))
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        """transformer/ (config + safetensors) and pipeline.json (autoencoder, text encoder, classes)."""
+        from todsynth.io import write_json
+
+        directory = Path(directory)
+        self.transformer.save_pretrained(directory / "transformer")
+        write_json(directory / PIPELINE_FILE, {
+            "_class_name": type(self).__name__,
+            "autoencoder": self.autoencoder.config,
+            "text_encoder": self.text_encoder.config,
+            "classes": self.classes.to_dict(),
+            "image_size": self.image_size,
+            "prompt_template": self.prompt_template,
+        })
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "MaskToImagePipeline":
+        from todsynth.generator.autoencoder import load_autoencoder
+        from todsynth.generator.text import load_text_encoder
+        from todsynth.io import read_json
+
+        directory = Path(directory)
+        meta = read_json(directory / PIPELINE_FILE)
+        if not isinstance(meta, dict) or meta.get("_class_name") != cls.__name__:
+            raise CheckpointError("not a todsynth generator folder", path=directory / PIPELINE_FILE,
+                                  fix="point to a folder written by `todsynth generator train`")
+        transformer = MaskControlMMDiT.from_pretrained(directory / "transformer")
+        ae_cfg, te_cfg = dict(meta["autoencoder"]), dict(meta["text_encoder"])
+        autoencoder = load_autoencoder(ae_cfg.pop("kind"), **ae_cfg)
+        text_encoder = load_text_encoder(te_cfg.pop("kind"), **te_cfg)
+        classes = ClassSpec.from_dict(meta["classes"], path=directory / PIPELINE_FILE)
+        return cls(transformer, autoencoder, text_encoder, classes, int(meta["image_size"]),
+                   meta.get("prompt_template", "a satellite image of {classes}")).to(device)
+
+
+def _no_grad(velocity):
+    """Model evaluation without autograd; CRFM re-enables grad only for its own correction."""
+
+    def wrapped(x: Tensor, sigma: Tensor) -> Tensor:
+        with torch.no_grad():
+            return velocity(x, sigma)
+
+    return wrapped
