@@ -39,3 +39,48 @@ def folder_dataset(tmp_path: Path) -> Path:
         _save(root / "masks" / f"tile{i}.png", label)
     (root / "classes.yaml").write_text(FOLDER_CLASSES)
     return root
+
+
+@pytest.fixture(scope="session")
+def toy_masks_16(tmp_path_factory) -> Path:
+    """A small embedded toy dataset (LoveDA layout, 16 px, 6 tiles)."""
+    from todsynth.data.toy import write_toy_dataset
+
+    return write_toy_dataset(tmp_path_factory.mktemp("toy16") / "toy", n=6, size=16, seed=5)
+
+
+@pytest.fixture(scope="session")
+def tiny_generator_dir(tmp_path_factory) -> Path:
+    """A saved generator (random weights, pixel space, 16 px, bundled MiniLM text encoder)."""
+    import torch
+
+    from todsynth.data.classes import LOVEDA
+    from todsynth.generator.autoencoder import PixelAutoencoder
+    from todsynth.generator.mmdit import MaskControlMMDiT, MMDiTConfig
+    from todsynth.generator.pipeline import MaskToImagePipeline
+    from todsynth.generator.text import MiniLMTextEncoder
+
+    torch.manual_seed(0)
+    text = MiniLMTextEncoder(max_length=8)
+    model = MaskControlMMDiT(MMDiTConfig(in_channels=3, patch_size=2, sample_size=8, pos_embed_max_size=16,
+                                         num_layers=2, num_heads=2, head_dim=16, joint_attention_dim=text.token_dim,
+                                         pooled_projection_dim=text.pooled_dim, num_classes=7))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path_factory.mktemp("gen") / "generator"
+    MaskToImagePipeline(model, PixelAutoencoder(), text, LOVEDA, image_size=16).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_segmenter_dir(tmp_path_factory) -> Path:
+    """A saved 7-class segmenter with random weights (a U-Net with a resnet18 encoder)."""
+    import torch
+
+    from todsynth.segment.model import Segmenter, SegmenterConfig
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("seg") / "segmenter"
+    Segmenter(SegmenterConfig(arch="unet", num_classes=7)).save_pretrained(path)
+    return path

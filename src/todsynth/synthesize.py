@@ -1,0 +1,439 @@
+"""Task-oriented synthesis of a labelled dataset: for each mask (of a dataset, a split or a label-only
+folder), K images from the generator with CRFM, optional mask transforms, FreeMask-style filtering.
+
+Output: the generic folder layout (images/, masks/, classes.yaml) plus manifest.jsonl. Every sample's
+seed derives from (seed, mask id, transform, copy), so output is independent of batch size and process
+count. Each finished sample leaves a record file (written last, atomically): a killed run resumes by
+skipping recorded samples, and several processes (accelerate, or two independent runs) claim samples
+with lock files so they never write the same one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import socket
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from todsynth.config import require
+from todsynth.crfm import CRFMConfig
+from todsynth.errors import DataError
+
+TRANSFORMS = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270", "crop")
+RECORDS = ".records"
+CLAIMS = ".claims"
+
+
+@dataclass
+class SynthesizeConfig:
+    """Settings of `todsynth synthesize`."""
+
+    generator: str = ""
+    masks: str = ""
+    out: str = ""
+    split: str = "Train"
+    split_file: str | None = None
+    copies: int = 1  # K images per (mask, transform)
+    transforms: tuple[str, ...] = ("identity",)
+    num_steps: int = 20
+    guidance_scale: float = 1.0
+    shift: float = 1.0
+    segmenter: str | None = None  # guidance segmenter (trained on the real set); required when crfm.steps > 0
+    crfm: CRFMConfig = field(default_factory=CRFMConfig)
+    batch_size: int = 8
+    seed: int = 0
+    limit: int | None = None  # only the first N masks
+    filter_stats: str | None = None  # per-class loss JSON (see class_loss_stats); enables pixel filtering
+    filter_margin: float = 1.25
+    reject_ignored_fraction: float | None = None  # image-level rejection above this ignored share
+    hard_resample: bool = False  # copies ∝ mask hardness (needs filter_stats)
+
+    def validate(self) -> None:
+        require(bool(self.generator) and bool(self.masks) and bool(self.out), "generator, masks and out are required")
+        require(self.copies >= 1, f"copies must be >= 1, got {self.copies}")
+        require(self.num_steps >= 1, f"num_steps must be >= 1, got {self.num_steps}")
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(all(t in TRANSFORMS for t in self.transforms), f"transforms must be among {TRANSFORMS}")
+        require(len(self.transforms) > 0, "give at least one transform (identity = the mask as is)")
+        require(math.isfinite(self.guidance_scale) and math.isfinite(self.shift) and self.shift > 0,
+                "guidance_scale and shift must be finite, shift > 0")
+        require(math.isfinite(self.filter_margin) and self.filter_margin > 0, "filter_margin must be > 0")
+        require(self.reject_ignored_fraction is None or 0 <= self.reject_ignored_fraction <= 1,
+                "reject_ignored_fraction must be in [0, 1]")
+        require(not self.hard_resample or self.filter_stats is not None, "hard_resample needs filter_stats")
+        require(self.limit is None or self.limit >= 1, "limit must be >= 1")
+        self.crfm.validate()
+        require(self.crfm.steps == 0 or self.segmenter is not None,
+                "CRFM (crfm.steps > 0) needs a guidance segmenter: set segmenter")
+        require(self.crfm.steps <= self.num_steps, "crfm.steps cannot exceed num_steps")
+
+
+def build_synthesize_config(values: dict) -> SynthesizeConfig:
+    """SynthesizeConfig from flat settings; `crfm_*` keys (or a `crfm` mapping) fill the CRFM settings."""
+    from todsynth.config import build_config
+
+    values = dict(values)
+    crfm = dict(values.pop("crfm", None) or {})
+    crfm.update({k[5:]: values.pop(k) for k in list(values) if k.startswith("crfm_")})
+    values["crfm"] = build_config(CRFMConfig, crfm, "crfm settings")
+    return build_config(SynthesizeConfig, values, "synthesize settings")
+
+
+# ---------------------------------------------------------------------------------------------
+# Work items
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One synthetic sample to make: source mask index, transform, copy number and its output id."""
+
+    index: int
+    source_id: str
+    transform: str
+    copy: int
+
+    @property
+    def id(self) -> str:
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.source_id)
+        return f"{safe}__{self.transform}__k{self.copy}"
+
+
+def transform_label(label: torch.Tensor, name: str, seed_key: int = 0) -> torch.Tensor:
+    """Apply a mask transform (flip, 90° rotation, or a random crop resized back, nearest)."""
+    if name == "identity":
+        return label
+    if name == "hflip":
+        return label.flip(-1)
+    if name == "vflip":
+        return label.flip(-2)
+    if name.startswith("rot"):
+        return torch.rot90(label, int(name[3:]) // 90, (-2, -1))
+    h, w = label.shape[-2:]
+    rng = np.random.default_rng(seed_key)
+    ch, cw = max(h * 5 // 8, 1), max(w * 5 // 8, 1)
+    y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    crop = label[..., y:y + ch, x:x + cw].float()[None, None]
+    return torch.nn.functional.interpolate(crop, size=(h, w), mode="nearest")[0, 0].long()
+
+
+def plan(ids: list[str], cfg: SynthesizeConfig, copies: list[int] | None = None) -> list[WorkItem]:
+    """All work items, in a fixed order (mask, transform, copy)."""
+    items = []
+    for i, sid in enumerate(ids):
+        for t in cfg.transforms:
+            for k in range((copies or [cfg.copies] * len(ids))[i]):
+                items.append(WorkItem(i, sid, t, k))
+    return items
+
+
+# ---------------------------------------------------------------------------------------------
+# Filtering (FreeMask-style)
+
+
+@torch.no_grad()
+def class_loss_stats(segmenter, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                     ignore_index: int = 255, batch_size: int = 16) -> dict:
+    """Per-class mean cross-entropy of a segmenter on a (real) set: the filtering thresholds' base."""
+    sums, counts = np.zeros(num_classes), np.zeros(num_classes)
+    segmenter.eval()
+    for s in range(0, len(images), batch_size):
+        logits = segmenter(images[s:s + batch_size])
+        lab = labels[s:s + batch_size]
+        ce = torch.nn.functional.cross_entropy(logits, lab, ignore_index=ignore_index, reduction="none")
+        for c in range(num_classes):
+            sel = lab == c
+            sums[c] += ce[sel].sum().item()
+            counts[c] += sel.sum().item()
+    means = [float(s / n) if n else None for s, n in zip(sums, counts)]
+    return {"class_mean_loss": means, "pixels": counts.astype(int).tolist(), "ignore_index": ignore_index}
+
+
+def filter_mask(logits: torch.Tensor, label: torch.Tensor, class_means: list[float | None], margin: float,
+                ignore_index: int = 255) -> torch.Tensor:
+    """Pixels of class c whose loss exceeds margin × mean(c) become ignore; others stay as they are."""
+    ce = torch.nn.functional.cross_entropy(logits[None], label[None], ignore_index=ignore_index,
+                                           reduction="none")[0]
+    means = torch.tensor([m if m is not None else float("inf") for m in class_means], dtype=ce.dtype)
+    valid = label != ignore_index
+    threshold = torch.full_like(ce, float("inf"))
+    threshold[valid] = margin * means[label[valid]]
+    out = label.clone()
+    out[valid & (ce > threshold)] = ignore_index
+    return out
+
+
+def mask_hardness(label: torch.Tensor, class_means: list[float | None], ignore_index: int = 255) -> float:
+    """Mean of the per-class loss over a mask's pixels: masks of hard classes score high."""
+    means = torch.tensor([m if m is not None else 0.0 for m in class_means])
+    valid = label != ignore_index
+    return float(means[label[valid]].mean()) if valid.any() else 0.0
+
+
+def hardness_copies(labels: torch.Tensor, class_means, copies: int, ignore_index: int = 255) -> list[int]:
+    """Copies per mask ∝ hardness (mean = `copies`), at least 1 and at most 2·copies."""
+    h = np.array([mask_hardness(lab, class_means, ignore_index) for lab in labels])
+    scale = copies / h.mean() if h.mean() > 0 else 1.0
+    return [int(np.clip(round(x * scale), 1, 2 * copies)) for x in h]
+
+
+# ---------------------------------------------------------------------------------------------
+# Output folder
+
+
+class OutputFolder:
+    """images/, masks/, classes.yaml, per-sample records and claims under one root."""
+
+    def __init__(self, root: Path, classes):
+        self.root = root
+        self.classes = classes
+        for sub in ("images", "masks", RECORDS, CLAIMS):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        self._write_classes()
+
+    def _write_classes(self) -> None:
+        import yaml
+
+        from todsynth.io import write_text
+
+        path = self.root / "classes.yaml"
+        text = yaml.safe_dump(self.classes.to_dict(), sort_keys=False)
+        if path.exists() and path.read_text() != text:
+            raise DataError("the output folder holds a dataset with other classes", path=path,
+                            fix="choose an empty output folder")
+        if not path.exists():
+            write_text(path, text)
+
+    def check_run(self, settings: dict) -> None:
+        """Record the run's settings; a rerun with other settings (batching aside) is refused."""
+        from todsynth.io import read_json, write_json
+
+        path = self.root / "synthesize.json"
+        free = {"batch_size", "limit"}
+        if path.exists():
+            saved = read_json(path)
+            diff = sorted(k for k in set(saved) | set(settings) - free
+                          if k not in free and saved.get(k) != settings.get(k))
+            if diff:
+                raise DataError(f"this folder was synthesized with other settings: {diff}", path=path,
+                                fix="rerun with the same settings to resume, or choose a new output folder")
+        else:
+            write_json(path, settings)
+
+    def done(self, item: WorkItem) -> bool:
+        return (self.root / RECORDS / f"{item.id}.json").is_file()
+
+    def claim(self, item: WorkItem) -> bool:
+        """Atomically claim an item (O_EXCL lock file); False if another process has it."""
+        path = self.root / CLAIMS / f"{item.id}.lock"
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        os.write(fd, f"{socket.gethostname()}:{os.getpid()}".encode())
+        os.close(fd)
+        return True
+
+    def unclaim(self, items: list[WorkItem]) -> None:
+        """Drop this process's claims on items that have no record yet."""
+        for item in items:
+            if not self.done(item):
+                (self.root / CLAIMS / f"{item.id}.lock").unlink(missing_ok=True)
+
+    def release_stale_claims(self) -> int:
+        """Remove claims of processes on this host that no longer run (killed runs); returns how many."""
+        released = 0
+        for lock in (self.root / CLAIMS).glob("*.lock"):
+            if (self.root / RECORDS / f"{lock.stem}.json").exists() or _claim_alive(lock):
+                continue
+            lock.unlink(missing_ok=True)
+            released += 1
+        return released
+
+    def write(self, item: WorkItem, image: np.ndarray, label: np.ndarray, record: dict) -> None:
+        """Image, then mask, then the record (the 'done' marker), each atomically."""
+        from PIL import Image
+
+        from todsynth.io import atomic_path
+
+        with atomic_path(self.root / "images" / f"{item.id}.png") as tmp:
+            Image.fromarray(image).save(tmp, format="PNG")
+        with atomic_path(self.root / "masks" / f"{item.id}.png") as tmp:
+            Image.fromarray(label.astype(np.uint8), mode="L").save(tmp, format="PNG")
+        self.write_record(item, record)
+
+    def write_record(self, item: WorkItem, record: dict) -> None:
+        """The record marks the item done (rejected items get a record and no files)."""
+        from todsynth.io import write_json
+
+        write_json(self.root / RECORDS / f"{item.id}.json", record)
+
+    def write_manifest(self) -> int:
+        """Gather records into manifest.jsonl (sorted by id), atomically; returns the count."""
+        from todsynth.io import write_text
+
+        records = [json.loads(p.read_text()) for p in sorted((self.root / RECORDS).glob("*.json"))]
+        write_text(self.root / "manifest.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        return len(records)
+
+
+def _claim_alive(lock: Path) -> bool:
+    """True if the claiming process may still run (another host's claims are presumed alive)."""
+    try:
+        host, pid = lock.read_text().rsplit(":", 1)
+        if host != socket.gethostname():
+            return True
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def synthesize(cfg: SynthesizeConfig, accelerator=None, progress: bool = True) -> dict:
+    """Run synthesis (resumable, shardable); returns counts and timing. `accelerator`: an accelerate
+    PartialState/Accelerator when launched with `accelerate launch` (processes take items[rank::world])."""
+    import time
+
+    from todsynth.generator.pipeline import MaskToImagePipeline
+    from todsynth.io import read_json
+
+    cfg.validate()
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    device = accelerator.device if accelerator else "cpu"
+    pipe = MaskToImagePipeline.from_pretrained(cfg.generator, device=device)
+    labels, prompts, ids, classes = _masks(cfg, pipe.image_size)
+    segmenter = _segmenter(cfg.segmenter, device) if cfg.segmenter else None
+    stats = read_json(cfg.filter_stats) if cfg.filter_stats else None
+    copies = (hardness_copies(labels, stats["class_mean_loss"], cfg.copies, classes.ignore_index)
+              if cfg.hard_resample else None)
+    out = OutputFolder(Path(cfg.out), classes)
+    if rank == 0:
+        out.check_run(json.loads(json.dumps(config_dict(cfg))))
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    out.release_stale_claims()
+    items = plan(ids, cfg, copies)
+    todo = [it for it in items[rank::world] if not out.done(it)]
+    t0, made, rejected = time.perf_counter(), 0, 0
+    bar = _bar(len(todo)) if progress and rank == 0 else None
+    for s in range(0, len(todo), cfg.batch_size):
+        batch = [it for it in todo[s:s + cfg.batch_size] if out.claim(it)]
+        if not batch:
+            continue
+        try:
+            made_b, rej_b = _run_batch(pipe, segmenter, batch, labels, prompts, classes, stats, cfg, out)
+        except BaseException:
+            out.unclaim(batch)  # Ctrl-C or an error: unfinished items go back to the pool
+            raise
+        made, rejected = made + made_b, rejected + rej_b
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    total = out.write_manifest() if rank == 0 else None
+    return {"made": made, "rejected": rejected, "planned": len(items), "in_manifest": total,
+            "wall_time_s": time.perf_counter() - t0}
+
+
+def _masks(cfg: SynthesizeConfig, size: int):
+    from todsynth.generator.sample import load_masks
+
+    labels, prompts, ids, classes = load_masks(cfg.masks, cfg.split, size)
+    if cfg.split_file:
+        from todsynth.data.split import read_split
+
+        keep = set(read_split(cfg.split_file))
+        sel = [i for i, x in enumerate(ids) if x in keep]
+        labels, prompts, ids = labels[sel], [prompts[i] for i in sel], [ids[i] for i in sel]
+    if cfg.limit:
+        labels, prompts, ids = labels[:cfg.limit], prompts[:cfg.limit], ids[:cfg.limit]
+    return labels, prompts, ids, classes
+
+
+def _segmenter(path: str, device):
+    from todsynth.segment.model import Segmenter
+
+    return Segmenter.from_pretrained(path).to(device).eval()
+
+
+def _run_batch(pipe, segmenter, batch: list[WorkItem], labels, prompts, classes, stats, cfg: SynthesizeConfig,
+               out: OutputFolder) -> tuple[int, int]:
+    """Generate, filter and write one batch of work items."""
+    from todsynth.crfm import crfm_sample
+    from todsynth.data.prompts import build_prompt
+    from todsynth.generator.pipeline import sample_seeds
+    from todsynth.viz import to_uint8
+
+    key = lambda it: f"{it.transform}/{it.source_id}"  # noqa: E731
+    labs = torch.stack([transform_label(labels[it.index], it.transform, sample_seeds(cfg.seed, [key(it)])[0])
+                        for it in batch])
+    texts = [prompts[it.index] if it.transform == "identity" else build_prompt(lab.numpy(), classes, pipe.prompt_template)
+             for it, lab in zip(batch, labs)]
+    seeds = [sample_seeds(cfg.seed, [key(it)], it.copy)[0] for it in batch]
+    if segmenter is not None and cfg.crfm.steps > 0:
+        images = crfm_sample(pipe, segmenter, labs, cfg.crfm, prompts=texts, seeds=seeds, num_steps=cfg.num_steps,
+                             guidance_scale=cfg.guidance_scale, shift=cfg.shift)
+    else:
+        images = pipe(labs, texts, seeds=seeds, num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
+                      shift=cfg.shift)
+    images = images.cpu()
+    made = rejected = 0
+    logits = None
+    if stats is not None and segmenter is not None:
+        with torch.no_grad():
+            logits = segmenter(images.to(pipe.device)).cpu()
+    for j, it in enumerate(batch):
+        lab = labs[j]
+        record = {"id": it.id, "source": it.source_id, "transform": it.transform, "copy": it.copy, "seed": seeds[j],
+                  "prompt": texts[j], "num_steps": cfg.num_steps, "guidance_scale": cfg.guidance_scale,
+                  "crfm": cfg.crfm.to_dict(), "filter": None}
+        if logits is not None:
+            lab = filter_mask(logits[j], lab, stats["class_mean_loss"], cfg.filter_margin, classes.ignore_index)
+            ignored = float((lab == classes.ignore_index).float().mean())
+            reject = cfg.reject_ignored_fraction is not None and ignored > cfg.reject_ignored_fraction
+            record["filter"] = {"ignored_fraction": ignored, "rejected": reject, "margin": cfg.filter_margin}
+            if reject:
+                rejected += 1
+                out.write_record(it, record)
+                continue
+        out.write(it, to_uint8(images[j]), lab.numpy(), record)
+        made += 1
+    return made, rejected
+
+
+class _bar:
+    def __init__(self, total: int):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.p = Progress(TextColumn("synthesize"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                          TimeRemainingColumn())
+        self.p.start()
+        self.task = self.p.add_task("s", total=total)
+
+    def update(self, n: int) -> None:
+        self.p.advance(self.task, n)
+
+    def close(self) -> None:
+        self.p.stop()
+
+
+def config_dict(cfg: SynthesizeConfig) -> dict:
+    d = asdict(cfg)
+    d["transforms"] = list(cfg.transforms)
+    d["generator"] = str(Path(cfg.generator).resolve())
+    d["masks"] = str(Path(cfg.masks).resolve())
+    d.pop("out")
+    return d
