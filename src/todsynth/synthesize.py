@@ -50,6 +50,7 @@ class SynthesizeConfig:
     seed: int = 0
     limit: int | None = None  # only the first N masks
     filter_stats: str | None = None  # per-class loss JSON (see class_loss_stats); enables pixel filtering
+    filter_pixels: bool = True  # with filter_stats: pixels above margin × class loss become ignore
     filter_margin: float = 1.25
     reject_ignored_fraction: float | None = None  # image-level rejection above this ignored share
     hard_resample: bool = False  # copies ∝ mask hardness (needs filter_stats)
@@ -392,7 +393,7 @@ def _run_batch(pipe, segmenter, batch: list[WorkItem], labels, prompts, classes,
     images = images.cpu()
     made = rejected = 0
     logits = None
-    if stats is not None and segmenter is not None:
+    if stats is not None and segmenter is not None and cfg.filter_pixels:
         with torch.no_grad():
             logits = segmenter(images.to(pipe.device)).cpu()
     for j, it in enumerate(batch):

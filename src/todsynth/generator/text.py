@@ -82,11 +82,18 @@ def check_pretrained_dir(folder: Path, weight_stem: str, fix: str) -> None:
 
 
 def _load(loader: Any, folder: Path, fix: str, **kw: Any) -> Any:
-    """Call `loader.from_pretrained` on a local folder, turning load failures into CheckpointError."""
+    """Call `loader.from_pretrained` on a local folder (quietly), turning failures into CheckpointError."""
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         return loader.from_pretrained(str(folder), local_files_only=True, **kw)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot load {loader.__name__}: {e}", path=folder, fix=fix) from e
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def _fit_length(x: Tensor, length: int) -> Tensor:

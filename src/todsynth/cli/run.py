@@ -1,0 +1,53 @@
+"""`todsynth demo` and `todsynth experiment`: thin layers over todsynth.demo / todsynth.experiment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from todsynth.cli.common import console, friendly
+
+
+@friendly
+def demo(
+    out: Path = typer.Argument(Path("demo-out"), help="Output folder (re-running resumes finished stages)."),
+    budget: str = typer.Option("demo", help="demo (≤ 10 min on 2 CPU cores) or tiny (seconds, a smoke run)."),
+    seed: int = typer.Option(0, help="Seed of the generator, synthesis and segmenters."),
+) -> None:
+    """All three stages on the embedded data: real-only → generator → CRFM synthesis → real+synthetic."""
+    from todsynth.demo import BUDGETS, run_demo
+    from todsynth.errors import ConfigError
+
+    if budget not in BUDGETS:
+        raise ConfigError(f"unknown budget {budget!r}; choose one of {sorted(BUDGETS)}")
+    results = run_demo(out, budget=budget, seed=seed, log=lambda m: console.print(m, highlight=False))
+    console.print(_tables(results))
+    for name, g in results["gains"].items():
+        share = g["share_of_oracle_gain"]
+        console.print(f"{name}: mIoU {g['miou_gain']:+.3f} vs real only"
+                      + ("" if share is None else f", {100 * share:.0f} % of the oracle's gain")
+                      + f"; mask fidelity {results['mask_fidelity'][name]:.3f}")
+    console.print(f"report: {out / 'report.html'} ({results['wall_time_s']} s)")
+
+
+def _tables(results: dict):
+    """Two narrow tables: overall metrics per method, and per-class IoU (classes as rows)."""
+    from rich.columns import Columns
+    from rich.table import Table
+
+    metrics = results["metrics"]
+    overall = Table(title=f"test set — protocol {results['protocol']}")
+    overall.add_column("method")
+    for h in ("mIoU", "OA", "mAcc"):
+        overall.add_column(h, justify="right")
+    for name, m in metrics.items():
+        overall.add_row(name, *(f"{m[k]:.3f}" for k in ("mIoU", "OA", "mAcc")))
+    per_class = Table(title="per-class IoU")
+    per_class.add_column("class")
+    for name in metrics:
+        per_class.add_column(name.replace("+ synthetic ", "+ syn "), justify="right")
+    for c in next(iter(metrics.values()))["IoU"]:
+        per_class.add_row(c, *("–" if m["IoU"][c] is None else f"{m['IoU'][c]:.3f}" for m in metrics.values()))
+    return Columns([overall, per_class])

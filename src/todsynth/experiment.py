@@ -1,0 +1,318 @@
+"""The three stages end to end, as cached cells: data → guidance segmenter → generator → synthesis →
+downstream segmenter → metrics. Each stage's output lives under a folder named by a hash of the settings
+it depends on, with a `done.json` marker written last: cells that share a stage share its work, and a
+killed run resumes at the first unfinished stage. `todsynth demo` is one such run; `todsynth experiment`
+runs grids of cells with several seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from todsynth.config import require
+
+SYNTH_KINDS = ("none", "plain", "crfm", "oracle")
+
+
+@dataclass
+class CellSettings:
+    """Everything one cell depends on. Paths left empty mean the embedded toy data."""
+
+    # data
+    size: int = 64
+    n_real: int = 16
+    n_layouts: int = 200
+    n_test: int = 64
+    data_seed: int = 0
+    real_data: str | None = None  # a real dataset (LoveDA/folder/JSONL) instead of toy tiles
+    layouts_data: str | None = None  # label-only masks for protocol (ii)
+    test_data: str | None = None
+    test_split: str = "Val"
+    # segmenters (guidance, downstream, judge)
+    seg_arch: str = "unet"
+    seg_encoder: str | None = None
+    seg_steps: int = 300
+    seg_batch: int = 8
+    seg_lr: float = 1e-3
+    judge_arch: str = "fpn"
+    # generator
+    control: str = "triple"
+    gen_steps: int = 600
+    gen_batch: int = 16
+    gen_lr: float = 5e-4
+    gen_layers: int = 4
+    gen_heads: int = 4
+    gen_head_dim: int = 32
+    gen_patch: int = 4
+    gen_ema: float = 0.0
+    sd3_path: str | None = None
+    autoencoder: str = "pixel"
+    autoencoder_path: str | None = None
+    # synthesis
+    synth: str = "crfm"  # none | plain | crfm | oracle
+    protocol: str = "layouts"  # layouts: one image per new label-only layout; masks: K per training mask
+    copies: int = 1
+    num_steps: int = 16
+    guidance_scale: float = 1.0
+    crfm_steps: int = 3
+    crfm_alpha: float = 0.5
+    crfm_schedule: str = "linear_decreasing"
+    crfm_rule: str = "relative"
+    filter: bool = False
+    filter_margin: float = 1.25
+    # downstream mix
+    real_share: float = 0.5  # fraction of real samples in the training mix (real repeated to reach it)
+    balance: bool = False  # hardness-weighted synthesis: more copies for masks of hard classes
+    seed: int = 0
+
+    def validate(self) -> None:
+        require(self.synth in SYNTH_KINDS, f"synth must be one of {SYNTH_KINDS}, got {self.synth!r}")
+        require(self.protocol in ("layouts", "masks"), "protocol must be 'layouts' or 'masks'")
+        require(0 < self.real_share < 1, f"real_share must be in (0, 1), got {self.real_share}")
+        for name in ("size", "n_real", "n_test", "seg_steps", "seg_batch", "gen_steps", "gen_batch", "copies",
+                     "num_steps"):
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.n_layouts >= 0 and self.crfm_steps >= 0, "n_layouts and crfm_steps must be >= 0")
+        for name in ("seg_lr", "gen_lr", "crfm_alpha", "filter_margin", "guidance_scale"):
+            v = getattr(self, name)
+            require(math.isfinite(v) and v >= 0, f"{name} must be a finite number >= 0, got {v}")
+        require(self.seg_arch != self.judge_arch, "the judge segmenter must use another architecture")
+
+
+def settings_from(values: dict[str, Any], source: str = "settings") -> CellSettings:
+    from todsynth.config import build_config
+
+    return build_config(CellSettings, values, source)
+
+
+def _key(s: CellSettings, names: tuple[str, ...], parent: str = "") -> str:
+    """Short hash of the named settings (and a parent stage's key)."""
+    blob = json.dumps({n: getattr(s, n) for n in names} | {"_parent": parent}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+DATA_KEYS = ("size", "n_real", "n_layouts", "n_test", "data_seed", "real_data", "layouts_data", "test_data",
+             "test_split")
+SEG_KEYS = ("seg_arch", "seg_encoder", "seg_steps", "seg_batch", "seg_lr", "size", "seed")
+GEN_KEYS = ("control", "gen_steps", "gen_batch", "gen_lr", "gen_layers", "gen_heads", "gen_head_dim", "gen_patch",
+            "gen_ema", "sd3_path", "autoencoder", "autoencoder_path", "size", "seed")
+SYN_KEYS = ("synth", "protocol", "copies", "num_steps", "guidance_scale", "crfm_steps", "crfm_alpha",
+            "crfm_schedule", "crfm_rule", "filter", "filter_margin", "balance", "seed")
+
+
+class Stage:
+    """A cached stage folder: `run(fn)` calls fn(folder) unless done.json exists, then returns its content."""
+
+    def __init__(self, root: Path, name: str, key: str, log: Callable[[str], None]):
+        self.dir = root / "cache" / f"{name}-{key}"
+        self.name, self.log = name, log
+
+    @property
+    def done(self) -> bool:
+        return (self.dir / "done.json").is_file()
+
+    def run(self, fn: Callable[[Path], dict]) -> dict:
+        from todsynth.io import read_json, write_json
+
+        if self.done:
+            return read_json(self.dir / "done.json")
+        self.log(f"stage {self.name} → {self.dir.name}")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        result = fn(self.dir)
+        result["wall_time_s"] = round(time.perf_counter() - t0, 2)
+        write_json(self.dir / "done.json", result)
+        return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+def stage_data(s: CellSettings, root: Path, log) -> dict:
+    """Real tiles, label-only layouts, a test set and the oracle renders of the layouts."""
+    def make(d: Path) -> dict:
+        from todsynth.data.toy import write_toy_dataset
+
+        out = {}
+        if s.real_data is None:
+            out["real"] = str(write_toy_dataset(d / "real", s.n_real, s.size, s.data_seed, start=0))
+        if s.layouts_data is None and s.real_data is None:
+            out["layouts"] = str(write_toy_dataset(d / "layouts", max(s.n_layouts, 1), s.size, s.data_seed,
+                                                   start=100_000, label_only=True))
+            out["oracle"] = str(write_toy_dataset(d / "oracle", max(s.n_layouts, 1), s.size, s.data_seed,
+                                                  start=100_000))
+        if s.test_data is None:
+            out["test"] = str(write_toy_dataset(d / "test", s.n_test, s.size, s.data_seed, split="Val",
+                                                start=500_000))
+        return out
+
+    paths = Stage(root, "data", _key(s, DATA_KEYS), log).run(make)
+    paths.setdefault("real", s.real_data)
+    paths.setdefault("layouts", s.layouts_data)
+    paths.setdefault("test", s.test_data)
+    paths.setdefault("oracle", None)
+    return paths
+
+
+def _samples(path: str, split: str = "Train", limit: int | None = None):
+    from todsynth.data.check import validate_dataset
+    from todsynth.data.readers import SubsetDataset, open_dataset
+
+    ds = open_dataset(path, split=split)
+    validate_dataset(ds)
+    if limit is not None and limit < len(ds):
+        ds = SubsetDataset(ds, list(ds.ids)[:limit])
+    return ds
+
+
+def _seg_cfg(s: CellSettings, seed: int, arch: str | None = None):
+    from todsynth.segment.train import SegmentTrainConfig
+
+    return SegmentTrainConfig(arch=arch or s.seg_arch, encoder=s.seg_encoder if arch is None else None,
+                              size=s.size, steps=s.seg_steps, batch_size=s.seg_batch, lr=s.seg_lr, seed=seed,
+                              device="auto", warmup_steps=min(20, s.seg_steps // 10))
+
+
+def _train_eval(s: CellSettings, d: Path, real, test, synthetic=None, seed: int = 0, arch: str | None = None,
+                repeat_real: int = 1) -> dict:
+    """Train a segmenter on real (+ synthetic), save it, evaluate it on the test set."""
+    import dataclasses
+
+    from todsynth.segment.train import evaluate_segmenter, train_on_samples
+
+    cfg = dataclasses.replace(_seg_cfg(s, seed, arch), repeat_real=repeat_real)
+    outcome = train_on_samples(real, real.classes, cfg, synthetic=synthetic)
+    outcome.model.save_pretrained(d / "model")
+    metrics = evaluate_segmenter(outcome.model, test, batch_size=16)
+    return {"model": str(d / "model"), "metrics": metrics.to_dict(list(real.classes.names)),
+            "loss_history": [list(h) for h in outcome.history], "train_wall_time_s": round(outcome.wall_time_s, 2)}
+
+
+def stage_guidance(s: CellSettings, data: dict, root: Path, log) -> dict:
+    """Real-only segmenter: CRFM's guidance network, the filter's statistics, and the 'real only' row."""
+    def make(d: Path) -> dict:
+        real, test = _samples(data["real"]), _samples(data["test"], s.test_split)
+        result = _train_eval(s, d, real, test, seed=s.seed)
+        result["filter_stats"] = _filter_stats(result["model"], real, s.size, d / "filter_stats.json")
+        return result
+
+    return Stage(root, "guidance", _key(s, SEG_KEYS, _key(s, DATA_KEYS)), log).run(make)
+
+
+def _filter_stats(model_dir: str, real, size: int, path: Path) -> str:
+    """Per-class mean CE of the guidance segmenter on the real set (FreeMask thresholds), as JSON."""
+    from todsynth.generator.train import load_train_data
+    from todsynth.io import write_json
+    from todsynth.segment.model import Segmenter
+    from todsynth.synthesize import class_loss_stats
+
+    data, classes = load_train_data(str(real.root), "Train", size)
+    stats = class_loss_stats(Segmenter.from_pretrained(model_dir), data.images, data.labels, classes.num_classes,
+                             classes.ignore_index)
+    write_json(path, stats)
+    return str(path)
+
+
+def stage_judge(s: CellSettings, data: dict, root: Path, log) -> dict:
+    """An independent judge (other architecture and seed) trained on real + oracle pairs, for mask fidelity."""
+    def make(d: Path) -> dict:
+        real, test = _samples(data["real"]), _samples(data["test"], s.test_split)
+        oracle = _samples(data["oracle"]) if data.get("oracle") else None
+        return _train_eval(s, d, real, test, synthetic=oracle, seed=s.seed + 1000, arch=s.judge_arch)
+
+    return Stage(root, "judge", _key(s, ("judge_arch",) + SEG_KEYS, _key(s, DATA_KEYS)), log).run(make)
+
+
+def stage_generator(s: CellSettings, data: dict, root: Path, log, progress: bool = False) -> dict:
+    """Train the mask-controlled MM-DiT on the real pairs."""
+    def make(d: Path) -> dict:
+        from todsynth.generator.train import GeneratorTrainConfig, train_generator
+
+        cfg = GeneratorTrainConfig(
+            data=data["real"], out=str(d), size=s.size, control=s.control, autoencoder=s.autoencoder,
+            autoencoder_path=s.autoencoder_path, sd3_path=s.sd3_path, patch_size=s.gen_patch,
+            num_layers=s.gen_layers, num_heads=s.gen_heads, head_dim=s.gen_head_dim, steps=s.gen_steps,
+            batch_size=s.gen_batch, lr=s.gen_lr, warmup_steps=min(50, s.gen_steps // 10), ema_decay=s.gen_ema,
+            val_every=s.gen_steps, val_samples=4, val_steps=s.num_steps, checkpoint_every=max(s.gen_steps // 4, 1),
+            seed=s.seed, progress=progress, resume=True)
+        summary = train_generator(cfg)
+        return {"model": str(d / "model"), "summary": summary, "loss_png": str(d / "loss.png")}
+
+    return Stage(root, "generator", _key(s, GEN_KEYS, _key(s, DATA_KEYS)), log).run(make)
+
+
+def stage_synthesis(s: CellSettings, data: dict, gen: dict | None, guide: dict, root: Path, log,
+                    progress: bool = False) -> dict:
+    """Synthetic pairs: generator (plain or CRFM) or the oracle renderer, for layouts or training masks."""
+    parent = _key(s, GEN_KEYS, _key(s, DATA_KEYS)) + _key(s, SEG_KEYS)
+
+    def make(d: Path) -> dict:
+        if s.synth == "oracle":
+            return {"path": data["oracle"], "made": s.n_layouts}
+        from todsynth.synthesize import build_synthesize_config, synthesize
+
+        masks = data["layouts"] if s.protocol == "layouts" else data["real"]
+        cfg = build_synthesize_config(dict(
+            generator=gen["model"], masks=masks, out=str(d / "pairs"), copies=s.copies, num_steps=s.num_steps,
+            guidance_scale=s.guidance_scale, segmenter=guide["model"], seed=s.seed, batch_size=16,
+            crfm_steps=s.crfm_steps if s.synth == "crfm" else 0, crfm_alpha_max=s.crfm_alpha,
+            crfm_schedule=s.crfm_schedule, crfm_rule=s.crfm_rule,
+            limit=s.n_layouts if s.protocol == "layouts" else None,
+            filter_stats=guide["filter_stats"] if (s.filter or s.balance) else None, filter_pixels=s.filter,
+            filter_margin=s.filter_margin, hard_resample=s.balance))
+        summary = synthesize(cfg, progress=progress)
+        return {"path": str(d / "pairs"), **summary}
+
+    return Stage(root, "synthesis", _key(s, SYN_KEYS + ("n_layouts",), parent), log).run(make)
+
+
+def stage_downstream(s: CellSettings, data: dict, syn: dict | None, root: Path, log) -> dict:
+    """Segmenter on real (+ synthetic), same number of steps as real-only, scored on the test set."""
+    parent = _key(s, DATA_KEYS) + (json.dumps(syn, sort_keys=True, default=str) if syn else "")
+
+    def make(d: Path) -> dict:
+        real, test = _samples(data["real"]), _samples(data["test"], s.test_split)
+        synthetic = _samples(syn["path"], limit=s.n_layouts if s.synth == "oracle" else None)
+        repeat = max(1, round(s.real_share / (1 - s.real_share) * len(synthetic) / len(real)))
+        return _train_eval(s, d, real, test, synthetic=synthetic, seed=s.seed, repeat_real=repeat)
+
+    return Stage(root, "downstream", _key(s, SEG_KEYS + ("real_share",), parent), log).run(make)
+
+
+def run_cell(s: CellSettings, root: str | Path, log: Callable[[str], None] = print, progress: bool = False) -> dict:
+    """Run (or reuse) every stage a cell needs; returns its metrics and the stage outputs."""
+    s.validate()
+    root = Path(root)
+    data = stage_data(s, root, log)
+    guide = stage_guidance(s, data, root, log)
+    out: dict[str, Any] = {"settings": asdict(s), "data": data, "guidance": guide}
+    if s.synth == "none":
+        out["metrics"] = guide["metrics"]
+        return out
+    gen = stage_generator(s, data, root, log, progress) if s.synth != "oracle" else None
+    syn = stage_synthesis(s, data, gen, guide, root, log, progress)
+    down = stage_downstream(s, data, syn, root, log)
+    out.update(generator=gen, synthesis=syn, downstream=down, metrics=down["metrics"])
+    return out
+
+
+def mask_fidelity(images_dir: str | Path, judge_model: str, limit: int | None = None) -> dict:
+    """Mask fidelity: the judge's metrics on synthetic images against their conditioning masks."""
+    from todsynth.segment.model import Segmenter
+    from todsynth.segment.train import evaluate_segmenter
+
+    ds = _samples(str(images_dir), limit=limit)
+    judge = Segmenter.from_pretrained(judge_model)
+    return evaluate_segmenter(judge, ds, batch_size=16).to_dict(list(ds.classes.names))
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(CellSettings)]
