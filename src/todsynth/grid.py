@@ -1,0 +1,166 @@
+"""`todsynth experiment`: a YAML-driven grid of cells × seeds over the cached stage pipeline, with
+mean ± std tables (CSV + JSON) and bar plots. Any cell can be run alone; finished cells are reused.
+
+Config shape::
+
+    base: {size: 32, n_real: 16, ...}        # CellSettings shared by every cell
+    seeds: [0, 1, 2]
+    tables:
+      main:                                  # one table = named cells (overrides of base)
+        cells: {real only: {synth: none}, plain: {synth: plain}, CRFM: {synth: crfm}}
+      crfm_steps:
+        sweep: {crfm_steps: [0, 2, 4, 6]}    # or a one-key sweep (cell name = value)
+        fixed: {synth: crfm}
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+import time
+from dataclasses import asdict
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from todsynth.errors import ConfigError
+
+BUILTIN = ("paper-tables", "smoke")
+
+
+def load_grid(source: str | Path) -> dict:
+    """A grid config from a YAML file or a built-in name (paper-tables, smoke)."""
+    import yaml
+
+    if str(source) in BUILTIN:
+        text = resources.files("todsynth").joinpath(f"configs/{source}.yaml").read_text()
+        where = f"built-in {source}"
+    else:
+        path = Path(source)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read experiment config: {e.strerror}", path=path,
+                              fix=f"give a YAML file or one of {list(BUILTIN)}") from None
+        where = str(path)
+    try:
+        grid = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"not valid YAML: {e}", path=where) from None
+    if not isinstance(grid, dict) or not isinstance(grid.get("tables"), dict) or not grid["tables"]:
+        raise ConfigError("an experiment config needs a 'tables' mapping", path=where)
+    grid.setdefault("base", {})
+    grid.setdefault("seeds", [0])
+    grid["_source"] = where
+    return grid
+
+
+def expand(grid: dict) -> dict[str, dict[str, dict]]:
+    """table -> cell name -> settings overrides (base not included)."""
+    out: dict[str, dict[str, dict]] = {}
+    for table, spec in grid["tables"].items():
+        if not isinstance(spec, dict):
+            raise ConfigError(f"table {table!r} must be a mapping", path=grid["_source"])
+        fixed = dict(spec.get("fixed") or {})
+        if "cells" in spec:
+            out[table] = {str(name): {**fixed, **(over or {})} for name, over in spec["cells"].items()}
+        elif "sweep" in spec and isinstance(spec["sweep"], dict) and len(spec["sweep"]) == 1:
+            (key, values), = spec["sweep"].items()
+            out[table] = {f"{key}={v}": {**fixed, key: v} for v in values}
+        else:
+            raise ConfigError(f"table {table!r} needs 'cells' or a one-key 'sweep'", path=grid["_source"])
+    return out
+
+
+def run_grid(grid: dict, out: str | Path, only: list[str] | None = None, seeds: list[int] | None = None,
+             log=print, overrides: dict | None = None) -> dict:
+    """Run every (table, cell, seed) — or only `table` / `table/cell` entries — and write the summaries."""
+    from todsynth.experiment import run_cell, settings_from
+    from todsynth.io import write_json
+
+    out = Path(out)
+    tables = expand(grid)
+    seeds = seeds or list(grid["seeds"])
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for table, cells in tables.items():
+        for name, over in cells.items():
+            if only and not any(sel in (table, f"{table}/{name}") for sel in only):
+                continue
+            for seed in seeds:
+                values = {**grid["base"], **over, **(overrides or {}), "seed": seed}
+                s = settings_from(values, f"{grid['_source']}: {table}/{name}")
+                log(f"cell {table}/{name} seed {seed}")
+                result = run_cell(s, out, log)
+                rows.append({"table": table, "cell": name, "seed": seed, "settings": asdict(s),
+                             "metrics": result["metrics"]})
+    summary = summarise(rows)
+    summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    write_json(out / "results.json", {"rows": rows, "summary": summary})
+    write_csv(out / "results.csv", summary)
+    plot_tables(out, summary)
+    return summary
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Mean ± std over seeds per (table, cell): mIoU, OA, mAcc and per-class IoU."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["table"], r["cell"]), []).append(r["metrics"])
+    cells = []
+    for (table, cell), ms in groups.items():
+        entry: dict[str, Any] = {"table": table, "cell": cell, "n_seeds": len(ms)}
+        for k in ("mIoU", "OA", "mAcc"):
+            entry[k] = _mean_std([m[k] for m in ms])
+        entry["IoU"] = {c: _mean_std([m["IoU"][c] for m in ms]) for c in ms[0]["IoU"]}
+        cells.append(entry)
+    return {"cells": cells}
+
+
+def _mean_std(values: list[float | None]) -> dict:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return {"mean": None, "std": None}
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+
+
+def write_csv(path: Path, summary: dict) -> None:
+    from todsynth.io import write_text
+
+    buf = io.StringIO()
+    if summary["cells"]:
+        classes = list(summary["cells"][0]["IoU"])
+        w = csv.writer(buf)
+        w.writerow(["table", "cell", "n_seeds", "mIoU_mean", "mIoU_std", "OA_mean", "mAcc_mean",
+                    *[f"IoU_{c}" for c in classes]])
+        for c in summary["cells"]:
+            w.writerow([c["table"], c["cell"], c["n_seeds"], c["mIoU"]["mean"], c["mIoU"]["std"], c["OA"]["mean"],
+                        c["mAcc"]["mean"], *[c["IoU"][k]["mean"] for k in classes]])
+    write_text(path, buf.getvalue())
+
+
+def plot_tables(out: Path, summary: dict) -> None:
+    """One bar plot of mIoU (mean ± std) per table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from todsynth.viz import _save_figure
+
+    by_table: dict[str, list[dict]] = {}
+    for c in summary["cells"]:
+        by_table.setdefault(c["table"], []).append(c)
+    for table, cells in by_table.items():
+        fig, ax = plt.subplots(figsize=(max(3.5, 1.1 * len(cells)), 3))
+        means = [c["mIoU"]["mean"] or 0.0 for c in cells]
+        stds = [c["mIoU"]["std"] or 0.0 for c in cells]
+        ax.bar(range(len(cells)), means, yerr=stds, capsize=3, color="tab:blue")
+        ax.set_xticks(range(len(cells)), [c["cell"] for c in cells], rotation=25, ha="right")
+        ax.set_ylabel("mIoU")
+        ax.set_title(table)
+        ax.grid(axis="y", alpha=0.3)
+        _save_figure(fig, out / "figures" / f"{table}.png")
+        plt.close(fig)
