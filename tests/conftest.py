@@ -75,12 +75,12 @@ def tiny_generator_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_segmenter_dir(tmp_path_factory) -> Path:
-    """A saved 7-class segmenter with random weights (a U-Net with a resnet18 encoder)."""
+    """A saved 7-class segmenter with random weights (a small SegFormer-style model, 0.7M parameters)."""
     import torch
 
     from todsynth.segment.model import Segmenter, SegmenterConfig
 
     torch.manual_seed(1)
     path = tmp_path_factory.mktemp("seg") / "segmenter"
-    Segmenter(SegmenterConfig(arch="unet", num_classes=7)).save_pretrained(path)
+    Segmenter(SegmenterConfig(arch="segformer", encoder="tu-mobilenetv3_small_050", num_classes=7)).save_pretrained(path)
     return path

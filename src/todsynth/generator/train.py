@@ -112,7 +112,7 @@ def load_train_data(path: str, split: str, size: int, split_file: str | None = N
     from todsynth.data.check import validate_dataset
     from todsynth.data.readers import SubsetDataset, open_dataset
     from todsynth.data.split import read_split
-    from todsynth.data.torchdata import SegTorchDataset
+    from todsynth.data.torchdata import resize_label, resize_pair
     from todsynth.errors import DataError
 
     ds = open_dataset(path, split=split)
@@ -121,26 +121,18 @@ def load_train_data(path: str, split: str, size: int, split_file: str | None = N
         ds = SubsetDataset(ds, read_split(split_file))
     if images and ds.label_only:
         raise DataError("dataset has masks but no images; the generator needs image/mask pairs", path=path)
-    tds = SegTorchDataset(ds, size=size) if images else None
     imgs, labs, prompts = [], [], []
     for i in range(len(ds)):
         sample = ds[i]
         prompts.append(sample.prompt)
-        if tds is not None:
-            item = tds[i]
-            imgs.append(item["image"])
-            labs.append(item["label"])
-        else:
-            labs.append(_resize_label(torch.from_numpy(sample.label), size))
+        label = torch.from_numpy(sample.label)
+        if images:
+            image = torch.from_numpy(sample.image).permute(2, 0, 1).float() / 255
+            image, label = resize_pair(image, label, size)
+            imgs.append(image)
+        labs.append(resize_label(label, size))
     image_t = torch.stack(imgs) if imgs else torch.empty(0)
     return TrainData(image_t, torch.stack(labs), prompts, list(ds.ids)), ds.classes
-
-
-def _resize_label(label: Tensor, size: int) -> Tensor:
-    if tuple(label.shape) == (size, size):
-        return label.long()
-    out = torch.nn.functional.interpolate(label[None, None].float(), size=(size, size), mode="nearest")
-    return out[0, 0].long()
 
 
 def augment(images: Tensor, labels: Tensor, gens: list[torch.Generator]) -> tuple[Tensor, Tensor]:
@@ -272,7 +264,7 @@ def train_generator(cfg: GeneratorTrainConfig) -> dict:
 
     start, history = 0, {"loss": [], "val": []}
     ckpt = out / CHECKPOINT_DIR
-    if cfg.resume and ckpt.exists():
+    if cfg.resume and (ckpt.exists() or ckpt.with_name(ckpt.name + ".old").exists()):  # .old: killed mid-swap
         start, history = _restore(ckpt, cfg, model, optimizer, scheduler, ema)
     elif accelerator.is_main_process:
         write_json(out / "config.json", asdict(cfg))
@@ -451,7 +443,7 @@ def _restore(ckpt: Path, cfg: GeneratorTrainConfig, model, optimizer, scheduler,
     current = json.loads(json.dumps(asdict(cfg)))
     diff = config_differences(info.get("config", {}), current, RESUME_FREE)
     if diff:
-        raise CheckpointError(f"checkpoint was written with other settings: {diff}", path=ckpt,
+        raise CheckpointError(f"checkpoint was written with other settings: {diff}", path=ckpt / "state.json",
                               fix="resume with the same settings, or use a new output folder")
     try:
         from todsynth.generator.mmdit import load_state_strict

@@ -1,0 +1,40 @@
+"""Entry point: `todsynth` with sub-commands per stage."""
+
+from __future__ import annotations
+
+import typer
+
+from todsynth.cli.data import app as data_app
+from todsynth.cli.generator import app as generator_app
+from todsynth.cli.run import demo, experiment
+from todsynth.cli.segment import app as segment_app
+from todsynth.cli.synth import synthesize
+
+app = typer.Typer(
+    name="todsynth",
+    help="Task-oriented synthesis of remote-sensing segmentation training data.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(data_app, name="data")
+app.add_typer(segment_app, name="segment")
+app.add_typer(generator_app, name="generator")
+app.command(name="synthesize")(synthesize)
+app.command(name="demo")(demo)
+app.command(name="experiment")(experiment)
+
+
+@app.command()
+def version() -> None:
+    """Print the todsynth version."""
+    from todsynth import __version__
+
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The segmenter: an smp model that takes images in [0,1], normalises them itself and accepts any size."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from todsynth.config import require
+from todsynth.errors import CheckpointError, TodsynthError
+from todsynth.io import load_weights, read_json, save_weights, write_json
+
+ARCHS = ("unet", "deeplabv3plus", "segformer", "fpn")
+DEFAULT_ENCODERS = {"unet": "resnet18", "deeplabv3plus": "resnet18", "fpn": "resnet18", "segformer": "mit_b0"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PAD_MULTIPLE = 32
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class SegmenterConfig:
+    """Architecture of a segmenter; `encoder=None` picks a small default that needs no download."""
+
+    arch: str = "unet"
+    encoder: str | None = None
+    num_classes: int = 7
+    in_channels: int = 3
+    class_names: tuple[str, ...] | None = None
+    ignore_index: int = 255
+    encoder_weights_file: str | None = None
+
+    def validate(self) -> None:
+        """Reject unknown architectures and inconsistent class settings."""
+        require(self.arch in ARCHS, f"unknown arch {self.arch!r}; choose one of {list(ARCHS)}")
+        require(self.num_classes >= 1, f"num_classes must be >= 1, got {self.num_classes}")
+        require(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels}")
+        require(self.class_names is None or len(self.class_names) == self.num_classes,
+                f"{len(self.class_names or ())} class names for {self.num_classes} classes")
+
+    @property
+    def encoder_name(self) -> str:
+        """The encoder actually used."""
+        return self.encoder or DEFAULT_ENCODERS[self.arch]
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (class names as a list)."""
+        d = dataclasses.asdict(self)
+        d["class_names"] = None if self.class_names is None else list(self.class_names)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, path: str | Path | None = None) -> SegmenterConfig:
+        """Build from `config.json` content; unknown or missing keys raise CheckpointError naming `path`."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict) or set(d) - names:
+            raise CheckpointError("not a segmenter config (expected a mapping of known keys)", path=path,
+                                  fix="point at a folder written by Segmenter.save_pretrained")
+        d = dict(d)
+        if d.get("class_names") is not None:
+            d["class_names"] = tuple(d["class_names"])
+        try:
+            cfg = cls(**d)
+            cfg.validate()
+        except (TodsynthError, TypeError) as e:
+            raise CheckpointError(f"invalid segmenter config: {getattr(e, 'problem', e)}", path=path) from None
+        return cfg
+
+
+class Segmenter(nn.Module):
+    """smp segmentation model over [0,1] images: normalises, pads to a multiple of 32, crops logits back."""
+
+    def __init__(self, config: SegmenterConfig):
+        super().__init__()
+        import segmentation_models_pytorch as smp
+
+        config.validate()
+        encoder_state = None
+        if config.encoder_weights_file:
+            encoder_state = load_weights(config.encoder_weights_file)
+        self.config = config
+        self.net = smp.create_model(config.arch, encoder_name=config.encoder_name, encoder_weights=None,
+                                    in_channels=config.in_channels, classes=config.num_classes)
+        mean, std = _normalisation(config.in_channels)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+        if encoder_state is not None:
+            self._load_encoder(encoder_state, Path(config.encoder_weights_file))
+
+    def _load_encoder(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
+        """Initialise the encoder from safetensors tensors (keys with or without 'encoder.')."""
+        state = {k.removeprefix("encoder."): v for k, v in tensors.items()}
+        try:
+            self.net.encoder.load_state_dict(state)
+        except RuntimeError as e:
+            raise CheckpointError(f"encoder weights do not fit {self.config.encoder_name}: {_first_line(e)}",
+                                  path=path, fix="use weights saved from the same encoder") from None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits N x C x H x W for images N x C_in x H x W in [0,1]; differentiable in the images."""
+        h, w = images.shape[-2:]
+        x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        x = _pad_to_multiple(x, PAD_MULTIPLE)
+        return self.net(x)[..., :h, :w]
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Label maps N x H x W (int64) for images in [0,1], computed in eval mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self(images).argmax(dim=1)
+        finally:
+            self.train(was_training)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write `model.safetensors` and `config.json` (with class names) into `directory`, atomically."""
+        directory = Path(directory)
+        save_weights(directory / WEIGHTS_NAME, self.state_dict(), metadata={"format": "pt"})
+        write_json(directory / CONFIG_NAME, self.config.to_dict())
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, expect: SegmenterConfig | None = None) -> Segmenter:
+        """Load a saved segmenter; a missing file, foreign weights or a config differing from `expect` raise."""
+        directory = Path(directory)
+        config = _read_config(directory / CONFIG_NAME)
+        if expect is not None:
+            _check_expected(config, expect, directory / CONFIG_NAME)
+        state = load_weights(directory / WEIGHTS_NAME)
+        model = cls(dataclasses.replace(config, encoder_weights_file=None))
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise CheckpointError(f"weights do not match config.json: {_first_line(e)}",
+                                  path=directory / WEIGHTS_NAME,
+                                  fix="save the model again or use its own config.json") from None
+        return model
+
+
+def _read_config(path: Path) -> SegmenterConfig:
+    """Read `config.json`, turning absence or corruption into CheckpointError."""
+    if not path.is_file():
+        raise CheckpointError("segmenter config not found", path=path,
+                              fix="point at a folder written by Segmenter.save_pretrained")
+    try:
+        data = read_json(path)
+    except TodsynthError as e:
+        raise CheckpointError(e.problem, path=path, fix=e.fix) from None
+    return SegmenterConfig.from_dict(data, path)
+
+
+def _check_expected(found: SegmenterConfig, expect: SegmenterConfig, path: Path) -> None:
+    """Raise CheckpointError listing the architecture fields where `found` differs from `expect`."""
+    keys = ("arch", "encoder_name", "num_classes", "in_channels", "class_names")
+    diffs = {k: (getattr(found, k), getattr(expect, k)) for k in keys if getattr(found, k) != getattr(expect, k)}
+    if diffs:
+        text = ", ".join(f"{k}: saved {a!r} vs expected {b!r}" for k, (a, b) in diffs.items())
+        raise CheckpointError(f"checkpoint is from another configuration ({text})", path=path)
+
+
+def _normalisation(channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean/std for RGB, 0.5/0.25 for other channel counts, shaped 1xCx1x1."""
+    if channels == 3:
+        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    else:
+        mean, std = torch.full((channels,), 0.5), torch.full((channels,), 0.25)
+    return mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+
+
+def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad bottom/right to a multiple of `multiple`: reflect where possible, else replicate (tiny inputs)."""
+    h, w = x.shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    if ph == 0 and pw == 0:
+        return x
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+def _first_line(e: Exception) -> str:
+    """The first informative line of a (long) torch error message."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return " ".join(lines[:2])[:300]
+
+
+def config_summary(config: SegmenterConfig) -> str:
+    """One-line description, e.g. 'unet/resnet18, 7 classes'."""
+    return f"{config.arch}/{config.encoder_name}, {config.num_classes} classes"
+
