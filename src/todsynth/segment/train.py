@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from todsynth.checkpoint import load_optimizer_tensors, optimizer_tensors
 from todsynth.config import require
 from todsynth.data.classes import ClassSpec
 from todsynth.data.sample import Sample
@@ -158,25 +159,6 @@ def _accelerator(cfg: SegmentTrainConfig) -> Any:
         raise ConfigError(f"cannot set up device/precision: {e}", fix="check 'device' and 'mixed_precision'") from None
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """The optimizer's per-parameter state as flat tensors named optim.<param>.<key>."""
-    out = {}
-    for idx, state in optimizer.state_dict()["state"].items():
-        for key, value in state.items():
-            out[f"optim.{idx}.{key}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-    return out
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    """Restore per-parameter optimizer state saved by `_optimizer_tensors`."""
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        if name.startswith("optim."):
-            _, idx, key = name.split(".", 2)
-            state.setdefault(int(idx), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-
-
 class Checkpointer:
     """Resumable training state in one safetensors file (model, AdamW moments, RNG, step, loss trace)."""
 
@@ -192,7 +174,7 @@ class Checkpointer:
              history: list[tuple[int, float]]) -> None:
         """Write the state at `step` atomically, then the human-readable step file."""
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-        tensors.update(_optimizer_tensors(optimizer))
+        tensors.update(optimizer_tensors(optimizer))
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
@@ -210,7 +192,7 @@ class Checkpointer:
         tensors = load_weights(path)
         try:
             model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-            _load_optimizer(optimizer, tensors)
+            load_optimizer_tensors(optimizer, tensors)
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"checkpoint does not fit this model: {str(e).splitlines()[0][:300]}",
                                   path=path, fix="resume with the settings of the original run") from None
