@@ -1,0 +1,76 @@
+"""The demo and the experiment runner end to end at a tiny budget; reports agree with the result JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from todsynth.demo import run_demo
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("demo") / "out"
+    return out, run_demo(out, budget="tiny", log=lambda m: None)
+
+
+def test_report_files_exist(demo_out):
+    out, _ = demo_out
+    for name in ("report.md", "report.html", "results.json", "figures/per_class_iou.png", "figures/losses.png",
+                 "figures/samples.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+
+
+def test_report_numbers_match_results_json(demo_out):
+    out, results = demo_out
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["metrics"] == json.loads(json.dumps(results["metrics"]))
+    md = (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    for name, m in saved["metrics"].items():
+        row = next(line for line in md.splitlines() if line.startswith(f"| {name} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == f"{m['mIoU']:.3f}" and cells[2] == f"{m['OA']:.3f}" and cells[3] == f"{m['mAcc']:.3f}"
+        assert f"<td>{m['mIoU']:.3f}</td>" in html
+    real = saved["metrics"]["real only"]["mIoU"]
+    for name, g in saved["gains"].items():
+        assert g["miou_gain"] == pytest.approx(saved["metrics"][name]["mIoU"] - real)
+        assert f"| {name} | {g['miou_gain']:+.3f} |" in md
+    assert "(ii)" in md and "label-only" in md  # the report says which protocol it used
+
+
+def test_demo_resumes_from_cache(demo_out):
+    out, results = demo_out
+    again = run_demo(out, budget="tiny", log=lambda m: None)
+    assert again["metrics"] == results["metrics"]
+    assert again["wall_time_s"] < 0.5 * results["wall_time_s"] + 30
+
+
+def test_experiment_smoke_grid(tmp_path):
+    from todsynth.grid import load_grid, run_grid
+
+    grid = load_grid("smoke")
+    summary = run_grid(grid, tmp_path / "exp", only=["main"], seeds=[0, 1], log=lambda m: None)
+    cells = {c["cell"]: c for c in summary["cells"]}
+    assert set(cells) == {"real only", "CRFM"} and all(c["n_seeds"] == 2 for c in cells.values())
+    rows = json.loads((tmp_path / "exp" / "results.json").read_text())["rows"]
+    vals = [r["metrics"]["mIoU"] for r in rows if r["cell"] == "CRFM"]
+    assert cells["CRFM"]["mIoU"]["mean"] == pytest.approx(sum(vals) / len(vals))
+    assert (tmp_path / "exp" / "results.csv").read_text().count("\n") == 3
+    assert (tmp_path / "exp" / "figures" / "main.png").is_file()
+
+
+def test_builtin_paper_tables_config_expands():
+    from todsynth.experiment import settings_from
+    from todsynth.grid import expand, load_grid
+
+    grid = load_grid("paper-tables")
+    tables = expand(grid)
+    assert {"main", "control", "crfm_steps", "crfm_schedule", "ratio", "filtering", "few_shot", "protocol",
+            "balance"} <= set(tables)
+    assert list(tables["crfm_steps"]) == ["crfm_steps=0", "crfm_steps=2", "crfm_steps=4", "crfm_steps=6"]
+    for cells in tables.values():
+        for over in cells.values():
+            settings_from({**grid["base"], **over}).validate()
