@@ -20,6 +20,17 @@ def _save(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny test models run fastest on one thread: OpenMP barriers make 2 threads far slower on a busy box."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def save_image() -> Callable[..., Path]:
     """`save_image(path, array, mode=None)`: write a tiny image file with PIL."""

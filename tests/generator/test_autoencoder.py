@@ -19,15 +19,6 @@ from todsynth.generator.autoencoder import (
 SCALE, SHIFT = 1.5, 0.1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and parallel test runs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tiny_vae(shift: float | None = SHIFT):
     from diffusers import AutoencoderKL
 

@@ -22,15 +22,6 @@ LONG = "an aerial image of " + " and ".join(["buildings", "roads", "trees", "car
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and parallel test runs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def minilm() -> MiniLMTextEncoder:
     return MiniLMTextEncoder(max_length=16)
