@@ -48,6 +48,7 @@ def save_checkpoint(directory: str | Path, tensors: dict[str, torch.Tensor], inf
     save_weights(tmp / STATE_TENSORS, tensors)
     write_json(tmp / STATE_INFO, info)
     if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)  # left over when a run was killed before removing it
         directory.rename(old)
     tmp.rename(directory)
     shutil.rmtree(old, ignore_errors=True)

@@ -83,7 +83,7 @@ def build_config(cls: type[C], values: dict[str, Any] | None = None, source: str
     values = dict(values or {})
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(str(k) for k in set(values) - names)
     if unknown:
         raise ConfigError(f"unknown setting(s) {unknown}; known: {sorted(names)}", path=source)
     kwargs = {k: _coerce(k, v, hints[k], source) for k, v in values.items()}
@@ -106,9 +106,12 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[st
         try:
             loaded = yaml.safe_load(path.read_text())
         except FileNotFoundError:
-            raise ConfigError("config file not found", path=path) from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"not valid YAML: {e}", path=path) from None
+            raise ConfigError("config file not found", path=path, fix="check the --config path") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read the config file: {e.strerror}", path=path,
+                              fix="give a readable YAML file") from None
+        except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: e.g. a date like 2001-02-30
+            raise ConfigError(f"not valid YAML: {e}", path=path, fix="fix the YAML syntax") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError("expected a mapping of setting: value", path=path)
         values.update(loaded or {})
@@ -123,9 +126,13 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value")
+            raise ConfigError(f"override {item!r} is not key=value", fix="write e.g. --set lr=0.001")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except (yaml.YAMLError, ValueError, RecursionError) as e:
+            raise ConfigError(f"override {item!r}: the value is not a YAML scalar or list ({e})",
+                              fix="quote strings, e.g. --set name='a b'") from None
     return out
 
 

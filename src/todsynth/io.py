@@ -68,7 +68,7 @@ def read_json(path: str | Path) -> Any:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError as e:
-        raise TodsynthError("file not found", path=path) from e
+        raise TodsynthError("file not found", path=path, fix="check the path") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TodsynthError(f"not valid JSON: {e}", path=path, fix="delete or regenerate it") from e
 
@@ -92,7 +92,8 @@ def load_weights(path: str | Path) -> dict:
         raise CheckpointError(f"'{path.suffix}' is a pickle format, which todsynth never loads",
                               path=path, fix="convert it to .safetensors")
     if not path.is_file():
-        raise CheckpointError("weight file not found", path=path)
+        raise CheckpointError("weight file not found", path=path,
+                              fix="check the path (weights are read from .safetensors files only)")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:

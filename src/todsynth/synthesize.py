@@ -194,7 +194,11 @@ class OutputFolder:
         self.root = root
         self.classes = classes
         for sub in ("images", "masks", RECORDS, CLAIMS):
-            (root / sub).mkdir(parents=True, exist_ok=True)
+            try:
+                (root / sub).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise DataError(f"cannot create the output folder: {e.strerror}", path=root / sub,
+                                fix="choose a writable output folder") from None
         self._write_classes()
 
     def _write_classes(self) -> None:
@@ -230,14 +234,28 @@ class OutputFolder:
         return (self.root / RECORDS / f"{item.id}.json").is_file()
 
     def claim(self, item: WorkItem) -> bool:
-        """Atomically claim an item (O_EXCL lock file); False if another process has it."""
+        """Atomically claim an item; False if another process has it.
+
+        The lock appears with its owner already in it (hard link of a written temp file), so a process
+        starting meanwhile never sees an empty lock and takes it for a dead one.
+        """
         path = self.root / CLAIMS / f"{item.id}.lock"
+        owner = f"{socket.gethostname()}:{os.getpid()}".encode()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(owner)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.link(tmp, path)
         except FileExistsError:
             return False
-        os.write(fd, f"{socket.gethostname()}:{os.getpid()}".encode())
-        os.close(fd)
+        except OSError:  # no hard links on this file system: O_EXCL create, then write
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return False
+            os.write(fd, owner)
+            os.close(fd)
+        finally:
+            tmp.unlink(missing_ok=True)
         return True
 
     def unclaim(self, items: list[WorkItem]) -> None:
@@ -276,9 +294,9 @@ class OutputFolder:
 
     def write_manifest(self) -> int:
         """Gather records into manifest.jsonl (sorted by id), atomically; returns the count."""
-        from todsynth.io import write_text
+        from todsynth.io import read_json, write_text
 
-        records = [json.loads(p.read_text()) for p in sorted((self.root / RECORDS).glob("*.json"))]
+        records = [read_json(p) for p in sorted((self.root / RECORDS).glob("*.json"))]
         write_text(self.root / "manifest.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
         return len(records)
 
@@ -307,15 +325,15 @@ def synthesize(cfg: SynthesizeConfig, accelerator=None, progress: bool = True) -
     import time
 
     from todsynth.generator.pipeline import MaskToImagePipeline
-    from todsynth.io import read_json
 
     cfg.validate()
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = accelerator.device if accelerator else "cpu"
     pipe = MaskToImagePipeline.from_pretrained(cfg.generator, device=device)
     labels, prompts, ids, classes = _masks(cfg, pipe.image_size)
+    _check_classes(classes, pipe.classes, cfg.masks)
     segmenter = _segmenter(cfg.segmenter, device) if cfg.segmenter else None
-    stats = read_json(cfg.filter_stats) if cfg.filter_stats else None
+    stats = _read_stats(cfg.filter_stats, classes.num_classes) if cfg.filter_stats else None
     copies = (hardness_copies(labels, stats["class_mean_loss"], cfg.copies, classes.ignore_index)
               if cfg.hard_resample else None)
     out = OutputFolder(Path(cfg.out), classes)
@@ -344,7 +362,9 @@ def synthesize(cfg: SynthesizeConfig, accelerator=None, progress: bool = True) -
         bar.close()
     if accelerator is not None:
         accelerator.wait_for_everyone()
-    total = out.write_manifest() if rank == 0 else None
+    # Only a process that sees every sample done writes the manifest: one still held by another live
+    # process would be missing, and that process writes it when it finishes.
+    total = out.write_manifest() if rank == 0 and all(out.done(it) for it in items) else None
     return {"made": made, "rejected": rejected, "planned": len(items), "in_manifest": total,
             "wall_time_s": time.perf_counter() - t0}
 
@@ -362,6 +382,29 @@ def _masks(cfg: SynthesizeConfig, size: int):
     if cfg.limit:
         labels, prompts, ids = labels[:cfg.limit], prompts[:cfg.limit], ids[:cfg.limit]
     return labels, prompts, ids, classes
+
+
+def _check_classes(masks, generator, path: str) -> None:
+    """Raise DataError unless the masks use the generator's classes (names and ignore index)."""
+    if tuple(masks.names) != tuple(generator.names) or masks.ignore_index != generator.ignore_index:
+        raise DataError(f"mask classes {list(masks.names)} (ignore {masks.ignore_index}) differ from the "
+                        f"generator's {list(generator.names)} (ignore {generator.ignore_index})", path=path,
+                        fix="use masks labelled with the classes the generator was trained on")
+
+
+def _read_stats(path: str, num_classes: int) -> dict:
+    """Read a class_loss_stats JSON, checking it holds one mean loss (or null) per class."""
+    from todsynth.io import read_json
+
+    stats = read_json(path)
+    means = stats.get("class_mean_loss") if isinstance(stats, dict) else None
+    ok = isinstance(means, list) and len(means) == num_classes and all(
+        m is None or (isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(m) and m >= 0)
+        for m in means)
+    if not ok:
+        raise DataError(f"expected {{\"class_mean_loss\": [...]}} with {num_classes} finite losses (or null)",
+                        path=path, fix="write it with class_loss_stats for this dataset's classes")
+    return stats
 
 
 def _segmenter(path: str, device):

@@ -34,9 +34,12 @@ def synthesize(
     values: dict = {}
     if config is not None:
         try:
-            values.update(yaml.safe_load(config.read_text()) or {})
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"cannot read config: {e}", path=config) from None
+            loaded = yaml.safe_load(config.read_text())
+        except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read config: {e}", path=config, fix="give a readable YAML file") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError("expected a mapping of setting: value", path=config)
+        values.update(loaded or {})
     cli = dict(generator=generator, masks=masks, out=out, segmenter=segmenter, copies=copies,
                crfm_steps=crfm_steps, num_steps=num_steps, batch_size=batch_size, seed=seed)
     values.update({k: v for k, v in cli.items() if v is not None})

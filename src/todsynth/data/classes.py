@@ -29,11 +29,13 @@ class ClassSpec:
         if len(self.names) == 0:
             raise DataError("class list is empty", fix="name at least one class")
         if len(set(self.names)) != len(self.names):
-            raise DataError(f"duplicate class names in {list(self.names)}")
+            raise DataError(f"duplicate class names in {list(self.names)}", fix="give every class its own name")
         if self.palette is not None and len(self.palette) != len(self.names):
-            raise DataError(f"palette has {len(self.palette)} colours for {len(self.names)} classes")
+            raise DataError(f"palette has {len(self.palette)} colours for {len(self.names)} classes",
+                            fix="give one [r, g, b] colour per class")
         if 0 <= self.ignore_index < len(self.names):
-            raise DataError(f"ignore index {self.ignore_index} collides with a class label")
+            raise DataError(f"ignore index {self.ignore_index} collides with a class label",
+                            fix=f"use an ignore_index outside 0..{len(self.names) - 1}, e.g. 255")
 
     @property
     def num_classes(self) -> int:

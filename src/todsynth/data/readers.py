@@ -328,13 +328,14 @@ def load_classes(path: str | Path) -> ClassSpec:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError("classes file not found", path=path, fix=f"write one, {CLASSES_EXAMPLE}") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:  # ValueError: bad dates, bad UTF-8
         raise DataError(f"cannot read classes file: {e}", path=path, fix=CLASSES_EXAMPLE) from None
     if not isinstance(data, dict):
         raise DataError("classes file must be a mapping", path=path, fix=CLASSES_EXAMPLE)
     unknown = sorted(str(k) for k in set(data) - set(CLASSES_KEYS))
     if unknown:
-        raise DataError(f"unknown key(s) {unknown} in classes file; known: {list(CLASSES_KEYS)}", path=path)
+        raise DataError(f"unknown key(s) {unknown} in classes file; known: {list(CLASSES_KEYS)}", path=path,
+                        fix=f"remove or rename them, {CLASSES_EXAMPLE}")
     classes = ClassSpec.from_dict(data, path=path)
     if classes.palette is not None and len(set(classes.palette)) != len(classes.palette):
         raise DataError("'palette' lists a colour twice", path=path, fix="give every class its own colour")
@@ -390,17 +391,20 @@ def _index_path(root: Path, value: Any, where: str, index: Path, problems: list[
         problems.append(DataError(f"{where} must be a non-empty path string", path=index))
         return None
     path = Path(value) if Path(value).is_absolute() else root / value
-    try:
+    try:  # NUL bytes, lone surrogates and over-long names make the OS calls raise
         inside = path.resolve().is_relative_to(root.resolve())
-    except (OSError, RuntimeError) as e:
-        problems.append(DataError(f"{where} path '{value}' cannot be resolved ({e})", path=index))
+        found = inside and path.is_file()
+    except (OSError, RuntimeError, ValueError) as e:
+        problems.append(DataError(f"{where} path {value!r} cannot be resolved ({e})", path=index,
+                                  fix="write a valid relative path under the dataset root"))
         return None
     if not inside:
         problems.append(DataError(f"{where} path '{value}' points outside the dataset root {root}",
                                   path=index, fix="keep every file under the root folder"))
         return None
-    if not path.is_file():
-        problems.append(DataError(f"file listed in {where} of {index.name} not found", path=path))
+    if not found:
+        problems.append(DataError(f"file listed in {where} of {index.name} not found", path=path,
+                                  fix=f"fix the path in {index.name} or add the file"))
         return None
     return path
 
@@ -420,7 +424,8 @@ def _index_records(index: Path, problems: list[DataError]) -> list[tuple[int, di
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            problems.append(DataError(f"line {n}: not valid JSON ({e.msg})", path=index))
+            problems.append(DataError(f"line {n}: not valid JSON ({e.msg})", path=index,
+                                      fix="write one JSON object per line"))
             continue
         if not isinstance(record, dict) or "source" not in record:
             problems.append(DataError(f"line {n}: expected an object with a 'source' (mask) path",

@@ -175,6 +175,9 @@ class MaskToImagePipeline:
         from todsynth.io import read_json
 
         directory = Path(directory)
+        if not (directory / PIPELINE_FILE).is_file():
+            raise CheckpointError("not a todsynth generator folder (no pipeline.json)", path=directory / PIPELINE_FILE,
+                                  fix="point to a folder written by `todsynth generator train` (its out/model)")
         meta = read_json(directory / PIPELINE_FILE)
         if not isinstance(meta, dict) or meta.get("_class_name") != cls.__name__:
             raise CheckpointError("not a todsynth generator folder", path=directory / PIPELINE_FILE,

@@ -125,7 +125,8 @@ def from_sd3(path: str | Path, **overrides) -> MaskControlMMDiT:
     folder = _transformer_dir(Path(path))
     raw = read_json(folder / "config.json")
     if not isinstance(raw, dict) or "num_attention_heads" not in raw:
-        raise CheckpointError("not an SD3Transformer2DModel config", path=folder / "config.json")
+        raise CheckpointError("not an SD3Transformer2DModel config", path=folder / "config.json",
+                              fix="give a diffusers SD3 pipeline folder or its transformer/ subfolder")
     try:
         cfg = config_from_sd3(raw, **overrides)
     except CheckpointError as e:

@@ -87,10 +87,12 @@ class GeneratorTrainConfig:
             require(math.isfinite(v) and v >= 0, f"{name} must be >= 0, got {v}")
         require(0 <= self.text_dropout < 1, f"text_dropout must be in [0, 1), got {self.text_dropout}")
         require(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        require(self.control in ("triple", "siamese", "adapter", "none"), f"unknown control {self.control!r}")
+        require(self.control in ("triple", "siamese", "adapter", "none"),
+                f"unknown control {self.control!r}; choose triple, siamese, adapter or none")
         require(self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision must be no, bf16 or fp16")
         require(self.timestep_sampling in ("uniform", "logit_normal"), "timestep_sampling: uniform|logit_normal")
-        require(self.size % self.patch_size == 0, f"size {self.size} is not a multiple of patch_size {self.patch_size}")
+        require(self.size % self.patch_size == 0,
+                f"size {self.size} must be a multiple of patch_size {self.patch_size}")
 
 
 # ---------------------------------------------------------------------------------------------

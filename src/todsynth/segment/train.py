@@ -167,7 +167,9 @@ class Checkpointer:
         self.run_info = run_info
 
     def start(self) -> None:
-        """Record the run's settings (what a resumption must match)."""
+        """Record the run's settings (what a resumption must match); an earlier run's state is dropped."""
+        for name in (STATE_FILE, STEP_FILE):
+            (self.directory / name).unlink(missing_ok=True)
         write_json(self.directory / RUN_FILE, self.run_info)
 
     def save(self, step: int, model: Segmenter, optimizer: Any, scaler: Any,
