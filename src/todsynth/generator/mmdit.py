@@ -136,7 +136,28 @@ class CondEmbedder(nn.Module):
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]
+    """adaLN: x·(1 + scale) + shift per sample (scale, shift [B, D]), as one fused op."""
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
+
+
+def gated(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
+    """Gated residual x + gate·y per sample (gate [B, D]), as one fused op."""
+    return torch.addcmul(x, gate[:, None], y)
+
+
+MATMUL_ATTENTION_MAX = 1 << 26  # largest B·H·Nq·Nk score matrix (128 MiB in bf16) for the two-matmul CPU path
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q·kᵀ/√d)·v over [B, H, N, d].
+
+    On CPU in bf16 the plain two-matmul form (bf16 matrix units) trains 2-3× faster than the fused flash
+    kernel, whose backward is slow there; elsewhere, and for large score matrices, the fused kernel runs.
+    """
+    b, h, nq, d = q.shape
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and b * h * nq * k.shape[2] <= MATMUL_ATTENTION_MAX:
+        return torch.softmax((q * d ** -0.5) @ k.transpose(-2, -1), dim=-1) @ v
+    return F.scaled_dot_product_attention(q, k, v)
 
 
 def layer_norm(x: Tensor) -> Tensor:
@@ -179,9 +200,13 @@ class Stream(nn.Module):
         return list(self.ada(F.silu(c)).chunk(self.ada.out_features // self.ada.in_features, dim=1))
 
     def split_heads(self, qkv: Tensor, q_norm: nn.Module | None, k_norm: nn.Module | None) -> tuple[Tensor, ...]:
-        """[B, N, 3D] -> q, k, v each [B, H, N, D/H], with q/k RMSNorm when enabled."""
+        """[B, N, 3D] -> q, k, v each [B, H, N, D/H], with q/k RMSNorm when enabled.
+
+        Unbinding the q|k|v axis before moving heads forward lets backward stack the three gradients
+        straight into qkv's [B, N, 3, H, D/H] layout (one copy, not a stack plus a reshape copy).
+        """
         b, n, _ = qkv.shape
-        q, k, v = qkv.view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = (t.transpose(1, 2) for t in qkv.view(b, n, 3, self.heads, -1).unbind(2))
         if q_norm is not None:
             q, k = q_norm(q), k_norm(k)
         return q, k, v
@@ -192,7 +217,7 @@ def self_attention(stream: Stream, h: Tensor, segments: int) -> Tensor:
     b, n, d = h.shape
     h = h.reshape(b * segments, n // segments, d)
     q, k, v = stream.split_heads(stream.qkv2(h), stream.q_norm2, stream.k_norm2)
-    o = F.scaled_dot_product_attention(q, k, v)
+    o = attention(q, k, v)
     return stream.out2(o.transpose(1, 2).reshape(b, n, d))
 
 
@@ -207,11 +232,17 @@ class _Group:
     stream: Stream
     x: Tensor
     segments: int = 1
+    queries: int = 0  # leading tokens that ask attention queries (those whose output is read)
     mod: list[Tensor] = field(default_factory=list)
+    normed: Tensor | None = None  # LN(x), shared by the joint and the dual attention
 
 
 class JointBlock(nn.Module):
-    """One MM-DiT block: per-stream adaLN and QKV, one attention over all tokens, per-stream out + MLP."""
+    """One MM-DiT block: per-stream adaLN and QKV, one attention over all tokens, per-stream out + MLP.
+
+    Only tokens whose output is read ask queries: in the last block that is the image tokens alone
+    (text and mask tokens there only supply keys and values, as in SD3's context_pre_only block).
+    """
 
     def __init__(self, cfg: MMDiTConfig, last: bool, dual: bool):
         super().__init__()
@@ -221,7 +252,7 @@ class JointBlock(nn.Module):
         self.mask = Stream(dim, heads, r, qk, pre_only=last, dual=dual) if cfg.control == "triple" else None
 
     def forward(self, txt: Tensor, img: Tensor, msk: Tensor | None, c: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        n_img = img.shape[1]
+        n_img, last = img.shape[1], self.text.pre_only
         groups = [_Group(self.text, txt)]
         if msk is None:
             groups.append(_Group(self.image, img))
@@ -230,43 +261,41 @@ class JointBlock(nn.Module):
         else:  # triple
             groups += [_Group(self.image, img), _Group(self.mask, msk)]
 
-        qs, ks, vs, normed = [], [], [], []
+        qs, ks, vs = [], [], []
         for g in groups:
-            g.mod = g.stream.modulation(c)
-            if g.stream.pre_only:
-                scale, shift = g.mod
-                h = modulate(layer_norm(g.x), shift, scale)
-            else:
-                h = modulate(layer_norm(g.x), g.mod[0], g.mod[1])
-            normed.append(h)
-            q, k, v = g.stream.split_heads(g.stream.qkv(h), g.stream.q_norm, g.stream.k_norm)
-            qs.append(q), ks.append(k), vs.append(v)
+            s = g.stream
+            g.mod = s.modulation(c)
+            g.queries = n_img if last and s is self.image else g.x.shape[1]
+            if s.pre_only and s.q_norm is None:  # keys and values only; an unread q_norm would starve DDP
+                g.queries = 0
+            scale, shift = g.mod[:2] if s.pre_only else (g.mod[1], g.mod[0])
+            g.normed = layer_norm(g.x)
+            q, k, v = s.split_heads(s.qkv(modulate(g.normed, shift, scale)), s.q_norm, s.k_norm)
+            if g.queries:
+                qs.append(q[:, :, :g.queries])
+            ks.append(k), vs.append(v)
 
-        o = F.scaled_dot_product_attention(torch.cat(qs, 2), torch.cat(ks, 2), torch.cat(vs, 2))
-        o = o.transpose(1, 2).flatten(2)  # [B, N_total, D]
-        outs = o.split([g.x.shape[1] for g in groups], dim=1)
-
-        results = []
-        for g, h, a in zip(groups, normed, outs):
-            results.append(None if g.stream.pre_only else self._residual(g, h, a))
-        txt = results[0]
+        o = attention(torch.cat(qs, 2), torch.cat(ks, 2), torch.cat(vs, 2))  # [B, H, N_queries, D/H]
+        outs = iter(o.split([g.queries for g in groups if g.queries], dim=2))
+        attn = [next(outs).transpose(1, 2).flatten(2) if g.queries else None for g in groups]  # [B, N_g, D] each
+        res = [None if g.stream.pre_only else self._residual(g, a) for g, a in zip(groups, attn)]
         if msk is None:
-            return txt, results[1], None
+            return res[0], res[1], None
         if self.mask is None:
-            return txt, results[1][:, :n_img], results[1][:, n_img:]
-        return txt, results[1], results[2]
+            return res[0], res[1][:, :n_img], None if last else res[1][:, n_img:]
+        return res[0], res[1], res[2]
 
     @staticmethod
-    def _residual(g: _Group, h: Tensor, attn: Tensor) -> Tensor:
-        """x + gate·out(attn) [+ gate2·attn2] + gate·MLP(modulated LN(x))."""
-        s = g.stream
+    def _residual(g: _Group, attn: Tensor) -> Tensor:
+        """x + gate·out(attn) [+ gate2·attn2] + gate·MLP(modulated LN(x)), for the group's query tokens."""
+        s, n, total = g.stream, g.queries, g.x.shape[1]
+        x, normed = (g.x, g.normed) if n == total else (g.x[:, :n], g.normed[:, :n])
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = g.mod[:6]
-        x = g.x + gate_msa[:, None] * s.out(attn)
+        x = gated(x, gate_msa, s.out(attn))
         if s.dual:
             shift2, scale2, gate2 = g.mod[6:]
-            h2 = modulate(layer_norm(g.x), shift2, scale2)
-            x = x + gate2[:, None] * self_attention(s, h2, g.segments)
-        return x + gate_mlp[:, None] * s.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
+            x = gated(x, gate2, self_attention(s, modulate(normed, shift2, scale2), g.segments * n // total))
+        return gated(x, gate_mlp, s.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +313,7 @@ class AdapterBlock(nn.Module):
 
     def forward(self, m: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         shift, scale, gate = self.ada(F.silu(c)).chunk(3, dim=1)
-        m = m + gate[:, None] * self.mlp(modulate(layer_norm(m), shift, scale))
+        m = gated(m, gate, self.mlp(modulate(layer_norm(m), shift, scale)))
         return m, self.zero_proj(m)
 
 

@@ -51,8 +51,17 @@ class TextEncoder(nn.Module):
         """Device of the encoder's weights (where inputs are sent)."""
         return next(self.parameters()).device
 
+    @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """Encode prompts into (tokens [B, seq_len, token_dim], pooled [B, pooled_dim])."""
+        """Encode prompts into (tokens [B, seq_len, token_dim], pooled [B, pooled_dim]), one prompt at a
+        time: a prompt's embedding then never depends on its batch (cache vs direct, training vs reload)."""
+        parts = [self.encode_batch([p]) for p in prompts]
+        if not parts:
+            return torch.zeros(0, self.seq_len, self.token_dim), torch.zeros(0, self.pooled_dim)
+        return torch.cat([t for t, _ in parts]), torch.cat([p for _, p in parts])
+
+    def encode_batch(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Encode a batch of prompts in one forward pass (results may vary with the batch in the last bits)."""
         raise NotImplementedError
 
     def train(self, mode: bool = True) -> TextEncoder:
@@ -152,7 +161,7 @@ class MiniLMTextEncoder(TextEncoder):
         return {"kind": "minilm", "path": self.path, "max_length": self.max_length}
 
     @torch.no_grad()
-    def encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+    def encode_batch(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Encode prompts into (tokens [B, max_length, 384], pooled [B, 384])."""
         batch = self.tokenizer(list(prompts), padding="longest", truncation=True,
                                max_length=self.pool_limit, return_tensors="pt").to(self.device)
@@ -226,7 +235,7 @@ class SD3TextEncoder(TextEncoder):
                 "t5_max_length": self.t5_max_length, "use_t5": self.t5 is not None}
 
     @torch.no_grad()
-    def encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+    def encode_batch(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Encode prompts into (tokens [B, max_length + t5_max_length, D_t5], pooled [B, P_l + P_g])."""
         prompts = list(prompts)
         tokens_l, pooled_l = self._clip(self.clip_l, self.tokenizer_l, prompts)

@@ -169,7 +169,8 @@ class Checkpointer:
     def start(self) -> None:
         """Record the run's settings (what a resumption must match); an earlier run's state is dropped."""
         for name in (STATE_FILE, STEP_FILE):
-            (self.directory / name).unlink(missing_ok=True)
+            if self.directory.is_dir():
+                (self.directory / name).unlink(missing_ok=True)
         write_json(self.directory / RUN_FILE, self.run_info)
 
     def save(self, step: int, model: Segmenter, optimizer: Any, scaler: Any,
