@@ -12,7 +12,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -312,7 +312,3 @@ def mask_fidelity(images_dir: str | Path, judge_model: str, limit: int | None = 
     ds = _samples(str(images_dir), limit=limit)
     judge = Segmenter.from_pretrained(judge_model)
     return evaluate_segmenter(judge, ds, batch_size=16).to_dict(list(ds.classes.names))
-
-
-def field_names() -> list[str]:
-    return [f.name for f in fields(CellSettings)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -62,9 +61,3 @@ def euler_sample(velocity: Velocity, x: Tensor, sigmas: Tensor, corrector: Corre
             callback(i, x, sigma, v)
         x = x + (sigmas[i + 1] - sigmas[i]).to(x.dtype) * v
     return x
-
-
-def logit_normal_density(t: Tensor, mean: float = 0.0, std: float = 1.0) -> Tensor:
-    """Density of the logit-normal timestep distribution (for plots and tests)."""
-    logit = torch.log(t / (1 - t))
-    return torch.exp(-((logit - mean) ** 2) / (2 * std**2)) / (std * math.sqrt(2 * math.pi) * t * (1 - t))

@@ -14,7 +14,6 @@ the concatenated [text | image | mask] tokens. Control schemes (TODSynth, arXiv 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -531,8 +530,5 @@ def load_state_strict(model: nn.Module, state: dict, path: Path) -> None:
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of (trainable) parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def config_json(config: MMDiTConfig) -> str:
-    return json.dumps(config.to_dict(), sort_keys=True)
