@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from todsynth._lazy import lazy_exports
 
 _EXPORTS = {
     "Segmenter": "model", "SegmenterConfig": "model", "ARCHS": "model",
@@ -12,15 +11,4 @@ _EXPORTS = {
     "train_on_samples": "train", "evaluate_segmenter": "train",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    """Import an exported name from its submodule on first access."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
