@@ -132,20 +132,15 @@ class MaskToImagePipeline:
         seeds = list(seeds) if seeds is not None else list(range(labels.shape[0]))
         was_training = self.transformer.training
         self.transformer.eval()
-        try:
+        try:  # no autograd here; a CRFM corrector enables it only for its own correction
             with torch.no_grad():
                 cond = self.condition(labels, prompts)
-            x = initial_noise(self.latent_shape(), seeds, self.device)
-            velocity = self.velocity_fn(cond, guidance_scale)
-            sigmas = flow_sigmas(num_steps, shift)
-            with torch.no_grad():
-                x0 = euler_sample(_no_grad(velocity), x, sigmas, corrector, num_corrected, callback)
+                x = initial_noise(self.latent_shape(), seeds, self.device)
+                velocity = self.velocity_fn(cond, guidance_scale)
+                x0 = euler_sample(velocity, x, flow_sigmas(num_steps, shift), corrector, num_corrected, callback)
+                return x0 if output == "latent" else self.autoencoder.decode(x0)
         finally:
             self.transformer.train(was_training)
-        if output == "latent":
-            return x0
-        with torch.no_grad():
-            return self.autoencoder.decode(x0)
 
     def preview(self, x_t: Tensor, sigma: Tensor, v: Tensor) -> Tensor:
         """Decoded x̂0 = x_t − σ·v: the 'pre-synth' image at a step."""
@@ -189,13 +184,3 @@ class MaskToImagePipeline:
         classes = ClassSpec.from_dict(meta["classes"], path=directory / PIPELINE_FILE)
         return cls(transformer, autoencoder, text_encoder, classes, int(meta["image_size"]),
                    meta.get("prompt_template", "a satellite image of {classes}")).to(device)
-
-
-def _no_grad(velocity):
-    """Model evaluation without autograd; CRFM re-enables grad only for its own correction."""
-
-    def wrapped(x: Tensor, sigma: Tensor) -> Tensor:
-        with torch.no_grad():
-            return velocity(x, sigma)
-
-    return wrapped
