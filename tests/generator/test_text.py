@@ -134,7 +134,7 @@ def test_minilm_pooled_is_the_sentence_transformers_embedding(minilm):
 
 
 def test_minilm_stays_frozen_in_eval_mode(minilm):
-    parent = torch.nn.ModuleDict({"text": minilm}).train()
+    torch.nn.ModuleDict({"text": minilm}).train()  # a parent switching to train mode
     assert not minilm.training and not minilm.model.training
     assert not any(p.requires_grad for p in minilm.parameters())
 
@@ -248,3 +248,35 @@ def test_cache_corrupt_file_is_rebuilt_and_bad_name_refused(minilm, tmp_path):
     assert PromptCache.build(path, minilm, ["road"]).prompts == ["", "road"]
     with pytest.raises(ConfigError, match=".safetensors"):
         PromptCache.build(tmp_path / "prompts.pt", minilm)
+
+
+def test_cache_file_is_byte_stable(minilm, tmp_path):
+    """Same prompts, other insertion order, other instance: byte-identical file (one sorted JSON key)."""
+    from safetensors import safe_open
+
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    PromptCache.build(first, minilm, PROMPTS)
+    cache = PromptCache.build(second, minilm, PROMPTS[3:0:-1])
+    cache.add([PROMPTS[0]])
+    cache.save()
+    assert first.read_bytes() == second.read_bytes()
+    assert cache.prompts == sorted(PROMPTS) and cache.get([PROMPTS[0]])[1].shape == (1, 384)
+    with safe_open(str(first), framework="pt") as f:
+        assert list(f.metadata()) == ["todsynth_prompt_cache"]
+
+
+def test_cache_written_with_the_old_metadata_is_read(minilm, tmp_path):
+    """Files from before the single metadata key (three keys) still load, and are kept as they are."""
+    import json
+
+    from todsynth.io import save_weights
+
+    path = tmp_path / "prompts.safetensors"
+    tokens, pooled = minilm.encode(["", "road"])
+    meta = {"format": "todsynth-prompt-cache/1", "encoder": json.dumps(minilm.identity),
+            "prompts": json.dumps(["", "road"])}
+    save_weights(path, {"tokens": tokens, "pooled": pooled}, metadata=meta)
+    assert PromptCache.load(path).prompts == ["", "road"]
+    stamp = path.stat().st_mtime_ns
+    assert PromptCache.build(path, minilm, ["road"]).prompts == ["", "road"]
+    assert path.stat().st_mtime_ns == stamp

@@ -20,6 +20,7 @@ SD3_LAYOUT = (
     "tokenizer_3/, each model folder with config.json and safetensors weights"
 )
 CACHE_FORMAT = "todsynth-prompt-cache/1"
+CACHE_META_KEY = "todsynth_prompt_cache"  # the one metadata key: sorted-key JSON of format, encoder, prompts
 
 
 class TextEncoder(nn.Module):
@@ -351,11 +352,15 @@ class PromptCache:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         try:
-            if meta["format"] != CACHE_FORMAT:
+            # One JSON key (byte-stable); files written before it kept three keys, read alike.
+            fields = json.loads(meta[CACHE_META_KEY]) if CACHE_META_KEY in meta else {
+                "format": meta["format"], "encoder": json.loads(meta["encoder"]),
+                "prompts": json.loads(meta["prompts"])}
+            if not isinstance(fields, dict) or fields.get("format") != CACHE_FORMAT:
                 raise KeyError("format")
-            identity, prompts = json.loads(meta["encoder"]), json.loads(meta["prompts"])
+            identity, prompts = fields["encoder"], fields["prompts"]
             tokens, pooled = weights["tokens"], weights["pooled"]
-        except (KeyError, json.JSONDecodeError) as e:
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"not a todsynth prompt cache (bad or missing {e})", path=path,
                                   fix="delete it; it is rebuilt from the text encoder") from e
         if not len(prompts) == len(tokens) == len(pooled):
@@ -401,13 +406,29 @@ class PromptCache:
         return self.tokens[rows].to(device), self.pooled[rows].to(device)
 
     def save(self, path: str | Path | None = None) -> Path:
-        """Write the cache (embeddings + encoder identity + prompt list) atomically as safetensors."""
+        """Write the cache (embeddings + encoder identity + prompt list) atomically as safetensors.
+
+        The file is a function of the cache's content only: rows are sorted by prompt (here too, so
+        memory matches the file), tensors are named in sorted order and the metadata is one key
+        holding sorted-key JSON (safetensors writes several keys in hash-map order, varying by run).
+        """
         target = _cache_path(path if path is not None else self.path)
-        meta = {"format": CACHE_FORMAT, "encoder": json.dumps(self.identity, sort_keys=True),
-                "prompts": json.dumps(self.prompts)}
-        save_weights(target, {"tokens": self.tokens, "pooled": self.pooled}, metadata=meta)
+        self._sort()
+        fields = {"format": CACHE_FORMAT, "encoder": self.identity, "prompts": self.prompts}
+        meta = {CACHE_META_KEY: json.dumps(fields, sort_keys=True)}
+        save_weights(target, {"pooled": self.pooled, "tokens": self.tokens}, metadata=meta)
         self.path = target
         return target
+
+    def _sort(self) -> None:
+        """Put the rows in prompt order (the canonical order of the file)."""
+        order = sorted(range(len(self.prompts)), key=self.prompts.__getitem__)
+        if order == list(range(len(order))):
+            return
+        rows = torch.tensor(order, dtype=torch.long)
+        self.tokens, self.pooled = self.tokens[rows], self.pooled[rows]
+        self.prompts = [self.prompts[i] for i in order]
+        self.index = {p: i for i, p in enumerate(self.prompts)}
 
 
 def _cache_path(path: str | Path | None) -> Path:
