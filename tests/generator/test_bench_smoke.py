@@ -39,11 +39,13 @@ def test_quick_run_writes_complete_results(tmp_path):
         for case in bench.CASES:
             t = res["timing"][p][case]
             assert len(t["times_ms"]) == res["steps"] and all(positive(x) for x in t["times_ms"])
-            assert all(positive(t[k]) for k in ("median_ms", "min_ms", "ratio", "cpu_median_ms", "cpu_ratio"))
+            assert all(positive(t[k]) for k in ("median_ms", "min_ms", "ratio", "cpu_median_ms", "cpu_ratio",
+                                                "ratio_vs_fp32", "cpu_ratio_vs_fp32"))
             assert len(t["cpu_times_ms"]) == res["steps"]
             mem = res["memory"][p][case]
             assert mem is None or (positive(mem["params_mib"]) and mem["step_mib"] >= 0)
         assert res["timing"][p]["diffusers"]["ratio"] == 1.0
+        assert res["timing"]["fp32"][case]["ratio"] == res["timing"]["fp32"][case]["ratio_vs_fp32"]
         assert set(res["goals"][p]) == set(bench.GOALS)
     # same architecture without the mask stream: same parameters, nearly the same FLOPs; the mask tokens add FLOPs
     flops = res["flops"]["per_step"]
