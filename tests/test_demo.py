@@ -60,13 +60,22 @@ def test_experiment_smoke_grid(tmp_path):
     assert cells["CRFM"]["mIoU"]["mean"] == pytest.approx(sum(vals) / len(vals))
     assert (tmp_path / "exp" / "results.csv").read_text().count("\n") == 3
     assert (tmp_path / "exp" / "figures" / "main.png").is_file()
+    compute = summary["compute"]  # every distinct stage once: data, guidance, generator, synthesis, downstream
+    assert compute["stages"] == 2 * 4 + 1 and set(compute["by_kind"]) == {"data", "guidance", "generator",
+                                                                          "synthesis", "downstream"}
+    assert compute["by_kind"]["guidance"]["stages"] == 2 and compute["seconds"] >= summary["wall_time_s"] * 0.5
+    again = run_grid(grid, tmp_path / "exp", only=["main"], seeds=[0, 1], log=lambda m: None)
+    assert again["compute"] == compute and again["wall_time_s"] < summary["wall_time_s"]
 
 
 def test_builtin_paper_tables_config_expands():
     from todsynth.experiment import settings_from
     from todsynth.grid import expand, load_grid
 
+    from todsynth.demo import BUDGETS
+
     grid = load_grid("paper-tables")
+    assert grid["base"] == BUDGETS["demo"]  # the main table's seed 0 is the demo
     tables = expand(grid)
     assert {"main", "control", "crfm_steps", "crfm_schedule", "ratio", "filtering", "few_shot", "protocol",
             "balance"} <= set(tables)
@@ -74,3 +83,20 @@ def test_builtin_paper_tables_config_expands():
     for cells in tables.values():
         for over in cells.values():
             settings_from({**grid["base"], **over}).validate()
+
+
+def test_cache_made_from_a_relative_folder_works_from_another_directory(tmp_path, monkeypatch):
+    import dataclasses
+
+    from todsynth.demo import BUDGETS
+    from todsynth.experiment import CellSettings, run_cell
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    cell = CellSettings(**{**BUDGETS["tiny"], "synth": "oracle"})
+    monkeypatch.chdir(tmp_path / "a")
+    first = run_cell(cell, "exp", log=lambda m: None)
+    assert Path(first["data"]["real"]).is_absolute()
+    monkeypatch.chdir(tmp_path / "b")  # a new downstream stage opens the cached data from elsewhere
+    again = run_cell(dataclasses.replace(cell, real_share=0.25), tmp_path / "a" / "exp", log=lambda m: None)
+    assert again["data"] == first["data"] and 0 <= again["metrics"]["mIoU"] <= 1

@@ -19,13 +19,13 @@ from todsynth.experiment import CellSettings, mask_fidelity, run_cell, stage_dat
 BUDGETS: dict[str, dict[str, Any]] = {
     # the README demo: ≤ 10 minutes on 2 CPU cores
     "demo": dict(size=32, n_real=16, n_layouts=200, n_test=64, seg_arch="segformer", judge_arch="unet",
-                 seg_steps=250, seg_batch=16, gen_steps=600,
+                 seg_steps=250, seg_batch=16, seg_class_weights="sqrt_inverse", gen_steps=600,
                  gen_batch=16, gen_lr=1e-3, gen_patch=4, gen_layers=4, gen_heads=4, gen_head_dim=32, control="adapter",
                  num_steps=12, crfm_steps=3),
     # seconds: for tests
     "tiny": dict(size=16, n_real=4, n_layouts=6, n_test=4, seg_arch="segformer", seg_encoder="tu-mobilenetv3_small_050",
-                 judge_arch="unet", seg_steps=3, seg_batch=4, gen_steps=3, gen_batch=4,
-                 gen_patch=2, gen_layers=1, gen_heads=2, gen_head_dim=8, num_steps=3, crfm_steps=1),
+                 judge_arch="unet", seg_steps=3, seg_batch=4, seg_class_weights="sqrt_inverse", gen_steps=3,
+                 gen_batch=4, gen_patch=2, gen_layers=1, gen_heads=2, gen_head_dim=8, num_steps=3, crfm_steps=1),
 }
 METHODS = (("real only", "none"), ("+ synthetic (plain)", "plain"), ("+ synthetic (CRFM)", "crfm"),
            ("+ oracle renders", "oracle"))

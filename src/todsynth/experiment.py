@@ -41,6 +41,7 @@ class CellSettings:
     seg_steps: int = 300
     seg_batch: int = 8
     seg_lr: float = 1e-3
+    seg_class_weights: str = "none"  # none | sqrt_inverse | inverse: loss weights from the training mix
     judge_arch: str = "fpn"
     # generator
     control: str = "triple"
@@ -75,6 +76,8 @@ class CellSettings:
     def validate(self) -> None:
         require(self.synth in SYNTH_KINDS, f"synth must be one of {SYNTH_KINDS}, got {self.synth!r}")
         require(self.protocol in ("layouts", "masks"), "protocol must be 'layouts' or 'masks'")
+        require(self.seg_class_weights in ("none", "sqrt_inverse", "inverse"),
+                f"seg_class_weights must be none, sqrt_inverse or inverse, got {self.seg_class_weights!r}")
         require(0 < self.real_share < 1, f"real_share must be in (0, 1), got {self.real_share}")
         for name in ("size", "n_real", "n_test", "seg_steps", "seg_batch", "gen_steps", "gen_batch", "copies",
                      "num_steps"):
@@ -100,36 +103,47 @@ def _key(s: CellSettings, names: tuple[str, ...], parent: str = "") -> str:
 
 DATA_KEYS = ("size", "n_real", "n_layouts", "n_test", "data_seed", "real_data", "layouts_data", "test_data",
              "test_split")
-SEG_KEYS = ("seg_arch", "seg_encoder", "seg_steps", "seg_batch", "seg_lr", "size", "seed")
+SEG_KEYS = ("seg_arch", "seg_encoder", "seg_steps", "seg_batch", "seg_lr", "seg_class_weights", "size", "seed")
+JUDGE_KEYS = ("judge_arch", "seg_arch", "seg_encoder", "seg_steps", "seg_batch", "seg_lr", "size", "seed")
 GEN_KEYS = ("control", "gen_steps", "gen_batch", "gen_lr", "gen_layers", "gen_heads", "gen_head_dim", "gen_patch",
             "gen_ema", "sd3_path", "autoencoder", "autoencoder_path", "size", "seed")
 SYN_KEYS = ("synth", "protocol", "copies", "num_steps", "guidance_scale", "crfm_steps", "crfm_alpha",
             "crfm_schedule", "crfm_rule", "filter", "filter_margin", "balance", "seed")
 
 
+class StageResult(dict):
+    """A stage's recorded output (done.json); `.dir` says which cached folder it came from."""
+
+    dir: Path
+
+
 class Stage:
-    """A cached stage folder: `run(fn)` calls fn(folder) unless done.json exists, then returns its content."""
+    """A cached stage folder: `run(fn)` calls fn(folder) unless done.json exists, then returns its content.
+
+    The folder is absolute, so the paths a stage records stay valid from any working directory.
+    """
 
     def __init__(self, root: Path, name: str, key: str, log: Callable[[str], None]):
-        self.dir = root / "cache" / f"{name}-{key}"
+        self.dir = Path(root).absolute() / "cache" / f"{name}-{key}"
         self.name, self.log = name, log
 
     @property
     def done(self) -> bool:
         return (self.dir / "done.json").is_file()
 
-    def run(self, fn: Callable[[Path], dict]) -> dict:
+    def run(self, fn: Callable[[Path], dict]) -> StageResult:
         from todsynth.io import read_json, write_json
 
-        if self.done:
-            return read_json(self.dir / "done.json")
-        self.log(f"stage {self.name} → {self.dir.name}")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        result = fn(self.dir)
-        result["wall_time_s"] = round(time.perf_counter() - t0, 2)
-        write_json(self.dir / "done.json", result)
-        return result
+        if not self.done:
+            self.log(f"stage {self.name} → {self.dir.name}")
+            self.dir.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            result = fn(self.dir)
+            result["wall_time_s"] = round(time.perf_counter() - t0, 2)
+            write_json(self.dir / "done.json", result)
+        out = StageResult(read_json(self.dir / "done.json"))
+        out.dir = self.dir
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,14 +177,9 @@ def stage_data(s: CellSettings, root: Path, log) -> dict:
 
 
 def _samples(path: str, split: str = "Train", limit: int | None = None):
-    from todsynth.data.check import validate_dataset
-    from todsynth.data.readers import SubsetDataset, open_dataset
+    from todsynth.data.check import open_checked
 
-    ds = open_dataset(path, split=split)
-    validate_dataset(ds)
-    if limit is not None and limit < len(ds):
-        ds = SubsetDataset(ds, list(ds.ids)[:limit])
-    return ds
+    return open_checked(path, split, limit=limit)
 
 
 def _seg_cfg(s: CellSettings, seed: int, arch: str | None = None):
@@ -178,7 +187,8 @@ def _seg_cfg(s: CellSettings, seed: int, arch: str | None = None):
 
     return SegmentTrainConfig(arch=arch or s.seg_arch, encoder=s.seg_encoder if arch is None else None,
                               size=s.size, steps=s.seg_steps, batch_size=s.seg_batch, lr=s.seg_lr, seed=seed,
-                              device="auto", warmup_steps=min(20, s.seg_steps // 10))
+                              device="auto", warmup_steps=min(20, s.seg_steps // 10),
+                              class_weights=s.seg_class_weights if arch is None else "none")
 
 
 def _train_eval(s: CellSettings, d: Path, real, test, synthetic=None, seed: int = 0, arch: str | None = None,
@@ -228,7 +238,7 @@ def stage_judge(s: CellSettings, data: dict, root: Path, log) -> dict:
         oracle = _samples(data["oracle"]) if data.get("oracle") else None
         return _train_eval(s, d, real, test, synthetic=oracle, seed=s.seed + 1000, arch=s.judge_arch)
 
-    return Stage(root, "judge", _key(s, ("judge_arch",) + SEG_KEYS, _key(s, DATA_KEYS)), log).run(make)
+    return Stage(root, "judge", _key(s, JUDGE_KEYS, _key(s, DATA_KEYS)), log).run(make)
 
 
 def stage_generator(s: CellSettings, data: dict, root: Path, log, progress: bool = False) -> dict:
@@ -242,7 +252,7 @@ def stage_generator(s: CellSettings, data: dict, root: Path, log, progress: bool
             num_layers=s.gen_layers, num_heads=s.gen_heads, head_dim=s.gen_head_dim, steps=s.gen_steps,
             batch_size=s.gen_batch, lr=s.gen_lr, warmup_steps=min(50, s.gen_steps // 10), ema_decay=s.gen_ema,
             val_every=s.gen_steps, val_samples=4, val_steps=s.num_steps, checkpoint_every=max(s.gen_steps // 4, 1),
-            seed=s.seed, progress=progress, resume=True)
+            seed=s.seed, progress=progress, resume="auto")  # a killed stage resumes, a new one starts
         summary = train_generator(cfg)
         return {"model": str(d / "model"), "summary": summary, "loss_png": str(d / "loss.png")}
 
@@ -285,6 +295,11 @@ def stage_downstream(s: CellSettings, data: dict, syn: dict | None, root: Path, 
         return _train_eval(s, d, real, test, synthetic=synthetic, seed=s.seed, repeat_real=repeat)
 
     return Stage(root, "downstream", _key(s, SEG_KEYS + ("real_share",), parent), log).run(make)
+
+
+def stage_times(result: dict) -> dict[str, float]:
+    """Cached folder -> measured wall time of every stage a `run_cell` result used."""
+    return {str(v.dir): float(v.get("wall_time_s", 0.0)) for v in result.values() if isinstance(v, StageResult)}
 
 
 def run_cell(s: CellSettings, root: str | Path, log: Callable[[str], None] = print, progress: bool = False) -> dict:

@@ -77,13 +77,14 @@ def expand(grid: dict) -> dict[str, dict[str, dict]]:
 def run_grid(grid: dict, out: str | Path, only: list[str] | None = None, seeds: list[int] | None = None,
              log=print, overrides: dict | None = None) -> dict:
     """Run every (table, cell, seed) — or only `table` / `table/cell` entries — and write the summaries."""
-    from todsynth.experiment import run_cell, settings_from
+    from todsynth.experiment import run_cell, settings_from, stage_times
     from todsynth.io import write_json
 
     out = Path(out)
     tables = expand(grid)
     seeds = seeds or list(grid["seeds"])
     rows: list[dict[str, Any]] = []
+    used: dict[str, float] = {}
     t0 = time.perf_counter()
     for table, cells in tables.items():
         for name, over in cells.items():
@@ -94,14 +95,28 @@ def run_grid(grid: dict, out: str | Path, only: list[str] | None = None, seeds: 
                 s = settings_from(values, f"{grid['_source']}: {table}/{name}")
                 log(f"cell {table}/{name} seed {seed}")
                 result = run_cell(s, out, log)
+                used.update(stage_times(result))
                 rows.append({"table": table, "cell": name, "seed": seed, "settings": asdict(s),
                              "metrics": result["metrics"]})
     summary = summarise(rows)
     summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    summary["compute"] = compute_summary(used)
     write_json(out / "results.json", {"rows": rows, "summary": summary})
     write_csv(out / "results.csv", summary)
     plot_tables(out, summary)
     return summary
+
+
+def compute_summary(stage_seconds: dict[str, float]) -> dict:
+    """The grid's cost from scratch: measured wall time of every distinct stage it used (cached ones too),
+    in total and per stage kind."""
+    kinds: dict[str, dict[str, float]] = {}
+    for folder, sec in stage_seconds.items():
+        kind = Path(folder).name.rsplit("-", 1)[0]
+        k = kinds.setdefault(kind, {"stages": 0, "seconds": 0.0})
+        k["stages"] += 1
+        k["seconds"] = round(k["seconds"] + sec, 2)
+    return {"stages": len(stage_seconds), "seconds": round(sum(stage_seconds.values()), 1), "by_kind": kinds}
 
 
 def summarise(rows: list[dict]) -> dict:

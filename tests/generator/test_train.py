@@ -45,12 +45,35 @@ def test_loss_decreases_and_outputs_exist(toy, tmp_path):
 
 
 def test_resume_is_exact(toy, tmp_path):
+    """resume="auto" starts a new folder and continues a stopped one; resume=True then finishes the run."""
     train_generator(small(toy, tmp_path / "straight", ema_decay=0.9))
-    train_generator(small(toy, tmp_path / "resumed", ema_decay=0.9, stop_after=3))
+    train_generator(small(toy, tmp_path / "resumed", ema_decay=0.9, stop_after=3, resume="auto"))
+    config = tmp_path / "resumed" / "config.json"  # written by a run that starts, not by one that resumes
+    stamp = config.stat().st_mtime_ns
+    train_generator(small(toy, tmp_path / "resumed", ema_decay=0.9, stop_after=4, resume="auto"))
+    assert config.stat().st_mtime_ns == stamp
     train_generator(small(toy, tmp_path / "resumed", ema_decay=0.9, resume=True))
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_without_checkpoint(toy, tmp_path):
+    """resume=True (the CLI's --resume) on a folder without a checkpoint refuses, naming it, and writes nothing."""
+    from todsynth.config import load_config
+    from todsynth.errors import ConfigError
+
+    out = tmp_path / "empty"
+    with pytest.raises(CheckpointError, match="no checkpoint to resume from") as info:
+        train_generator(small(toy, out, resume=True))
+    assert info.value.path == out / "checkpoint" and "without resume" in str(info.value)
+    assert not out.exists()
+    assert load_config(GeneratorTrainConfig, None, {"data": "d", "resume": "auto"}).resume == "auto"
+    assert load_config(GeneratorTrainConfig, None, {"data": "d", "resume": "true"}).resume is True
+    with pytest.raises(ConfigError, match="resume"):
+        load_config(GeneratorTrainConfig, None, {"data": "d", "resume": "maybe"})
+    with pytest.raises(ConfigError, match="resume"):
+        GeneratorTrainConfig(data="d", resume="always").validate()
 
 
 def test_resume_refuses_other_settings(toy, tmp_path):

@@ -12,7 +12,8 @@ from segtest_helpers import CLASSES, make_samples
 from todsynth.config import build_config
 from todsynth.errors import CheckpointError, ConfigError
 from todsynth.segment.model import Segmenter, SegmenterConfig
-from todsynth.segment.train import (SegmentTrainConfig, TrainOutcome, evaluate_segmenter, lr_at,
+from todsynth.segment.train import (SegmentTrainConfig, TrainOutcome, class_pixel_counts,
+                                    class_weights_from_counts, cross_entropy, evaluate_segmenter, lr_at,
                                     train_on_samples)
 
 TINY_ENCODER = "tu-mobilenetv3_small_050"
@@ -117,7 +118,8 @@ def test_precision_can_change_within_one_process():
 
 @pytest.mark.parametrize("bad", [{"lr": -1.0}, {"lr": float("nan")}, {"epochs": 0}, {"batch_size": -2},
                                  {"arch": "pspnet"}, {"synthetic_ratio": -0.5}, {"weight_decay": float("inf")},
-                                 {"size": 0}, {"schedule": "step"}, {"num_workers": -1}])
+                                 {"size": 0}, {"schedule": "step"}, {"num_workers": -1},
+                                 {"class_weights": "median"}])
 def test_config_validation(bad):
     with pytest.raises(ConfigError):
         build_config(SegmentTrainConfig, bad)
@@ -130,3 +132,43 @@ def test_lr_schedules():
     assert values[0] == 1.0 and all(a > b for a, b in zip(values, values[1:])) and values[-1] > 0
     cosine = tiny_cfg(lr=1.0, schedule="cosine")
     assert lr_at(0, 10, cosine) == 1.0 and lr_at(5, 10, cosine) == pytest.approx(0.5)
+
+
+def test_class_weights_favour_rare_classes_and_keep_the_pixel_mean():
+    counts = torch.tensor([900.0, 90.0, 10.0, 0.0])
+    assert class_weights_from_counts(counts, "none") is None
+    freq = counts / counts.sum()
+    sqrt = class_weights_from_counts(counts, "sqrt_inverse")
+    inverse = class_weights_from_counts(counts, "inverse")
+    for w in (sqrt, inverse):
+        assert float((freq * w).sum()) == pytest.approx(1.0)
+        assert w[0] < w[1] < w[2]
+        assert float(w[2] / w[0]) <= 10.0 + 1e-5 and float(w[3] / w[0]) == pytest.approx(10.0)
+    assert float(sqrt[1] / sqrt[0]) == pytest.approx(math.sqrt(10.0), rel=1e-5)
+    assert float(inverse[2] / inverse[0]) == pytest.approx(10.0, rel=1e-5)  # 90x rarer, capped at 10x
+    assert class_weights_from_counts(torch.zeros(3), "inverse") is None
+
+
+def test_weighted_cross_entropy_counts_pixels_not_weights():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
+    labels[0, 0] = 255
+    weight = torch.tensor([0.5, 1.0, 4.0])
+    nll = -torch.log_softmax(logits, 1).gather(1, labels.clamp(max=2)[:, None])[:, 0]
+    valid = labels != 255
+    expected = (weight[labels.clamp(max=2)] * nll)[valid].sum() / valid.sum()
+    assert float(cross_entropy(logits, labels, 255, weight)) == pytest.approx(float(expected), rel=1e-5)
+    assert float(cross_entropy(logits, labels, 255, torch.ones(3))) == pytest.approx(
+        float(cross_entropy(logits, labels, 255)), rel=1e-6)
+
+
+def test_class_weighted_training_uses_the_mix_counts():
+    from todsynth.data.torchdata import SegTorchDataset
+
+    real, synthetic = make_samples(2, ignore_share=0.2), make_samples(3, seed=5)
+    counts = class_pixel_counts(SegTorchDataset(real + synthetic, size=32), 3, 255)
+    assert counts.sum() == sum(int((s.label != 255).sum()) for s in real + synthetic)
+    outcome = train_on_samples(real, CLASSES, tiny_cfg(steps=1, class_weights="sqrt_inverse"), synthetic=synthetic)
+    assert outcome.class_weights == pytest.approx(class_weights_from_counts(counts, "sqrt_inverse").tolist())
+    plain = train_on_samples(real, CLASSES, tiny_cfg(steps=1), synthetic=synthetic)
+    assert plain.class_weights is None and plain.final_loss != outcome.final_loss

@@ -24,7 +24,8 @@ def train(
     size: Optional[int] = typer.Option(None, help="Training image size (pixels)."),
     sd3_path: Optional[str] = typer.Option(None, help="Initialise from a local diffusers SD3 transformer."),
     mixed_precision: Optional[str] = typer.Option(None, help="no | bf16 | fp16"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from out/checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from out/checkpoint; refused when there is none "
+                                "(--set resume=auto continues only if one exists)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Any setting as key=value (repeatable)."),
 ) -> None:
     """Train the generator with rectified-flow matching (multi-GPU: `accelerate launch -m todsynth.cli.main`)."""

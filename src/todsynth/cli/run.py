@@ -71,4 +71,6 @@ def experiment(
     for c in summary["cells"]:
         m = c["mIoU"]
         console.print(f"{c['table']:>20} | {c['cell']:<28} mIoU {m['mean']:.3f} ± {m['std']:.3f} (n={c['n_seeds']})")
-    console.print(f"results: {out / 'results.csv'} ({summary['wall_time_s']} s)")
+    c = summary["compute"]
+    console.print(f"results: {out / 'results.csv'} ({summary['wall_time_s']} s now; the grid from scratch: "
+                  f"{c['seconds'] / 60:.1f} min over {c['stages']} stages, as measured when each ran)")

@@ -41,6 +41,9 @@ def train(
     checkpoint_every: Optional[int] = typer.Option(None, help="Save a resumable checkpoint every N steps "
                                                                "(default 200)."),
     mixed_precision: Optional[str] = typer.Option(None, help="no, fp16 or bf16 (default no)."),
+    class_weights: Optional[str] = typer.Option(None, help="Loss weights per class from the training mix's "
+                                                           "pixel counts: none, sqrt_inverse or inverse "
+                                                           "(default none)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a setting: key=value (repeatable)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
@@ -54,7 +57,8 @@ def train(
                "encoder": encoder, "size": size, "epochs": epochs, "steps": steps, "batch_size": batch_size,
                "lr": lr, "weight_decay": weight_decay, "schedule": schedule, "seed": seed,
                "num_workers": num_workers, "out": out, "device": device, "log_every": log_every,
-               "checkpoint_every": checkpoint_every, "mixed_precision": mixed_precision}
+               "checkpoint_every": checkpoint_every, "mixed_precision": mixed_precision,
+               "class_weights": class_weights}
     overrides = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
     overrides.update(parse_overrides(set_))
     cfg = load_config(SegmentTrainConfig, config, overrides)

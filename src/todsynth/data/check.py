@@ -118,3 +118,19 @@ def validate_dataset(source: str | Path | BaseDataset, split: str = "Train", **k
     if report.problems:
         raise DatasetProblems(report.root, report.problems)
     return report
+
+
+def open_checked(path: str | Path, split: str = "Train", split_file: str | Path | None = None,
+                 limit: int | None = None) -> BaseDataset:
+    """Open a dataset for training or scoring: restrict it to a split file's ids and/or its first `limit`
+    samples, then validate every file of what is left (DatasetProblems lists them all)."""
+    from todsynth.data.readers import SubsetDataset
+    from todsynth.data.split import read_split
+
+    ds = open_dataset(path, split=split)
+    if split_file is not None:
+        ds = SubsetDataset(ds, read_split(split_file, ds))
+    if limit is not None and limit < len(ds):
+        ds = SubsetDataset(ds, list(ds.ids)[:limit])
+    validate_dataset(ds)
+    return ds

@@ -11,6 +11,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -73,12 +74,16 @@ class GeneratorTrainConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0
-    resume: bool = False
+    # True: continue from out/checkpoint, refusing when there is none; "auto": continue if one exists,
+    # else start (the experiment pipeline's stages); False: start from scratch
+    resume: bool | Literal["auto"] = False
     stop_after: int | None = None  # end this invocation after this step (like a kill; resume continues)
     progress: bool = True
 
     def validate(self) -> None:
         require(bool(self.data), "data: give a dataset path")
+        require(isinstance(self.resume, bool) or self.resume == "auto",
+                f"resume must be true, false or 'auto', got {self.resume!r}")
         for name in ("size", "steps", "batch_size", "grad_accum", "num_layers", "num_heads", "head_dim",
                      "patch_size", "val_steps", "checkpoint_every", "log_every", "text_max_length"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
@@ -111,16 +116,11 @@ class TrainData:
 
 def load_train_data(path: str, split: str, size: int, split_file: str | None = None, images: bool = True):
     """Validate and read a dataset (any reader) into tensors resized to `size` (labels nearest)."""
-    from todsynth.data.check import validate_dataset
-    from todsynth.data.readers import SubsetDataset, open_dataset
-    from todsynth.data.split import read_split
+    from todsynth.data.check import open_checked
     from todsynth.data.torchdata import resize_label, resize_pair
     from todsynth.errors import DataError
 
-    ds = open_dataset(path, split=split)
-    validate_dataset(ds)
-    if split_file:
-        ds = SubsetDataset(ds, read_split(split_file))
+    ds = open_checked(path, split, split_file or None)
     if images and ds.label_only:
         raise DataError("dataset has masks but no images; the generator needs image/mask pairs", path=path)
     imgs, labs, prompts = [], [], []
@@ -242,7 +242,7 @@ def lr_lambda(cfg: GeneratorTrainConfig):
 
 
 def train_generator(cfg: GeneratorTrainConfig) -> dict:
-    """Train; returns the summary written to out/results.json. Resumable with cfg.resume."""
+    """Train; returns the summary written to out/results.json. Resumable with cfg.resume (see the config)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -250,6 +250,13 @@ def train_generator(cfg: GeneratorTrainConfig) -> dict:
 
     cfg.validate()
     out = Path(cfg.out)
+    ckpt = out / CHECKPOINT_DIR
+    resuming = cfg.resume is not False and _has_checkpoint(ckpt)
+    if cfg.resume is True and not resuming:  # refuse before anything is loaded or written to `out`
+        from todsynth.errors import CheckpointError
+
+        raise CheckpointError("no checkpoint to resume from", path=ckpt,
+                              fix="start the run without resume, or with resume=auto to continue only if one exists")
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
     data, classes = load_train_data(cfg.data, cfg.split, cfg.size, cfg.split_file)
@@ -265,8 +272,7 @@ def train_generator(cfg: GeneratorTrainConfig) -> dict:
     ddp_model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler steps once per global step
 
     start, history = 0, {"loss": [], "val": []}
-    ckpt = out / CHECKPOINT_DIR
-    if cfg.resume and (ckpt.exists() or ckpt.with_name(ckpt.name + ".old").exists()):  # .old: killed mid-swap
+    if resuming:
         start, history = _restore(ckpt, cfg, model, optimizer, scheduler, ema)
     elif accelerator.is_main_process:
         write_json(out / "config.json", asdict(cfg))
@@ -417,6 +423,11 @@ def _attach_prompt_cache(pipe, prompts: list[str], out: Path, accelerator) -> No
         PromptCache.build(path, pipe.text_encoder, sorted(set(prompts)))
     accelerator.wait_for_everyone()
     pipe.extra["prompt_cache"] = PromptCache.load(path, encoder=pipe.text_encoder)
+
+
+def _has_checkpoint(ckpt: Path) -> bool:
+    """Whether `ckpt` (or `ckpt.old`, left by a kill between the two renames of a save) exists."""
+    return ckpt.exists() or ckpt.with_name(ckpt.name + ".old").exists()
 
 
 RESUME_FREE = {"resume", "stop_after", "progress", "val_every", "checkpoint_every", "log_every", "out"}

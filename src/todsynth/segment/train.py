@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from todsynth.checkpoint import load_optimizer_tensors, optimizer_tensors
 from todsynth.config import require
+from todsynth.data.check import open_checked
 from todsynth.data.classes import ClassSpec
 from todsynth.data.sample import Sample
 from todsynth.data.torchdata import SegTorchDataset, mix_real_synthetic, set_epoch
@@ -32,6 +33,8 @@ RESUME_FREE_KEYS = frozenset({"out", "val", "val_split", "eval_batch_size", "num
                               "log_every", "checkpoint_every"})
 
 StepCallback = Callable[[int, float], None]
+CLASS_WEIGHTINGS = ("none", "sqrt_inverse", "inverse")
+MAX_CLASS_WEIGHT = 10.0
 
 
 @dataclass
@@ -62,6 +65,7 @@ class SegmentTrainConfig:
     poly_power: float = 0.9
     warmup_steps: int = 0
     augment: bool = True
+    class_weights: Literal["none", "sqrt_inverse", "inverse"] = "none"
     seed: int = 0
     num_workers: int = 0
     out: str = "runs/segment"
@@ -75,6 +79,8 @@ class SegmentTrainConfig:
         require(self.arch in ARCHS, f"unknown arch {self.arch!r}; choose one of {list(ARCHS)}")
         require(self.optimizer == "adamw", f"optimizer must be 'adamw', got {self.optimizer!r}")
         require(self.schedule in ("poly", "cosine"), f"schedule must be poly or cosine, got {self.schedule!r}")
+        require(self.class_weights in CLASS_WEIGHTINGS,
+                f"class_weights must be one of {CLASS_WEIGHTINGS}, got {self.class_weights!r}")
         require(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
         require(self.mixed_precision in ("no", "fp16", "bf16"),
                 f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
@@ -109,6 +115,7 @@ class TrainOutcome:
     train_size: int
     history: list[tuple[int, float]] = field(default_factory=list)
     wall_time_s: float = 0.0
+    class_weights: list[float] | None = None
 
 
 def _finite(value: Any) -> bool:
@@ -253,20 +260,50 @@ def _as_train_dataset(samples: Sequence[Sample] | Dataset, cfg: SegmentTrainConf
     return SegTorchDataset(samples, size=cfg.size, augment=cfg.augment, seed=cfg.seed)
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Mean cross-entropy over non-ignored pixels; 0 (not NaN) when every pixel is ignored."""
-    total = torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                  weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean (optionally class-weighted) cross-entropy over non-ignored pixels; 0, not NaN, if all are ignored.
+
+    Weighted pixels are still divided by the pixel count (not the weight sum), so a batch's loss does not
+    depend on which other samples share it.
+    """
+    total = torch.nn.functional.cross_entropy(logits.float(), labels, weight=weight, ignore_index=ignore_index,
+                                              reduction="sum")
     return total / (labels != ignore_index).sum().clamp(min=1)
 
 
+def class_pixel_counts(data: Dataset, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """Labelled pixels per class over a whole training dataset (ignored pixels excluded)."""
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for i in range(len(data)):
+        label = data[i]["label"]
+        label = label[label != ignore_index]
+        counts += torch.bincount(label.clamp(0, num_classes - 1), minlength=num_classes)[:num_classes].double()
+    return counts
+
+
+def class_weights_from_counts(counts: torch.Tensor, how: str) -> torch.Tensor | None:
+    """Per-class loss weights ∝ frequency^-1 (or ^-1/2), capped at 10× the smallest, mean 1 per pixel.
+
+    Absent classes get the cap. `how == "none"` gives None (plain cross-entropy).
+    """
+    if how == "none" or counts.sum() <= 0:
+        return None
+    freq = counts / counts.sum().clamp(min=1)
+    power = 1.0 if how == "inverse" else 0.5
+    w = torch.where(freq > 0, freq.clamp(min=1e-12) ** -power, torch.tensor(math.inf, dtype=freq.dtype))
+    w = torch.minimum(w, w.min() * MAX_CLASS_WEIGHT)
+    return (w / (freq * w).sum().clamp(min=1e-12)).float()
+
+
 def _train_step(model: Any, batch: dict[str, torch.Tensor], optimizer: Any, ignore_index: int,
-                accelerator: Any) -> float:
+                accelerator: Any, weight: torch.Tensor | None = None) -> float:
     """One optimizer step on a batch; returns the loss value."""
     images = batch["image"].to(accelerator.device, non_blocking=True)
     labels = batch["label"].to(accelerator.device, non_blocking=True)
     with accelerator.autocast():
         logits = model(images)
-    loss = cross_entropy(logits, labels, ignore_index)
+    loss = cross_entropy(logits, labels, ignore_index, weight)
     optimizer.zero_grad(set_to_none=True)
     accelerator.backward(loss)
     optimizer.step()
@@ -307,7 +344,7 @@ class _Loop:
 
 def _run_loop(model: Any, optimizer: Any, accelerator: Any, data: Dataset, cfg: SegmentTrainConfig,
               loop: _Loop, ignore_index: int, checkpointer: Checkpointer | None,
-              on_step: StepCallback | None) -> None:
+              on_step: StepCallback | None, weight: torch.Tensor | None = None) -> None:
     """Train from `loop.step` to `loop.total`, checkpointing and logging along the way."""
     model.train()
     with _progress() as bar:
@@ -316,7 +353,7 @@ def _run_loop(model: Any, optimizer: Any, accelerator: Any, data: Dataset, cfg: 
             for batch in _epoch_loader(data, cfg, loop.step, accelerator.device.type == "cuda"):
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(loop.step, loop.total, cfg)
-                loop.loss = _train_step(model, batch, optimizer, ignore_index, accelerator)
+                loop.loss = _train_step(model, batch, optimizer, ignore_index, accelerator, weight)
                 loop.step += 1
                 _after_step(loop, cfg, model, optimizer, accelerator, checkpointer, on_step)
                 bar.update(task, completed=loop.step, description=f"loss {loop.loss:.4f}")
@@ -392,26 +429,18 @@ def train_on_samples(samples: Sequence[Sample] | Dataset, classes: ClassSpec, cf
         "config": cfg.to_dict(), "train_size": len(data), "total_steps": loop.total,
         "classes": list(classes.names)})
     _start_or_resume(checkpointer, resume, accelerator.unwrap_model(model), optimizer, accelerator.scaler, loop)
-    _run_loop(model, optimizer, accelerator, data, cfg, loop, classes.ignore_index, checkpointer, on_step)
+    weight = class_weights_from_counts(class_pixel_counts(data, classes.num_classes, classes.ignore_index),
+                                       cfg.class_weights) if cfg.class_weights != "none" else None
+    if weight is not None:
+        weight = weight.to(accelerator.device)
+    _run_loop(model, optimizer, accelerator, data, cfg, loop, classes.ignore_index, checkpointer, on_step, weight)
     net = accelerator.unwrap_model(model).float().cpu().eval()
     val = None
     if val_samples is not None:
         val = evaluate_segmenter(net, val_samples, cfg.eval_batch_size, cfg.size, device=accelerator.device)
     final_loss = loop.history[-1][1] if loop.history else math.nan
-    return TrainOutcome(net, val, loop.step, final_loss, len(data), loop.history, time.perf_counter() - start)
-
-
-def _open_checked(path: str, split: str, split_file: str | None = None) -> Any:
-    """Open a dataset (optionally restricted to a split file's ids) and validate every file of it."""
-    from todsynth.data.check import validate_dataset
-    from todsynth.data.readers import SubsetDataset, open_dataset
-    from todsynth.data.split import read_split
-
-    ds = open_dataset(path, split=split)
-    if split_file is not None:
-        ds = SubsetDataset(ds, read_split(split_file, ds))
-    validate_dataset(ds)
-    return ds
+    return TrainOutcome(net, val, loop.step, final_loss, len(data), loop.history, time.perf_counter() - start,
+                        None if weight is None else weight.cpu().tolist())
 
 
 def _same_classes(a: ClassSpec, b: ClassSpec, path: str) -> None:
@@ -429,13 +458,13 @@ def train_segmenter(cfg: SegmentTrainConfig, resume: bool = False, on_step: Step
         raise ConfigError("no training data given", fix="set 'data' (--data PATH)")
     if cfg.synthetic_ratio is not None and cfg.synthetic is None:
         raise ConfigError("'synthetic_ratio' is set but no 'synthetic' dataset is given")
-    real = _open_checked(cfg.data, cfg.split, cfg.split_file)
+    real = open_checked(cfg.data, cfg.split, cfg.split_file)
     synthetic = val = None
     if cfg.synthetic is not None:
-        synthetic = _open_checked(cfg.synthetic, cfg.synthetic_split)
+        synthetic = open_checked(cfg.synthetic, cfg.synthetic_split)
         _same_classes(real.classes, synthetic.classes, cfg.synthetic)
     if cfg.val is not None:
-        val = _open_checked(cfg.val, cfg.val_split)
+        val = open_checked(cfg.val, cfg.val_split)
         _same_classes(real.classes, val.classes, cfg.val)
     out = Path(cfg.out)
     outcome = train_on_samples(real, real.classes, cfg, val, synthetic, out / "checkpoint", resume, on_step)
@@ -457,6 +486,7 @@ def _results(cfg: SegmentTrainConfig, outcome: TrainOutcome, real: Any, syntheti
         "steps": outcome.steps,
         "final_loss": outcome.final_loss,
         "loss_history": [list(h) for h in outcome.history],
+        "class_weights": outcome.class_weights,
         "val": None if outcome.val is None else outcome.val.to_dict(names),
         "wall_time_s": round(outcome.wall_time_s, 3),
     }
@@ -466,7 +496,7 @@ def _eval_dataset(data: str | Path | Sequence[Sample] | Dataset, split: str,
                   model: Segmenter) -> Dataset:
     """A torch dataset at native resolution for evaluation; paths are opened and validated."""
     if isinstance(data, (str, Path)):
-        data = _open_checked(str(data), split)
+        data = open_checked(str(data), split)
     classes = getattr(data, "classes", None)
     names = model.config.class_names
     if classes is not None and names is not None and tuple(classes.names) != tuple(names):
