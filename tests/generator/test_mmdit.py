@@ -211,3 +211,21 @@ def test_grid_errors():
         model(x[..., :15], t, text, pooled, mask)
     with pytest.raises(ValueError, match="does not match image grid"):
         model(x, t, text, pooled, mask[..., :8, :8])
+
+
+def test_bf16_autocast_matches_fp32_without_dtype_warnings():
+    import warnings
+
+    model = MaskControlMMDiT(tiny_config(control="triple", qk_norm=True))
+    randomize(model)
+    x, t, text, pooled, mask = inputs()
+    ref = model(x, t, text, pooled, mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. RMSNorm's "mismatch dtype ... cannot dispatch to fused"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, t, text, pooled, mask)
+        out.float().square().mean().backward()
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).norm() < 0.05 * ref.norm()
+    norm = model.blocks[0].mask.q_norm.weight
+    assert norm.dtype == torch.float32 and norm.grad is not None and norm.grad.abs().sum() > 0

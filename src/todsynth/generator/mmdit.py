@@ -159,6 +159,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v)
 
 
+def rms_norm(x: Tensor, norm: nn.RMSNorm) -> Tensor:
+    """`norm(x)` with its weight in x's dtype: under bf16 autocast the fused kernel runs (not the slower
+    composite a dtype mismatch falls back to, with a warning per call)."""
+    return F.rms_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.eps)
+
+
 def layer_norm(x: Tensor) -> Tensor:
     """LayerNorm without affine parameters (the adaLN supplies scale and shift)."""
     return F.layer_norm(x, x.shape[-1:], eps=1e-6)
@@ -207,7 +213,7 @@ class Stream(nn.Module):
         b, n, _ = qkv.shape
         q, k, v = (t.transpose(1, 2) for t in qkv.view(b, n, 3, self.heads, -1).unbind(2))
         if q_norm is not None:
-            q, k = q_norm(q), k_norm(k)
+            q, k = rms_norm(q, q_norm), rms_norm(k, k_norm)
         return q, k, v
 
 
