@@ -60,6 +60,9 @@ def test_experiment_smoke_grid(tmp_path):
     assert cells["CRFM"]["mIoU"]["mean"] == pytest.approx(sum(vals) / len(vals))
     assert (tmp_path / "exp" / "results.csv").read_text().count("\n") == 3
     assert (tmp_path / "exp" / "figures" / "main.png").is_file()
+    md = (tmp_path / "exp" / "results.md").read_text()
+    m = cells["CRFM"]["mIoU"]
+    assert f"| CRFM | 2 | {m['mean']:.3f} ± {m['std']:.3f} | {vals[0]:.3f} / {vals[1]:.3f} |" in md
     compute = summary["compute"]  # every distinct stage once: data, guidance, generator, synthesis, downstream
     assert compute["stages"] == 2 * 4 + 1 and set(compute["by_kind"]) == {"data", "guidance", "generator",
                                                                           "synthesis", "downstream"}

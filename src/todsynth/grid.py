@@ -103,6 +103,7 @@ def run_grid(grid: dict, out: str | Path, only: list[str] | None = None, seeds: 
     summary["compute"] = compute_summary(used)
     write_json(out / "results.json", {"rows": rows, "summary": summary})
     write_csv(out / "results.csv", summary)
+    write_markdown(out / "results.md", summary, rows)
     plot_tables(out, summary)
     return summary
 
@@ -154,6 +155,37 @@ def write_csv(path: Path, summary: dict) -> None:
             w.writerow([c["table"], c["cell"], c["n_seeds"], c["mIoU"]["mean"], c["mIoU"]["std"], c["OA"]["mean"],
                         c["mAcc"]["mean"], *[c["IoU"][k]["mean"] for k in classes]])
     write_text(path, buf.getvalue())
+
+
+def write_markdown(path: Path, summary: dict, rows: list[dict]) -> None:
+    """The tables as Markdown: mIoU mean ± std, the per-seed values and per-class IoU means; the grid's
+    from-scratch compute at the end."""
+    from todsynth.io import write_text
+
+    per_seed: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        per_seed.setdefault((r["table"], r["cell"]), []).append(f"{r['metrics']['mIoU']:.3f}")
+    lines: list[str] = []
+    for table in dict.fromkeys(c["table"] for c in summary["cells"]):
+        cells = [c for c in summary["cells"] if c["table"] == table]
+        classes = list(cells[0]["IoU"])
+        lines += [f"## {table}", "", "| cell | seeds | mIoU | per seed | " + " | ".join(classes) + " |",
+                  "|---" * (4 + len(classes)) + "|"]
+        for c in cells:
+            m = c["mIoU"]
+            ious = " | ".join(_num(c["IoU"][k]["mean"]) for k in classes)
+            lines.append(f"| {c['cell']} | {c['n_seeds']} | {_num(m['mean'])} ± {_num(m['std'])} | "
+                         f"{' / '.join(per_seed[(table, c['cell'])])} | {ious} |")
+        lines.append("")
+    if "compute" in summary:
+        k = summary["compute"]
+        kinds = "; ".join(f"{name}: {v['stages']} stages, {v['seconds'] / 60:.1f} min" for name, v in k["by_kind"].items())
+        lines.append(f"Compute from scratch: {k['seconds'] / 60:.1f} min over {k['stages']} stages ({kinds}).")
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
 
 
 def plot_tables(out: Path, summary: dict) -> None:
