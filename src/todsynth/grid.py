@@ -110,7 +110,7 @@ def run_grid(grid: dict, out: str | Path, only: list[str] | None = None, seeds: 
 
 def compute_summary(stage_seconds: dict[str, float]) -> dict:
     """The grid's cost from scratch: measured wall time of every distinct stage it used (cached ones too),
-    in total and per stage kind."""
+    in total and per stage kind. A stage that was killed and resumed counts only its last run's time."""
     kinds: dict[str, dict[str, float]] = {}
     for folder, sec in stage_seconds.items():
         kind = Path(folder).name.rsplit("-", 1)[0]
@@ -164,7 +164,7 @@ def write_markdown(path: Path, summary: dict, rows: list[dict]) -> None:
 
     per_seed: dict[tuple[str, str], list[str]] = {}
     for r in rows:
-        per_seed.setdefault((r["table"], r["cell"]), []).append(f"{r['metrics']['mIoU']:.3f}")
+        per_seed.setdefault((r["table"], r["cell"]), []).append(format_metric(r["metrics"]["mIoU"]))
     lines: list[str] = []
     for table in dict.fromkeys(c["table"] for c in summary["cells"]):
         cells = [c for c in summary["cells"] if c["table"] == table]
@@ -173,9 +173,9 @@ def write_markdown(path: Path, summary: dict, rows: list[dict]) -> None:
                   "|---" * (4 + len(classes)) + "|"]
         for c in cells:
             m = c["mIoU"]
-            ious = " | ".join(_num(c["IoU"][k]["mean"]) for k in classes)
-            lines.append(f"| {c['cell']} | {c['n_seeds']} | {_num(m['mean'])} ± {_num(m['std'])} | "
-                         f"{' / '.join(per_seed[(table, c['cell'])])} | {ious} |")
+            ious = " | ".join(format_metric(c["IoU"][k]["mean"]) for k in classes)
+            lines.append(f"| {c['cell']} | {c['n_seeds']} | {format_metric(m['mean'])} ± "
+                         f"{format_metric(m['std'])} | {' / '.join(per_seed[(table, c['cell'])])} | {ious} |")
         lines.append("")
     if "compute" in summary:
         k = summary["compute"]
@@ -184,7 +184,8 @@ def write_markdown(path: Path, summary: dict, rows: list[dict]) -> None:
     write_text(path, "\n".join(lines) + "\n")
 
 
-def _num(v: float | None) -> str:
+def format_metric(v: float | None) -> str:
+    """A metric with 3 decimals, or n/a when it is undefined (None)."""
     return "n/a" if v is None else f"{v:.3f}"
 
 

@@ -163,12 +163,25 @@ def test_weighted_cross_entropy_counts_pixels_not_weights():
 
 
 def test_class_weighted_training_uses_the_mix_counts():
-    from todsynth.data.torchdata import SegTorchDataset
+    from todsynth.data.torchdata import SegTorchDataset, mix_real_synthetic
 
     real, synthetic = make_samples(2, ignore_share=0.2), make_samples(3, seed=5)
     counts = class_pixel_counts(SegTorchDataset(real + synthetic, size=32), 3, 255)
     assert counts.sum() == sum(int((s.label != 255).sum()) for s in real + synthetic)
+    mix = mix_real_synthetic(SegTorchDataset(real, size=32), SegTorchDataset(synthetic, size=32), None, repeat_real=3)
+    real_counts = class_pixel_counts(SegTorchDataset(real, size=32), 3, 255)
+    assert torch.equal(class_pixel_counts(mix, 3, 255), counts + 2 * real_counts)
     outcome = train_on_samples(real, CLASSES, tiny_cfg(steps=1, class_weights="sqrt_inverse"), synthetic=synthetic)
     assert outcome.class_weights == pytest.approx(class_weights_from_counts(counts, "sqrt_inverse").tolist())
     plain = train_on_samples(real, CLASSES, tiny_cfg(steps=1), synthetic=synthetic)
     assert plain.class_weights is None and plain.final_loss != outcome.final_loss
+
+
+def test_checkpoint_from_before_a_new_setting_still_resumes():
+    from todsynth.segment.train import _run_differences
+
+    current = {"config": tiny_cfg().to_dict(), "total_steps": 4}
+    older = {"config": {k: v for k, v in current["config"].items() if k != "class_weights"}, "total_steps": 4}
+    assert _run_differences(older, current) == []
+    assert _run_differences(older, {**current, "config": tiny_cfg(class_weights="inverse").to_dict()}) == [
+        "class_weights: 'none' -> 'inverse'"]

@@ -63,14 +63,15 @@ def experiment(
 ) -> None:
     """Run a grid of cells × seeds (mean ± std, CSV + JSON + plots); any cell can run alone."""
     from todsynth.config import parse_overrides
-    from todsynth.grid import load_grid, run_grid
+    from todsynth.grid import format_metric, load_grid, run_grid
 
     grid = load_grid(config)
     summary = run_grid(grid, out, only=only, seeds=seeds, overrides=parse_overrides(set_),
                        log=lambda m: console.print(m, highlight=False))
     for c in summary["cells"]:
         m = c["mIoU"]
-        console.print(f"{c['table']:>20} | {c['cell']:<28} mIoU {m['mean']:.3f} ± {m['std']:.3f} (n={c['n_seeds']})")
+        console.print(f"{c['table']:>20} | {c['cell']:<28} mIoU {format_metric(m['mean'])} ± "
+                      f"{format_metric(m['std'])} (n={c['n_seeds']})")
     c = summary["compute"]
     console.print(f"results: {out / 'results.csv'} ({summary['wall_time_s']} s now; the grid from scratch: "
                   f"{c['seconds'] / 60:.1f} min over {c['stages']} stages, as measured when each ran)")

@@ -234,6 +234,7 @@ def _run_differences(saved: Any, current: dict[str, Any]) -> list[str]:
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
         if key == "config" and isinstance(a, dict) and isinstance(b, dict):
+            a = {**SegmentTrainConfig().to_dict(), **a}  # settings added since the checkpoint: their defaults
             diffs += [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
                       if k not in RESUME_FREE_KEYS and a.get(k) != b.get(k)]
         elif a != b:
@@ -273,7 +274,17 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
 
 
 def class_pixel_counts(data: Dataset, num_classes: int, ignore_index: int) -> torch.Tensor:
-    """Labelled pixels per class over a whole training dataset (ignored pixels excluded)."""
+    """Labelled pixels per class over a whole training dataset (ignored pixels excluded); a dataset that
+    appears several times in a mix (repeated real data) is read once and counted as often as it appears."""
+    from torch.utils.data import ConcatDataset
+
+    if isinstance(data, ConcatDataset):
+        counts, seen = torch.zeros(num_classes, dtype=torch.float64), {}
+        for part in data.datasets:
+            if id(part) not in seen:
+                seen[id(part)] = class_pixel_counts(part, num_classes, ignore_index)
+            counts += seen[id(part)]
+        return counts
     counts = torch.zeros(num_classes, dtype=torch.float64)
     for i in range(len(data)):
         label = data[i]["label"]
