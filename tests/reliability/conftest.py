@@ -8,6 +8,18 @@ import pytest
 from reliability_helpers import SYNTH_SAMPLES, SYNTH_SETTINGS, file_bytes, synth_keep, torch_threads
 
 
+@pytest.fixture(scope="module")
+def cli_app():
+    """The `todsynth` typer app, with a wide console so errors stay on one line however long the paths."""
+    from todsynth.cli import common
+    from todsynth.cli.main import app
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(common.console, "width", 2000)
+        mp.setattr(common.err_console, "width", 2000)
+        yield app
+
+
 @pytest.fixture(scope="session")
 def synth_reference(tiny_generator_dir: Path, toy_masks_16: Path, tmp_path_factory) -> dict[str, bytes]:
     """The files of one uninterrupted single-process synthesis with SYNTH_SETTINGS (run in-process)."""

@@ -39,6 +39,14 @@ def torch_threads(n: int = 1) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def invoke(app, args: list[str]):
+    """Run the CLI in-process on one thread (as the CLI subprocesses run); returns typer's Result."""
+    from typer.testing import CliRunner
+
+    with torch_threads(1):
+        return CliRunner().invoke(app, args)
+
+
 def json_step(path: Path, key: str = "step") -> int:
     """`key` of a JSON file, or -1 while it does not exist (or is being swapped in)."""
     try:

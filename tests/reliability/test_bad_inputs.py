@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from reliability_helpers import is_temp, torch_threads
-from typer.testing import CliRunner
+from reliability_helpers import invoke, is_temp
 
 from todsynth.errors import CheckpointError, ConfigError, DataError, TodsynthError
 
@@ -30,18 +29,6 @@ TINY_GEN = ["--steps", "1", "--batch-size", "2", "--size", "16", "--set", "num_l
             "--set", "head_dim=8", "--set", "val_every=0", "--set", "text_max_length=8", "--set", "progress=false"]
 
 
-@pytest.fixture(scope="module")
-def app():
-    """The `todsynth` typer app, printing errors on one line however long the paths."""
-    from todsynth.cli import common
-    from todsynth.cli.main import app
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(common.console, "width", 2000)
-        mp.setattr(common.err_console, "width", 2000)
-        yield app
-
-
 def says_what_to_do(text: str) -> bool:
     """Whether a message gives the user something to do (a fix, the valid values or the known choices)."""
     return any(hint in text for hint in HINTS)
@@ -49,8 +36,7 @@ def says_what_to_do(text: str) -> bool:
 
 def refused(app, args: list[str], out: Path | None, *names: str, lead: str = "error:") -> str:
     """Invoke the CLI; assert exit 2, `lead` and no traceback, `names` in the message, a hint, no `out` folder."""
-    with torch_threads(1):
-        result = CliRunner().invoke(app, args)
+    result = invoke(app, args)
     output = result.output
     assert result.exit_code == 2, (result.exit_code, output[-2000:], result.exception)
     assert lead in output and "Traceback" not in output
@@ -315,7 +301,7 @@ BAD_DATASETS = [png_random_bytes, png_truncated_mask, jpeg_truncated_image, jpeg
 
 
 @pytest.mark.parametrize("build", BAD_DATASETS, ids=lambda f: f.__name__)
-def test_bad_dataset_is_refused_naming_the_file(app, folder_dataset: Path, tmp_path: Path,
+def test_bad_dataset_is_refused_naming_the_file(cli_app, folder_dataset: Path, tmp_path: Path,
                                                 build: Callable[[Path], Case]) -> None:
     """API: DataError naming the file with a hint; CLI `data check` and `segment train`: exit 2, nothing written."""
     from todsynth.data.check import check_dataset, validate_dataset
@@ -326,27 +312,27 @@ def test_bad_dataset_is_refused_naming_the_file(app, folder_dataset: Path, tmp_p
     assert any(all(w in str(p) for w in words) and says_what_to_do(str(p)) for p in problems), \
         [str(p) for p in problems]
     raises(DataError, lambda: validate_dataset(data), str(bad))
-    refused(app, ["data", "check", str(data)], None, str(bad), *words, lead="problem(s)")
+    refused(cli_app, ["data", "check", str(data)], None, str(bad), *words, lead="problem(s)")
     out = tmp_path / "seg_out"
-    refused(app, ["segment", "train", "--data", str(data), "--out", str(out), *TINY_SEG], out, str(bad))
+    refused(cli_app, ["segment", "train", "--data", str(data), "--out", str(out), *TINY_SEG], out, str(bad))
 
 
 @pytest.mark.parametrize("build", [png_random_bytes, label_not_a_class, index_escape("dotdot")],
                          ids=lambda f: f.__name__)
-def test_generator_train_refuses_bad_data_before_writing(app, folder_dataset: Path, tmp_path: Path,
+def test_generator_train_refuses_bad_data_before_writing(cli_app, folder_dataset: Path, tmp_path: Path,
                                                          build: Callable[[Path], Case]) -> None:
     """`generator train` validates every file before it writes anything."""
     data, bad, words = build(folder_dataset)
     out = tmp_path / "gen_out"
-    refused(app, ["generator", "train", str(data), "--out", str(out), *TINY_GEN], out, str(bad), *words)
+    refused(cli_app, ["generator", "train", str(data), "--out", str(out), *TINY_GEN], out, str(bad), *words)
 
 
-def test_synthesize_refuses_bad_masks_before_writing(app, tiny_generator_dir: Path, folder_dataset: Path,
+def test_synthesize_refuses_bad_masks_before_writing(cli_app, tiny_generator_dir: Path, folder_dataset: Path,
                                                      tmp_path: Path) -> None:
     """A mask value that is no class stops `synthesize` before the output folder exists."""
     data, bad, words = label_not_a_class(folder_dataset)
     out = tmp_path / "synth_out"
-    refused(app, ["synthesize", str(tiny_generator_dir), str(data), str(out), "--crfm-steps", "0"], out, str(bad),
+    refused(cli_app, ["synthesize", str(tiny_generator_dir), str(data), str(out), "--crfm-steps", "0"], out, str(bad),
             *words)
 
 
@@ -404,11 +390,11 @@ def test_handled_modes_read_cleanly(folder_dataset: Path, kind: str) -> None:
     (["--control", "quadruple"], ("quadruple", "siamese")),
 ], ids=["lr_nan", "steps_negative", "lr_negative", "dropout_above_1", "size_not_multiple_of_patch",
         "unknown_setting", "set_without_value", "set_value_not_yaml", "batch_not_integer", "unknown_control"])
-def test_generator_train_refuses_bad_settings(app, toy_masks_16: Path, tmp_path: Path, args: list[str],
+def test_generator_train_refuses_bad_settings(cli_app, toy_masks_16: Path, tmp_path: Path, args: list[str],
                                               names: tuple[str, ...]) -> None:
     """Invalid generator settings are named before any file is written."""
     out = tmp_path / "out"
-    refused(app, ["generator", "train", str(toy_masks_16), "--out", str(out), *args], out, *names)
+    refused(cli_app, ["generator", "train", str(toy_masks_16), "--out", str(out), *args], out, *names)
 
 
 @pytest.mark.parametrize("args, names", [
@@ -418,11 +404,11 @@ def test_generator_train_refuses_bad_settings(app, toy_masks_16: Path, tmp_path:
     (["--arch", "transformer9000"], ("transformer9000", "choose")),
     (["--set", "weight_decay=inf"], ("weight_decay", "finite")),
 ], ids=["lr_nan", "batch_zero", "steps_negative", "unknown_arch", "weight_decay_inf"])
-def test_segment_train_refuses_bad_settings(app, toy_masks_16: Path, tmp_path: Path, args: list[str],
+def test_segment_train_refuses_bad_settings(cli_app, toy_masks_16: Path, tmp_path: Path, args: list[str],
                                             names: tuple[str, ...]) -> None:
     """Invalid segmenter settings are named before any file is written."""
     out = tmp_path / "out"
-    refused(app, ["segment", "train", "--data", str(toy_masks_16), "--out", str(out), *args], out, *names)
+    refused(cli_app, ["segment", "train", "--data", str(toy_masks_16), "--out", str(out), *args], out, *names)
 
 
 @pytest.mark.parametrize("args, names", [
@@ -432,11 +418,11 @@ def test_segment_train_refuses_bad_settings(app, toy_masks_16: Path, tmp_path: P
     (["--set", "transforms=identity,shear"], ("transforms", "rot90")),
     (["--crfm-steps", "2"], ("segmenter",)),
 ], ids=["num_steps_zero", "guidance_inf", "copies_negative", "unknown_transform", "crfm_without_segmenter"])
-def test_synthesize_refuses_bad_settings(app, tiny_generator_dir: Path, toy_masks_16: Path, tmp_path: Path,
+def test_synthesize_refuses_bad_settings(cli_app, tiny_generator_dir: Path, toy_masks_16: Path, tmp_path: Path,
                                          args: list[str], names: tuple[str, ...]) -> None:
     """Invalid synthesis settings are named before any file is written."""
     out = tmp_path / "out"
-    refused(app, ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(out), *args], out, *names)
+    refused(cli_app, ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(out), *args], out, *names)
 
 
 @pytest.mark.parametrize("stage, values, name", [
@@ -465,7 +451,7 @@ def test_api_configs_refuse_bad_values(stage: str, values: dict, name: str) -> N
                                          ("steps: [1\n", "not valid YAML"), ("steps: 2001-02-30\n", "not valid YAML"),
                                          ("1: 2\nstepz: 3\n", "unknown setting"), ("/dir", "cannot read")],
                          ids=["missing", "not_a_mapping", "not_yaml", "impossible_date", "unknown_keys", "a_folder"])
-def test_config_file_problems_name_the_file(app, toy_masks_16: Path, tmp_path: Path, text: str | None,
+def test_config_file_problems_name_the_file(cli_app, toy_masks_16: Path, tmp_path: Path, text: str | None,
                                             words: str) -> None:
     """A missing, non-mapping or invalid --config YAML is named."""
     config, out = tmp_path / "cfg.yaml", tmp_path / "out"
@@ -473,7 +459,7 @@ def test_config_file_problems_name_the_file(app, toy_masks_16: Path, tmp_path: P
         config.mkdir()
     elif text is not None:
         config.write_text(text)
-    output = refused(app, ["generator", "train", str(toy_masks_16), "--out", str(out), "--config", str(config)],
+    output = refused(cli_app, ["generator", "train", str(toy_masks_16), "--out", str(out), "--config", str(config)],
                      out, str(config))
     assert words in output
 
@@ -492,17 +478,17 @@ def test_pickle_checkpoints_are_refused(tmp_path: Path, suffix: str) -> None:
     raises(CheckpointError, lambda: load_weights(path), str(path), "pickle", "safetensors")
 
 
-def test_generator_folder_with_pickle_weights_is_refused(app, tiny_generator_dir: Path, toy_masks_16: Path,
+def test_generator_folder_with_pickle_weights_is_refused(cli_app, tiny_generator_dir: Path, toy_masks_16: Path,
                                                          tmp_path: Path) -> None:
     """A generator whose transformer weights are a .bin (no safetensors) names the missing file."""
     gen = Path(shutil.copytree(tiny_generator_dir, tmp_path / "gen"))
     weights = gen / "transformer" / "model.safetensors"
     weights.rename(gen / "transformer" / "pytorch_model.bin")
     out = tmp_path / "out"
-    refused(app, ["synthesize", str(gen), str(toy_masks_16), str(out), "--crfm-steps", "0"], out, str(weights))
+    refused(cli_app, ["synthesize", str(gen), str(toy_masks_16), str(out), "--crfm-steps", "0"], out, str(weights))
 
 
-def test_generator_of_another_config_is_refused(app, tiny_generator_dir: Path, toy_masks_16: Path,
+def test_generator_of_another_config_is_refused(cli_app, tiny_generator_dir: Path, toy_masks_16: Path,
                                                 tmp_path: Path) -> None:
     """Weights that do not fit transformer/config.json are named (not a shape traceback)."""
     gen = Path(shutil.copytree(tiny_generator_dir, tmp_path / "gen"))
@@ -511,48 +497,48 @@ def test_generator_of_another_config_is_refused(app, tiny_generator_dir: Path, t
     raw["num_layers"] = raw["num_layers"] + 1
     config.write_text(json.dumps(raw))
     out = tmp_path / "out"
-    refused(app, ["synthesize", str(gen), str(toy_masks_16), str(out), "--crfm-steps", "0"], out,
+    refused(cli_app, ["synthesize", str(gen), str(toy_masks_16), str(out), "--crfm-steps", "0"], out,
             str(gen / "transformer" / "model.safetensors"), "do not match")
 
 
-def test_model_folders_swapped_are_refused(app, tiny_generator_dir: Path, tiny_segmenter_dir: Path,
+def test_model_folders_swapped_are_refused(cli_app, tiny_generator_dir: Path, tiny_segmenter_dir: Path,
                                            toy_masks_16: Path, tmp_path: Path) -> None:
     """A segmenter given as generator, and a generator given as segmenter, are named."""
     out = tmp_path / "out"
-    refused(app, ["synthesize", str(tiny_segmenter_dir), str(toy_masks_16), str(out), "--crfm-steps", "0"], out,
+    refused(cli_app, ["synthesize", str(tiny_segmenter_dir), str(toy_masks_16), str(out), "--crfm-steps", "0"], out,
             str(tiny_segmenter_dir / "pipeline.json"), "generator")
-    refused(app, ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(out), "--segmenter",
+    refused(cli_app, ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(out), "--segmenter",
                   str(tiny_generator_dir), "--crfm-steps", "1"], out, str(tiny_generator_dir / "config.json"))
-    refused(app, ["segment", "eval", str(tiny_generator_dir), str(toy_masks_16)], None,
+    refused(cli_app, ["segment", "eval", str(tiny_generator_dir), str(toy_masks_16)], None,
             str(tiny_generator_dir / "config.json"))
 
 
-def test_masks_with_other_classes_than_the_generator(app, tiny_generator_dir: Path, tmp_path: Path) -> None:
+def test_masks_with_other_classes_than_the_generator(cli_app, tiny_generator_dir: Path, tmp_path: Path) -> None:
     """Masks labelled with classes the generator does not know are refused (not silently conditioned)."""
     root = tmp_path / "nine"
     (root / "classes.yaml").parent.mkdir()
     (root / "classes.yaml").write_text("names: [a, b, c, d, e, f, g, h, i]\n")
     _write(root / "masks" / "x.png", np.full((16, 16), 8, np.uint8))
     out = tmp_path / "out"
-    refused(app, ["synthesize", str(tiny_generator_dir), str(root), str(out), "--crfm-steps", "0"], out,
+    refused(cli_app, ["synthesize", str(tiny_generator_dir), str(root), str(out), "--crfm-steps", "0"], out,
             str(root), "differ from the generator's")
 
 
-def test_synthetic_data_with_other_classes(app, folder_dataset: Path, tmp_path: Path) -> None:
+def test_synthetic_data_with_other_classes(cli_app, folder_dataset: Path, tmp_path: Path) -> None:
     """`segment train --synthetic` with another class list names that dataset."""
     other = Path(shutil.copytree(folder_dataset, tmp_path / "other"))
     (other / "classes.yaml").write_text("names: [background, building, lake]\n")
     out = tmp_path / "out"
-    refused(app, ["segment", "train", "--data", str(folder_dataset), "--synthetic", str(other), "--out", str(out),
+    refused(cli_app, ["segment", "train", "--data", str(folder_dataset), "--synthetic", str(other), "--out", str(out),
                   *TINY_SEG], out, str(other), "lake")
 
 
-def test_filter_stats_of_another_dataset(app, tiny_generator_dir: Path, tiny_segmenter_dir: Path,
+def test_filter_stats_of_another_dataset(cli_app, tiny_generator_dir: Path, tiny_segmenter_dir: Path,
                                          toy_masks_16: Path, tmp_path: Path) -> None:
     """A filter_stats JSON without one loss per class is named (not a KeyError)."""
     stats, out = tmp_path / "stats.json", tmp_path / "out"
     stats.write_text(json.dumps({"class_mean_loss": [0.5, 0.5]}))
-    refused(app, ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(out), "--crfm-steps", "0",
+    refused(cli_app, ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(out), "--crfm-steps", "0",
                   "--segmenter", str(tiny_segmenter_dir), "--set", f"filter_stats={stats}"], out, str(stats),
             "7 finite losses")
 
@@ -563,7 +549,7 @@ SD3_CONFIG = {"_class_name": "SD3Transformer2DModel", "in_channels": 3, "patch_s
 
 
 @pytest.mark.parametrize("layout", ["empty", "foreign_config", "config_only", "pickle_only"])
-def test_sd3_folder_with_missing_files(app, toy_masks_16: Path, tmp_path: Path, layout: str) -> None:
+def test_sd3_folder_with_missing_files(cli_app, toy_masks_16: Path, tmp_path: Path, layout: str) -> None:
     """`generator train --sd3-path` on an incomplete SD3 folder names what is missing."""
     sd3 = tmp_path / "sd3"
     (sd3 / "transformer").mkdir(parents=True)
@@ -575,15 +561,15 @@ def test_sd3_folder_with_missing_files(app, toy_masks_16: Path, tmp_path: Path, 
     words = {"empty": "no config.json", "foreign_config": "not an SD3Transformer2DModel config",
              "config_only": "no .safetensors weights", "pickle_only": "diffusion_pytorch_model.bin"}[layout]
     out = tmp_path / "out"
-    refused(app, ["generator", "train", str(toy_masks_16), "--out", str(out), "--sd3-path", str(sd3), *TINY_GEN],
+    refused(cli_app, ["generator", "train", str(toy_masks_16), "--out", str(out), "--sd3-path", str(sd3), *TINY_GEN],
             out, str(sd3), words)
 
 
-def test_split_file_with_unknown_ids(app, folder_dataset: Path, tmp_path: Path) -> None:
+def test_split_file_with_unknown_ids(cli_app, folder_dataset: Path, tmp_path: Path) -> None:
     """A split file made for another dataset names the split file."""
     split, out = tmp_path / "split.json", tmp_path / "out"
     split.write_text(json.dumps({"ids": ["tile0", "tile77"]}))
-    refused(app, ["segment", "train", "--data", str(folder_dataset), "--split-file", str(split), "--out", str(out),
+    refused(cli_app, ["segment", "train", "--data", str(folder_dataset), "--split-file", str(split), "--out", str(out),
                   *TINY_SEG], out, str(split), "tile77")
 
 
@@ -599,17 +585,17 @@ def blocker(tmp_path: Path) -> Path:
     return path
 
 
-def test_output_below_a_file_is_refused(app, blocker: Path, folder_dataset: Path, toy_masks_16: Path,
+def test_output_below_a_file_is_refused(cli_app, blocker: Path, folder_dataset: Path, toy_masks_16: Path,
                                         tiny_generator_dir: Path) -> None:
     """Every writing command names the folder it cannot create and says to choose a writable one."""
     sub = blocker / "sub"
-    refused(app, ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(sub), "--crfm-steps", "0",
+    refused(cli_app, ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(sub), "--crfm-steps", "0",
                   "--set", "limit=1"], None, str(sub), "writable")
-    refused(app, ["generator", "train", str(toy_masks_16), "--out", str(sub), *TINY_GEN], None, str(sub), "writable")
-    refused(app, ["segment", "train", "--data", str(folder_dataset), "--out", str(sub), *TINY_SEG], None, str(sub),
+    refused(cli_app, ["generator", "train", str(toy_masks_16), "--out", str(sub), *TINY_GEN], None, str(sub), "writable")
+    refused(cli_app, ["segment", "train", "--data", str(folder_dataset), "--out", str(sub), *TINY_SEG], None, str(sub),
             "writable")
-    refused(app, ["data", "toy", str(sub), "--n", "1", "--size", "16"], None, str(sub), "writable")
-    refused(app, ["data", "split", str(folder_dataset), str(sub / "split.json"), "--n", "1"], None, str(blocker),
+    refused(cli_app, ["data", "toy", str(sub), "--n", "1", "--size", "16"], None, str(sub), "writable")
+    refused(cli_app, ["data", "split", str(folder_dataset), str(sub / "split.json"), "--n", "1"], None, str(blocker),
             "writable")
     assert blocker.read_text() == "not a folder"
 
@@ -637,28 +623,27 @@ def test_disk_full_leaves_the_old_file_and_no_partial_one(tmp_path: Path, monkey
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["state.json"]
 
 
-def test_disk_full_during_a_command(app, folder_dataset: Path, tmp_path: Path,
+def test_disk_full_during_a_command(cli_app, folder_dataset: Path, tmp_path: Path,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """`data split` on a full disk exits 2 naming the file, and leaves no partial split file."""
     from todsynth import io
 
     out = tmp_path / "splits"
     monkeypatch.setattr(io.os, "replace", enospc)
-    refused(app, ["data", "split", str(folder_dataset), str(out / "few.json"), "--n", "2"], out,
+    refused(cli_app, ["data", "split", str(folder_dataset), str(out / "few.json"), "--n", "2"], out,
             str(out / "few.json"), "No space left")
 
 
-def test_disk_full_mid_synthesis_loses_nothing(app, tiny_generator_dir: Path, toy_masks_16: Path,
+def test_disk_full_mid_synthesis_loses_nothing(cli_app, tiny_generator_dir: Path, toy_masks_16: Path,
                                                synth_reference: dict[str, bytes], tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The disk fills after 20 files: exit 2 naming a file, no partial file; a rerun completes the reference."""
-    from reliability_helpers import SYNTH_SETTINGS, check_visible_files, file_bytes, synth_keep
+    from reliability_helpers import check_visible_files, file_bytes, synth_args, synth_keep
 
     from todsynth import io
 
     out = tmp_path / "synth"
-    args = ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(out),
-            *[x for k, v in SYNTH_SETTINGS.items() for x in ("--set", f"{k}={v}")]]
+    args = synth_args(tiny_generator_dir, toy_masks_16, out)
     calls = {"n": 0}
     real_replace = os.replace
 
@@ -670,14 +655,12 @@ def test_disk_full_mid_synthesis_loses_nothing(app, tiny_generator_dir: Path, to
         real_replace(src, dst)
 
     monkeypatch.setattr(io.os, "replace", filling_up)
-    with torch_threads(1):
-        result = CliRunner().invoke(app, args)
+    result = invoke(cli_app, args)
     assert result.exit_code == 2 and "No space left" in result.output, result.output[-2000:]
     assert not [p for p in out.rglob("*") if is_temp(p)]
     check_visible_files(out)
     assert not list((out / ".claims").glob("*.lock")) or all(
         (out / ".records" / f"{lock.stem}.json").exists() for lock in (out / ".claims").glob("*.lock"))
     monkeypatch.undo()
-    with torch_threads(1):
-        assert CliRunner().invoke(app, args).exit_code == 0
+    assert invoke(cli_app, args).exit_code == 0
     assert file_bytes(out, synth_keep) == synth_reference

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability_helpers import (SYNTH_SAMPLES, KillLog, bytes_lost, check_visible_files, file_bytes, is_temp,
-                                 json_step, kill_sequence, synth_args, synth_keep, torch_threads)
-from typer.testing import CliRunner
+from reliability_helpers import (SYNTH_SAMPLES, KillLog, bytes_lost, check_visible_files, file_bytes, invoke,
+                                 is_temp, json_step, kill_sequence, synth_args, synth_keep, torch_threads)
 
 from todsynth.io import load_weights
 
@@ -59,8 +58,7 @@ def assert_equal_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 def finish(app, args: list[str]) -> str:
     """The last, uninterrupted run after the kills (in-process, one thread); returns its output."""
-    with torch_threads(1):
-        result = CliRunner().invoke(app, args)
+    result = invoke(app, args)
     assert result.exit_code == 0, (result.output[-3000:], result.exception)
     return result.output
 
@@ -70,26 +68,29 @@ def report(name: str, log: KillLog, lost: int) -> None:
     print(f"{name}: kills={log.kills} delays={log.delays} files_checked={log.files_checked} bytes_lost={lost}")
 
 
+def reference_run(train, cls: type, settings: dict[str, str], data: Path, out: Path) -> Path:
+    """One uninterrupted training run (in-process, one thread): what the killed-and-resumed run must equal."""
+    with torch_threads(1):
+        train(in_process(cls, settings, data=str(data), out=str(out)))
+    return out
+
+
 @pytest.fixture(scope="module")
 def generator_reference(toy_masks_16: Path, tmp_path_factory) -> Path:
-    """An uninterrupted generator training run (in-process, one thread)."""
+    """An uninterrupted generator training run."""
     from todsynth.generator.train import GeneratorTrainConfig, train_generator
 
-    out = tmp_path_factory.mktemp("gen_ref") / "run"
-    with torch_threads(1):
-        train_generator(in_process(GeneratorTrainConfig, GEN_SETTINGS, data=str(toy_masks_16), out=str(out)))
-    return out
+    return reference_run(train_generator, GeneratorTrainConfig, GEN_SETTINGS, toy_masks_16,
+                         tmp_path_factory.mktemp("gen_ref") / "run")
 
 
 @pytest.fixture(scope="module")
 def segment_reference(toy_masks_16: Path, tmp_path_factory) -> Path:
-    """An uninterrupted segmenter training run (in-process, one thread)."""
+    """An uninterrupted segmenter training run."""
     from todsynth.segment.train import SegmentTrainConfig, train_segmenter
 
-    out = tmp_path_factory.mktemp("seg_ref") / "run"
-    with torch_threads(1):
-        train_segmenter(in_process(SegmentTrainConfig, SEG_SETTINGS, data=str(toy_masks_16), out=str(out)))
-    return out
+    return reference_run(train_segmenter, SegmentTrainConfig, SEG_SETTINGS, toy_masks_16,
+                         tmp_path_factory.mktemp("seg_ref") / "run")
 
 
 def model_files(rel: Path) -> bool:
@@ -232,22 +233,9 @@ def test_generator_resume_after_a_kill_between_the_checkpoint_renames(toy_masks_
 # Foreign or corrupt checkpoints: refused with exit code 2 and the file named, never a traceback.
 
 
-@pytest.fixture(scope="module")
-def cli_app():
-    """The `todsynth` typer app, with a wide console so long paths stay on one line."""
-    from todsynth.cli import common
-    from todsynth.cli.main import app
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(common.console, "width", 2000)
-        mp.setattr(common.err_console, "width", 2000)
-        yield app
-
-
 def invoke_refused(app, args: list[str], *names: str) -> str:
     """Invoke the CLI in-process; assert exit 2, an 'error:' line naming every `names`, no traceback."""
-    with torch_threads(1):
-        result = CliRunner().invoke(app, args)
+    result = invoke(app, args)
     assert result.exit_code == 2, (result.exit_code, result.output[-2000:], result.exception)
     assert "error:" in result.output and "Traceback" not in result.output
     for name in names:
@@ -312,8 +300,7 @@ def test_synthesize_refuses_a_foreign_or_corrupt_folder(cli_app, tiny_generator_
     out = tmp_path / "synth"
     args = ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(out), "--crfm-steps", "0",
             "--num-steps", "1", "--set", "limit=1"]
-    with torch_threads(1):
-        assert CliRunner().invoke(cli_app, args).exit_code == 0
+    assert invoke(cli_app, args).exit_code == 0
     invoke_refused(cli_app, [*args, "--seed", "3"], str(out / "synthesize.json"), "other settings")
     record = next((out / ".records").glob("*.json"))
     record.write_text('{"id": "cut sho')
