@@ -76,8 +76,10 @@ class CellSettings:
     def validate(self) -> None:
         require(self.synth in SYNTH_KINDS, f"synth must be one of {SYNTH_KINDS}, got {self.synth!r}")
         require(self.protocol in ("layouts", "masks"), "protocol must be 'layouts' or 'masks'")
-        require(self.seg_class_weights in ("none", "sqrt_inverse", "inverse"),
-                f"seg_class_weights must be none, sqrt_inverse or inverse, got {self.seg_class_weights!r}")
+        from todsynth.segment.train import CLASS_WEIGHTINGS
+
+        require(self.seg_class_weights in CLASS_WEIGHTINGS,
+                f"seg_class_weights must be one of {CLASS_WEIGHTINGS}, got {self.seg_class_weights!r}")
         require(0 < self.real_share < 1, f"real_share must be in (0, 1), got {self.real_share}")
         for name in ("size", "n_real", "n_test", "seg_steps", "seg_batch", "gen_steps", "gen_batch", "copies",
                      "num_steps"):

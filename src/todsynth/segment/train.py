@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -33,7 +33,8 @@ RESUME_FREE_KEYS = frozenset({"out", "val", "val_split", "eval_batch_size", "num
                               "log_every", "checkpoint_every"})
 
 StepCallback = Callable[[int, float], None]
-CLASS_WEIGHTINGS = ("none", "sqrt_inverse", "inverse")
+ClassWeighting = Literal["none", "sqrt_inverse", "inverse"]
+CLASS_WEIGHTINGS: tuple[str, ...] = get_args(ClassWeighting)
 MAX_CLASS_WEIGHT = 10.0
 
 
@@ -65,7 +66,7 @@ class SegmentTrainConfig:
     poly_power: float = 0.9
     warmup_steps: int = 0
     augment: bool = True
-    class_weights: Literal["none", "sqrt_inverse", "inverse"] = "none"
+    class_weights: ClassWeighting = "none"
     seed: int = 0
     num_workers: int = 0
     out: str = "runs/segment"
