@@ -53,6 +53,8 @@ class CellSettings:
     gen_head_dim: int = 32
     gen_patch: int = 4
     gen_ema: float = 0.0
+    gen_timestep_mean: float = 0.0  # logit-normal mean of the training t (> 0: more training near noise)
+    gen_timestep_tail: float = 0.0  # share of training t drawn uniform in [0.8, 1): CRFM's corrected steps
     sd3_path: str | None = None
     autoencoder: str = "pixel"
     autoencoder_path: str | None = None
@@ -62,6 +64,7 @@ class CellSettings:
     copies: int = 1
     num_steps: int = 16
     guidance_scale: float = 1.0
+    shift: float = 1.0  # sigma shift of the sampling schedule (SD3: 3.0)
     crfm_steps: int = 3
     crfm_alpha: float = 0.5
     crfm_schedule: str = "linear_decreasing"
@@ -85,9 +88,11 @@ class CellSettings:
                      "num_steps"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.n_layouts >= 0 and self.crfm_steps >= 0, "n_layouts and crfm_steps must be >= 0")
-        for name in ("seg_lr", "gen_lr", "crfm_alpha", "filter_margin", "guidance_scale"):
+        for name in ("seg_lr", "gen_lr", "crfm_alpha", "filter_margin", "guidance_scale", "gen_timestep_tail"):
             v = getattr(self, name)
             require(math.isfinite(v) and v >= 0, f"{name} must be a finite number >= 0, got {v}")
+        require(math.isfinite(self.shift) and self.shift > 0, f"shift must be a finite number > 0, got {self.shift}")
+        require(self.gen_timestep_tail <= 1, f"gen_timestep_tail must be in [0, 1], got {self.gen_timestep_tail}")
         require(self.seg_arch != self.judge_arch, "the judge segmenter must use another architecture")
 
 
@@ -108,8 +113,9 @@ DATA_KEYS = ("size", "n_real", "n_layouts", "n_test", "data_seed", "real_data", 
 SEG_KEYS = ("seg_arch", "seg_encoder", "seg_steps", "seg_batch", "seg_lr", "seg_class_weights", "size", "seed")
 JUDGE_KEYS = ("judge_arch", "seg_arch", "seg_encoder", "seg_steps", "seg_batch", "seg_lr", "size", "seed")
 GEN_KEYS = ("control", "gen_steps", "gen_batch", "gen_lr", "gen_layers", "gen_heads", "gen_head_dim", "gen_patch",
-            "gen_ema", "sd3_path", "autoencoder", "autoencoder_path", "size", "seed")
-SYN_KEYS = ("synth", "protocol", "copies", "num_steps", "guidance_scale", "crfm_steps", "crfm_alpha",
+            "gen_ema", "gen_timestep_mean", "gen_timestep_tail", "sd3_path", "autoencoder", "autoencoder_path", "size",
+            "seed")
+SYN_KEYS = ("synth", "protocol", "copies", "num_steps", "guidance_scale", "shift", "crfm_steps", "crfm_alpha",
             "crfm_schedule", "crfm_rule", "filter", "filter_margin", "balance", "seed")
 
 
@@ -253,6 +259,7 @@ def stage_generator(s: CellSettings, data: dict, root: Path, log, progress: bool
             autoencoder_path=s.autoencoder_path, sd3_path=s.sd3_path, patch_size=s.gen_patch,
             num_layers=s.gen_layers, num_heads=s.gen_heads, head_dim=s.gen_head_dim, steps=s.gen_steps,
             batch_size=s.gen_batch, lr=s.gen_lr, warmup_steps=min(50, s.gen_steps // 10), ema_decay=s.gen_ema,
+            timestep_mean=s.gen_timestep_mean, timestep_tail=s.gen_timestep_tail,
             val_every=s.gen_steps, val_samples=4, val_steps=s.num_steps, checkpoint_every=max(s.gen_steps // 4, 1),
             seed=s.seed, progress=progress, resume="auto")  # a killed stage resumes, a new one starts
         summary = train_generator(cfg)
@@ -274,7 +281,7 @@ def stage_synthesis(s: CellSettings, data: dict, gen: dict | None, guide: dict, 
         masks = data["layouts"] if s.protocol == "layouts" else data["real"]
         cfg = build_synthesize_config(dict(
             generator=gen["model"], masks=masks, out=str(d / "pairs"), copies=s.copies, num_steps=s.num_steps,
-            guidance_scale=s.guidance_scale, segmenter=guide["model"], seed=s.seed, batch_size=16,
+            guidance_scale=s.guidance_scale, shift=s.shift, segmenter=guide["model"], seed=s.seed, batch_size=16,
             crfm_steps=s.crfm_steps if s.synth == "crfm" else 0, crfm_alpha_max=s.crfm_alpha,
             crfm_schedule=s.crfm_schedule, crfm_rule=s.crfm_rule,
             limit=s.n_layouts if s.protocol == "layouts" else None,

@@ -30,13 +30,22 @@ def predict_x0(x_t: Tensor, sigma: Tensor, v: Tensor) -> Tensor:
 
 
 def sample_timesteps(n: int, mode: TimestepSampling = "uniform", mean: float = 0.0, std: float = 1.0,
-                     generator: torch.Generator | None = None) -> Tensor:
-    """Training timesteps t in (0, 1): uniform, or logit-normal as in SD3 (sigmoid of N(mean, std))."""
+                     generator: torch.Generator | None = None, tail: float = 0.0,
+                     tail_from: float = 0.8) -> Tensor:
+    """Training timesteps t in (0, 1): uniform, or logit-normal as in SD3 (sigmoid of N(mean, std); mean > 0
+    moves mass toward noise). With `tail` > 0 that share of samples is drawn uniform in [tail_from, 1), where
+    logit-normal rarely looks but CRFM's corrected steps sample; tail = 0 draws exactly as before."""
     if mode == "uniform":
-        return torch.rand(n, generator=generator)
-    if mode == "logit_normal":
-        return torch.sigmoid(mean + std * torch.randn(n, generator=generator))
-    raise ValueError(f"unknown timestep sampling {mode!r}")
+        t = torch.rand(n, generator=generator)
+    elif mode == "logit_normal":
+        t = torch.sigmoid(mean + std * torch.randn(n, generator=generator))
+    else:
+        raise ValueError(f"unknown timestep sampling {mode!r}")
+    if tail > 0:
+        pick = torch.rand(n, generator=generator) < tail
+        high = tail_from + (1 - tail_from) * torch.rand(n, generator=generator)
+        t = torch.where(pick, high, t)
+    return t
 
 
 def flow_sigmas(num_steps: int, shift: float = 1.0) -> Tensor:

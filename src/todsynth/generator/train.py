@@ -60,6 +60,9 @@ class GeneratorTrainConfig:
     warmup_steps: int = 20
     grad_clip: float = 1.0
     timestep_sampling: str = "logit_normal"
+    timestep_mean: float = 0.0  # logit-normal mean (SD3's mode shift; > 0 trains more near noise)
+    timestep_std: float = 1.0
+    timestep_tail: float = 0.0  # share of t drawn uniform in [0.8, 1): the steps CRFM corrects
     text_dropout: float = 0.1
     augment: bool = True
     mixed_precision: str = "no"
@@ -96,6 +99,9 @@ class GeneratorTrainConfig:
                 f"unknown control {self.control!r}; choose triple, siamese, adapter or none")
         require(self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision must be no, bf16 or fp16")
         require(self.timestep_sampling in ("uniform", "logit_normal"), "timestep_sampling: uniform|logit_normal")
+        require(math.isfinite(self.timestep_mean) and math.isfinite(self.timestep_std) and self.timestep_std > 0,
+                f"timestep_mean must be finite and timestep_std > 0, got {self.timestep_mean}, {self.timestep_std}")
+        require(0 <= self.timestep_tail <= 1, f"timestep_tail must be in [0, 1], got {self.timestep_tail}")
         require(self.size % self.patch_size == 0,
                 f"size {self.size} must be a multiple of patch_size {self.patch_size}")
 
@@ -218,7 +224,8 @@ def flow_loss(pipe, model, images: Tensor, labels: Tensor, prompts: list[str], g
     from todsynth.generator.flow import interpolate, sample_timesteps, velocity_target
 
     device = pipe.device
-    t = torch.cat([sample_timesteps(1, cfg.timestep_sampling, generator=g) for g in gens]).to(device)
+    t = torch.cat([sample_timesteps(1, cfg.timestep_sampling, cfg.timestep_mean, cfg.timestep_std, generator=g,
+                                    tail=cfg.timestep_tail) for g in gens]).to(device)
     drop = torch.tensor([torch.rand(1, generator=g).item() < cfg.text_dropout for g in gens])
     with torch.no_grad():
         x0 = pipe.autoencoder.encode(images.to(device), sample=False)
