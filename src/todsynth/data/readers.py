@@ -31,6 +31,20 @@ HIGH_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 LAYOUTS = ("accepted layouts: a LoveDA root (<root>/Train/{Urban,Rural}/{images_png,masks_png}), "
            "a folder with images/, masks/ and classes.yaml (masks/ only: label-only), or a .jsonl index")
 CLASSES_EXAMPLE = "e.g. 'names: [background, building, road]' with optional 'ignore_index: 255' and 'palette'"
+ROOT_FIX = "copy the file into the dataset, or point the dataset at the real folder"
+
+
+def escapes_root(path: Path, root: Path, what: str, at: Path | None = None) -> DataError | None:
+    """The one root rule of every reader: a DataError if `path` resolves outside `root` (via '..', an absolute
+    path or a symlink), else None; a dataset is the files under its root, so links out of it are refused.
+
+    `at` is the file the error names (default `path`). Resolving may raise OSError, RuntimeError (a symlink loop)
+    or ValueError (a NUL byte); the caller reports those.
+    """
+    target = path.resolve()
+    if target.is_relative_to(root.resolve()):
+        return None
+    return DataError(f"{what} points outside the dataset root {root} (to {target})", path=at or path, fix=ROOT_FIX)
 
 
 def _unreadable(what: str, path: Path, e: Exception) -> DataError:
@@ -281,7 +295,23 @@ def _natural_key(name: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def _files_by_stem(folder: Path, problems: list[DataError]) -> dict[str, Path]:
+def _listed_file(path: Path, root: Path, what: str, problems: list[DataError]) -> bool:
+    """Whether a listed entry is a usable file under `root`; links out of the root or to nothing are problems."""
+    try:
+        escape = escapes_root(path, root, what)
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+        problems.append(DataError(f"{what} cannot be resolved ({e})", path=path, fix="fix or remove the link"))
+        return False
+    if escape is not None:
+        problems.append(escape)
+        return False
+    if path.is_symlink() and not path.exists():
+        problems.append(DataError(f"{what} is a link to a missing file", path=path, fix="fix or remove the link"))
+        return False
+    return path.is_file()
+
+
+def _files_by_stem(folder: Path, root: Path, what: str, problems: list[DataError]) -> dict[str, Path]:
     """Image files of `folder` by stem; a second file with the same stem is a duplicate-id problem."""
     try:
         entries = sorted(folder.iterdir(), key=lambda p: _natural_key(p.name))
@@ -289,7 +319,9 @@ def _files_by_stem(folder: Path, problems: list[DataError]) -> dict[str, Path]:
         raise DataError(f"cannot list the folder: {e.strerror}", path=folder) from None
     found: dict[str, Path] = {}
     for path in entries:
-        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if not _listed_file(path, root, what, problems):
             continue
         if path.stem in found:
             problems.append(DataError(f"duplicate id '{path.stem}' (also {found[path.stem].name})", path=path,
@@ -299,18 +331,30 @@ def _files_by_stem(folder: Path, problems: list[DataError]) -> dict[str, Path]:
     return found
 
 
-def _pair_folders(image_dir: Path | None, mask_dir: Path,
+def _folder_problem(folder: Path, root: Path, what: str) -> DataError | None:
+    """Why a sample folder cannot be listed: missing, or outside the dataset root; None if it can."""
+    if not folder.is_dir():
+        return DataError(f"{what} folder is missing", path=folder, fix=LAYOUTS)
+    try:
+        return escapes_root(folder, root, f"{what} folder")
+    except (OSError, RuntimeError) as e:
+        return DataError(f"{what} folder cannot be resolved ({e})", path=folder, fix="fix or remove the link")
+
+
+def _pair_folders(root: Path, image_dir: Path | None, mask_dir: Path,
                   prefix: str = "") -> tuple[list[Item], list[DataError]]:
-    """Match images to masks by stem; unmatched files and missing folders are problems."""
+    """Match images to masks by stem; unmatched files, missing folders and links out of `root` are problems."""
     problems: list[DataError] = []
-    if not mask_dir.is_dir():
-        return [], [DataError("masks folder is missing", path=mask_dir, fix=LAYOUTS)]
-    masks = _files_by_stem(mask_dir, problems)
+    trouble = _folder_problem(mask_dir, root, "masks")
+    if trouble is not None:
+        return [], [trouble]
+    masks = _files_by_stem(mask_dir, root, "mask", problems)
     if image_dir is None:
         return [Item(prefix + stem, mask) for stem, mask in masks.items()], problems
-    if not image_dir.is_dir():
-        return [], problems + [DataError("images folder is missing", path=image_dir, fix=LAYOUTS)]
-    images = _files_by_stem(image_dir, problems)
+    trouble = _folder_problem(image_dir, root, "images")
+    if trouble is not None:
+        return [], problems + [trouble]
+    images = _files_by_stem(image_dir, root, "image", problems)
     problems += [DataError("image has no mask", path=path, fix=f"add its mask to {mask_dir} or remove it")
                  for stem, path in images.items() if stem not in masks]
     problems += [DataError("mask has no image", path=path, fix=f"add its image to {image_dir} or remove it")
@@ -361,7 +405,7 @@ class LoveDADataset(BaseDataset):
         problems: list[DataError] = []
         for d in present:
             image_dir = None if label_only else split_dir / d / "images_png"
-            found, trouble = _pair_folders(image_dir, split_dir / d / "masks_png", prefix=f"{d}/")
+            found, trouble = _pair_folders(root, image_dir, split_dir / d / "masks_png", prefix=f"{d}/")
             items += found
             problems += trouble
         super().__init__(root, LOVEDA, items, label_only=label_only, codec=MaskCodec(LOVEDA, "loveda"),
@@ -380,7 +424,7 @@ class FolderDataset(BaseDataset):
             raise DataError("dataset folder not found", path=root)
         classes = classes or load_classes(root / CLASSES_FILE)
         label_only = not (root / "images").is_dir()
-        items, problems = _pair_folders(None if label_only else root / "images", root / "masks")
+        items, problems = _pair_folders(root, None if label_only else root / "images", root / "masks")
         super().__init__(root, classes, items, label_only=label_only, codec=MaskCodec(classes),
                          prompt_fn=prompt_fn, problems=problems, strict=strict)
 
@@ -392,15 +436,14 @@ def _index_path(root: Path, value: Any, where: str, index: Path, problems: list[
         return None
     path = Path(value) if Path(value).is_absolute() else root / value
     try:  # NUL bytes, lone surrogates and over-long names make the OS calls raise
-        inside = path.resolve().is_relative_to(root.resolve())
-        found = inside and path.is_file()
+        escape = escapes_root(path, root, f"{where} path '{value}'", at=index)
+        found = escape is None and path.is_file()
     except (OSError, RuntimeError, ValueError) as e:
         problems.append(DataError(f"{where} path {value!r} cannot be resolved ({e})", path=index,
                                   fix="write a valid relative path under the dataset root"))
         return None
-    if not inside:
-        problems.append(DataError(f"{where} path '{value}' points outside the dataset root {root}",
-                                  path=index, fix="keep every file under the root folder"))
+    if escape is not None:
+        problems.append(escape)
         return None
     if not found:
         problems.append(DataError(f"file listed in {where} of {index.name} not found", path=path,
