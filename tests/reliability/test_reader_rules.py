@@ -6,14 +6,18 @@ and a 1-sample dataset refused before `segment train` builds a model.
 from __future__ import annotations
 
 import os
+import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from reliability_helpers import invoke
 
 from todsynth.data.check import check_dataset
-from todsynth.data.readers import ROOT_FIX, open_dataset
+from todsynth.data.classes import ClassSpec
+from todsynth.data.readers import ROOT_FIX, MaskCodec, load_classes, open_dataset, read_image
 from todsynth.errors import DataError
 
 CLASSES = "names: [background, building, water]\n"
@@ -38,6 +42,37 @@ def folder(root: Path, n: int = 3) -> Path:
 def problems_at(data: Path, path: Path) -> list[str]:
     """The texts of the problems `check_dataset` reports for `path`."""
     return [str(p) for p in check_dataset(data).problems if p.path == path]
+
+
+def load_classes_text(tmp_path: Path) -> ClassSpec:
+    """The 3-class ClassSpec of CLASSES."""
+    (tmp_path / "classes.yaml").write_text(CLASSES)
+    return load_classes(tmp_path / "classes.yaml")
+
+
+def write_tiff(path: Path, array: np.ndarray, sample_format: int = 1) -> Path:
+    """A valid uncompressed little-endian TIFF of an HxW or HxWxC array (any band count and sample type)."""
+    array = array[..., None] if array.ndim == 2 else array
+    h, w, c = array.shape
+    pixels = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"))).tobytes()
+    shorts = {256: [w], 257: [h], 258: [array.dtype.itemsize * 8] * c, 259: [1], 262: [1], 277: [c], 278: [h],
+              284: [1], 339: [sample_format] * c}
+    tags = 2 + len(shorts)  # + StripOffsets (273), StripByteCounts (279) as LONGs
+    after_ifd = 8 + 2 + 12 * tags + 4
+    spilled = b"".join(struct.pack(f"<{len(v)}H", *v) for v in shorts.values() if len(v) > 2)
+    entries, spill_at = {}, after_ifd
+    for code, values in shorts.items():
+        if len(values) > 2:  # more than two SHORTs do not fit the entry: they follow the IFD
+            entries[code] = struct.pack("<HHII", code, 3, len(values), spill_at)
+            spill_at += 2 * len(values)
+        else:
+            entries[code] = struct.pack("<HHI", code, 3, len(values)) + struct.pack(f"<{len(values)}H",
+                                                                                    *values).ljust(4, b"\0")
+    entries[273] = struct.pack("<HHII", 273, 4, 1, after_ifd + len(spilled))
+    entries[279] = struct.pack("<HHII", 279, 4, 1, len(pixels))
+    ifd = struct.pack("<H", tags) + b"".join(entries[k] for k in sorted(entries)) + b"\0" * 4
+    path.write_bytes(b"II*\0" + struct.pack("<I", 8) + ifd + spilled + pixels)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,3 +134,56 @@ def test_dangling_link_is_a_problem_not_skipped(tmp_path: Path) -> None:
     os.symlink(root / "gone.png", root / "images" / "t1.png")
     problems = problems_at(root, root / "images" / "t1.png")
     assert problems and "link to a missing file" in problems[0], problems
+
+
+# ---------------------------------------------------------------------------------------------
+# One accurate message per kind of unusable file.
+
+@pytest.mark.parametrize("side", [40, 50], ids=["over_the_limit_warning", "over_twice_the_limit_error"])
+def test_images_over_the_pixel_limit_get_their_own_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          cli_app, side: int) -> None:
+    """Over PIL's pixel limit (a warning up to 2x, an error beyond) is refused alike, without PIL's raw text."""
+    root = folder(tmp_path / "ds")
+    big = _save(root / "images" / "t1.png", np.zeros((side, side, 3), np.uint8))
+    _save(root / "masks" / "t1.png", np.zeros((side, side), np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's DecompressionBombWarning must not escape
+        problems = problems_at(root, big)
+    assert problems and f"of {side * side:,} pixels exceeds PIL's pixel limit of 1,000" in problems[0], problems
+    assert "cut it into tiles" in problems[0] and "corrupt" not in problems[0]
+    result = invoke(cli_app, ["data", "check", str(root)])
+    assert result.exit_code == 2 and "cut it into tiles" in result.output
+    assert "DecompressionBomb" not in result.output and "decompression bomb DOS" not in result.output
+
+
+@pytest.mark.parametrize(("array", "sample_format", "words"), [
+    (np.zeros((8, 8, 13), np.uint16), 1, "13 band(s) of 16-bit unsigned-integer samples"),
+    (np.zeros((8, 8), np.float64), 3, "1 band(s) of 64-bit floating-point samples"),
+], ids=["13_band_uint16", "float64"])
+@pytest.mark.parametrize("role", ["image", "mask"])
+def test_valid_tiffs_pil_cannot_decode_are_not_called_corrupt(tmp_path: Path, array: np.ndarray,
+                                                              sample_format: int, words: str, role: str) -> None:
+    """A valid TIFF whose layout PIL cannot decode is described, not reported as corrupt or not an image."""
+    path = write_tiff(tmp_path / "x.tif", array, sample_format)
+    read = read_image if role == "image" else MaskCodec(load_classes_text(tmp_path)).read
+    with pytest.raises(DataError) as info:
+        read(path)
+    text = str(info.value)
+    assert words in text and "PIL cannot decode" in text and "corrupt" not in text, text
+    assert ("8-bit RGB" if role == "image" else "single-channel PNGs") in text
+    path.write_bytes(b"II*\0" + bytes(range(40)))  # no complete TIFF header: still "corrupt"
+    with pytest.raises(DataError, match="corrupt, truncated or not an image"):
+        read(path)
+
+
+def test_32_bit_mask_is_not_called_16_bit(tmp_path: Path) -> None:
+    """A mode-I mask holding a non-class value names its real depth."""
+    label = np.zeros((8, 8), np.int32)
+    label[0, 0] = 70000
+    path = tmp_path / "m.tif"
+    Image.fromarray(label).save(path)
+    assert Image.open(path).mode == "I"
+    with pytest.raises(DataError) as info:
+        MaskCodec(load_classes_text(tmp_path)).read(path)
+    assert "in a 32-bit integer mask (mode I)" in str(info.value) and "16-bit" not in str(info.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,11 @@ LAYOUTS = ("accepted layouts: a LoveDA root (<root>/Train/{Urban,Rural}/{images_
            "a folder with images/, masks/ and classes.yaml (masks/ only: label-only), or a .jsonl index")
 CLASSES_EXAMPLE = "e.g. 'names: [background, building, road]' with optional 'ignore_index: 255' and 'palette'"
 ROOT_FIX = "copy the file into the dataset, or point the dataset at the real folder"
+TIFF_MAGIC = (b"II*\0", b"MM\0*")
+TIFF_SAMPLE_FORMATS = {1: "unsigned-integer", 2: "signed-integer", 3: "floating-point", 4: "untyped"}
+MASK_DEPTHS = {"I;16": "16-bit", "I;16L": "16-bit", "I;16B": "16-bit", "I;16N": "16-bit", "I": "32-bit integer"}
+IMAGE_FIX = "export it as an 8-bit RGB PNG or TIFF"
+MASK_FIX = "save masks as single-channel PNGs of class indices (mode L or P)"
 
 
 def escapes_root(path: Path, root: Path, what: str, at: Path | None = None) -> DataError | None:
@@ -53,21 +59,81 @@ def _unreadable(what: str, path: Path, e: Exception) -> DataError:
                      f"({type(e).__name__}: {e})", path=path, fix="re-export the file or remove it")
 
 
-def _open_loaded(path: Path, what: str) -> Image:
-    """Open and fully decode one file with PIL; any failure becomes a DataError naming the file."""
+def _too_many_pixels(what: str, path: Path, e: Exception) -> DataError:
+    """The error for a file over PIL's decompression-bomb pixel limit (warning or error alike)."""
     from PIL import Image
 
+    found = re.search(r"\((\d+) pixels\)", str(e))
+    size = f" of {int(found.group(1)):,} pixels" if found else ""
+    return DataError(f"{what}{size} exceeds PIL's pixel limit of {Image.MAX_IMAGE_PIXELS:,} "
+                     "(PIL.Image.MAX_IMAGE_PIXELS, a guard against decompression bombs)", path=path,
+                     fix="cut it into tiles, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file")
+
+
+def _tiff_layout(path: Path) -> str | None:
+    """The sample layout a TIFF header declares, in words, or None unless the header parses cleanly and is complete."""
+    from PIL import TiffImagePlugin
+
     try:
-        im = Image.open(path)
-    except FileNotFoundError:
-        raise DataError(f"{what} file not found", path=path) from None
-    except Exception as e:  # PIL signals bad files with OSError, SyntaxError, ValueError, zlib/struct errors
-        raise _unreadable(what, path, e) from None
-    try:
-        im.load()
-    except Exception as e:
-        im.close()
-        raise _unreadable(what, path, e) from None
+        with open(path, "rb") as f, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            header = f.read(8)
+            if header[:4] not in TIFF_MAGIC:
+                return None
+            ifd = TiffImagePlugin.ImageFileDirectory_v2(header)
+            f.seek(ifd.next)
+            ifd.load(f)
+            bands = int(ifd.get(277, 1))
+            bits = sorted({int(b) for b in ifd.get(258, (1,))})
+            formats = sorted({TIFF_SAMPLE_FORMATS.get(int(v), f"format-{v}") for v in ifd.get(339, (1,))})
+            compression = int(ifd.get(259, 1))
+            complete = int(ifd.get(256, 0)) > 0 and int(ifd.get(257, 0)) > 0 and (273 in ifd or 324 in ifd)
+    except Exception:  # a header too broken to describe is reported as corrupt
+        return None
+    if caught or not complete:
+        return None
+    depth = "/".join(f"{b}-bit" for b in bits)
+    packed = "" if compression in TiffImagePlugin.COMPRESSION_INFO else f", compression {compression}"
+    return f"{bands} band(s) of {depth} {'/'.join(formats)} samples{packed}"
+
+
+def _unidentified(what: str, path: Path, e: Exception) -> DataError:
+    """The error for a file PIL does not recognise: a TIFF layout PIL cannot decode, else not an image."""
+    layout = _tiff_layout(path) if path.suffix.lower() in (".tif", ".tiff") else None
+    if layout is None:
+        return _unreadable(what, path, e)
+    return DataError(f"cannot read {what}: its TIFF header declares {layout}, a layout PIL cannot decode",
+                     path=path, fix=IMAGE_FIX if what == "image" else MASK_FIX)
+
+
+def _open_loaded(path: Path, what: str) -> Image:
+    """Open and fully decode one file with PIL; any failure becomes a DataError naming the file.
+
+    PIL's decompression-bomb warning is raised as an error, so every image over the pixel limit is refused
+    with one clear message instead of a raw warning.
+    """
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path)
+        except FileNotFoundError:
+            raise DataError(f"{what} file not found", path=path) from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise _too_many_pixels(what, path, e) from None
+        except Image.UnidentifiedImageError as e:
+            raise _unidentified(what, path, e) from None
+        except Exception as e:  # PIL signals bad files with OSError, SyntaxError, ValueError, zlib/struct errors
+            raise _unreadable(what, path, e) from None
+        try:
+            im.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            im.close()
+            raise _too_many_pixels(what, path, e) from None
+        except Exception as e:
+            im.close()
+            raise _unreadable(what, path, e) from None
     return im
 
 
@@ -139,8 +205,7 @@ class MaskCodec:
         if im.mode in COLOUR_MODES and self.palette is not None:
             return _colour_label(np.array(im), self.classes, path)
         if im.mode not in INDEX_MODES:
-            raise DataError(self._mode_problem(im.mode), path=path,
-                            fix="save masks as single-channel PNGs of class indices (mode L or P)")
+            raise DataError(self._mode_problem(im.mode), path=path, fix=MASK_FIX)
         raw = np.array(im).astype(np.int64)
         self._check_values(raw, path, im.mode)
         if self.encoding == "loveda":
@@ -168,7 +233,7 @@ class MaskCodec:
         if bad.size == 0:
             return
         values = np.unique(bad)
-        depth = f" in a 16-bit mask (mode {mode})" if mode in HIGH_BIT_MODES else ""
+        depth = f" in a {MASK_DEPTHS[mode]} mask (mode {mode})" if mode in MASK_DEPTHS else ""
         lossy = path.suffix.lower() in (".jpg", ".jpeg")
         fix = ("save masks as PNG: JPEG compression changes label values" if lossy
                else "fix the mask, or the class list in classes.yaml")
