@@ -177,6 +177,33 @@ def test_valid_tiffs_pil_cannot_decode_are_not_called_corrupt(tmp_path: Path, ar
         read(path)
 
 
+def test_many_classes_with_the_default_ignore_index_suggest_a_free_value(tmp_path: Path) -> None:
+    """300 classes collide with the default ignore index 255: say it is the default, suggest 65535."""
+    path = tmp_path / "classes.yaml"
+    path.write_text("names: [" + ", ".join(f"c{i}" for i in range(300)) + "]\n")
+    with pytest.raises(DataError) as info:
+        load_classes(path)
+    text = str(info.value)
+    assert "default ignore index 255" in text and "0..299" in text and "65535" in text, text
+    assert "e.g. 255" not in text
+    path.write_text("names: [" + ", ".join(f"c{i}" for i in range(300)) + "]\nignore_index: 7\n")
+    with pytest.raises(DataError, match="e.g. 65535"):
+        load_classes(path)
+
+
+def test_yaml_booleans_as_class_names_are_explained(tmp_path: Path) -> None:
+    """`names: [no, on, off]`: YAML reads booleans; the message says so and shows the quoting."""
+    path = tmp_path / "classes.yaml"
+    path.write_text("names: [no, on, off, water]\n")
+    with pytest.raises(DataError) as info:
+        load_classes(path)
+    text = str(info.value)
+    assert "booleans" in text and "[0, 1, 2]" in text and 'names: ["no", "on", "off"]' in text, text
+    path.write_text("names: [1, ~, water]\n")
+    with pytest.raises(DataError, match=r"\['int', 'NoneType'\], not strings"):
+        load_classes(path)
+
+
 def test_32_bit_mask_is_not_called_16_bit(tmp_path: Path) -> None:
     """A mode-I mask holding a non-class value names its real depth."""
     label = np.zeros((8, 8), np.int32)
