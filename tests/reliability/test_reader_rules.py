@@ -214,3 +214,19 @@ def test_32_bit_mask_is_not_called_16_bit(tmp_path: Path) -> None:
     with pytest.raises(DataError) as info:
         MaskCodec(load_classes_text(tmp_path)).read(path)
     assert "in a 32-bit integer mask (mode I)" in str(info.value) and "16-bit" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training needs batches of more than one sample.
+
+def test_segment_train_refuses_a_one_sample_dataset(cli_app, tmp_path: Path) -> None:
+    """One image: refused up front naming the dataset (exit 2), not a BatchNorm traceback."""
+    root = folder(tmp_path / "ds", n=1)
+    out = tmp_path / "out"
+    result = invoke(cli_app, ["segment", "train", "--data", str(root), "--out", str(out), "--arch", "segformer",
+                              "--encoder", "tu-mobilenetv3_small_050", "--size", "16", "--steps", "1",
+                              "--batch-size", "2", "--device", "cpu"])
+    assert result.exit_code == 2, (result.exit_code, result.output[-2000:], result.exception)
+    assert f"error: {root}: 1 training sample" in result.output and "add samples" in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists() or not any(out.rglob("*.safetensors"))
