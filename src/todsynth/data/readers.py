@@ -71,7 +71,7 @@ def _too_many_pixels(what: str, path: Path, e: Exception) -> DataError:
 
 
 def _tiff_layout(path: Path) -> str | None:
-    """The sample layout a TIFF header declares, in words, or None unless the header parses cleanly and is complete."""
+    """The sample layout a TIFF header declares, in words; None unless the header parses cleanly and completely."""
     from PIL import TiffImagePlugin
 
     try:
