@@ -8,6 +8,8 @@ from pathlib import Path
 from todsynth.errors import DataError
 
 IGNORE_INDEX = 255
+MAX_LABEL = 65535  # the largest value a 16-bit mask holds
+YAML_BOOLEAN_WORDS = "yes/no/on/off/true/false"
 
 LOVEDA_NAMES = ("background", "building", "road", "water", "barren", "forest", "agriculture")
 # LoveDA's conventional colour map (used for previews and palette masks).
@@ -34,8 +36,9 @@ class ClassSpec:
             raise DataError(f"palette has {len(self.palette)} colours for {len(self.names)} classes",
                             fix="give one [r, g, b] colour per class")
         if 0 <= self.ignore_index < len(self.names):
-            raise DataError(f"ignore index {self.ignore_index} collides with a class label",
-                            fix=f"use an ignore_index outside 0..{len(self.names) - 1}, e.g. 255")
+            raise DataError(f"ignore index {self.ignore_index} collides with a class label "
+                            f"({len(self.names)} classes use 0..{len(self.names) - 1})",
+                            fix=_free_ignore_fix(len(self.names)))
 
     @property
     def num_classes(self) -> int:
@@ -52,11 +55,17 @@ class ClassSpec:
             raise DataError("expected a mapping with a 'names' list", path=path,
                             fix="write e.g. 'names: [background, building]'")
         names = d["names"]
+        if isinstance(names, list):
+            _check_name_types(names, path)
         if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
             raise DataError("'names' must be a list of non-empty strings", path=path)
+        if "ignore_index" not in d and IGNORE_INDEX < len(names):
+            raise DataError(f"the default ignore index {IGNORE_INDEX} collides with a class label "
+                            f"({len(names)} classes use 0..{len(names) - 1})", path=path,
+                            fix=f"set 'ignore_index' in the classes file: {_free_ignore_fix(len(names))}")
         ignore = d.get("ignore_index", IGNORE_INDEX)
-        if not isinstance(ignore, int) or isinstance(ignore, bool) or not 0 <= ignore <= 65535:
-            raise DataError(f"'ignore_index' must be an integer in 0..65535, got {ignore!r}", path=path)
+        if not isinstance(ignore, int) or isinstance(ignore, bool) or not 0 <= ignore <= MAX_LABEL:
+            raise DataError(f"'ignore_index' must be an integer in 0..{MAX_LABEL}, got {ignore!r}", path=path)
         palette = d.get("palette")
         if palette is not None:
             ok = isinstance(palette, list) and all(
@@ -69,6 +78,35 @@ class ClassSpec:
             return cls(tuple(names), ignore, palette)
         except DataError as e:
             raise DataError(e.problem, path=path, fix=e.fix) from None
+
+
+def _free_ignore_index(num_classes: int) -> int | None:
+    """An ignore index no label of `num_classes` classes takes: 255 (fits 8-bit masks), else 65535 (16-bit)."""
+    if num_classes <= IGNORE_INDEX:
+        return IGNORE_INDEX
+    return MAX_LABEL if num_classes <= MAX_LABEL else None
+
+
+def _free_ignore_fix(num_classes: int) -> str:
+    """What to do when the ignore index is a class label: a value that does not collide."""
+    free = _free_ignore_index(num_classes)
+    if free is None:
+        return f"use at most {MAX_LABEL} classes: masks hold values up to {MAX_LABEL}"
+    return f"use an ignore_index outside 0..{num_classes - 1}, e.g. {free}"
+
+
+def _check_name_types(names: list, path: str | Path | None) -> None:
+    """Raise DataError naming class names YAML read as booleans, numbers or null instead of strings."""
+    flags = [i for i, n in enumerate(names) if isinstance(n, bool)]
+    if flags:
+        raise DataError(f"'names' entries {flags} (0-based) were read by YAML as booleans "
+                        f"{[names[i] for i in flags]}: unquoted {YAML_BOOLEAN_WORDS} are booleans in YAML",
+                        path=path, fix='quote them, e.g. names: ["no", "on", "off"]')
+    other = [i for i, n in enumerate(names) if not isinstance(n, str)]
+    if other:
+        raise DataError(f"'names' entries {other} (0-based) were read by YAML as "
+                        f"{[type(names[i]).__name__ for i in other]}, not strings", path=path,
+                        fix='quote them, e.g. names: ["1", "2", "null"]')
 
 
 LOVEDA = ClassSpec(LOVEDA_NAMES, IGNORE_INDEX, LOVEDA_PALETTE)

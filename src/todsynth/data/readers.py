@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,25 @@ HIGH_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 LAYOUTS = ("accepted layouts: a LoveDA root (<root>/Train/{Urban,Rural}/{images_png,masks_png}), "
            "a folder with images/, masks/ and classes.yaml (masks/ only: label-only), or a .jsonl index")
 CLASSES_EXAMPLE = "e.g. 'names: [background, building, road]' with optional 'ignore_index: 255' and 'palette'"
+ROOT_FIX = "copy the file into the dataset, or point the dataset at the real folder"
+TIFF_MAGIC = (b"II*\0", b"MM\0*")
+TIFF_SAMPLE_FORMATS = {1: "unsigned-integer", 2: "signed-integer", 3: "floating-point", 4: "untyped"}
+MASK_DEPTHS = {"I;16": "16-bit", "I;16L": "16-bit", "I;16B": "16-bit", "I;16N": "16-bit", "I": "32-bit integer"}
+IMAGE_FIX = "export it as an 8-bit RGB PNG or TIFF"
+MASK_FIX = "save masks as single-channel PNGs of class indices (mode L or P)"
+
+
+def escapes_root(path: Path, root: Path, what: str, at: Path | None = None) -> DataError | None:
+    """The one root rule of every reader: a DataError if `path` resolves outside `root` (via '..', an absolute
+    path or a symlink), else None; a dataset is the files under its root, so links out of it are refused.
+
+    `at` is the file the error names (default `path`). Resolving may raise OSError, RuntimeError (a symlink loop)
+    or ValueError (a NUL byte); the caller reports those.
+    """
+    target = path.resolve()
+    if target.is_relative_to(root.resolve()):
+        return None
+    return DataError(f"{what} points outside the dataset root {root} (to {target})", path=at or path, fix=ROOT_FIX)
 
 
 def _unreadable(what: str, path: Path, e: Exception) -> DataError:
@@ -39,21 +59,81 @@ def _unreadable(what: str, path: Path, e: Exception) -> DataError:
                      f"({type(e).__name__}: {e})", path=path, fix="re-export the file or remove it")
 
 
-def _open_loaded(path: Path, what: str) -> Image:
-    """Open and fully decode one file with PIL; any failure becomes a DataError naming the file."""
+def _too_many_pixels(what: str, path: Path, e: Exception) -> DataError:
+    """The error for a file over PIL's decompression-bomb pixel limit (warning or error alike)."""
     from PIL import Image
 
+    found = re.search(r"\((\d+) pixels\)", str(e))
+    size = f" of {int(found.group(1)):,} pixels" if found else ""
+    return DataError(f"{what}{size} exceeds PIL's pixel limit of {Image.MAX_IMAGE_PIXELS:,} "
+                     "(PIL.Image.MAX_IMAGE_PIXELS, a guard against decompression bombs)", path=path,
+                     fix="cut it into tiles, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file")
+
+
+def _tiff_layout(path: Path) -> str | None:
+    """The sample layout a TIFF header declares, in words; None unless the header parses cleanly and completely."""
+    from PIL import TiffImagePlugin
+
     try:
-        im = Image.open(path)
-    except FileNotFoundError:
-        raise DataError(f"{what} file not found", path=path) from None
-    except Exception as e:  # PIL signals bad files with OSError, SyntaxError, ValueError, zlib/struct errors
-        raise _unreadable(what, path, e) from None
-    try:
-        im.load()
-    except Exception as e:
-        im.close()
-        raise _unreadable(what, path, e) from None
+        with open(path, "rb") as f, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            header = f.read(8)
+            if header[:4] not in TIFF_MAGIC:
+                return None
+            ifd = TiffImagePlugin.ImageFileDirectory_v2(header)
+            f.seek(ifd.next)
+            ifd.load(f)
+            bands = int(ifd.get(277, 1))
+            bits = sorted({int(b) for b in ifd.get(258, (1,))})
+            formats = sorted({TIFF_SAMPLE_FORMATS.get(int(v), f"format-{v}") for v in ifd.get(339, (1,))})
+            compression = int(ifd.get(259, 1))
+            complete = int(ifd.get(256, 0)) > 0 and int(ifd.get(257, 0)) > 0 and (273 in ifd or 324 in ifd)
+    except Exception:  # a header too broken to describe is reported as corrupt
+        return None
+    if caught or not complete:
+        return None
+    depth = "/".join(f"{b}-bit" for b in bits)
+    packed = "" if compression in TiffImagePlugin.COMPRESSION_INFO else f", compression {compression}"
+    return f"{bands} band(s) of {depth} {'/'.join(formats)} samples{packed}"
+
+
+def _unidentified(what: str, path: Path, e: Exception) -> DataError:
+    """The error for a file PIL does not recognise: a TIFF layout PIL cannot decode, else not an image."""
+    layout = _tiff_layout(path) if path.suffix.lower() in (".tif", ".tiff") else None
+    if layout is None:
+        return _unreadable(what, path, e)
+    return DataError(f"cannot read {what}: its TIFF header declares {layout}, a layout PIL cannot decode",
+                     path=path, fix=IMAGE_FIX if what == "image" else MASK_FIX)
+
+
+def _open_loaded(path: Path, what: str) -> Image:
+    """Open and fully decode one file with PIL; any failure becomes a DataError naming the file.
+
+    PIL's decompression-bomb warning is raised as an error, so every image over the pixel limit is refused
+    with one clear message instead of a raw warning.
+    """
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path)
+        except FileNotFoundError:
+            raise DataError(f"{what} file not found", path=path) from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise _too_many_pixels(what, path, e) from None
+        except Image.UnidentifiedImageError as e:
+            raise _unidentified(what, path, e) from None
+        except Exception as e:  # PIL signals bad files with OSError, SyntaxError, ValueError, zlib/struct errors
+            raise _unreadable(what, path, e) from None
+        try:
+            im.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            im.close()
+            raise _too_many_pixels(what, path, e) from None
+        except Exception as e:
+            im.close()
+            raise _unreadable(what, path, e) from None
     return im
 
 
@@ -125,8 +205,7 @@ class MaskCodec:
         if im.mode in COLOUR_MODES and self.palette is not None:
             return _colour_label(np.array(im), self.classes, path)
         if im.mode not in INDEX_MODES:
-            raise DataError(self._mode_problem(im.mode), path=path,
-                            fix="save masks as single-channel PNGs of class indices (mode L or P)")
+            raise DataError(self._mode_problem(im.mode), path=path, fix=MASK_FIX)
         raw = np.array(im).astype(np.int64)
         self._check_values(raw, path, im.mode)
         if self.encoding == "loveda":
@@ -154,7 +233,7 @@ class MaskCodec:
         if bad.size == 0:
             return
         values = np.unique(bad)
-        depth = f" in a 16-bit mask (mode {mode})" if mode in HIGH_BIT_MODES else ""
+        depth = f" in a {MASK_DEPTHS[mode]} mask (mode {mode})" if mode in MASK_DEPTHS else ""
         lossy = path.suffix.lower() in (".jpg", ".jpeg")
         fix = ("save masks as PNG: JPEG compression changes label values" if lossy
                else "fix the mask, or the class list in classes.yaml")
@@ -281,7 +360,23 @@ def _natural_key(name: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def _files_by_stem(folder: Path, problems: list[DataError]) -> dict[str, Path]:
+def _listed_file(path: Path, root: Path, what: str, problems: list[DataError]) -> bool:
+    """Whether a listed entry is a usable file under `root`; links out of the root or to nothing are problems."""
+    try:
+        escape = escapes_root(path, root, what)
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+        problems.append(DataError(f"{what} cannot be resolved ({e})", path=path, fix="fix or remove the link"))
+        return False
+    if escape is not None:
+        problems.append(escape)
+        return False
+    if path.is_symlink() and not path.exists():
+        problems.append(DataError(f"{what} is a link to a missing file", path=path, fix="fix or remove the link"))
+        return False
+    return path.is_file()
+
+
+def _files_by_stem(folder: Path, root: Path, what: str, problems: list[DataError]) -> dict[str, Path]:
     """Image files of `folder` by stem; a second file with the same stem is a duplicate-id problem."""
     try:
         entries = sorted(folder.iterdir(), key=lambda p: _natural_key(p.name))
@@ -289,7 +384,9 @@ def _files_by_stem(folder: Path, problems: list[DataError]) -> dict[str, Path]:
         raise DataError(f"cannot list the folder: {e.strerror}", path=folder) from None
     found: dict[str, Path] = {}
     for path in entries:
-        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if not _listed_file(path, root, what, problems):
             continue
         if path.stem in found:
             problems.append(DataError(f"duplicate id '{path.stem}' (also {found[path.stem].name})", path=path,
@@ -299,18 +396,30 @@ def _files_by_stem(folder: Path, problems: list[DataError]) -> dict[str, Path]:
     return found
 
 
-def _pair_folders(image_dir: Path | None, mask_dir: Path,
+def _folder_problem(folder: Path, root: Path, what: str) -> DataError | None:
+    """Why a sample folder cannot be listed: missing, or outside the dataset root; None if it can."""
+    if not folder.is_dir():
+        return DataError(f"{what} folder is missing", path=folder, fix=LAYOUTS)
+    try:
+        return escapes_root(folder, root, f"{what} folder")
+    except (OSError, RuntimeError) as e:
+        return DataError(f"{what} folder cannot be resolved ({e})", path=folder, fix="fix or remove the link")
+
+
+def _pair_folders(root: Path, image_dir: Path | None, mask_dir: Path,
                   prefix: str = "") -> tuple[list[Item], list[DataError]]:
-    """Match images to masks by stem; unmatched files and missing folders are problems."""
+    """Match images to masks by stem; unmatched files, missing folders and links out of `root` are problems."""
     problems: list[DataError] = []
-    if not mask_dir.is_dir():
-        return [], [DataError("masks folder is missing", path=mask_dir, fix=LAYOUTS)]
-    masks = _files_by_stem(mask_dir, problems)
+    trouble = _folder_problem(mask_dir, root, "masks")
+    if trouble is not None:
+        return [], [trouble]
+    masks = _files_by_stem(mask_dir, root, "mask", problems)
     if image_dir is None:
         return [Item(prefix + stem, mask) for stem, mask in masks.items()], problems
-    if not image_dir.is_dir():
-        return [], problems + [DataError("images folder is missing", path=image_dir, fix=LAYOUTS)]
-    images = _files_by_stem(image_dir, problems)
+    trouble = _folder_problem(image_dir, root, "images")
+    if trouble is not None:
+        return [], problems + [trouble]
+    images = _files_by_stem(image_dir, root, "image", problems)
     problems += [DataError("image has no mask", path=path, fix=f"add its mask to {mask_dir} or remove it")
                  for stem, path in images.items() if stem not in masks]
     problems += [DataError("mask has no image", path=path, fix=f"add its image to {image_dir} or remove it")
@@ -361,7 +470,7 @@ class LoveDADataset(BaseDataset):
         problems: list[DataError] = []
         for d in present:
             image_dir = None if label_only else split_dir / d / "images_png"
-            found, trouble = _pair_folders(image_dir, split_dir / d / "masks_png", prefix=f"{d}/")
+            found, trouble = _pair_folders(root, image_dir, split_dir / d / "masks_png", prefix=f"{d}/")
             items += found
             problems += trouble
         super().__init__(root, LOVEDA, items, label_only=label_only, codec=MaskCodec(LOVEDA, "loveda"),
@@ -380,7 +489,7 @@ class FolderDataset(BaseDataset):
             raise DataError("dataset folder not found", path=root)
         classes = classes or load_classes(root / CLASSES_FILE)
         label_only = not (root / "images").is_dir()
-        items, problems = _pair_folders(None if label_only else root / "images", root / "masks")
+        items, problems = _pair_folders(root, None if label_only else root / "images", root / "masks")
         super().__init__(root, classes, items, label_only=label_only, codec=MaskCodec(classes),
                          prompt_fn=prompt_fn, problems=problems, strict=strict)
 
@@ -392,15 +501,14 @@ def _index_path(root: Path, value: Any, where: str, index: Path, problems: list[
         return None
     path = Path(value) if Path(value).is_absolute() else root / value
     try:  # NUL bytes, lone surrogates and over-long names make the OS calls raise
-        inside = path.resolve().is_relative_to(root.resolve())
-        found = inside and path.is_file()
+        escape = escapes_root(path, root, f"{where} path '{value}'", at=index)
+        found = escape is None and path.is_file()
     except (OSError, RuntimeError, ValueError) as e:
         problems.append(DataError(f"{where} path {value!r} cannot be resolved ({e})", path=index,
                                   fix="write a valid relative path under the dataset root"))
         return None
-    if not inside:
-        problems.append(DataError(f"{where} path '{value}' points outside the dataset root {root}",
-                                  path=index, fix="keep every file under the root folder"))
+    if escape is not None:
+        problems.append(escape)
         return None
     if not found:
         problems.append(DataError(f"file listed in {where} of {index.name} not found", path=path,

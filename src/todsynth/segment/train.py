@@ -28,6 +28,7 @@ from todsynth.segment.model import ARCHS, Segmenter, SegmenterConfig
 STATE_FILE = "state.safetensors"
 RUN_FILE = "run.json"
 STEP_FILE = "step.json"
+MIN_TRAIN_SAMPLES = 2  # batches are cut full (drop_last) or hold all samples when fewer
 # Settings that may change between a run and its resumption without changing the trajectory.
 RESUME_FREE_KEYS = frozenset({"out", "val", "val_split", "eval_batch_size", "num_workers", "device",
                               "log_every", "checkpoint_every"})
@@ -404,7 +405,12 @@ def _training_data(samples: Sequence[Sample] | Dataset, synthetic: Sequence[Samp
     if len(real) == 0:
         raise DataError("no training samples")
     syn = None if synthetic is None else _as_train_dataset(synthetic, cfg)
-    return mix_real_synthetic(real, syn, cfg.synthetic_ratio, cfg.repeat_real, cfg.seed)
+    data = mix_real_synthetic(real, syn, cfg.synthetic_ratio, cfg.repeat_real, cfg.seed)
+    if len(data) < MIN_TRAIN_SAMPLES:  # every batch would hold one sample: batch norm cannot train on that
+        raise DataError(f"{len(data)} training sample; training needs at least {MIN_TRAIN_SAMPLES} "
+                        "(batch-norm layers cannot train on batches of one)", path=getattr(samples, "root", None),
+                        fix=f"add samples, at least {MIN_TRAIN_SAMPLES}")
+    return data
 
 
 def _start_or_resume(checkpointer: Checkpointer | None, resume: bool, model: Segmenter, optimizer: Any,
