@@ -7,16 +7,21 @@ leaves either the previous or the new checkpoint, never a half-written one.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from torch import nn
+from torch.utils._device import DeviceContext
 
 from todsynth.errors import CheckpointError
-from todsynth.io import load_weights, read_json, save_weights, write_json
+from todsynth.io import load_weights, read_json, save_weights, weight_shapes, write_json
 
 STATE_TENSORS = "state.safetensors"
 STATE_INFO = "state.json"
+UNSTORED_BUDGET = 256 * 2**20  # bytes of buffers not in the weights (e.g. position tables) always allowed
+M = TypeVar("M", bound=nn.Module)
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optim.") -> dict[str, torch.Tensor]:
@@ -74,3 +79,71 @@ def config_differences(saved: dict, current: dict, ignore: set[str]) -> list[str
     """Settings that differ between a checkpoint's run and this one (keys in `ignore` may change)."""
     keys = sorted((set(saved) | set(current)) - ignore)
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+
+
+class _ShapesOnly(DeviceContext):
+    """torch.device("meta") for building a model, except the factories whose values model code reads back.
+
+    smp's MiT encoder calls .item() on a torch.linspace, which meta tensors cannot answer; such small
+    tensors made from Python numbers stay on the CPU, every other factory (weights, buffers) makes meta tensors.
+    """
+
+    VALUE_FACTORIES = frozenset({torch.linspace, torch.logspace, torch.tensor, torch.as_tensor, torch.asarray,
+                                 torch.scalar_tensor})
+
+    def __init__(self) -> None:
+        super().__init__("meta")
+
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        """Send the value factories to the CPU, the rest to the meta device."""
+        kwargs = dict(kwargs or {})
+        if func in self.VALUE_FACTORIES and kwargs.get("device") is None:
+            kwargs["device"] = "cpu"
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def build_on_meta(build: Callable[[], M]) -> M:
+    """Run `build` with its weights and buffers on the meta device: the model's shapes, no memory for them."""
+    with _ShapesOnly():
+        return build()
+
+
+def check_against_header(model: nn.Module, weights_path: str | Path, config_path: str | Path) -> None:
+    """Refuse, naming `config_path`, a model (built on meta from it) whose tensors differ from the weights' header.
+
+    Also refuses buffers the weights do not hold (e.g. a position table) that would need more memory than
+    the weights themselves and UNSTORED_BUDGET, since their sizes come from the config alone.
+    """
+    weights_path = Path(weights_path)
+    found = weight_shapes(weights_path)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = [f"{k}: config {list(expected[k])} vs weights {list(found[k])}"
+              for k in sorted(set(expected) & set(found)) if expected[k] != found[k]]
+    if missing or unexpected or shapes:
+        detail = "; ".join(f"{label}: {', '.join(items[:3])}{' …' if len(items) > 3 else ''}" for label, items in
+                           (("shape mismatch", shapes), ("not in the weights", missing),
+                            ("not in the config's model", unexpected)) if items)
+        raise CheckpointError(f"the sizes it gives do not match the weights in {weights_path} ({detail})",
+                              path=config_path, fix="use the config.json saved with these weights")
+    unstored = {name: b.numel() * b.element_size() for name, b in model.named_buffers() if name not in expected}
+    limit = max(weights_path.stat().st_size, UNSTORED_BUDGET)
+    if sum(unstored.values()) > limit:
+        biggest = max(unstored, key=unstored.__getitem__)
+        raise CheckpointError(f"the sizes it gives need {sum(unstored.values()) / 2**30:.1f} GiB of tensors the "
+                              f"weights do not hold (e.g. {biggest} {list(model.get_buffer(biggest).shape)})",
+                              path=config_path, fix="use the config.json saved with these weights")
+
+
+def load_pretrained(build: Callable[[], M], weights_path: str | Path, config_path: str | Path) -> M:
+    """Build a model from its config and load its weights, checking the config against the weights' header first.
+
+    The config's sizes are compared on the meta device, so a config.json edited to huge sizes is refused
+    before its model is allocated.
+    """
+    check_against_header(build_on_meta(build), weights_path, config_path)
+    model = build()
+    model.load_state_dict(load_weights(weights_path))
+    return model

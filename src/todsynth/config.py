@@ -9,13 +9,16 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from todsynth.errors import ConfigError
+from todsynth.errors import CheckpointError, ConfigError, TodsynthError
 
 C = TypeVar("C")
 
 
-def _coerce(name: str, value: Any, tp: Any, source: str) -> Any:
-    """Convert a YAML/CLI value to the field's declared type, or raise ConfigError naming the key."""
+def _coerce(name: str, value: Any, tp: Any, source: str, strict: bool = False) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise ConfigError naming the key.
+
+    `strict` (JSON files the program wrote) converts nothing: "7" is no integer and 2.0 no count.
+    """
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -26,10 +29,12 @@ def _coerce(name: str, value: Any, tp: Any, source: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(name, value, a, source)
+                return _coerce(name, value, a, source, strict)
             except ConfigError as e:
                 errors.append(e)
         raise errors[0]
+    if strict:
+        return _check_exact(name, value, tp, source)
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"'{name}' must be one of {list(args)}, got {value!r}", path=source)
@@ -75,18 +80,50 @@ def _coerce(name: str, value: Any, tp: Any, source: str) -> Any:
         return str(value)
     if tp is Path:
         return Path(value)
+    if origin is dict and not isinstance(value, dict):
+        raise ConfigError(f"'{name}' must be a mapping, got {value!r}", path=source)
     return value
 
 
-def build_config(cls: type[C], values: dict[str, Any] | None = None, source: str = "config") -> C:
-    """Create `cls` from a mapping: unknown keys and wrongly typed values raise ConfigError."""
+_EXACT_TYPES: dict[Any, tuple[tuple[type, ...], str]] = {
+    int: ((int,), "an integer"), float: ((int, float), "a number"), bool: ((bool,), "true or false"),
+    str: ((str,), "a string"), Path: ((str,), "a path string")}
+
+
+def _check_exact(name: str, value: Any, tp: Any, source: str) -> Any:
+    """Return `value` if it already has the declared type (JSON lists become tuples), else raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{name}' must be a list, got {value!r}", path=source)
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
+        return origin(_coerce(name, v, inner, source, strict=True) for v in value)
+    if tp in _EXACT_TYPES:
+        accepted, kind = _EXACT_TYPES[tp]
+        if not isinstance(value, accepted) or (isinstance(value, bool) and tp is not bool):
+            raise ConfigError(f"'{name}' must be {kind}, got {value!r}", path=source)
+    return _coerce(name, value, tp, source)
+
+
+def build_config(cls: type[C], values: dict[str, Any] | None = None, source: str = "config",
+                 strict: bool = False) -> C:
+    """Create `cls` from a mapping: unknown or missing keys and wrongly typed values raise ConfigError.
+
+    `strict` refuses values of another type instead of converting them (see `_coerce`).
+    """
     values = dict(values or {})
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
     unknown = sorted(str(k) for k in set(values) - names)
     if unknown:
         raise ConfigError(f"unknown setting(s) {unknown}; known: {sorted(names)}", path=source)
-    kwargs = {k: _coerce(k, v, hints[k], source) for k, v in values.items()}
+    missing = [f.name for f in fields if f.name not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing setting(s) {missing}", path=source)
+    kwargs = {k: _coerce(k, v, hints[k], source, strict) for k, v in values.items()}
     cfg = cls(**kwargs)
     validate = getattr(cfg, "validate", None)
     if validate is not None:
@@ -136,7 +173,23 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def require(cond: bool, message: str, source: str = "config") -> None:
+def config_from_file(cls: type[C], data: Any, path: str | Path, fix: str) -> C:
+    """Build `cls` from a model file's JSON content with build_config's checks and strict types.
+
+    Model folders (segmenter config.json, generator pipeline.json and transformer/config.json) are read
+    through here, so one place checks their keys, types and ranges; any problem is a CheckpointError
+    naming `path`, with `fix` unless the check gave a more specific one.
+    """
+    if not isinstance(data, dict):
+        raise CheckpointError(f"expected a JSON object of setting: value, got {type(data).__name__}",
+                              path=path, fix=fix)
+    try:
+        return build_config(cls, data, str(path), strict=True)
+    except TodsynthError as e:
+        raise CheckpointError(e.problem, path=path, fix=e.fix or fix) from None
+
+
+def require(cond: bool, message: str, source: str = "config", fix: str | None = None) -> None:
     """Raise ConfigError(message) unless `cond`; used by the configs' validate() methods."""
     if not cond:
-        raise ConfigError(message, path=source)
+        raise ConfigError(message, path=source, fix=fix)

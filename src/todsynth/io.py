@@ -82,11 +82,8 @@ def save_weights(path: str | Path, tensors: dict, metadata: dict[str, str] | Non
         save_file(tensors, str(tmp), metadata=metadata)
 
 
-def load_weights(path: str | Path) -> dict:
-    """Load a safetensors state dict; pickle formats are refused, corrupt files named."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def _weights_file(path: str | Path) -> Path:
+    """`path` as a Path, refusing pickle formats and missing files with a CheckpointError naming it."""
     path = Path(path)
     if path.suffix.lower() in REFUSED_WEIGHT_SUFFIXES:
         raise CheckpointError(f"'{path.suffix}' is a pickle format, which todsynth never loads",
@@ -94,8 +91,30 @@ def load_weights(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError("weight file not found", path=path,
                               fix="check the path (weights are read from .safetensors files only)")
+    return path
+
+
+def load_weights(path: str | Path) -> dict:
+    """Load a safetensors state dict; pickle formats are refused, corrupt files named."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = _weights_file(path)
     try:
         return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"not a readable safetensors file: {e}", path=path,
+                              fix="re-save the weights with safetensors") from e
+
+
+def weight_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a safetensors file, read from its header (no tensor data is loaded)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = _weights_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"not a readable safetensors file: {e}", path=path,
                               fix="re-save the weights with safetensors") from e

@@ -90,9 +90,9 @@ def test_config_mismatch(model, tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg.update(num_classes=5, class_names=None)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="do not match config.json") as e:
+    with pytest.raises(CheckpointError, match="do not match the weights") as e:
         Segmenter.from_pretrained(tmp_path)
-    assert e.value.path == tmp_path / "model.safetensors"
+    assert e.value.path == tmp_path / "config.json"
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "arch": "nope"}))
     with pytest.raises(CheckpointError, match="unknown arch"):
         Segmenter.from_pretrained(tmp_path)

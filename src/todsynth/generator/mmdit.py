@@ -77,15 +77,6 @@ class MMDiTConfig:
         d["dual_attention_layers"] = list(self.dual_attention_layers)
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "MMDiTConfig":
-        d = dict(d)
-        d["dual_attention_layers"] = tuple(d.get("dual_attention_layers", ()))
-        known = set(cls.__dataclass_fields__)
-        cfg = cls(**{k: v for k, v in d.items() if k in known})
-        cfg.validate()
-        return cfg
-
 
 # ---------------------------------------------------------------------------------------------
 # Embeddings
@@ -503,22 +494,29 @@ class MaskControlMMDiT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "MaskControlMMDiT":
-        """Load a model written by save_pretrained; a foreign or mismatching checkpoint is a CheckpointError."""
-        from todsynth.io import load_weights, read_json
+        """Load a model written by save_pretrained; a foreign or mismatching checkpoint is a CheckpointError.
+
+        config.json is type-checked like any config and compared with the weights' header before the model
+        is built, so its sizes cannot make the loader allocate more than the weights hold.
+        """
+        from todsynth.checkpoint import load_pretrained
+        from todsynth.config import config_from_file
+        from todsynth.io import read_json, weight_shapes
 
         directory = Path(directory)
-        raw = read_json(directory / CONFIG_NAME)
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        raw = read_json(config_path)
         if not isinstance(raw, dict) or raw.get("_class_name") != cls.__name__:
-            raise CheckpointError(f"not a {cls.__name__} config", path=directory / CONFIG_NAME,
+            raise CheckpointError(f"not a {cls.__name__} config", path=config_path,
                                   fix="point to a folder written by MaskControlMMDiT.save_pretrained")
-        try:
-            config = MMDiTConfig.from_dict(raw)
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"invalid config: {e}", path=directory / CONFIG_NAME) from e
-        model = cls(config)
-        state = load_weights(directory / WEIGHTS_NAME)
-        load_state_strict(model, state, directory / WEIGHTS_NAME)
-        return model
+        config = config_from_file(MMDiTConfig, {k: v for k, v in raw.items() if k != "_class_name"}, config_path,
+                                  fix="use the config.json saved with these weights, or fix the setting")
+        tensors = len(weight_shapes(weights_path))
+        if config.num_layers > tensors:  # each layer holds tensors; refused before looping over the layers
+            raise CheckpointError(f"num_layers {config.num_layers} but the weights in {weights_path} hold only "
+                                  f"{tensors} tensors", path=config_path,
+                                  fix="use the config.json saved with these weights")
+        return load_pretrained(lambda: cls(config), weights_path, config_path)
 
 
 def load_state_strict(model: nn.Module, state: dict, path: Path) -> None:

@@ -3,7 +3,7 @@ training and sampling, and plain (or CRFM-corrected) Euler flow sampling with cl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,12 +11,33 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from todsynth.config import config_from_file, require
 from todsynth.data.classes import ClassSpec
-from todsynth.errors import CheckpointError
+from todsynth.errors import CheckpointError, TodsynthError
 from todsynth.generator.flow import Corrector, euler_sample, flow_sigmas, predict_x0
 from todsynth.generator.mmdit import MaskControlMMDiT
 
 PIPELINE_FILE = "pipeline.json"
+DEFAULT_PROMPT = "a satellite image of {classes}"
+RESAVE_FIX = "save the generator again, or fix the setting"
+
+
+@dataclass
+class PipelineFile:
+    """The settings of a generator's pipeline.json, checked like any config (keys, types, ranges) when read."""
+
+    autoencoder: dict[str, Any]
+    text_encoder: dict[str, Any]
+    classes: dict[str, Any]
+    image_size: int
+    prompt_template: str = DEFAULT_PROMPT
+
+    def validate(self) -> None:
+        """Image size >= 1 and a `kind` for the autoencoder and the text encoder."""
+        require(self.image_size >= 1, f"'image_size' must be >= 1, got {self.image_size}")
+        for name in ("autoencoder", "text_encoder"):
+            kind = getattr(self, name).get("kind")
+            require(isinstance(kind, str), f"'{name}' needs a 'kind' (a string), got {kind!r}")
 
 
 @dataclass
@@ -177,10 +198,29 @@ class MaskToImagePipeline:
         if not isinstance(meta, dict) or meta.get("_class_name") != cls.__name__:
             raise CheckpointError("not a todsynth generator folder", path=directory / PIPELINE_FILE,
                                   fix="point to a folder written by `todsynth generator train`")
+        settings = config_from_file(PipelineFile, {k: v for k, v in meta.items() if k != "_class_name"},
+                                    directory / PIPELINE_FILE, fix=RESAVE_FIX)
+        classes = ClassSpec.from_dict(settings.classes, path=directory / PIPELINE_FILE)
         transformer = MaskControlMMDiT.from_pretrained(directory / "transformer")
-        ae_cfg, te_cfg = dict(meta["autoencoder"]), dict(meta["text_encoder"])
-        autoencoder = load_autoencoder(ae_cfg.pop("kind"), **ae_cfg)
-        text_encoder = load_text_encoder(te_cfg.pop("kind"), **te_cfg)
-        classes = ClassSpec.from_dict(meta["classes"], path=directory / PIPELINE_FILE)
-        return cls(transformer, autoencoder, text_encoder, classes, int(meta["image_size"]),
-                   meta.get("prompt_template", "a satellite image of {classes}")).to(device)
+        autoencoder = _load_part(load_autoencoder, "autoencoder", settings.autoencoder, directory / PIPELINE_FILE)
+        text_encoder = _load_part(load_text_encoder, "text_encoder", settings.text_encoder, directory / PIPELINE_FILE)
+        return cls(transformer, autoencoder, text_encoder, classes, settings.image_size,
+                   settings.prompt_template).to(device)
+
+
+def _load_part(loader: Callable[..., Any], name: str, settings: dict[str, Any], path: Path) -> Any:
+    """Call `loader(kind, **settings)` for a pipeline.json entry, naming pipeline.json in what it refuses."""
+    import inspect
+
+    settings = dict(settings)
+    kind = settings.pop("kind")
+    try:
+        inspect.signature(loader).bind(kind, **settings)
+    except TypeError as e:
+        raise CheckpointError(f"'{name}': {e}", path=path, fix=RESAVE_FIX) from None
+    try:
+        return loader(kind, **settings)
+    except TodsynthError as e:
+        if e.path is not None:
+            raise
+        raise CheckpointError(f"'{name}': {e.problem}", path=path, fix=e.fix or RESAVE_FIX) from None

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from todsynth.config import require
-from todsynth.errors import CheckpointError, TodsynthError
+from todsynth.checkpoint import load_pretrained
+from todsynth.config import config_from_file, require
+from todsynth.errors import CheckpointError, ConfigError, TodsynthError
 from todsynth.io import load_weights, read_json, save_weights, write_json
 
 ARCHS = ("unet", "deeplabv3plus", "segformer", "fpn")
@@ -21,6 +22,22 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PAD_MULTIPLE = 32
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+ENCODER_FIX = "choose an smp encoder (e.g. resnet18, mit_b0, efficientnet-b0) or a timm one as 'tu-<model>'"
+FOLDER_FIX = "point at a folder written by Segmenter.save_pretrained"
+
+
+def check_encoder(name: str | None, source: str = "config") -> None:
+    """Raise ConfigError unless `name` is an smp encoder or 'tu-' + a timm model (None = the default)."""
+    if name is None:
+        return
+    from segmentation_models_pytorch.encoders import encoders
+
+    known = name in encoders
+    if not known and name.startswith("tu-"):
+        import timm
+
+        known = timm.is_model(name[3:])
+    require(known, f"unknown encoder {name!r}", source, fix=ENCODER_FIX)
 
 
 @dataclass
@@ -38,6 +55,7 @@ class SegmenterConfig:
     def validate(self) -> None:
         """Reject unknown architectures and inconsistent class settings."""
         require(self.arch in ARCHS, f"unknown arch {self.arch!r}; choose one of {list(ARCHS)}")
+        check_encoder(self.encoder)
         require(self.num_classes >= 1, f"num_classes must be >= 1, got {self.num_classes}")
         require(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels}")
         require(self.class_names is None or len(self.class_names) == self.num_classes,
@@ -56,20 +74,10 @@ class SegmenterConfig:
 
     @classmethod
     def from_dict(cls, d: dict, path: str | Path | None = None) -> SegmenterConfig:
-        """Build from `config.json` content; unknown or missing keys raise CheckpointError naming `path`."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(d, dict) or set(d) - names:
-            raise CheckpointError("not a segmenter config (expected a mapping of known keys)", path=path,
-                                  fix="point at a folder written by Segmenter.save_pretrained")
-        d = dict(d)
-        if d.get("class_names") is not None:
-            d["class_names"] = tuple(d["class_names"])
-        try:
-            cfg = cls(**d)
-            cfg.validate()
-        except (TodsynthError, TypeError) as e:
-            raise CheckpointError(f"invalid segmenter config: {getattr(e, 'problem', e)}", path=path) from None
-        return cfg
+        """Build from `config.json` content; unknown keys, wrong types or values raise CheckpointError naming `path`."""
+        if isinstance(d, dict) and "_class_name" in d:
+            raise CheckpointError(f"not a segmenter config (a {d['_class_name']} config)", path=path, fix=FOLDER_FIX)
+        return config_from_file(cls, d, path or CONFIG_NAME, fix="save the model again, or fix the setting")
 
 
 class Segmenter(nn.Module):
@@ -84,8 +92,12 @@ class Segmenter(nn.Module):
         if config.encoder_weights_file:
             encoder_state = load_weights(config.encoder_weights_file)
         self.config = config
-        self.net = smp.create_model(config.arch, encoder_name=config.encoder_name, encoder_weights=None,
-                                    in_channels=config.in_channels, classes=config.num_classes)
+        try:
+            self.net = smp.create_model(config.arch, encoder_name=config.encoder_name, encoder_weights=None,
+                                        in_channels=config.in_channels, classes=config.num_classes)
+        except (KeyError, ValueError) as e:  # smp's word on encoder/arch pairs it cannot build
+            raise ConfigError(f"cannot build {config.arch} with encoder {config.encoder_name!r}: {_first_line(e)}",
+                              path="config", fix=ENCODER_FIX) from None
         mean, std = _normalisation(config.in_channels)
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
@@ -127,20 +139,17 @@ class Segmenter(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, expect: SegmenterConfig | None = None) -> Segmenter:
-        """Load a saved segmenter; a missing file, foreign weights or a config differing from `expect` raise."""
+        """Load a saved segmenter; a missing file, foreign weights or a config differing from `expect` raise.
+
+        config.json is compared with the weights' header before the model is built, so its sizes cannot
+        make the loader allocate more than the weights hold.
+        """
         directory = Path(directory)
         config = _read_config(directory / CONFIG_NAME)
         if expect is not None:
             _check_expected(config, expect, directory / CONFIG_NAME)
-        state = load_weights(directory / WEIGHTS_NAME)
-        model = cls(dataclasses.replace(config, encoder_weights_file=None))
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise CheckpointError(f"weights do not match config.json: {_first_line(e)}",
-                                  path=directory / WEIGHTS_NAME,
-                                  fix="save the model again or use its own config.json") from None
-        return model
+        config = dataclasses.replace(config, encoder_weights_file=None)
+        return load_pretrained(lambda: cls(config), directory / WEIGHTS_NAME, directory / CONFIG_NAME)
 
 
 def _read_config(path: Path) -> SegmenterConfig:

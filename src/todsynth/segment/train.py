@@ -23,7 +23,7 @@ from todsynth.data.torchdata import SegTorchDataset, mix_real_synthetic, set_epo
 from todsynth.errors import CheckpointError, ConfigError, DataError, TodsynthError
 from todsynth.io import load_weights, read_json, save_weights, write_json
 from todsynth.segment.metrics import ConfusionAccumulator, SegMetrics
-from todsynth.segment.model import ARCHS, Segmenter, SegmenterConfig
+from todsynth.segment.model import ARCHS, Segmenter, SegmenterConfig, check_encoder
 
 STATE_FILE = "state.safetensors"
 RUN_FILE = "run.json"
@@ -79,6 +79,7 @@ class SegmentTrainConfig:
     def validate(self) -> None:
         """Reject unknown choices, negative counts and non-finite numbers."""
         require(self.arch in ARCHS, f"unknown arch {self.arch!r}; choose one of {list(ARCHS)}")
+        check_encoder(self.encoder)
         require(self.optimizer == "adamw", f"optimizer must be 'adamw', got {self.optimizer!r}")
         require(self.schedule in ("poly", "cosine"), f"schedule must be poly or cosine, got {self.schedule!r}")
         require(self.class_weights in CLASS_WEIGHTINGS,
@@ -548,6 +549,9 @@ def evaluate_segmenter(model: Segmenter, dataset_or_path: str | Path | Sequence[
                        batch_size: int = 8, size: int | None = None, split: str = "Val",
                        device: torch.device | str | None = None) -> SegMetrics:
     """Metrics over a whole dataset (one confusion matrix); predicts at `size` and scores at native size."""
+    require(batch_size >= 1, f"'batch_size' must be >= 1, got {batch_size!r}", fix="give a batch size >= 1")
+    require(size is None or size >= 1, f"'size' must be >= 1, got {size!r}",
+            fix="give a tile size >= 1, or leave it out to predict at the native size")
     data = _eval_dataset(dataset_or_path, split, model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training, original = model.training, next(model.parameters()).device
