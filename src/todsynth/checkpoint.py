@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
-from torch.utils._device import DeviceContext
+from torch.overrides import TorchFunctionMode
 
 from todsynth.errors import CheckpointError
 from todsynth.io import load_weights, read_json, save_weights, weight_shapes, write_json
@@ -81,8 +81,8 @@ def config_differences(saved: dict, current: dict, ignore: set[str]) -> list[str
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
 
 
-class _ShapesOnly(DeviceContext):
-    """torch.device("meta") for building a model, except the factories whose values model code reads back.
+class _ValuesOnCPU(TorchFunctionMode):
+    """Inside `torch.device("meta")`: the factories whose values model code reads back stay on the CPU.
 
     smp's MiT encoder calls .item() on a torch.linspace, which meta tensors cannot answer; such small
     tensors made from Python numbers stay on the CPU, every other factory (weights, buffers) makes meta tensors.
@@ -91,21 +91,18 @@ class _ShapesOnly(DeviceContext):
     VALUE_FACTORIES = frozenset({torch.linspace, torch.logspace, torch.tensor, torch.as_tensor, torch.asarray,
                                  torch.scalar_tensor})
 
-    def __init__(self) -> None:
-        super().__init__("meta")
-
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
-        """Send the value factories to the CPU, the rest to the meta device."""
+        """Send the value factories to the CPU; the meta device context below handles the rest."""
         kwargs = dict(kwargs or {})
         if func in self.VALUE_FACTORIES and kwargs.get("device") is None:
             kwargs["device"] = "cpu"
-        return super().__torch_function__(func, types, args, kwargs)
+        return func(*args, **kwargs)
 
 
 def build_on_meta(build: Callable[[], M]) -> M:
     """Run `build` with its weights and buffers on the meta device: the model's shapes, no memory for them."""
-    with _ShapesOnly():
+    with torch.device("meta"), _ValuesOnCPU():
         return build()
 
 
