@@ -22,14 +22,16 @@ def _coerce(name: str, value: Any, tp: Any, source: str) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        for a in args:
-            if a is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        for a in options:
             try:
                 return _coerce(name, value, a, source)
             except ConfigError as e:
                 errors.append(e)
-        raise errors[0]
+        if len(options) == 1:
+            raise errors[0]
+        raise ConfigError(f"'{name}' must be {' or '.join(_describe(a) for a in options)}, got {value!r}",
+                          path=source)
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"'{name}' must be one of {list(args)}, got {value!r}", path=source)
@@ -76,6 +78,16 @@ def _coerce(name: str, value: Any, tp: Any, source: str) -> Any:
     if tp is Path:
         return Path(value)
     return value
+
+
+def _describe(tp: Any) -> str:
+    """What a value of the declared type `tp` looks like, for messages listing every accepted kind."""
+    if typing.get_origin(tp) is typing.Literal:
+        return ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (tuple, list):
+        return "a list"
+    names = {bool: "true, false", int: "an integer", float: "a number", str: "a string", Path: "a path"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def build_config(cls: type[C], values: dict[str, Any] | None = None, source: str = "config") -> C:
