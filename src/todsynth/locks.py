@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Literal
 
-from todsynth.errors import TodsynthError
+from todsynth.errors import ConfigError, TodsynthError
 
 RUN_LOCK = "run.lock"
 # What a finished or checkpointed training run leaves in its folder: a new run must not silently replace it.
@@ -82,6 +84,30 @@ def read_owner(lock: Path) -> str:
 def existing_run(folder: Path) -> list[str]:
     """The run outputs (RUN_MARKERS) present in `folder`: non-empty means a run was checkpointed or finished there."""
     return [name for name in RUN_MARKERS if (folder / name).exists()]
+
+
+def check_run_folder(folder: Path, resume: bool | Literal["auto"], overwrite: bool, outputs: Iterable[str],
+                     remove: bool = True) -> None:
+    """Refuse to start a new run over an earlier one unless asked: with `overwrite`, its `outputs` are removed.
+
+    Called with the folder's run lock held. A folder holding a checkpoint or a finished model is continued
+    (resume) or replaced (overwrite), never silently overwritten; `remove=False` only checks (non-main processes).
+    """
+    if overwrite and resume is not False:
+        raise ConfigError("overwrite and resume exclude each other",
+                          fix="give --resume to continue the run in --out, or --overwrite to replace it")
+    found = existing_run(folder)
+    if found and resume is False and not overwrite:
+        raise ConfigError(f"the folder holds an earlier run ({', '.join(found)}), which a new run would overwrite",
+                          path=folder, fix="continue it with --resume, replace it with --overwrite, "
+                                           "or choose another --out")
+    if overwrite and remove:
+        for name in outputs:
+            path = folder / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
