@@ -25,14 +25,16 @@ def _coerce(name: str, value: Any, tp: Any, source: str, strict: bool = False) -
         if value is None and type(None) in args:
             return None
         errors = []
-        for a in args:
-            if a is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        for a in options:
             try:
                 return _coerce(name, value, a, source, strict)
             except ConfigError as e:
                 errors.append(e)
-        raise errors[0]
+        if len(options) == 1:
+            raise errors[0]
+        raise ConfigError(f"'{name}' must be {' or '.join(_describe(a) for a in options)}, got {value!r}",
+                          path=source)
     if strict:
         return _check_exact(name, value, tp, source)
     if origin is typing.Literal:
@@ -83,6 +85,16 @@ def _coerce(name: str, value: Any, tp: Any, source: str, strict: bool = False) -
     if origin is dict and not isinstance(value, dict):
         raise ConfigError(f"'{name}' must be a mapping, got {value!r}", path=source)
     return value
+
+
+def _describe(tp: Any) -> str:
+    """What a value of the declared type `tp` looks like, for messages listing every accepted kind."""
+    if typing.get_origin(tp) is typing.Literal:
+        return ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (tuple, list):
+        return "a list"
+    names = {bool: "true, false", int: "an integer", float: "a number", str: "a string", Path: "a path"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 _EXACT_TYPES: dict[Any, tuple[tuple[type, ...], str]] = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,9 +31,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
                             fix="choose a writable output folder") from e
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; finished files get the usual mode
     try:
         yield tmp_path
+        # mkstemp makes 0600, and writers that replace the file (safetensors) do too: finished files get the
+        # mode the umask gives, like any other file
+        os.chmod(tmp_path, 0o666 & ~_umask())
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -75,11 +78,24 @@ def read_json(path: str | Path) -> Any:
 
 def save_weights(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
     """Save a state dict as safetensors, atomically."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as e:
+            raise _as_os_error(e) from e
+
+
+def _as_os_error(e: Exception) -> Exception:
+    """The OSError inside a safetensors I/O failure ('... (os error 28)'), so it is reported like any write failure."""
+    found = re.search(r"\(os error (\d+)\)", str(e))
+    if found is None:
+        return e
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
 
 
 def _weights_file(path: str | Path) -> Path:

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -234,29 +232,10 @@ class OutputFolder:
         return (self.root / RECORDS / f"{item.id}.json").is_file()
 
     def claim(self, item: WorkItem) -> bool:
-        """Atomically claim an item; False if another process has it.
+        """Atomically claim an item (a lock file holding this process); False if another process has it."""
+        from todsynth.locks import create_exclusive, owner_tag
 
-        The lock appears with its owner already in it (hard link of a written temp file), so a process
-        starting meanwhile never sees an empty lock and takes it for a dead one.
-        """
-        path = self.root / CLAIMS / f"{item.id}.lock"
-        owner = f"{socket.gethostname()}:{os.getpid()}".encode()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(owner)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        except OSError:  # no hard links on this file system: O_EXCL create, then write
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                return False
-            os.write(fd, owner)
-            os.close(fd)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return True
+        return create_exclusive(self.root / CLAIMS / f"{item.id}.lock", owner_tag())
 
     def unclaim(self, items: list[WorkItem]) -> None:
         """Drop this process's claims on items that have no record yet."""
@@ -266,9 +245,11 @@ class OutputFolder:
 
     def release_stale_claims(self) -> int:
         """Remove claims of processes on this host that no longer run (killed runs); returns how many."""
+        from todsynth.locks import owner_alive
+
         released = 0
         for lock in (self.root / CLAIMS).glob("*.lock"):
-            if (self.root / RECORDS / f"{lock.stem}.json").exists() or _claim_alive(lock):
+            if (self.root / RECORDS / f"{lock.stem}.json").exists() or owner_alive(lock):
                 continue
             lock.unlink(missing_ok=True)
             released += 1
@@ -299,20 +280,6 @@ class OutputFolder:
         records = [read_json(p) for p in sorted((self.root / RECORDS).glob("*.json"))]
         write_text(self.root / "manifest.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
         return len(records)
-
-
-def _claim_alive(lock: Path) -> bool:
-    """True if the claiming process may still run (another host's claims are presumed alive)."""
-    try:
-        host, pid = lock.read_text().rsplit(":", 1)
-        if host != socket.gethostname():
-            return True
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError):
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
 
 
 # ---------------------------------------------------------------------------------------------

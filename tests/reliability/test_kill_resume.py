@@ -8,6 +8,7 @@ checkpoint is refused with exit code 2 and a message naming the file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -181,14 +182,16 @@ def test_synthesize_survives_kills(cli_app, tiny_generator_dir: Path, toy_masks_
 
 
 def test_segment_resume_never_uses_the_state_of_an_earlier_run(toy_masks_16: Path, tmp_path: Path) -> None:
-    """Run A finishes; run B (other lr) in the same folder dies before its first checkpoint; B --resume must refuse."""
+    """Run A finishes; run B (other lr, --overwrite) in the same folder dies before its first checkpoint; B --resume
+    must refuse."""
     from todsynth.errors import CheckpointError
     from todsynth.segment.train import SegmentTrainConfig, train_segmenter
 
     out = tmp_path / "run"
     settings = {**SEG_SETTINGS, "steps": "2", "checkpoint_every": "5"}
     first = in_process(SegmentTrainConfig, settings, data=str(toy_masks_16), out=str(out))
-    second = in_process(SegmentTrainConfig, {**settings, "lr": "0.002"}, data=str(toy_masks_16), out=str(out))
+    second = in_process(SegmentTrainConfig, {**settings, "lr": "0.002", "overwrite": "true"}, data=str(toy_masks_16),
+                        out=str(out))  # a new run in a folder holding a finished one must say so
 
     def killed(step: int, loss: float) -> None:
         """Stop the run like a kill would."""
@@ -199,7 +202,7 @@ def test_segment_resume_never_uses_the_state_of_an_earlier_run(toy_masks_16: Pat
         with pytest.raises(KeyboardInterrupt):
             train_segmenter(second, on_step=killed)
         with pytest.raises(CheckpointError):
-            train_segmenter(second, resume=True)
+            train_segmenter(dataclasses.replace(second, overwrite=False), resume=True)
 
 
 def test_generator_resume_after_a_kill_between_the_checkpoint_renames(toy_masks_16: Path, tmp_path: Path) -> None:

@@ -26,6 +26,8 @@ def train(
     mixed_precision: Optional[str] = typer.Option(None, help="no | bf16 | fp16"),
     resume: bool = typer.Option(False, "--resume", help="Continue from out/checkpoint; refused when there is none "
                                 "(--set resume=auto continues only if one exists)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in --out (its model, "
+                                   "results and checkpoint are removed)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Any setting as key=value (repeatable)."),
 ) -> None:
     """Train the generator with rectified-flow matching (multi-GPU: `accelerate launch -m todsynth.cli.main`)."""
@@ -33,7 +35,8 @@ def train(
     from todsynth.generator.train import GeneratorTrainConfig, train_generator
 
     overrides = dict(data=data, out=out, control=control, steps=steps, batch_size=batch_size, size=size,
-                     sd3_path=sd3_path, mixed_precision=mixed_precision, resume=resume or None)
+                     sd3_path=sd3_path, mixed_precision=mixed_precision, resume=resume or None,
+                     overwrite=overwrite or None)
     overrides.update(parse_overrides(set_))
     cfg = load_config(GeneratorTrainConfig, config, overrides)
     summary = train_generator(cfg)

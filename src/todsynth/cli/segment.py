@@ -47,6 +47,8 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a setting: key=value (repeatable)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+    overwrite: bool = typer.Option(False, help="Replace an earlier run in --out (its model, results and "
+                                               "checkpoint are removed)."),
 ) -> None:
     """Train a segmenter; writes OUT/model/, OUT/results.json and OUT/checkpoint/ (other settings: --set)."""
     from todsynth.config import load_config, parse_overrides
@@ -58,7 +60,7 @@ def train(
                "lr": lr, "weight_decay": weight_decay, "schedule": schedule, "seed": seed,
                "num_workers": num_workers, "out": out, "device": device, "log_every": log_every,
                "checkpoint_every": checkpoint_every, "mixed_precision": mixed_precision,
-               "class_weights": class_weights}
+               "class_weights": class_weights, "overwrite": overwrite or None}
     overrides = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
     overrides.update(parse_overrides(set_))
     cfg = load_config(SegmentTrainConfig, config, overrides)

@@ -82,11 +82,15 @@ class GeneratorTrainConfig:
     resume: bool | Literal["auto"] = False
     stop_after: int | None = None  # end this invocation after this step (like a kill; resume continues)
     progress: bool = True
+    overwrite: bool = False  # start afresh in an `out` that holds an earlier run (its outputs are removed)
 
     def validate(self) -> None:
         require(bool(self.data), "data: give a dataset path")
         require(isinstance(self.resume, bool) or self.resume == "auto",
                 f"resume must be true, false or 'auto', got {self.resume!r}")
+        require(not (self.overwrite and self.resume is not False),
+                "overwrite and resume exclude each other: give --resume to continue the run in out, "
+                "or --overwrite to replace it")
         for name in ("size", "steps", "batch_size", "grad_accum", "num_layers", "num_heads", "head_dim",
                      "patch_size", "val_steps", "checkpoint_every", "log_every", "text_max_length"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
@@ -249,14 +253,38 @@ def lr_lambda(cfg: GeneratorTrainConfig):
 
 
 def train_generator(cfg: GeneratorTrainConfig) -> dict:
-    """Train; returns the summary written to out/results.json. Resumable with cfg.resume (see the config)."""
+    """Train; returns the summary written to out/results.json. Resumable with cfg.resume (see the config).
+
+    The run holds `out`'s run lock throughout; an `out` holding an earlier run is refused unless it is resumed
+    or `cfg.overwrite` replaces it.
+    """
+    from todsynth.locks import check_run_folder, run_lock
+
+    cfg.validate()
+    out = Path(cfg.out)
+    main = _main_process()
+    with run_lock(out, enabled=main):
+        check_run_folder(out, cfg.resume, cfg.overwrite, RUN_OUTPUTS, remove=main)
+        return _train(cfg, out)
+
+
+def _main_process() -> bool:
+    """Whether this is the main process of a (possibly `accelerate launch`ed) run, known before accelerate starts."""
+    import os
+
+    for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
+        if os.environ.get(name):
+            return int(os.environ[name]) == 0
+    return True
+
+
+def _train(cfg: GeneratorTrainConfig, out: Path) -> dict:
+    """The training run of `train_generator`, in a locked and checked `out`."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from todsynth.io import write_json
 
-    cfg.validate()
-    out = Path(cfg.out)
     ckpt = out / CHECKPOINT_DIR
     resuming = cfg.resume is not False and _has_checkpoint(ckpt)
     if cfg.resume is True and not resuming:  # refuse before anything is loaded or written to `out`
@@ -437,7 +465,10 @@ def _has_checkpoint(ckpt: Path) -> bool:
     return ckpt.exists() or ckpt.with_name(ckpt.name + ".old").exists()
 
 
-RESUME_FREE = {"resume", "stop_after", "progress", "val_every", "checkpoint_every", "log_every", "out"}
+RESUME_FREE = {"resume", "stop_after", "progress", "val_every", "checkpoint_every", "log_every", "out", "overwrite"}
+# What a run writes into its folder: removed before a run started with `overwrite`.
+RUN_OUTPUTS = ("model", "results.json", CHECKPOINT_DIR, CHECKPOINT_DIR + ".old", CHECKPOINT_DIR + ".tmp", "val",
+               "loss.png", "config.json", "prompt_cache.safetensors")
 
 
 def _save(ckpt: Path, cfg: GeneratorTrainConfig, step: int, history: dict, model, optimizer, scheduler,

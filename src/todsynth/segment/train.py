@@ -22,6 +22,7 @@ from todsynth.data.sample import Sample
 from todsynth.data.torchdata import SegTorchDataset, mix_real_synthetic, set_epoch
 from todsynth.errors import CheckpointError, ConfigError, DataError, TodsynthError
 from todsynth.io import load_weights, read_json, save_weights, write_json
+from todsynth.locks import check_run_folder, run_lock
 from todsynth.segment.metrics import ConfusionAccumulator, SegMetrics
 from todsynth.segment.model import ARCHS, Segmenter, SegmenterConfig, check_encoder
 
@@ -31,7 +32,9 @@ STEP_FILE = "step.json"
 MIN_TRAIN_SAMPLES = 2  # batches are cut full (drop_last) or hold all samples when fewer
 # Settings that may change between a run and its resumption without changing the trajectory.
 RESUME_FREE_KEYS = frozenset({"out", "val", "val_split", "eval_batch_size", "num_workers", "device",
-                              "log_every", "checkpoint_every"})
+                              "log_every", "checkpoint_every", "overwrite"})
+# What a run writes into its folder: removed before a run started with `overwrite`.
+RUN_OUTPUTS = ("model", "results.json", "checkpoint")
 
 StepCallback = Callable[[int, float], None]
 ClassWeighting = Literal["none", "sqrt_inverse", "inverse"]
@@ -75,6 +78,7 @@ class SegmentTrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     log_every: int = 10
     checkpoint_every: int = 200
+    overwrite: bool = False  # start afresh in an `out` that holds an earlier run (its outputs are removed)
 
     def validate(self) -> None:
         """Reject unknown choices, negative counts and non-finite numbers."""
@@ -161,12 +165,18 @@ def _accelerator(cfg: SegmentTrainConfig) -> Any:
     if PartialState._shared_state.get("num_processes", 1) == 1:
         # accelerate keeps device/precision process-wide; let one process run differently configured trainings
         AcceleratorState._reset_state(reset_partial_state=True)
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but no GPU is visible", fix="use --device cpu or auto")
+    check_device(cfg.device)
     try:
         return Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision)
     except ValueError as e:
         raise ConfigError(f"cannot set up device/precision: {e}", fix="check 'device' and 'mixed_precision'") from None
+
+
+def check_device(device: str | torch.device) -> None:
+    """Refuse a CUDA device when no GPU is visible, before anything is loaded onto it or written."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r} requested but there is no CUDA device",
+                          fix="use --device cpu")
 
 
 class Checkpointer:
@@ -471,7 +481,11 @@ def _same_classes(a: ClassSpec, b: ClassSpec, path: str) -> None:
 
 
 def train_segmenter(cfg: SegmentTrainConfig, resume: bool = False, on_step: StepCallback | None = None) -> dict:
-    """Validate the datasets, train, save `out/model/` and `out/results.json`; returns the results."""
+    """Validate the datasets, train, save `out/model/` and `out/results.json`; returns the results.
+
+    The run holds `out`'s run lock throughout; an `out` holding an earlier run is refused unless `resume`
+    (continue it) or `cfg.overwrite` (replace it).
+    """
     cfg.validate()
     if cfg.data is None:
         raise ConfigError("no training data given", fix="set 'data' (--data PATH)")
@@ -485,11 +499,14 @@ def train_segmenter(cfg: SegmentTrainConfig, resume: bool = False, on_step: Step
     if cfg.val is not None:
         val = open_checked(cfg.val, cfg.val_split)
         _same_classes(real.classes, val.classes, cfg.val)
+    check_device(cfg.device)
     out = Path(cfg.out)
-    outcome = train_on_samples(real, real.classes, cfg, val, synthetic, out / "checkpoint", resume, on_step)
-    outcome.model.save_pretrained(out / "model")
-    results = _results(cfg, outcome, real, synthetic)
-    write_json(out / "results.json", results)
+    with run_lock(out):
+        check_run_folder(out, resume, cfg.overwrite, RUN_OUTPUTS)
+        outcome = train_on_samples(real, real.classes, cfg, val, synthetic, out / "checkpoint", resume, on_step)
+        outcome.model.save_pretrained(out / "model")
+        results = _results(cfg, outcome, real, synthetic)
+        write_json(out / "results.json", results)
     return results
 
 
@@ -549,6 +566,8 @@ def evaluate_segmenter(model: Segmenter, dataset_or_path: str | Path | Sequence[
                        batch_size: int = 8, size: int | None = None, split: str = "Val",
                        device: torch.device | str | None = None) -> SegMetrics:
     """Metrics over a whole dataset (one confusion matrix); predicts at `size` and scores at native size."""
+    if device is not None:
+        check_device(device)
     require(batch_size >= 1, f"'batch_size' must be >= 1, got {batch_size!r}", fix="give a batch size >= 1")
     require(size is None or size >= 1, f"'size' must be >= 1, got {size!r}",
             fix="give a tile size >= 1, or leave it out to predict at the native size")
