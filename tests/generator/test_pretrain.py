@@ -295,3 +295,39 @@ def test_toy_pool_is_disjoint_from_every_labelled_layout_and_test_tile(tmp_path)
                500_000 + BUDGETS["demo"]["n_test"]) < TOY_POOL_START
     data, _ = load_unlabeled(pretrain_config("toy:3:5", "o", size=16))
     assert data.ids == [f"toy_{i}" for i in range(TOY_POOL_START, TOY_POOL_START + 3)]
+
+
+def test_checkpoints_written_before_the_pretraining_settings_still_resume(toy, tmp_path):
+    """A state.json without init/unlabeled/captions/prompt (an older run) resumes: they count as defaults."""
+    out = tmp_path / "old"
+    train_generator(tiny_train(toy, out, steps=4, stop_after=2))
+    state = out / "checkpoint" / "state.json"
+    info = json.loads(state.read_text())
+    for key in ("init", "unlabeled", "captions", "prompt"):
+        del info["config"][key]
+    state.write_text(json.dumps(info))
+    assert train_generator(tiny_train(toy, out, steps=4, resume=True))["steps"] == 4
+
+
+@pytest.mark.slow
+def test_two_processes_pretrain_like_one(tmp_path):
+    """`accelerate launch --cpu --num_processes 2 ... generator pretrain` gives the base one process gives."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["generator", "pretrain", "toy:8", "--steps", "3", "--batch-size", "4", "--size", "16",
+            "--set", "num_layers=1", "--set", "num_heads=2", "--set", "head_dim=8", "--set", "val_every=0",
+            "--set", "augment=false", "--set", "text_max_length=8", "--set", "progress=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "todsynth.cli.main"]
+    two = subprocess.run(launch + args + ["--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "todsynth.cli.main"] + args + ["--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff < 1e-4, diff
