@@ -9,7 +9,8 @@ import typer
 
 from todsynth.cli.common import console, friendly
 
-app = typer.Typer(help="Stage (a): train the mask-controlled MM-DiT and sample from it.", no_args_is_help=True)
+app = typer.Typer(help="Stage (a): pretrain a base on unlabeled images, train the mask-controlled MM-DiT, sample "
+                  "from it.", no_args_is_help=True)
 
 
 @app.command()
@@ -60,8 +61,9 @@ def pretrain(
     resume: bool = typer.Option(False, "--resume", help="Continue from out/checkpoint; refused when there is none."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Any setting as key=value (repeatable)."),
 ) -> None:
-    """Pretrain a base (text + image streams, no masks) with rectified flow on unlabeled images; fine-tune
-    it with `generator train --init OUT` (multi-GPU: `accelerate launch -m todsynth.cli.main`)."""
+    """Pretrain a base (text + image streams, no masks) on unlabeled images; fine-tune with `train --init OUT`.
+
+    Rectified flow as `generator train` (resumable; multi-GPU: `accelerate launch -m todsynth.cli.main`)."""
     from todsynth.config import load_config, parse_overrides
     from todsynth.generator.pretrain import pretrain_config, pretrain_generator
     from todsynth.generator.train import GeneratorTrainConfig
