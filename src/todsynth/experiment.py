@@ -60,7 +60,7 @@ class CellSettings:
     init: str = "scratch"  # scratch | pretrained
     base_data: str | None = None  # unlabeled images for the base (default: the embedded toy pool)
     base_pool: int = 4000  # toy pool tiles (indices disjoint from the real, layout and test tiles)
-    base_steps: int = 2000
+    base_steps: int = 3000
     base_batch: int = 32
     base_lr: float = 1e-3
     gen_lora_rank: int = 0  # > 0: fine-tune with LoRA on the (pretrained) streams
