@@ -128,7 +128,7 @@ def _list_images(folder: Path) -> list[Path]:
     return files
 
 
-def _read_images(loaders: list, ids: list[str], size: int, root: Path) -> torch.Tensor:
+def _read_images(loaders: list, size: int, root: Path) -> torch.Tensor:
     """Decode every image (all problems reported together, each naming its file), resized to size x size."""
     from todsynth.data.torchdata import resize_pair
     from todsynth.errors import DatasetProblems
@@ -202,7 +202,7 @@ def load_unlabeled(cfg: GeneratorTrainConfig) -> tuple[TrainData, ClassSpec]:
                 raise DataError("dataset has masks but no images; pretraining needs images", path=path)
             ids, root, classes = list(ds.ids), path, ds.classes
             loaders = [lambda i=i: ds.load_image(i) for i in range(len(ds))]
-        images = _read_images(loaders, ids, cfg.size, root)
+        images = _read_images(loaders, cfg.size, root)
     captions = read_captions(cfg.captions, ids) if cfg.captions else [None] * len(ids)
     prompts = [c if c is not None else (cfg.prompt or PRETRAIN_PROMPT) for c in captions]
     labels = torch.full((1, cfg.size, cfg.size), IGNORE_INDEX, dtype=torch.long).expand(len(ids), -1, -1)
