@@ -96,3 +96,22 @@ def test_step_size_schedules():
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ConfigError):
         CRFMConfig(**bad).validate()
+
+
+def test_reference_preset_is_the_released_sampling_rule():
+    """`inference_with_crfm` (the released entry point) runs l2_norm=False: v ← clamp(v − α_i·g, −1, 1) with
+    the raw gradient, α_max 0.1 linear-decreasing, no shrink; the relative rule stays the default."""
+    from todsynth.crfm import CRFMCorrector, step_size
+
+    ref = CRFMConfig.reference()
+    assert (ref.rule, ref.alpha_max, ref.schedule, ref.normalize, ref.shrink, ref.clamp, ref.inner_iters) == \
+        ("reference", 0.1, "linear_decreasing", False, False, 1.0, 1)
+    assert CRFMConfig().rule == "relative" and CRFMConfig.reference(steps=2).steps == 2
+    corrector = CRFMCorrector.__new__(CRFMCorrector)
+    corrector.cfg = ref
+    v = torch.tensor([[0.5, -0.95, 0.2]])
+    g = torch.tensor([[3.0, 1.0, -0.5]])  # ‖g‖ > 1: a normalised step would differ
+    alpha = step_size(0, ref, 23)
+    assert alpha == pytest.approx(0.1 * (1 - 1 / 23))
+    out = corrector._update(v, g, alpha, v.norm())
+    assert torch.equal(out, (v - alpha * g).clamp(-1, 1))

@@ -49,8 +49,15 @@ class CRFMConfig:
 
     @classmethod
     def reference(cls, steps: int = 4) -> "CRFMConfig":
-        """The released code's exact rule: α 0.1 linear-decreasing, normalised g, no shrink, clamp 1."""
-        return cls(steps=steps, alpha_max=0.1, rule="reference", normalize=True, clamp=1.0)
+        """The released sampling path's rule: v ← clamp(v − α_i·g, −1, 1) with the raw (unnormalised)
+        gradient g, α 0.1 linear-decreasing, no shrink, clamp 1, one inner iteration.
+
+        `inference_with_crfm`, the released entry point, defaults to `l2_norm=False` and the test script
+        does not override it; only the inner `control_rf_matching`'s own defaults (never used by the
+        released path) normalise g. Set `normalize=True` / `shrink=True` for those variants.
+        """
+        return cls(steps=steps, alpha_max=0.1, schedule="linear_decreasing", rule="reference", normalize=False,
+                   shrink=False, clamp=1.0)
 
     def to_dict(self) -> dict:
         return asdict(self)

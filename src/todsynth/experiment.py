@@ -1,4 +1,4 @@
-"""The three stages end to end, as cached cells: data → guidance segmenter → generator → synthesis →
+"""The three stages end to end, as cached cells: data → guidance segmenter → [base →] generator → synthesis →
 downstream segmenter → metrics. Each stage's output lives under a folder named by a hash of the settings
 it depends on, with a `done.json` marker written last: cells that share a stage share its work, and a
 killed run resumes at the first unfinished stage. `todsynth demo` is one such run; `todsynth experiment`
@@ -58,6 +58,14 @@ class CellSettings:
     sd3_path: str | None = None
     autoencoder: str = "pixel"
     autoencoder_path: str | None = None
+    # generative foundation (generator/pretrain.py): fine-tune from a base pretrained on unlabeled images
+    init: str = "scratch"  # scratch | pretrained
+    base_data: str | None = None  # unlabeled images for the base (default: the embedded toy pool)
+    base_pool: int = 4000  # toy pool tiles (indices disjoint from the real, layout and test tiles)
+    base_steps: int = 3000
+    base_batch: int = 32
+    base_lr: float = 1e-3
+    gen_lora_rank: int = 0  # > 0: fine-tune with LoRA on the (pretrained) streams
     # synthesis
     synth: str = "crfm"  # none | plain | crfm | oracle
     protocol: str = "layouts"  # layouts: one image per new label-only layout; masks: K per training mask
@@ -88,7 +96,14 @@ class CellSettings:
                      "num_steps"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.n_layouts >= 0 and self.crfm_steps >= 0, "n_layouts and crfm_steps must be >= 0")
-        for name in ("seg_lr", "gen_lr", "crfm_alpha", "filter_margin", "guidance_scale", "gen_timestep_tail"):
+        require(self.init in ("scratch", "pretrained"), f"init must be scratch or pretrained, got {self.init!r}")
+        require(self.init == "scratch" or not self.sd3_path, "init: pretrained and sd3_path both initialise the "
+                "generator: give one")
+        for name in ("base_pool", "base_steps", "base_batch"):
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.gen_lora_rank >= 0, f"gen_lora_rank must be >= 0, got {self.gen_lora_rank}")
+        for name in ("seg_lr", "gen_lr", "base_lr", "crfm_alpha", "filter_margin", "guidance_scale",
+                     "gen_timestep_tail"):
             v = getattr(self, name)
             require(math.isfinite(v) and v >= 0, f"{name} must be a finite number >= 0, got {v}")
         require(math.isfinite(self.shift) and self.shift > 0, f"shift must be a finite number > 0, got {self.shift}")
@@ -108,14 +123,26 @@ def _key(s: CellSettings, names: tuple[str, ...], parent: str = "") -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def _gen_key(s: CellSettings) -> str:
+    """The generator stage's key: its settings, the data and (init: pretrained) the base."""
+    extra = tuple(n for n, default in GEN_ADDED.items() if getattr(s, n) != default)
+    parent = _key(s, DATA_KEYS) + (_key(s, BASE_KEYS) if s.init == "pretrained" else "")
+    return _key(s, GEN_KEYS + extra, parent)
+
+
 DATA_KEYS = ("size", "n_real", "n_layouts", "n_test", "data_seed", "real_data", "layouts_data", "test_data",
              "test_split")
 SEG_KEYS = ("seg_arch", "seg_encoder", "seg_steps", "seg_batch", "seg_lr", "seg_class_weights", "size", "seed")
 JUDGE_KEYS = ("judge_arch", "seg_arch", "seg_encoder", "seg_steps", "seg_batch", "seg_lr", "size", "seed")
 GEN_KEYS = ("control", "gen_steps", "gen_batch", "gen_lr", "gen_layers", "gen_heads", "gen_head_dim", "gen_patch",
-            "gen_ema", "gen_timestep_mean", "gen_timestep_tail", "sd3_path", "autoencoder", "autoencoder_path", "size",
-            "seed")
-SYN_KEYS = ("synth", "protocol", "copies", "num_steps", "guidance_scale", "shift", "crfm_steps", "crfm_alpha",
+            "gen_ema", "sd3_path", "autoencoder", "autoencoder_path", "size", "seed")
+# the base depends on neither the cell's seed nor its control: every pretrained cell with these settings shares it
+BASE_KEYS = ("base_data", "base_pool", "base_steps", "base_batch", "base_lr", "gen_layers", "gen_heads",
+             "gen_head_dim", "gen_patch", "autoencoder", "autoencoder_path", "size", "data_seed")
+# generator settings added later: keyed only when not at their default, so earlier caches stay valid
+GEN_ADDED = {"init": "scratch", "gen_lora_rank": 0, "gen_timestep_mean": 0.0, "gen_timestep_tail": 0.0}
+SYN_ADDED = {"shift": 1.0}
+SYN_KEYS = ("synth", "protocol", "copies", "num_steps", "guidance_scale", "crfm_steps", "crfm_alpha",
             "crfm_schedule", "crfm_rule", "filter", "filter_margin", "balance", "seed")
 
 
@@ -249,8 +276,31 @@ def stage_judge(s: CellSettings, data: dict, root: Path, log) -> dict:
     return Stage(root, "judge", _key(s, JUDGE_KEYS, _key(s, DATA_KEYS)), log).run(make)
 
 
-def stage_generator(s: CellSettings, data: dict, root: Path, log, progress: bool = False) -> dict:
-    """Train the mask-controlled MM-DiT on the real pairs."""
+def stage_base(s: CellSettings, root: Path, log, progress: bool = False) -> dict:
+    """Pretrain the text and image streams on unlabeled images (control none): the base every
+    `init: pretrained` cell with the same base settings fine-tunes from, whatever its seed or control."""
+    def make(d: Path) -> dict:
+        from todsynth.generator.pretrain import pretrain_config, pretrain_generator
+
+        cfg = pretrain_config(
+            data=s.base_data or f"toy:{s.base_pool}:{s.data_seed}", out=str(d), size=s.size,
+            autoencoder=s.autoencoder, autoencoder_path=s.autoencoder_path, patch_size=s.gen_patch,
+            num_layers=s.gen_layers, num_heads=s.gen_heads, head_dim=s.gen_head_dim, steps=s.base_steps,
+            batch_size=s.base_batch, lr=s.base_lr, warmup_steps=min(50, s.base_steps // 10), val_every=s.base_steps,
+            val_samples=4, val_steps=12, checkpoint_every=max(s.base_steps // 10, 1), seed=0, progress=progress,
+            resume="auto")
+        summary = pretrain_generator(cfg)
+        return {"model": str(d / "model"), "summary": summary, "loss_png": str(d / "loss.png")}
+
+    return Stage(root, "base", _key(s, BASE_KEYS), log).run(make)
+
+
+def stage_generator(s: CellSettings, data: dict, root: Path, log, progress: bool = False,
+                    base: dict | None = None) -> dict:
+    """Train the mask-controlled MM-DiT on the real pairs (from scratch, SD3 or a pretrained `base`)."""
+    if s.init == "pretrained" and base is None:
+        base = stage_base(s, root, log, progress)
+
     def make(d: Path) -> dict:
         from todsynth.generator.train import GeneratorTrainConfig, train_generator
 
@@ -261,17 +311,18 @@ def stage_generator(s: CellSettings, data: dict, root: Path, log, progress: bool
             batch_size=s.gen_batch, lr=s.gen_lr, warmup_steps=min(50, s.gen_steps // 10), ema_decay=s.gen_ema,
             timestep_mean=s.gen_timestep_mean, timestep_tail=s.gen_timestep_tail,
             val_every=s.gen_steps, val_samples=4, val_steps=s.num_steps, checkpoint_every=max(s.gen_steps // 4, 1),
-            seed=s.seed, progress=progress, resume="auto")  # a killed stage resumes, a new one starts
+            seed=s.seed, progress=progress, resume="auto",  # a killed stage resumes, a new one starts
+            init=base["model"] if s.init == "pretrained" else None, lora_rank=s.gen_lora_rank)
         summary = train_generator(cfg)
         return {"model": str(d / "model"), "summary": summary, "loss_png": str(d / "loss.png")}
 
-    return Stage(root, "generator", _key(s, GEN_KEYS, _key(s, DATA_KEYS)), log).run(make)
+    return Stage(root, "generator", _gen_key(s), log).run(make)
 
 
 def stage_synthesis(s: CellSettings, data: dict, gen: dict | None, guide: dict, root: Path, log,
                     progress: bool = False) -> dict:
     """Synthetic pairs: generator (plain or CRFM) or the oracle renderer, for layouts or training masks."""
-    parent = _key(s, GEN_KEYS, _key(s, DATA_KEYS)) + _key(s, SEG_KEYS)
+    parent = _gen_key(s) + _key(s, SEG_KEYS)
 
     def make(d: Path) -> dict:
         if s.synth == "oracle":
@@ -290,7 +341,8 @@ def stage_synthesis(s: CellSettings, data: dict, gen: dict | None, guide: dict, 
         summary = synthesize(cfg, progress=progress)
         return {"path": str(d / "pairs"), **summary}
 
-    return Stage(root, "synthesis", _key(s, SYN_KEYS + ("n_layouts",), parent), log).run(make)
+    extra = tuple(n for n, default in SYN_ADDED.items() if getattr(s, n) != default)
+    return Stage(root, "synthesis", _key(s, SYN_KEYS + ("n_layouts",) + extra, parent), log).run(make)
 
 
 def stage_downstream(s: CellSettings, data: dict, syn: dict | None, root: Path, log) -> dict:
@@ -321,9 +373,13 @@ def run_cell(s: CellSettings, root: str | Path, log: Callable[[str], None] = pri
     if s.synth == "none":
         out["metrics"] = guide["metrics"]
         return out
-    gen = stage_generator(s, data, root, log, progress) if s.synth != "oracle" else None
+    uses_base = s.synth != "oracle" and s.init == "pretrained"
+    base = stage_base(s, root, log, progress) if uses_base else None
+    gen = stage_generator(s, data, root, log, progress, base) if s.synth != "oracle" else None
     syn = stage_synthesis(s, data, gen, guide, root, log, progress)
     down = stage_downstream(s, data, syn, root, log)
+    if base is not None:
+        out["base"] = base
     out.update(generator=gen, synthesis=syn, downstream=down, metrics=down["metrics"])
     return out
 

@@ -27,11 +27,11 @@ from typing import Any
 
 from todsynth.errors import ConfigError
 
-BUILTIN = ("paper-tables", "smoke")
+BUILTIN = ("paper-tables", "foundation", "smoke")
 
 
 def load_grid(source: str | Path) -> dict:
-    """A grid config from a YAML file or a built-in name (paper-tables, smoke)."""
+    """A grid config from a YAML file or a built-in name (paper-tables, foundation, smoke)."""
     import yaml
 
     if str(source) in BUILTIN:
@@ -181,6 +181,10 @@ def write_markdown(path: Path, summary: dict, rows: list[dict]) -> None:
         k = summary["compute"]
         kinds = "; ".join(f"{name}: {v['stages']} stages, {v['seconds'] / 60:.1f} min" for name, v in k["by_kind"].items())
         lines.append(f"Compute from scratch: {k['seconds'] / 60:.1f} min over {k['stages']} stages ({kinds}).")
+        if "base" in k["by_kind"]:
+            b = k["by_kind"]["base"]
+            lines.append(f"Of which pretraining (one-time: every `init: pretrained` cell with the same base settings "
+                         f"shares it): {b['seconds'] / 60:.1f} min over {b['stages']} base(s).")
     write_text(path, "\n".join(lines) + "\n")
 
 

@@ -55,7 +55,7 @@ def _tables(results: dict):
 
 @friendly
 def experiment(
-    config: str = typer.Argument(..., help="YAML grid file, or a built-in: paper-tables, smoke."),
+    config: str = typer.Argument(..., help="YAML grid file, or a built-in: paper-tables, foundation, smoke."),
     out: Path = typer.Argument(..., help="Output folder (cached stages; re-running resumes)."),
     only: Optional[list[str]] = typer.Option(None, "--only", help="Run only TABLE or TABLE/CELL (repeatable)."),
     seeds: Optional[list[int]] = typer.Option(None, "--seed", help="Override the config's seeds (repeatable)."),

@@ -40,6 +40,7 @@ class GeneratorTrainConfig:
     text_encoder: str = "minilm"
     text_encoder_path: str | None = None
     sd3_path: str | None = None  # initialise text/image streams from a diffusers SD3 transformer
+    init: str | None = None  # initialise text/image streams from a pretrained base (generator/pretrain.py)
     patch_size: int = 2
     num_layers: int = 4
     num_heads: int = 4
@@ -83,6 +84,10 @@ class GeneratorTrainConfig:
     stop_after: int | None = None  # end this invocation after this step (like a kill; resume continues)
     progress: bool = True
     overwrite: bool = False  # start afresh in an `out` that holds an earlier run (its outputs are removed)
+    # pretraining (generator/pretrain.py): images only (toy:N, an image folder or a dataset, masks ignored)
+    unlabeled: bool = False
+    captions: str | None = None  # JSON {image id: caption}; others get `prompt`
+    prompt: str | None = None  # the prompt of uncaptioned images (default "a satellite image")
 
     def validate(self) -> None:
         require(bool(self.data), "data: give a dataset path")
@@ -108,6 +113,13 @@ class GeneratorTrainConfig:
         require(0 <= self.timestep_tail <= 1, f"timestep_tail must be in [0, 1], got {self.timestep_tail}")
         require(self.size % self.patch_size == 0,
                 f"size {self.size} must be a multiple of patch_size {self.patch_size}")
+        require(not (self.init and self.sd3_path), "init and sd3_path both initialise the model: give one")
+        require(not self.unlabeled or self.control == "none",
+                f"unlabeled images have no masks: pretraining needs control none, got {self.control!r}")
+        require(not self.unlabeled or not (self.val_data or self.fidelity_segmenter),
+                "val_data and fidelity_segmenter need masks; unlabeled pretraining has none")
+        require(self.unlabeled or not (self.captions or self.prompt or self.data.startswith("toy:")),
+                "captions, prompt and toy:N pools are for unlabeled pretraining (`generator pretrain`)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,6 +214,10 @@ def build_pipeline(cfg: GeneratorTrainConfig, classes, device: str = "cpu"):
                            pooled_projection_dim=te.pooled_dim, qk_norm=cfg.qk_norm, **common)
         torch.manual_seed(cfg.seed)
         model = MaskControlMMDiT(mcfg)
+        if cfg.init:  # text/image streams from a pretrained base; mask stream a copy of its image stream
+            from todsynth.generator.pretrain import load_base_into
+
+            load_base_into(model, cfg.init, ae, te, cfg.size)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return MaskToImagePipeline(model, ae, te, classes, cfg.size).to(device)
 
@@ -215,6 +231,10 @@ def apply_freezing(model, cfg: GeneratorTrainConfig) -> None:
 
         streams = [s for s, on in (("text", cfg.train_text), ("image", cfg.train_image), ("mask", cfg.train_mask)) if on]
         add_lora(model, cfg.lora_rank, streams)
+        if cfg.train_mask:  # layers with no pretrained weights to adapt (mask embedding, adapter) train in full
+            for name, p in model.named_parameters():
+                if name.startswith(("mask_embed.", "adapter.")):
+                    p.requires_grad_(True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +314,12 @@ def _train(cfg: GeneratorTrainConfig, out: Path) -> dict:
                               fix="start the run without resume, or with resume=auto to continue only if one exists")
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
-    data, classes = load_train_data(cfg.data, cfg.split, cfg.size, cfg.split_file)
+    if cfg.unlabeled:
+        from todsynth.generator.pretrain import load_unlabeled
+
+        data, classes = load_unlabeled(cfg)
+    else:
+        data, classes = load_train_data(cfg.data, cfg.split, cfg.size, cfg.split_file)
     val_labels, val_prompts = _validation_masks(cfg, data)
     pipe = build_pipeline(cfg, classes, accelerator.device)
     _attach_prompt_cache(pipe, data.prompts + val_prompts, out, accelerator)
@@ -465,6 +490,8 @@ def _has_checkpoint(ckpt: Path) -> bool:
     return ckpt.exists() or ckpt.with_name(ckpt.name + ".old").exists()
 
 
+ADDED_SETTINGS = {"init": None, "unlabeled": False, "captions": None, "prompt": None,
+                  "timestep_mean": 0.0, "timestep_std": 1.0, "timestep_tail": 0.0}
 RESUME_FREE = {"resume", "stop_after", "progress", "val_every", "checkpoint_every", "log_every", "out", "overwrite"}
 # What a run writes into its folder: removed before a run started with `overwrite`.
 RUN_OUTPUTS = ("model", "results.json", CHECKPOINT_DIR, CHECKPOINT_DIR + ".old", CHECKPOINT_DIR + ".tmp", "val",
@@ -492,7 +519,10 @@ def _restore(ckpt: Path, cfg: GeneratorTrainConfig, model, optimizer, scheduler,
 
     tensors, info = load_checkpoint(ckpt)
     current = json.loads(json.dumps(asdict(cfg)))
-    diff = config_differences(info.get("config", {}), current, RESUME_FREE)
+    saved = info.get("config", {})
+    if isinstance(saved, dict) and saved:  # settings added after the checkpoint was written: their defaults
+        saved = {**ADDED_SETTINGS, **saved}
+    diff = config_differences(saved, current, RESUME_FREE)
     if diff:
         raise CheckpointError(f"checkpoint was written with other settings: {diff}", path=ckpt / "state.json",
                               fix="resume with the same settings, or use a new output folder")

@@ -1,0 +1,287 @@
+"""A generative foundation: pretrain the MM-DiT's text and image streams on unlabeled imagery, then
+fine-tune with masks from it (`generator train --init BASE`).
+
+The paper fine-tunes a generator that already draws realistic images (SD3.5-medium): its mask stream
+starts as a copy of the pretrained image stream. Pretraining here *is* `train_generator` — the same loop,
+checkpoints, exact resume, accelerate processes and up-front validation — with control ``none`` (no mask
+stream) and an image-only dataset (`unlabeled: true`):
+
+- ``toy:N`` (or ``toy:N:SEED``): N tiles of the embedded toy generator from the unlabeled pool, tile indices
+  `TOY_POOL_START` and up, disjoint from every labelled, layout and test tile the experiments draw;
+- a folder of images with no masks (the images directly in it, or in an ``images/`` subfolder);
+- any dataset the readers know (LoveDA, folder, JSONL): its images, masks ignored.
+
+Every image gets the generic prompt ("a satellite image", or `prompt`) unless a captions file (JSON
+object: image id → caption) gives it its own. The base is written like any generator (`out/model`,
+loadable with `MaskToImagePipeline.from_pretrained`); `load_base_into` starts a fine-tuning model from it:
+text and image streams (and the timestep/pooled-text embedder) from the base, the mask stream of
+``triple`` as a copy of the pretrained image stream, ``siamese`` sharing it, ``adapter``'s zero-initialised
+side branch fresh (at step 0 the model is the base), as `sd3.py` does for an SD3 transformer.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from todsynth.data.classes import ClassSpec
+from todsynth.errors import CheckpointError, ConfigError, DataError
+from todsynth.generator.train import GeneratorTrainConfig, TrainData
+
+PRETRAIN_PROMPT = "a satellite image"
+# Toy tile indices of the unlabeled pool. The experiment pipeline draws real tiles from index 0, label-only
+# layouts (and their oracle renders) from 100 000 and test tiles from 500 000 (`experiment.stage_data`).
+TOY_POOL_START = 1_000_000
+UNLABELLED = ClassSpec(("unlabelled",))
+TOY_SPEC = re.compile(r"^toy:(\d+)(?::(\d+))?$")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+# MMDiTConfig fields a base must share with the model it initialises, with the train setting that sets each
+ARCHITECTURE = (("num_layers", "num_layers"), ("num_heads", "num_heads"), ("head_dim", "head_dim"),
+                ("patch_size", "patch_size"), ("in_channels", "autoencoder (latent channels)"),
+                ("out_channels", "autoencoder (latent channels)"), ("sample_size", "size (latent side)"),
+                ("pos_embed_max_size", "size (position table)"), ("joint_attention_dim", "text_encoder (token width)"),
+                ("pooled_projection_dim", "text_encoder (pooled width)"), ("mlp_ratio", "mlp_ratio"),
+                ("qk_norm", "qk_norm"), ("dual_attention_layers", "dual_attention_layers"))
+
+
+def pretrain_config(data: str, out: str = "runs/base", **settings) -> GeneratorTrainConfig:
+    """A GeneratorTrainConfig for pretraining: control none, image-only data, text and image streams trained."""
+    values = dict(data=data, out=out, control="none", unlabeled=True, train_text=True, train_image=True,
+                  train_mask=False)
+    values.update(settings)
+    return GeneratorTrainConfig(**values)
+
+
+def pretrain_generator(cfg: GeneratorTrainConfig) -> dict:
+    """Pretrain a base model (see the module docstring); the same resumable loop as `train_generator`."""
+    from todsynth.generator.train import train_generator
+
+    if not cfg.unlabeled or cfg.control != "none":
+        raise ConfigError("pretraining runs on unlabeled images with control none",
+                          fix="build the config with todsynth.generator.pretrain.pretrain_config")
+    return train_generator(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Unlabeled data
+
+
+def parse_toy_spec(data: str) -> tuple[int, int] | None:
+    """(n, seed) of a ``toy:N`` / ``toy:N:SEED`` pool, or None when `data` is a path."""
+    if not data.startswith("toy:"):
+        return None
+    m = TOY_SPEC.match(data)
+    if m is None or int(m.group(1)) < 1:
+        raise ConfigError(f"bad toy pool {data!r}", fix="write toy:N or toy:N:SEED, e.g. toy:4000")
+    return int(m.group(1)), int(m.group(2) or 0)
+
+
+def toy_pool_indices(n: int) -> range:
+    """Toy tile indices of an n-tile unlabeled pool."""
+    return range(TOY_POOL_START, TOY_POOL_START + n)
+
+
+def toy_pool(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """Images [n, 3, size, size] in [0, 1] of the unlabeled toy pool, and their ids."""
+    from todsynth.data.toy import toy_sample
+
+    images, ids = [], []
+    for index in toy_pool_indices(n):
+        image, _, _ = toy_sample(index, size, seed)
+        images.append(torch.from_numpy(image).permute(2, 0, 1))
+        ids.append(f"toy_{index:05d}")
+    return torch.stack(images).float() / 255, ids
+
+
+def _image_folder(path: Path) -> Path | None:
+    """The folder of an images-only dataset at `path` (itself or its images/), or None for other layouts."""
+    if not path.is_dir() or (path / "masks").is_dir():
+        return None
+    if (path / "images").is_dir():
+        return path / "images"
+    if any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in path.iterdir()):
+        return path
+    return None
+
+
+def _list_images(folder: Path) -> list[Path]:
+    from todsynth.data.readers import _natural_key
+
+    files = sorted((p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                    and p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: _natural_key(p.name))
+    stems: dict[str, Path] = {}
+    problems = []
+    for p in files:
+        if p.stem in stems:
+            problems.append(DataError(f"duplicate id '{p.stem}' (also {stems[p.stem].name})", path=p,
+                                      fix="keep one file per id"))
+        stems[p.stem] = p
+    if not files:
+        problems.append(DataError("no images found", path=folder,
+                                  fix=f"put image files ({', '.join(IMAGE_SUFFIXES)}) in the folder"))
+    if problems:
+        from todsynth.errors import DatasetProblems
+
+        raise DatasetProblems(folder, problems)
+    return files
+
+
+def _read_images(loaders: list, size: int, root: Path) -> torch.Tensor:
+    """Decode every image (all problems reported together, each naming its file), resized to size x size."""
+    from todsynth.data.torchdata import resize_pair
+    from todsynth.errors import DatasetProblems
+
+    images, problems = [], []
+    dummy = torch.zeros(1, 1, dtype=torch.long)
+    for load in loaders:
+        try:
+            array = load()
+        except DataError as e:
+            problems.append(e)
+            continue
+        image = torch.from_numpy(array).permute(2, 0, 1).float() / 255
+        image, _ = resize_pair(image, dummy.expand(*image.shape[-2:]), size)
+        images.append(image)
+    if problems:
+        raise DatasetProblems(root, problems)
+    return torch.stack(images)
+
+
+def read_captions(path: str, ids: list[str]) -> list[str | None]:
+    """Per-image captions from a JSON object {image id: caption}; ids it lacks get None."""
+    from todsynth.io import read_json
+
+    try:
+        raw = read_json(Path(path))
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read the captions file: {e}", path=path,
+                        fix='write a JSON object {"image id": "caption", ...}') from None
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+        raise DataError("captions must be a JSON object of image id -> caption string", path=path,
+                        fix='write e.g. {"tile_001": "a satellite image of a harbour"}')
+    if raw and not set(raw) & set(ids):
+        raise DataError(f"no caption matches an image id (images are named e.g. {ids[:3]})", path=path,
+                        fix="key the captions by image file stem")
+    return [raw.get(i) for i in ids]
+
+
+def load_unlabeled(cfg: GeneratorTrainConfig) -> tuple[TrainData, ClassSpec]:
+    """The images of `cfg.data` (toy pool, image folder or any dataset, masks ignored) as TrainData with
+    all-ignore label maps (never read with control none) and per-image prompts."""
+    from todsynth.data.classes import IGNORE_INDEX
+    from todsynth.data.readers import read_image
+
+    toy = parse_toy_spec(cfg.data)
+    classes = UNLABELLED
+    if toy is not None:
+        from todsynth.data.toy import TOY_CLASSES
+
+        images, ids = toy_pool(toy[0], cfg.size, toy[1])
+        classes = TOY_CLASSES
+    else:
+        path = Path(cfg.data)
+        if not path.exists():
+            raise DataError("image folder or dataset not found", path=path,
+                            fix="give a folder of images, a dataset, or toy:N for the embedded toy pool")
+        folder = _image_folder(path)
+        if folder is not None:
+            files = _list_images(folder)
+            ids, root = [p.stem for p in files], folder
+            loaders = [lambda p=p: read_image(p) for p in files]
+        else:
+            from todsynth.data.readers import SubsetDataset, open_dataset
+
+            ds = open_dataset(path, split=cfg.split)
+            if cfg.split_file:
+                from todsynth.data.split import read_split
+
+                ds = SubsetDataset(ds, read_split(cfg.split_file, ds))
+            if ds.label_only:
+                raise DataError("dataset has masks but no images; pretraining needs images", path=path)
+            ids, root, classes = list(ds.ids), path, ds.classes
+            loaders = [lambda i=i: ds.load_image(i) for i in range(len(ds))]
+        images = _read_images(loaders, cfg.size, root)
+    captions = read_captions(cfg.captions, ids) if cfg.captions else [None] * len(ids)
+    prompts = [c if c is not None else (cfg.prompt or PRETRAIN_PROMPT) for c in captions]
+    labels = torch.full((1, cfg.size, cfg.size), IGNORE_INDEX, dtype=torch.long).expand(len(ids), -1, -1)
+    return TrainData(images, labels, prompts, ids), classes
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning from a base
+
+
+def base_model_dir(init: str | Path) -> Path:
+    """The generator folder of a base: `init` itself (with pipeline.json) or its model/ (a run folder)."""
+    path = Path(init)
+    for cand in (path, path / "model"):
+        if (cand / "pipeline.json").is_file() and (cand / "transformer").is_dir():
+            return cand
+    raise CheckpointError("no base model here (no pipeline.json in it or in its model/)", path=path,
+                          fix="give the --out folder of `todsynth generator pretrain`, or its model/ subfolder")
+
+
+def _shown(value) -> str:
+    return repr(list(value)) if isinstance(value, (list, tuple)) else repr(value)
+
+
+def check_base(base_dir: Path, meta: dict, base_cfg, cfg, autoencoder, text_encoder, size: int) -> None:
+    """Refuse a base of another architecture, latent space or text encoder than the model it initialises."""
+    if base_cfg.control != "none":
+        raise CheckpointError(f"the base has control {base_cfg.control!r}; --init expects a pretrained base "
+                              "(control none, no mask stream)", path=base_dir,
+                              fix="pretrain one with `todsynth generator pretrain`, or fine-tune from scratch")
+    for kind, module in (("autoencoder", autoencoder), ("text_encoder", text_encoder)):
+        theirs = (meta.get(kind) or {}).get("kind")
+        if theirs != module.config.get("kind"):
+            raise CheckpointError(f"the base was pretrained with {kind}={theirs!r}, this run uses "
+                                  f"{kind}={module.config.get('kind')!r}", path=base_dir,
+                                  fix=f"fine-tune with --set {kind}={theirs}, or pretrain a base with this {kind}")
+    theirs = meta.get("image_size")
+    if theirs != size:
+        raise CheckpointError(f"the base was pretrained at size={theirs}, this run has size={size}", path=base_dir,
+                              fix=f"fine-tune with --size {theirs}, or pretrain a base at size {size}")
+    for field_name, setting in ARCHITECTURE:
+        theirs, ours = getattr(base_cfg, field_name), getattr(cfg, field_name)
+        if _shown(theirs) != _shown(ours):
+            by = "" if setting == field_name else f" (set by {setting})"
+            raise CheckpointError(f"the base has {field_name}={_shown(theirs)}, this run's model has "
+                                  f"{field_name}={_shown(ours)}{by}", path=base_dir,
+                                  fix="fine-tune with the base's settings, or pretrain a base of this size")
+
+
+def load_base_into(model, init: str | Path, autoencoder, text_encoder, size: int) -> None:
+    """Initialise `model` (any control) from a pretrained base (control none), in place.
+
+    Text and image streams, embedders and output layers take the base's weights; then the triple mask
+    stream is re-copied from the (now pretrained) image stream. Layers the base has no weights for — the
+    mask embedding and the adapter branch — keep their fresh initialisation (the adapter's zero output
+    projections, so an adapter model starts equal to the base)."""
+    from todsynth.generator.mmdit import CONFIG_NAME, WEIGHTS_NAME, MaskControlMMDiT
+    from todsynth.io import load_weights, read_json
+
+    base_dir = base_model_dir(init)
+    meta = read_json(base_dir / "pipeline.json")
+    raw = read_json(base_dir / "transformer" / CONFIG_NAME)
+    if not isinstance(meta, dict) or not isinstance(raw, dict) or raw.get("_class_name") != MaskControlMMDiT.__name__:
+        raise CheckpointError("not a todsynth generator folder", path=base_dir,
+                              fix="give the --out folder of `todsynth generator pretrain`")
+    from todsynth.generator.mmdit import MMDiTConfig
+
+    try:
+        base_cfg = MMDiTConfig.from_dict(raw)
+    except (TypeError, ValueError, ConfigError) as e:
+        raise CheckpointError(f"invalid base config: {e}", path=base_dir / "transformer" / CONFIG_NAME) from None
+    check_base(base_dir, meta, base_cfg, model.config, autoencoder, text_encoder, size)
+    state = load_weights(base_dir / "transformer" / WEIGHTS_NAME)
+    own = model.state_dict()
+    mask_only = {name for name, _ in model.stream_parameters("mask")}
+    missing = sorted(k for k in own if k not in state and k not in mask_only)
+    bad = sorted(k for k, v in state.items() if k not in own or own[k].shape != v.shape)
+    if missing or bad:
+        raise CheckpointError(f"base weights do not fit its config (missing {missing[:3]}, mismatched {bad[:3]})",
+                              path=base_dir / "transformer" / WEIGHTS_NAME, fix="re-run the pretraining")
+    model.load_state_dict(state, strict=False)
+    model.copy_image_stream_to_mask_stream()
