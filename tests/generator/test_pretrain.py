@@ -174,7 +174,7 @@ def _save_fake_base(base: Path, out: Path, **changes) -> Path:
 
     shutil.copytree(base / "model", out / "model")
     raw = json.loads((base / "model" / "transformer" / "config.json").read_text())
-    cfg = MMDiTConfig.from_dict({**raw, **changes})
+    cfg = MMDiTConfig(**{k: v for k, v in {**raw, **changes}.items() if k != "_class_name"})
     MaskControlMMDiT(cfg).save_pretrained(out / "model" / "transformer")
     return out
 

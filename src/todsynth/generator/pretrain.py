@@ -268,12 +268,11 @@ def load_base_into(model, init: str | Path, autoencoder, text_encoder, size: int
     if not isinstance(meta, dict) or not isinstance(raw, dict) or raw.get("_class_name") != MaskControlMMDiT.__name__:
         raise CheckpointError("not a todsynth generator folder", path=base_dir,
                               fix="give the --out folder of `todsynth generator pretrain`")
+    from todsynth.config import config_from_file
     from todsynth.generator.mmdit import MMDiTConfig
 
-    try:
-        base_cfg = MMDiTConfig.from_dict(raw)
-    except (TypeError, ValueError, ConfigError) as e:
-        raise CheckpointError(f"invalid base config: {e}", path=base_dir / "transformer" / CONFIG_NAME) from None
+    base_cfg = config_from_file(MMDiTConfig, {k: v for k, v in raw.items() if k != "_class_name"},
+                                base_dir / "transformer" / CONFIG_NAME, fix="re-run the pretraining")
     check_base(base_dir, meta, base_cfg, model.config, autoencoder, text_encoder, size)
     state = load_weights(base_dir / "transformer" / WEIGHTS_NAME)
     own = model.state_dict()
