@@ -62,6 +62,8 @@ def pretrain(
     size: Optional[int] = typer.Option(None, help="Training image size (pixels)."),
     mixed_precision: Optional[str] = typer.Option(None, help="no | bf16 | fp16"),
     resume: bool = typer.Option(False, "--resume", help="Continue from out/checkpoint; refused when there is none."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in --out (its model, results "
+                                   "and checkpoint are removed)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Any setting as key=value (repeatable)."),
 ) -> None:
     """Pretrain a base (text + image streams, no masks) on unlabeled images; fine-tune with `train --init OUT`.
@@ -76,7 +78,7 @@ def pretrain(
                 if k in ("out", "control", "unlabeled", "train_text", "train_image", "train_mask")
                 and k not in _yaml_keys(config)}
     overrides = dict(data=images, out=out, captions=captions, prompt=prompt, steps=steps, batch_size=batch_size,
-                     size=size, mixed_precision=mixed_precision, resume=resume or None)
+                     size=size, mixed_precision=mixed_precision, resume=resume or None, overwrite=overwrite or None)
     overrides.update(parse_overrides(set_))
     cfg = load_config(GeneratorTrainConfig, config, {**defaults, **{k: v for k, v in overrides.items()
                                                                     if v is not None}})
