@@ -285,7 +285,8 @@ class OutputFolder:
 
     @staticmethod
     def _lock(path: Path) -> bool:
-        """Create the lock file `path` holding this process's host:pid; False if it exists."""
+        """Create the lock file `path` holding this process's host:pid; False if it exists (FileNotFoundError
+        when its folder is gone)."""
         owner = f"{socket.gethostname()}:{os.getpid()}".encode()
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_bytes(owner)
@@ -293,8 +294,6 @@ class OutputFolder:
             os.link(tmp, path)
         except FileExistsError:
             return False
-        except FileNotFoundError:
-            raise
         except OSError:  # no hard links on this file system: O_EXCL create, then write
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
