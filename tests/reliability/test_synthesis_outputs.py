@@ -23,8 +23,9 @@ from todsynth.data.classes import LOVEDA_NAMES, ClassSpec
 from todsynth.errors import ConfigError
 
 WIDE_CLASSES = ClassSpec(tuple(f"c{i}" for i in range(300)), ignore_index=300)  # labels 0..299, ignore 300
-TRICKY_IDS = ["tile 1", "tile_1", "Tile_1", "TILE_1", "水田", "山林", "a b", "a_b", "a/b", "a\\b", ".hidden", "_hidden",
-              "", " ", "a.", "a~b", "café", "cafe\u0301", "straße", "STRASSE", "x\x00y", "x\ny", "\udcff", "a" * 300]
+TRICKY_IDS = ["tile 1", "tile_1", "Tile_1", "TILE_1", "水田", "山林", "a b", "a_b", "a/b", "a\\b", ".hidden",
+              "_hidden", "", " ", "a.", "a~b", "café", "cafe\u0301", "straße", "STRASSE", "x\x00y", "x\ny", "\udcff",
+              "a" * 300]
 FAST = settings(max_examples=25, deadline=None, derandomize=True, database=None)
 
 
@@ -349,3 +350,29 @@ def test_folder_named_by_the_old_scheme_is_refused(tiny_generator_dir: Path, toy
     with pytest.raises(DataError, match="older todsynth") as info:
         _synth(tiny_generator_dir, toy_masks_16, out, limit=1)
     assert info.value.path == out / "synthesize.json" and "new output folder" in str(info.value)
+
+
+def test_output_folder_with_other_classes_is_refused_untouched(tiny_generator_dir: Path, toy_masks_16: Path,
+                                                                tmp_path: Path) -> None:
+    """Other classes (parsed) in the output's classes.yaml: refused before images/, masks/ or records appear."""
+    from todsynth.errors import DataError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "classes.yaml").write_text("names: [background, building, water]\n")
+    with pytest.raises(DataError, match="other classes") as info:
+        _synth(tiny_generator_dir, toy_masks_16, out, limit=1)
+    assert info.value.path == out / "classes.yaml"
+    assert sorted(p.name for p in out.iterdir()) == ["classes.yaml"]
+
+
+def test_unreadable_manifest_is_named_on_resume(tiny_generator_dir: Path, toy_masks_16: Path, tmp_path: Path) -> None:
+    """A finished folder's manifest is what marks its samples done: a corrupt one is named, not ignored."""
+    from todsynth.errors import DataError
+
+    out = tmp_path / "out"
+    _synth(tiny_generator_dir, toy_masks_16, out, limit=1)
+    (out / "manifest.jsonl").write_text('{"id": "cut sho\n')
+    with pytest.raises(DataError, match="line 1: not valid JSON") as info:
+        _synth(tiny_generator_dir, toy_masks_16, out, limit=1)
+    assert info.value.path == out / "manifest.jsonl" and "delete it and rerun" in str(info.value)
