@@ -5,14 +5,17 @@ Output: the generic folder layout (images/, masks/, classes.yaml) plus manifest.
 seed derives from (seed, mask id, transform, copy), so output is independent of batch size and process
 count. Each finished sample leaves a record file (written last, atomically): a killed run resumes by
 skipping recorded samples, and several processes (accelerate, or two independent runs) claim samples
-with lock files so they never write the same one.
+with lock files so they never write the same one. Once every sample is done the records are gathered
+into manifest.jsonl and the records and claims are removed; a rerun then finds its samples there.
+File names come from `todsynth.filenames.file_stem`, so distinct mask ids never share a file.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
+import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,11 +24,14 @@ import torch
 
 from todsynth.config import require
 from todsynth.crfm import CRFMConfig
-from todsynth.errors import DataError
+from todsynth.errors import CheckpointError, DataError
+from todsynth.filenames import file_stem
 
 TRANSFORMS = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270", "crop")
 RECORDS = ".records"
 CLAIMS = ".claims"
+MANIFEST = "manifest.jsonl"
+OUTPUT_NAMES = "file_stem-v1"  # recorded in synthesize.json: folders named by an older scheme are refused
 
 
 @dataclass
@@ -99,8 +105,8 @@ class WorkItem:
 
     @property
     def id(self) -> str:
-        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.source_id)
-        return f"{safe}__{self.transform}__k{self.copy}"
+        """Output file stem: unique per (mask id, transform, copy), see todsynth.filenames."""
+        return f"{file_stem(self.source_id)}__{self.transform}__k{self.copy}"
 
 
 def transform_label(label: torch.Tensor, name: str, seed_key: int = 0) -> torch.Tensor:
@@ -186,11 +192,14 @@ def hardness_copies(labels: torch.Tensor, class_means, copies: int, ignore_index
 
 
 class OutputFolder:
-    """images/, masks/, classes.yaml, per-sample records and claims under one root."""
+    """images/, masks/, classes.yaml, manifest.jsonl, and per-sample records and claims under one root."""
 
     def __init__(self, root: Path, classes):
         self.root = root
         self.classes = classes
+        self._manifest_key: tuple[int, int, int] | None = None
+        self._manifest: dict[str, dict] = {}
+        self._check_classes_file()
         for sub in ("images", "masks", RECORDS, CLAIMS):
             try:
                 (root / sub).mkdir(parents=True, exist_ok=True)
@@ -199,18 +208,24 @@ class OutputFolder:
                                 fix="choose a writable output folder") from None
         self._write_classes()
 
+    def _check_classes_file(self) -> None:
+        """Refuse a folder whose classes.yaml holds other classes (compared parsed, not as text)."""
+        from todsynth.data.readers import load_classes
+
+        path = self.root / "classes.yaml"
+        if path.exists() and load_classes(path) != self.classes:
+            raise DataError(f"the output folder holds a dataset with other classes than "
+                            f"{list(self.classes.names)} (ignore {self.classes.ignore_index})", path=path,
+                            fix="choose an empty output folder")
+
     def _write_classes(self) -> None:
         import yaml
 
         from todsynth.io import write_text
 
         path = self.root / "classes.yaml"
-        text = yaml.safe_dump(self.classes.to_dict(), sort_keys=False)
-        if path.exists() and path.read_text() != text:
-            raise DataError("the output folder holds a dataset with other classes", path=path,
-                            fix="choose an empty output folder")
         if not path.exists():
-            write_text(path, text)
+            write_text(path, yaml.safe_dump(self.classes.to_dict(), sort_keys=False))
 
     def check_run(self, settings: dict) -> None:
         """Record the run's settings; a rerun with other settings (batching aside) is refused."""
@@ -220,6 +235,9 @@ class OutputFolder:
         free = {"batch_size", "limit"}
         if path.exists():
             saved = read_json(path)
+            if isinstance(saved, dict) and saved.get("output_names") != settings.get("output_names"):
+                raise DataError("this folder was synthesized by an older todsynth that named files differently",
+                                path=path, fix="choose a new output folder (resuming here would duplicate samples)")
             diff = sorted(k for k in set(saved) | set(settings) - free
                           if k not in free and saved.get(k) != settings.get(k))
             if diff:
@@ -229,13 +247,39 @@ class OutputFolder:
             write_json(path, settings)
 
     def done(self, item: WorkItem) -> bool:
-        return (self.root / RECORDS / f"{item.id}.json").is_file()
+        """Whether the item is finished: it has a record, or (records go once all are done) the manifest lists it."""
+        return (self.root / RECORDS / f"{item.id}.json").is_file() or item.id in self._finished()
+
+    def _finished(self) -> dict[str, dict]:
+        """The manifest's records by id, re-read only when the file changed (another process may rewrite it)."""
+        path = self.root / MANIFEST
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return {}
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if key != self._manifest_key:
+            self._manifest, self._manifest_key = _read_manifest(path), key
+        return self._manifest
 
     def claim(self, item: WorkItem) -> bool:
-        """Atomically claim an item (a lock file holding this process); False if another process has it."""
+        """Atomically claim an unfinished item (a lock file holding this process); False if it is done or
+        another process has it. A process that finishes the folder removes .claims; the item is then done,
+        which the check after locking sees."""
         from todsynth.locks import create_exclusive, owner_tag
 
-        return create_exclusive(self.root / CLAIMS / f"{item.id}.lock", owner_tag())
+        if self.done(item):
+            return False
+        path = self.root / CLAIMS / f"{item.id}.lock"
+        try:
+            got = create_exclusive(path, owner_tag())
+        except FileNotFoundError:  # .claims was removed by a process that completed the folder
+            path.parent.mkdir(parents=True, exist_ok=True)
+            got = create_exclusive(path, owner_tag())
+        if got and self.done(item):
+            path.unlink(missing_ok=True)
+            return False
+        return got
 
     def unclaim(self, items: list[WorkItem]) -> None:
         """Drop this process's claims on items that have no record yet."""
@@ -256,7 +300,8 @@ class OutputFolder:
         return released
 
     def write(self, item: WorkItem, image: np.ndarray, label: np.ndarray, record: dict) -> None:
-        """Image, then mask, then the record (the 'done' marker), each atomically."""
+        """Image, then mask (8-bit, or 16-bit for labels above 255), then the record (the 'done' marker),
+        each atomically."""
         from PIL import Image
 
         from todsynth.io import atomic_path
@@ -264,7 +309,7 @@ class OutputFolder:
         with atomic_path(self.root / "images" / f"{item.id}.png") as tmp:
             Image.fromarray(image).save(tmp, format="PNG")
         with atomic_path(self.root / "masks" / f"{item.id}.png") as tmp:
-            Image.fromarray(label.astype(np.uint8), mode="L").save(tmp, format="PNG")
+            Image.fromarray(label.astype(mask_dtype(self.classes))).save(tmp, format="PNG")
         self.write_record(item, record)
 
     def write_record(self, item: WorkItem, record: dict) -> None:
@@ -274,12 +319,67 @@ class OutputFolder:
         write_json(self.root / RECORDS / f"{item.id}.json", record)
 
     def write_manifest(self) -> int:
-        """Gather records into manifest.jsonl (sorted by id), atomically; returns the count."""
+        """Merge the manifest's records and the per-sample records into manifest.jsonl (sorted by id),
+        atomically; returns the count."""
         from todsynth.io import read_json, write_text
 
-        records = [read_json(p) for p in sorted((self.root / RECORDS).glob("*.json"))]
-        write_text(self.root / "manifest.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        path = self.root / MANIFEST
+        records = dict(_read_manifest(path)) if path.exists() else {}
+        for p in sorted((self.root / RECORDS).glob("*.json")):
+            record = read_json(p)
+            if not isinstance(record, dict) or record.get("id") != p.stem:
+                raise DataError(f"not a record of sample '{p.stem}'", path=p,
+                                fix="delete it: its sample is made again on the next run")
+            records[p.stem] = record
+        write_text(path, "".join(json.dumps(records[k], sort_keys=True) + "\n" for k in sorted(records)))
         return len(records)
+
+    def finish(self) -> int:
+        """Write the complete manifest, then remove the records and claims it makes redundant; returns the count.
+
+        The manifest is in place before any record goes, so a process checking an item (record first, then
+        manifest) always finds it done. Leftovers of an interrupted removal are harmless and go next time.
+        """
+        total = self.write_manifest()
+        for sub in (RECORDS, CLAIMS):
+            shutil.rmtree(self.root / sub, ignore_errors=True)
+        return total
+
+
+def _read_manifest(path: Path) -> dict[str, dict]:
+    """Records of a manifest.jsonl by id; an unreadable line is a DataError naming the file."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read the manifest: {e}", path=path,
+                        fix="delete it and rerun: the samples it lists are made again, identically") from None
+    records: dict[str, dict] = {}
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            record, reason = None, f"not valid JSON ({e.msg})"
+        else:
+            reason = "expected an object with a string 'id'"
+        if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+            raise DataError(f"line {n}: {reason}", path=path,
+                            fix="delete it and rerun: the samples it lists are made again, identically")
+        records[record["id"]] = record
+    return records
+
+
+def mask_dtype(classes, path: str | Path | None = None) -> type:
+    """Smallest PNG-able integer type holding every label of `classes` (uint8, or uint16 = PNG mode I;16),
+    so that no label wraps around; `path` names the class source in the error."""
+    top = max(classes.num_classes - 1, classes.ignore_index)
+    if top <= 255:
+        return np.uint8
+    if top <= 65535:
+        return np.uint16
+    raise DataError(f"labels up to {top} do not fit a 16-bit PNG mask", path=path,
+                    fix="use at most 65536 classes and an ignore_index of at most 65535")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,23 +393,30 @@ def synthesize(cfg: SynthesizeConfig, accelerator=None, progress: bool = True) -
 
     from todsynth.generator.pipeline import MaskToImagePipeline
 
+    from todsynth.generator.sample import check_mask_classes
+
     cfg.validate()
+    check_output_folder(cfg.out, {"masks dataset": cfg.masks, "generator folder": cfg.generator,
+                                  "segmenter folder": cfg.segmenter, "filter stats": cfg.filter_stats,
+                                  "split file": cfg.split_file})
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = accelerator.device if accelerator else "cpu"
     pipe = MaskToImagePipeline.from_pretrained(cfg.generator, device=device)
     labels, prompts, ids, classes = _masks(cfg, pipe.image_size)
-    _check_classes(classes, pipe.classes, cfg.masks)
-    segmenter = _segmenter(cfg.segmenter, device) if cfg.segmenter else None
+    check_mask_classes(classes, pipe.classes, cfg.masks)
+    mask_dtype(classes, cfg.masks)
+    segmenter = _segmenter(cfg.segmenter, device, classes) if cfg.segmenter else None
     stats = _read_stats(cfg.filter_stats, classes.num_classes) if cfg.filter_stats else None
     copies = (hardness_copies(labels, stats["class_mean_loss"], cfg.copies, classes.ignore_index)
               if cfg.hard_resample else None)
     out = OutputFolder(Path(cfg.out), classes)
     if rank == 0:
-        out.check_run(json.loads(json.dumps(config_dict(cfg))))
+        out.check_run({**json.loads(json.dumps(config_dict(cfg))), "output_names": OUTPUT_NAMES})
     if accelerator is not None:
         accelerator.wait_for_everyone()
     out.release_stale_claims()
     items = plan(ids, cfg, copies)
+    already = sum(out.done(it) for it in items)
     todo = [it for it in items[rank::world] if not out.done(it)]
     t0, made, rejected = time.perf_counter(), 0, 0
     bar = _bar(len(todo)) if progress and rank == 0 else None
@@ -331,32 +438,48 @@ def synthesize(cfg: SynthesizeConfig, accelerator=None, progress: bool = True) -
         accelerator.wait_for_everyone()
     # Only a process that sees every sample done writes the manifest: one still held by another live
     # process would be missing, and that process writes it when it finishes.
-    total = out.write_manifest() if rank == 0 and all(out.done(it) for it in items) else None
-    return {"made": made, "rejected": rejected, "planned": len(items), "in_manifest": total,
-            "wall_time_s": time.perf_counter() - t0}
+    total = out.finish() if rank == 0 and all(out.done(it) for it in items) else None
+    return {"made": made, "rejected": rejected, "planned": len(items), "already_done": already,
+            "in_manifest": total, "wall_time_s": time.perf_counter() - t0}
+
+
+def check_output_folder(out: str | Path, inputs: dict[str, str | Path | None]) -> None:
+    """Refuse an output folder that is, contains or lies inside one of the `inputs` (name: path), symlinks
+    resolved: writing images/, masks/ and classes.yaml there would change what the input is."""
+    target = _resolved(out)
+    for what, value in inputs.items():
+        if not value:
+            continue
+        source = _resolved(value)
+        if target == source:
+            relation = "is"
+        elif source.is_relative_to(target):
+            relation = "contains"
+        elif source.is_dir() and target.is_relative_to(source):
+            relation = "is inside"
+        else:
+            continue
+        raise DataError(f"the output folder {relation} the {what} {source}", path=out,
+                        fix="choose an output folder outside every input (dataset, models, stats, split)")
+
+
+def _resolved(path: str | Path) -> Path:
+    """Absolute path with symlinks resolved as far as they exist."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):  # a symlink loop: compare what can be compared
+        return Path(os.path.abspath(path))
 
 
 def _masks(cfg: SynthesizeConfig, size: int):
+    """Label maps, prompts, ids and classes of the masks: restricted to the split file (whose ids must all
+    be in the dataset) and to the first `limit`."""
     from todsynth.generator.sample import load_masks
 
-    labels, prompts, ids, classes = load_masks(cfg.masks, cfg.split, size)
-    if cfg.split_file:
-        from todsynth.data.split import read_split
-
-        keep = set(read_split(cfg.split_file))
-        sel = [i for i, x in enumerate(ids) if x in keep]
-        labels, prompts, ids = labels[sel], [prompts[i] for i in sel], [ids[i] for i in sel]
+    labels, prompts, ids, classes = load_masks(cfg.masks, cfg.split, size, split_file=cfg.split_file)
     if cfg.limit:
         labels, prompts, ids = labels[:cfg.limit], prompts[:cfg.limit], ids[:cfg.limit]
     return labels, prompts, ids, classes
-
-
-def _check_classes(masks, generator, path: str) -> None:
-    """Raise DataError unless the masks use the generator's classes (names and ignore index)."""
-    if tuple(masks.names) != tuple(generator.names) or masks.ignore_index != generator.ignore_index:
-        raise DataError(f"mask classes {list(masks.names)} (ignore {masks.ignore_index}) differ from the "
-                        f"generator's {list(generator.names)} (ignore {generator.ignore_index})", path=path,
-                        fix="use masks labelled with the classes the generator was trained on")
 
 
 def _read_stats(path: str, num_classes: int) -> dict:
@@ -374,10 +497,24 @@ def _read_stats(path: str, num_classes: int) -> dict:
     return stats
 
 
-def _segmenter(path: str, device):
-    from todsynth.segment.model import Segmenter
+def _segmenter(path: str, device, classes):
+    """Load the guidance segmenter, refusing one trained for other classes than the masks and generator."""
+    from todsynth.segment.model import CONFIG_NAME, Segmenter
 
-    return Segmenter.from_pretrained(path).to(device).eval()
+    model = Segmenter.from_pretrained(path)
+    check_segmenter_classes(model.config, classes, Path(path) / CONFIG_NAME)
+    return model.to(device).eval()
+
+
+def check_segmenter_classes(config, classes, path: str | Path) -> None:
+    """Raise CheckpointError unless a segmenter config predicts `classes` (count, and names when saved)."""
+    names = None if config.class_names is None else list(config.class_names)
+    if config.num_classes == classes.num_classes and (names is None or names == list(classes.names)):
+        return
+    found = names if names is not None else f"{config.num_classes} classes"
+    raise CheckpointError(f"the guidance segmenter predicts {found}, but the generator and masks use "
+                          f"{list(classes.names)}", path=path,
+                          fix="use a segmenter trained on the masks' dataset (same classes, same order)")
 
 
 def _run_batch(pipe, segmenter, batch: list[WorkItem], labels, prompts, classes, stats, cfg: SynthesizeConfig,

@@ -14,7 +14,7 @@ from reliability_helpers import (CLI, PROCESS_TIMEOUT_S, SYNTH_SAMPLES, bytes_lo
                                  file_bytes, synth_args, synth_keep, torch_threads)
 
 from todsynth.data.classes import LOVEDA
-from todsynth.synthesize import CLAIMS, OutputFolder, WorkItem
+from todsynth.synthesize import CLAIMS, RECORDS, OutputFolder, WorkItem
 
 
 def test_two_processes_on_one_folder(tiny_generator_dir: Path, toy_masks_16: Path, synth_reference: dict[str, bytes],
@@ -66,11 +66,17 @@ def test_manifest_is_never_partial(tiny_generator_dir: Path, toy_masks_16: Path,
     (out / CLAIMS).mkdir(parents=True)
     with torch_threads(1):
         source = synthesize(cfg, progress=False)  # learn the item ids, then start over with one held by "another"
-        held = next(p.stem for p in (out / CLAIMS).glob("*__k1.lock"))
+        records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+        held = next(r["id"] for r in records if r["id"].endswith("__k1"))
         for path in out.rglob("*"):
             if path.is_file() and held in path.name:
                 path.unlink()
-        (out / "manifest.jsonl").unlink()
+        (out / "manifest.jsonl").unlink()  # back to mid-run: the other sample done (its record), no manifest
+        (out / RECORDS).mkdir()
+        (out / CLAIMS).mkdir()
+        for record in records:
+            if record["id"] != held:
+                (out / RECORDS / f"{record['id']}.json").write_text(json.dumps(record))
         (out / CLAIMS / f"{held}.lock").write_text(f"{socket.gethostname()}:{os.getpid()}")  # alive: this process
         partial = synthesize(cfg, progress=False)
         assert source["made"] == 2 and partial["made"] == 0

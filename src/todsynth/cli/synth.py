@@ -50,5 +50,6 @@ def synthesize(
     state = PartialState()
     summary = run(cfg, accelerator=state if state.num_processes > 1 else None)
     if state.is_main_process:
-        console.print(f"synthesized {summary['made']} pairs ({summary['rejected']} rejected) into {cfg.out} "
+        done = f", {summary['already_done']} already done" if summary["already_done"] else ""
+        console.print(f"synthesized {summary['made']} pairs ({summary['rejected']} rejected{done}) into {cfg.out} "
                       f"in {summary['wall_time_s']:.1f} s")

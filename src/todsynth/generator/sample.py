@@ -2,20 +2,45 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
+from todsynth.data.classes import ClassSpec
+from todsynth.errors import ConfigError, DataError
 from todsynth.generator.pipeline import MaskToImagePipeline, sample_seeds
 
 
-def load_masks(path: str | Path, split: str, size: int, n: int | None = None):
-    """Label maps [N, size, size], prompts and ids of a dataset (label-only layouts welcome)."""
+def load_masks(path: str | Path, split: str, size: int, n: int | None = None,
+               split_file: str | Path | None = None):
+    """Label maps [N, size, size], prompts and ids of a dataset (label-only layouts welcome); with
+    `split_file`, only its ids, every one of which must be in the dataset."""
     from todsynth.generator.train import load_train_data
 
-    data, classes = load_train_data(str(path), split, size, images=False)
+    data, classes = load_train_data(str(path), split, size, split_file=None if split_file is None else str(split_file),
+                                    images=False)
     end = len(data.ids) if n is None else min(n, len(data.ids))
     return data.labels[:end], data.prompts[:end], data.ids[:end], classes
+
+
+def check_mask_classes(masks: ClassSpec, generator: ClassSpec, path: str | Path) -> None:
+    """Raise DataError unless the masks use the generator's classes (names and ignore index)."""
+    if tuple(masks.names) != tuple(generator.names) or masks.ignore_index != generator.ignore_index:
+        raise DataError(f"mask classes {list(masks.names)} (ignore {masks.ignore_index}) differ from the "
+                        f"generator's {list(generator.names)} (ignore {generator.ignore_index})", path=path,
+                        fix="use masks labelled with the classes the generator was trained on")
+
+
+def check_sample_settings(n: int, steps: int, guidance: float, shift: float, batch_size: int) -> None:
+    """Raise ConfigError for settings that cannot sample: counts below 1, non-finite guidance or shift."""
+    for name, value in (("n", n), ("steps", steps), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}", fix=f"set {name} to 1 or more")
+    if not math.isfinite(guidance):
+        raise ConfigError(f"guidance must be a finite number, got {guidance!r}", fix="set guidance, e.g. 1.0")
+    if not (math.isfinite(shift) and shift > 0):
+        raise ConfigError(f"shift must be a finite number > 0, got {shift!r}", fix="set shift, e.g. 1.0 or 3.0")
 
 
 def sample_batched(pipe: MaskToImagePipeline, labels: torch.Tensor, prompts: list[str], ids: list[str],
@@ -32,11 +57,14 @@ def sample_batched(pipe: MaskToImagePipeline, labels: torch.Tensor, prompts: lis
 def sample_grid(model: str | Path, masks: str | Path, out: str | Path, split: str = "Train", n: int = 8,
                 steps: int = 20, guidance: float = 1.0, shift: float = 1.0, seed: int = 0,
                 batch_size: int = 8) -> Path:
-    """Sample n masks of a dataset and write out/samples.png (mask | generated per row)."""
+    """Sample n masks of a dataset and write out/samples.png (mask | generated per row); settings and the
+    masks' classes are checked before anything is written."""
     from todsynth.viz import save_mask_image_grid
 
+    check_sample_settings(n, steps, guidance, shift, batch_size)
     pipe = MaskToImagePipeline.from_pretrained(model)
-    labels, prompts, ids, _ = load_masks(masks, split, pipe.image_size, n)
+    labels, prompts, ids, classes = load_masks(masks, split, pipe.image_size, n)
+    check_mask_classes(classes, pipe.classes, masks)
     images = sample_batched(pipe, labels, prompts, ids, seed=seed, batch_size=batch_size, num_steps=steps,
                             guidance_scale=guidance, shift=shift)
     path = Path(out) / "samples.png"
