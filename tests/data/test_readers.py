@@ -117,9 +117,9 @@ def test_sixteen_bit_mask_with_small_values_reads(folder_dataset: Path, save_ima
 
 def test_sixteen_bit_image_is_refused_naming_the_file(folder_dataset: Path, save_image) -> None:
     bad = save_image(folder_dataset / "images" / "tile0.png", np.full((8, 8), 4000, np.uint16))
-    with pytest.raises(DataError, match="16/32-bit") as info:
+    with pytest.raises(DataError, match="1-band uint16 image") as info:
         FolderDataset(folder_dataset)[0]
-    assert info.value.path == bad and "8-bit RGB" in str(info.value)
+    assert info.value.path == bad and "8-bit RGB" in str(info.value) and "'scale: [low, high]'" in str(info.value)
 
 
 def write_index(path: Path, lines: list[dict | str]) -> Path:

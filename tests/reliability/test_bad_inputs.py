@@ -130,8 +130,8 @@ def sixteen_bit_mask_values(root: Path) -> Case:
 
 
 def sixteen_bit_image(root: Path) -> Case:
-    """A 16-bit image (8-bit expected)."""
-    return root, _write(root / "images" / "tile1.png", np.full((8, 8), 4000, np.uint16)), ("16/32-bit",)
+    """A 16-bit image without a 'scale' setting (8-bit expected)."""
+    return root, _write(root / "images" / "tile1.png", np.full((8, 8), 4000, np.uint16)), ("1-band uint16", "scale")
 
 
 def label_not_a_class(root: Path) -> Case:

@@ -56,14 +56,45 @@ def _class_table(report: CheckReport) -> Table:
     return table
 
 
+def _range(r: tuple[float, float] | None) -> str:
+    """One band's value range, or a dash when it has no valid pixel."""
+    return "-" if r is None else f"{r[0]:g}..{r[1]:g}"
+
+
+def _file_table(report: CheckReport) -> Table:
+    """Rich table of the files read: sample type, band count, value range per band, nodata share."""
+    table = Table(title="files")
+    for column in ("files", "count", "dtype", "bands"):
+        table.add_column(column, justify="right" if column in ("count", "bands") else "left")
+    table.add_column("value range per band")
+    table.add_column("nodata", justify="right")
+    for group in sorted(report.rasters.values(), key=lambda g: (g.role, g.dtype, g.bands)):
+        ranges = ", ".join(f"{b + 1}: {_range(r)}" for b, r in enumerate(group.ranges))
+        table.add_row(f"{group.role}s", str(group.files), group.dtype, str(group.bands), ranges,
+                      f"{100 * group.nodata_share:.1f}%")
+    return table
+
+
+def _print_sizes(report: CheckReport) -> None:
+    """Print the size distribution and, with --size, the files smaller than the working size."""
+    sizes = ", ".join(f"{h}x{w} ({n})" for (h, w), n in sorted(report.size_counts.items()))
+    console.print(f"sizes: {sizes}", highlight=False)
+    if report.small:
+        shown = ", ".join(escape(str(p)) for p in report.small[:5])
+        side = report.min_size
+        console.print(f"[yellow]warning:[/] {len(report.small)} file(s) smaller than the working size {side}x{side} "
+                      f"(they are upsampled), e.g. {shown}", soft_wrap=True, highlight=False)
+
+
 def _print_report(report: CheckReport) -> None:
-    """Print counts, sizes and the class table, then any problems with their files."""
+    """Print counts, files, sizes and the class table, then any problems with their files."""
     kind = "mask(s), label-only" if report.label_only else "image/mask pair(s)"
     found = f"{report.n_images} {kind}" if report.classes is not None else "could not be opened"
     console.print(f"{escape(str(report.root))}: {found}", soft_wrap=True, highlight=False)
-    if report.sizes:
-        sizes = ", ".join(f"{h}x{w}" for h, w in sorted(report.sizes))
-        console.print(f"sizes: {sizes}", highlight=False)
+    if report.rasters:
+        console.print(_file_table(report))
+    if report.size_counts:
+        _print_sizes(report)
     if report.classes is not None and report.n_images:
         console.print(_class_table(report))
     if report.problems:
@@ -79,11 +110,12 @@ def _print_report(report: CheckReport) -> None:
 def check(
     path: Path = typer.Argument(..., help="Dataset: LoveDA root, images/ + masks/ folder, or .jsonl index."),
     split: str = typer.Option("Train", "--split", help="Split folder (LoveDA layout)."),
+    size: int | None = typer.Option(None, "--size", help="Working tile size: flag files smaller than this."),
 ) -> None:
-    """Read every file once and report sizes, classes and problems (exit code 2 if any)."""
+    """Read every file once and report file types, value ranges, sizes, classes and problems (exit 2 if any)."""
     from todsynth.data.check import check_dataset
 
-    report = check_dataset(path, split=split)
+    report = check_dataset(path, split=split, size=size)
     _print_report(report)
     if report.problems:
         raise typer.Exit(2)

@@ -1,7 +1,8 @@
-"""Up-front dataset validation: read every file once, collect every problem, summarise the classes."""
+"""Up-front dataset validation: read every file once, collect every problem, summarise the files and classes."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,8 @@ from typing import Any
 import numpy as np
 
 from todsynth.data.classes import ClassSpec
-from todsynth.data.readers import BaseDataset, open_dataset, size_mismatch
+from todsynth.data.rasters import RasterInfo
+from todsynth.data.readers import BaseDataset, describe_image, open_dataset, size_mismatch, with_image_nodata
 from todsynth.errors import DataError, DatasetProblems
 
 
@@ -22,6 +24,34 @@ class ClassRow:
     pixels: int
     share: float
     images: int
+
+
+@dataclass
+class RasterGroup:
+    """Image or mask files of one sample type and band count: how many, value range per band, nodata pixels."""
+
+    role: str
+    dtype: str
+    bands: int
+    files: int = 0
+    ranges: list[tuple[float, float] | None] = field(default_factory=list)
+    nodata_pixels: int = 0
+    pixels: int = 0
+
+    @property
+    def nodata_share(self) -> float:
+        """Share of the group's pixels that are nodata."""
+        return self.nodata_pixels / self.pixels if self.pixels else 0.0
+
+    def add(self, info: RasterInfo) -> None:
+        """Count one file of this group."""
+        if not self.ranges:
+            self.ranges = [None] * self.bands
+        self.ranges = [b if a is None else a if b is None else (min(a[0], b[0]), max(a[1], b[1]))
+                       for a, b in zip(self.ranges, info.ranges)]
+        self.files += 1
+        self.nodata_pixels += info.nodata_pixels
+        self.pixels += info.height * info.width
 
 
 @dataclass
@@ -37,6 +67,10 @@ class CheckReport:
     image_counts: list[int] = field(default_factory=list)
     ignore_pixels: int = 0
     problems: list[DataError] = field(default_factory=list)
+    size_counts: Counter[tuple[int, int]] = field(default_factory=Counter)
+    rasters: dict[tuple[str, str, int], RasterGroup] = field(default_factory=dict)
+    min_size: int | None = None
+    small: list[Path] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -81,32 +115,59 @@ def _count(label: np.ndarray, classes: ClassSpec, report: CheckReport) -> None:
     report.ignore_pixels += int(ignore.sum())
 
 
+def _describe(report: CheckReport, role: str, info: RasterInfo) -> None:
+    """Add one file's sample type, bands, value ranges and nodata to the report's groups."""
+    key = (role, info.dtype, info.bands)
+    report.rasters.setdefault(key, RasterGroup(role, info.dtype, info.bands)).add(info)
+
+
 def _check_item(ds: BaseDataset, i: int, report: CheckReport) -> None:
-    """Read item `i`'s files once, recording problems and statistics."""
-    label = _attempt(ds.load_label, i, report.problems)
-    image = _attempt(ds.load_image, i, report.problems)
-    if label is None:
+    """Read item `i`'s files once, recording problems, file descriptions, sizes and class statistics."""
+    image_path, mask_path = ds.paths(i)
+    read = _attempt(ds.load_label_info, i, report.problems)
+    image = _attempt(ds.load_image_data, i, report.problems)
+    if image is not None:
+        _describe(report, "image", image[2])
+    elif image_path is not None:
+        info = describe_image(image_path)
+        if info is not None:
+            _describe(report, "image", info)
+    if read is None:
         return
-    if image is not None and image.shape[:2] != label.shape:
-        image_path, mask_path = ds.paths(i)
-        report.problems.append(size_mismatch(image_path, mask_path, image.shape, label.shape))
+    label, mask_info = read
+    _describe(report, "mask", mask_info)
+    if image is not None and image[0].shape[:2] != label.shape:
+        report.problems.append(size_mismatch(image_path, mask_path, image[0].shape, label.shape))
         return
-    report.sizes.add((int(label.shape[0]), int(label.shape[1])))
+    if image is not None:
+        label = with_image_nodata(label, image[1], ds.classes)
+    size = (int(label.shape[0]), int(label.shape[1]))
+    report.sizes.add(size)
+    report.size_counts[size] += 1
+    if report.min_size is not None and min(size) < report.min_size:
+        report.small.append(image_path or mask_path)
     _count(label, ds.classes, report)
 
 
-def check_dataset(source: str | Path | BaseDataset, split: str = "Train", **kw: Any) -> CheckReport:
-    """Open (if a path) and read every file of a dataset once; never raises for data problems."""
+def check_dataset(source: str | Path | BaseDataset, split: str = "Train", *, size: int | None = None,
+                  **kw: Any) -> CheckReport:
+    """Open (if a path) and read every file of a dataset once; never raises for data problems.
+
+    `size` is the working tile size: files smaller than size x size are listed in `report.small` (they would be
+    upsampled), not counted as problems.
+    """
+    if size is not None and size < 1:
+        raise DataError(f"working size must be >= 1, got {size}", fix="give a tile size >= 1, or leave it out")
     if isinstance(source, BaseDataset):
         ds = source
     else:
         try:
             ds = open_dataset(source, split=split, strict=False, **kw)
         except DataError as e:
-            return CheckReport(root=Path(source), problems=list(getattr(e, "problems", [e])))
+            return CheckReport(root=Path(source), problems=list(getattr(e, "problems", [e])), min_size=size)
     c = ds.classes.num_classes
     report = CheckReport(root=ds.root, n_images=len(ds), label_only=ds.label_only, classes=ds.classes,
-                         pixel_counts=[0] * c, image_counts=[0] * c, problems=list(ds.problems))
+                         pixel_counts=[0] * c, image_counts=[0] * c, problems=list(ds.problems), min_size=size)
     for i in range(len(ds)):
         _check_item(ds, i, report)
     return report

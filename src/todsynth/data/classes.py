@@ -1,4 +1,4 @@
-"""Class definitions: names, ignore index and optional palette for colour-coded masks."""
+"""Class definitions: names, ignore index, optional palette and ignore colours for colour-coded masks."""
 
 from __future__ import annotations
 
@@ -21,11 +21,15 @@ LOVEDA_PALETTE = (
 
 @dataclass(frozen=True)
 class ClassSpec:
-    """The label space of a dataset. Labels are 0..n-1; `ignore_index` marks no-data pixels."""
+    """The label space of a dataset. Labels are 0..n-1; `ignore_index` marks no-data pixels.
+
+    `ignore_colors` are mask colours (unlabelled areas) read as the ignore index; they need a palette.
+    """
 
     names: tuple[str, ...]
     ignore_index: int = IGNORE_INDEX
     palette: tuple[tuple[int, int, int], ...] | None = field(default=None)
+    ignore_colors: tuple[tuple[int, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.names) == 0:
@@ -39,26 +43,47 @@ class ClassSpec:
             raise DataError(f"ignore index {self.ignore_index} collides with a class label "
                             f"({len(self.names)} classes use 0..{len(self.names) - 1})",
                             fix=_free_ignore_fix(len(self.names)))
+        if self.ignore_colors and self.palette is None:
+            raise DataError("'ignore_colors' is given but no 'palette': colours map to classes only through a "
+                            "palette", fix="add 'palette' (one [r, g, b] per class) or remove 'ignore_colors'")
+        both = sorted(set(self.ignore_colors) & set(self.palette or ()))
+        if both:
+            raise DataError(f"colour(s) {[list(c) for c in both]} are both in 'palette' and in 'ignore_colors'",
+                            fix="keep each colour in one of the two lists")
 
     @property
     def num_classes(self) -> int:
         return len(self.names)
 
     def to_dict(self) -> dict:
-        return {"names": list(self.names), "ignore_index": self.ignore_index,
-                "palette": None if self.palette is None else [list(c) for c in self.palette]}
+        """The classes.yaml mapping (ignore_colors only when there are some, so older readers stay valid)."""
+        d = {"names": list(self.names), "ignore_index": self.ignore_index,
+             "palette": None if self.palette is None else [list(c) for c in self.palette]}
+        if self.ignore_colors:
+            d["ignore_colors"] = [list(c) for c in self.ignore_colors]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, path: str | Path | None = None) -> "ClassSpec":
-        """Build from a `classes.yaml`-style mapping; `path` names the file in errors."""
-        if not isinstance(d, dict) or "names" not in d:
-            raise DataError("expected a mapping with a 'names' list", path=path,
+        """Build from a `classes.yaml`-style mapping; `path` names the file in errors.
+
+        The class list is `names:` or, as mmseg and torchgeo users write it, `classes:` (one of the two).
+        """
+        if isinstance(d, dict) and "names" in d and "classes" in d:
+            raise DataError("both 'names' and 'classes' are given; they are the same list", path=path,
+                            fix="keep one of them: 'names: [...]' (or 'classes: [...]')")
+        if not isinstance(d, dict) or not ("names" in d or "classes" in d):
+            raise DataError("expected a mapping with a 'names' list (or 'classes')", path=path,
                             fix="write e.g. 'names: [background, building]'")
-        names = d["names"]
+        key = "names" if "names" in d else "classes"
+        names = d[key]
+        if isinstance(names, dict):
+            raise DataError(f"'{key}' is a mapping; todsynth wants the class names as a list in label order",
+                            path=path, fix=f"write e.g. '{key}: [background, building]' (label 0 first)")
         if isinstance(names, list):
-            _check_name_types(names, path)
+            _check_name_types(names, path, key)
         if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-            raise DataError("'names' must be a list of non-empty strings", path=path)
+            raise DataError(f"'{key}' must be a list of non-empty strings", path=path)
         if "ignore_index" not in d and IGNORE_INDEX < len(names):
             raise DataError(f"the default ignore index {IGNORE_INDEX} collides with a class label "
                             f"({len(names)} classes use 0..{len(names) - 1})", path=path,
@@ -74,8 +99,9 @@ class ClassSpec:
             if not ok:
                 raise DataError("'palette' must be a list of [r, g, b] integer triples", path=path)
             palette = tuple(tuple(c) for c in palette)
+        ignore_colors = _colour_list(d.get("ignore_colors", []), "ignore_colors", path)
         try:
-            return cls(tuple(names), ignore, palette)
+            return cls(tuple(names), ignore, palette, ignore_colors)
         except DataError as e:
             raise DataError(e.problem, path=path, fix=e.fix) from None
 
@@ -95,18 +121,32 @@ def _free_ignore_fix(num_classes: int) -> str:
     return f"use an ignore_index outside 0..{num_classes - 1}, e.g. {free}"
 
 
-def _check_name_types(names: list, path: str | Path | None) -> None:
+def _colour_list(value: object, key: str, path: str | Path | None) -> tuple[tuple[int, int, int], ...]:
+    """A list of distinct [r, g, b] 0..255 triples from YAML, or a DataError naming `key`."""
+    ok = isinstance(value, list) and all(
+        isinstance(c, list) and len(c) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in c) for c in value)
+    if not ok:
+        raise DataError(f"'{key}' must be a list of [r, g, b] integer triples (0..255), got {value!r}", path=path,
+                        fix=f"e.g. '{key}: [[128, 128, 128], [0, 0, 0]]'")
+    colours = tuple(tuple(c) for c in value)
+    if len(set(colours)) != len(colours):
+        raise DataError(f"'{key}' lists a colour twice", path=path, fix="list every colour once")
+    return colours
+
+
+def _check_name_types(names: list, path: str | Path | None, key: str = "names") -> None:
     """Raise DataError naming class names YAML read as booleans, numbers or null instead of strings."""
     flags = [i for i, n in enumerate(names) if isinstance(n, bool)]
     if flags:
-        raise DataError(f"'names' entries {flags} (0-based) were read by YAML as booleans "
+        raise DataError(f"'{key}' entries {flags} (0-based) were read by YAML as booleans "
                         f"{[names[i] for i in flags]}: unquoted {YAML_BOOLEAN_WORDS} are booleans in YAML",
-                        path=path, fix='quote them, e.g. names: ["no", "on", "off"]')
+                        path=path, fix=f'quote them, e.g. {key}: ["no", "on", "off"]')
     other = [i for i, n in enumerate(names) if not isinstance(n, str)]
     if other:
-        raise DataError(f"'names' entries {other} (0-based) were read by YAML as "
+        raise DataError(f"'{key}' entries {other} (0-based) were read by YAML as "
                         f"{[type(names[i]).__name__ for i in other]}, not strings", path=path,
-                        fix='quote them, e.g. names: ["1", "2", "null"]')
+                        fix=f'quote them, e.g. {key}: ["1", "2", "null"]')
 
 
 LOVEDA = ClassSpec(LOVEDA_NAMES, IGNORE_INDEX, LOVEDA_PALETTE)

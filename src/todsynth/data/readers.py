@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args, overload
@@ -14,6 +14,8 @@ import numpy as np
 
 from todsynth.data.classes import LOVEDA, ClassSpec
 from todsynth.data.prompts import PromptFn, build_prompt
+from todsynth.data.rasters import (DATA_FILE, RGB_BANDS, Raster, RasterInfo, RasterSpec, band_ranges,
+                                   colormap_rgba, is_raster_file, load_raster_spec, read_raster, to_rgb8, unreadable)
 from todsynth.data.sample import Sample
 from todsynth.errors import DataError, DatasetProblems
 
@@ -25,18 +27,17 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 LOVEDA_DOMAINS = ("Urban", "Rural")
 LOVEDA_SPLITS = ("Train", "Val", "Test")
 CLASSES_FILE = "classes.yaml"
-CLASSES_KEYS = ("names", "ignore_index", "palette")
+CLASSES_KEYS = ("names", "classes", "ignore_index", "palette", "ignore_colors")
 INDEX_MODES = frozenset({"1", "L", "P", "I;16", "I;16L", "I;16B", "I;16N", "I"})
 COLOUR_MODES = frozenset({"RGB", "RGBA"})
 HIGH_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 LAYOUTS = ("accepted layouts: a LoveDA root (<root>/Train/{Urban,Rural}/{images_png,masks_png}), "
            "a folder with images/, masks/ and classes.yaml (masks/ only: label-only), or a .jsonl index")
-CLASSES_EXAMPLE = "e.g. 'names: [background, building, road]' with optional 'ignore_index: 255' and 'palette'"
+CLASSES_EXAMPLE = ("e.g. 'names: [background, building, road]' (or 'classes: [...]') with optional "
+                   "'ignore_index: 255', 'palette' and 'ignore_colors'")
 ROOT_FIX = "copy the file into the dataset, or point the dataset at the real folder"
-TIFF_MAGIC = (b"II*\0", b"MM\0*")
-TIFF_SAMPLE_FORMATS = {1: "unsigned-integer", 2: "signed-integer", 3: "floating-point", 4: "untyped"}
 MASK_DEPTHS = {"I;16": "16-bit", "I;16L": "16-bit", "I;16B": "16-bit", "I;16N": "16-bit", "I": "32-bit integer"}
-IMAGE_FIX = "export it as an 8-bit RGB PNG or TIFF"
+PALETTED_MODES = frozenset({"P", "PA"})
 MASK_FIX = "save masks as single-channel PNGs of class indices (mode L or P)"
 
 
@@ -53,12 +54,6 @@ def escapes_root(path: Path, root: Path, what: str, at: Path | None = None) -> D
     return DataError(f"{what} points outside the dataset root {root} (to {target})", path=at or path, fix=ROOT_FIX)
 
 
-def _unreadable(what: str, path: Path, e: Exception) -> DataError:
-    """The error for a file PIL cannot decode."""
-    return DataError(f"cannot read {what}: the file is corrupt, truncated or not an image "
-                     f"({type(e).__name__}: {e})", path=path, fix="re-export the file or remove it")
-
-
 def _too_many_pixels(what: str, path: Path, e: Exception) -> DataError:
     """The error for a file over PIL's decompression-bomb pixel limit (warning or error alike)."""
     from PIL import Image
@@ -68,42 +63,6 @@ def _too_many_pixels(what: str, path: Path, e: Exception) -> DataError:
     return DataError(f"{what}{size} exceeds PIL's pixel limit of {Image.MAX_IMAGE_PIXELS:,} "
                      "(PIL.Image.MAX_IMAGE_PIXELS, a guard against decompression bombs)", path=path,
                      fix="cut it into tiles, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file")
-
-
-def _tiff_layout(path: Path) -> str | None:
-    """The sample layout a TIFF header declares, in words; None unless the header parses cleanly and completely."""
-    from PIL import TiffImagePlugin
-
-    try:
-        with open(path, "rb") as f, warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            header = f.read(8)
-            if header[:4] not in TIFF_MAGIC:
-                return None
-            ifd = TiffImagePlugin.ImageFileDirectory_v2(header)
-            f.seek(ifd.next)
-            ifd.load(f)
-            bands = int(ifd.get(277, 1))
-            bits = sorted({int(b) for b in ifd.get(258, (1,))})
-            formats = sorted({TIFF_SAMPLE_FORMATS.get(int(v), f"format-{v}") for v in ifd.get(339, (1,))})
-            compression = int(ifd.get(259, 1))
-            complete = int(ifd.get(256, 0)) > 0 and int(ifd.get(257, 0)) > 0 and (273 in ifd or 324 in ifd)
-    except Exception:  # a header too broken to describe is reported as corrupt
-        return None
-    if caught or not complete:
-        return None
-    depth = "/".join(f"{b}-bit" for b in bits)
-    packed = "" if compression in TiffImagePlugin.COMPRESSION_INFO else f", compression {compression}"
-    return f"{bands} band(s) of {depth} {'/'.join(formats)} samples{packed}"
-
-
-def _unidentified(what: str, path: Path, e: Exception) -> DataError:
-    """The error for a file PIL does not recognise: a TIFF layout PIL cannot decode, else not an image."""
-    layout = _tiff_layout(path) if path.suffix.lower() in (".tif", ".tiff") else None
-    if layout is None:
-        return _unreadable(what, path, e)
-    return DataError(f"cannot read {what}: its TIFF header declares {layout}, a layout PIL cannot decode",
-                     path=path, fix=IMAGE_FIX if what == "image" else MASK_FIX)
 
 
 def _open_loaded(path: Path, what: str) -> Image:
@@ -122,10 +81,8 @@ def _open_loaded(path: Path, what: str) -> Image:
             raise DataError(f"{what} file not found", path=path) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise _too_many_pixels(what, path, e) from None
-        except Image.UnidentifiedImageError as e:
-            raise _unidentified(what, path, e) from None
         except Exception as e:  # PIL signals bad files with OSError, SyntaxError, ValueError, zlib/struct errors
-            raise _unreadable(what, path, e) from None
+            raise unreadable(what, path, e) from None
         try:
             im.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -133,14 +90,8 @@ def _open_loaded(path: Path, what: str) -> Image:
             raise _too_many_pixels(what, path, e) from None
         except Exception as e:
             im.close()
-            raise _unreadable(what, path, e) from None
+            raise unreadable(what, path, e) from None
     return im
-
-
-def _decode(path: Path, what: str, convert: Callable[[Image, Path], np.ndarray]) -> np.ndarray:
-    """Decode a file and convert the opened image to an array."""
-    with _open_loaded(path, what) as im:
-        return convert(im, path)
 
 
 def _image_array(im: Image, path: Path) -> np.ndarray:
@@ -151,9 +102,50 @@ def _image_array(im: Image, path: Path) -> np.ndarray:
     return np.array(im.convert("RGB"), dtype=np.uint8)
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as HxWx3 uint8 RGB."""
-    return _decode(Path(path), "image", _image_array)
+def _pil_info(im: Image, array: np.ndarray) -> RasterInfo:
+    """RasterInfo of a PIL-decoded file: its own band count, value ranges of the (8-bit) array it was read as."""
+    pixels = array if array.ndim == 3 else array[..., None]
+    ranges = band_ranges(pixels, np.zeros(pixels.shape[:2], bool))
+    dtype = "uint8" if im.mode not in HIGH_BIT_MODES else str(np.array(im).dtype)
+    return RasterInfo(dtype, len(im.getbands()), pixels.shape[0], pixels.shape[1], ranges, 0)
+
+
+def read_image_data(path: str | Path, spec: RasterSpec | None = None
+                    ) -> tuple[np.ndarray, np.ndarray | None, RasterInfo]:
+    """(HxWx3 uint8 RGB, HxW nodata pixels or None, what the file holds) of an image file.
+
+    TIFFs and 16-bit PNGs are read with rasterio and made RGB only as the file and `spec` (data.yaml) say;
+    8-bit PNG/JPEG with PIL. Nodata pixels are 0 in the RGB; datasets label them with the ignore index.
+    """
+    path = Path(path)
+    spec = spec or RasterSpec()
+    if is_raster_file(path, "image"):
+        raster = read_raster(path, "image")
+        return to_rgb8(raster, spec, path), raster.nodata if raster.info.nodata_pixels else None, raster.info
+    with _open_loaded(path, "image") as im:
+        rgb = _image_array(im, path)
+        raw = np.array(im) if im.mode in ("L", "LA", "RGB", "RGBA") else rgb
+        return rgb, None, _pil_info(im, raw)
+
+
+def describe_image(path: str | Path) -> RasterInfo | None:
+    """What an image file holds (sample type, bands, value ranges, nodata) even when it cannot be read as RGB;
+    None when it cannot be decoded at all. `data check` uses it to describe refused files."""
+    path = Path(path)
+    try:
+        if is_raster_file(path, "image"):
+            return read_raster(path, "image").info
+        with _open_loaded(path, "image") as im:
+            raw = np.array(im) if im.mode in ("L", "LA", "RGB", "RGBA") + tuple(HIGH_BIT_MODES) else np.array(
+                im.convert("RGB"))
+            return _pil_info(im, raw)
+    except DataError:
+        return None
+
+
+def read_image(path: str | Path, spec: RasterSpec | None = None) -> np.ndarray:
+    """Read an image file as HxWx3 uint8 RGB (rasters as data.yaml's `spec` says: bands, scale)."""
+    return read_image_data(path, spec)[0]
 
 
 def _colour_codes(rgb: np.ndarray) -> np.ndarray:
@@ -163,18 +155,22 @@ def _colour_codes(rgb: np.ndarray) -> np.ndarray:
 
 
 def _colour_label(pixels: np.ndarray, classes: ClassSpec, path: Path) -> np.ndarray:
-    """Map an RGB(A) mask to classes by palette; transparent pixels are ignore, unknown colours an error."""
+    """Map an RGB(A) mask to classes by palette; transparent pixels and `ignore_colors` are ignore, unknown
+    colours an error."""
     palette = _colour_codes(np.array(classes.palette))
     order = np.argsort(palette)
     codes = _colour_codes(pixels[..., :3])
     pos = np.clip(np.searchsorted(palette[order], codes), 0, len(palette) - 1)
     found = palette[order][pos] == codes
     transparent = pixels[..., 3] == 0 if pixels.shape[-1] == 4 else np.zeros(codes.shape, bool)
+    if classes.ignore_colors:
+        transparent |= np.isin(codes, _colour_codes(np.array(classes.ignore_colors)))
     unknown = ~found & ~transparent
     if unknown.any():
         shown = [((c >> 16) & 255, (c >> 8) & 255, c & 255) for c in np.unique(codes[unknown])[:5].tolist()]
         raise DataError(f"mask has {int(unknown.sum())} pixel(s) in colours not in the palette, e.g. {shown}",
-                        path=path, fix="add the colours to 'palette' in classes.yaml or repaint the mask")
+                        path=path, fix="add the colours to 'palette' (classes) or 'ignore_colors' (unlabelled) "
+                                       "in classes.yaml, or repaint the mask")
     label = order[pos].astype(np.int64)
     label[transparent] = classes.ignore_index
     return label
@@ -198,19 +194,61 @@ class MaskCodec:
 
     def read(self, path: str | Path) -> np.ndarray:
         """Read a mask file as an HxW int64 label map (0..C-1 or the ignore index)."""
-        return _decode(Path(path), "mask", self._label)
+        return self.read_info(path)[0]
+
+    def read_info(self, path: str | Path) -> tuple[np.ndarray, RasterInfo]:
+        """(HxW int64 label map, what the file holds) of a mask; rasters' nodata pixels become the ignore index."""
+        path = Path(path)
+        if is_raster_file(path, "mask"):
+            raster = read_raster(path, "mask")
+            return self._raster_label(raster, path), raster.info
+        with _open_loaded(path, "mask") as im:
+            label = self._label(im, path)
+            raw = np.array(im) if im.mode not in PALETTED_MODES or self.palette is None else np.array(
+                im.convert("RGBA"))
+            return label, _pil_info(im, raw)
 
     def _label(self, im: Image, path: Path) -> np.ndarray:
-        """Label map of an opened mask, by its PIL mode."""
+        """Label map of an opened mask, by its PIL mode; paletted masks go through their colours when the
+        classes have a palette (their raw indices need not follow the class order)."""
+        if im.mode in PALETTED_MODES and self.palette is not None:
+            return _colour_label(np.array(im.convert("RGBA")), self.classes, path)
         if im.mode in COLOUR_MODES and self.palette is not None:
             return _colour_label(np.array(im), self.classes, path)
         if im.mode not in INDEX_MODES:
             raise DataError(self._mode_problem(im.mode), path=path, fix=MASK_FIX)
         raw = np.array(im).astype(np.int64)
-        self._check_values(raw, path, im.mode)
+        depth = f"{MASK_DEPTHS[im.mode]} mask (mode {im.mode})" if im.mode in MASK_DEPTHS else None
+        self._check_values(raw, path, depth)
+        return self._labels_of(raw)
+
+    def _labels_of(self, raw: np.ndarray) -> np.ndarray:
+        """Labels of checked raw mask values (LoveDA: value 0 is no-data, others are label + 1)."""
         if self.encoding == "loveda":
             return np.where(raw == 0, self.classes.ignore_index, raw - 1)
         return raw
+
+    def _raster_label(self, raster: Raster, path: Path) -> np.ndarray:
+        """Label map of a mask read with rasterio: one band of integers (or a paletted band); nodata is ignore."""
+        info = raster.info
+        if raster.colormap is not None and self.palette is not None:
+            return _colour_label(colormap_rgba(raster, path), self.classes, path)
+        rgba = info.bands == RGB_BANDS + 1 and raster.colour_names[-1] == "alpha"
+        if (info.bands == RGB_BANDS or rgba) and self.palette is not None and info.dtype == "uint8":
+            label = _colour_label(raster.array, self.classes, path)
+        elif info.bands != 1:
+            raise DataError(f"mask has {info.bands} bands of {info.dtype} samples; masks hold one band of class "
+                            "indices (or 8-bit RGB colours with a palette)", path=path, fix=MASK_FIX)
+        elif np.dtype(info.dtype).kind == "f":
+            raise DataError(f"mask holds floating-point values ({info.dtype}), not class indices", path=path,
+                            fix=MASK_FIX)
+        else:
+            raw = raster.array[..., 0].astype(np.int64)
+            kind = "integer" if np.dtype(info.dtype).kind == "i" else "unsigned integer"
+            self._check_values(np.where(raster.nodata, 0, raw), path,
+                               f"{np.dtype(info.dtype).itemsize * 8}-bit {kind} mask ({info.dtype})")
+            label = self._labels_of(raw)
+        return np.where(raster.nodata, self.classes.ignore_index, label)
 
     def _mode_problem(self, mode: str) -> str:
         """Why a mask of this PIL mode cannot be read."""
@@ -222,7 +260,7 @@ class MaskCodec:
             return "mask holds floating-point values, not class indices"
         return f"mask is not single-channel (mode {mode})"
 
-    def _check_values(self, raw: np.ndarray, path: Path, mode: str) -> None:
+    def _check_values(self, raw: np.ndarray, path: Path, depth: str | None) -> None:
         """Raise DataError if raw mask values are neither classes nor the ignore/no-data value."""
         top = self.classes.num_classes - (0 if self.encoding == "loveda" else 1)
         if raw.size == 0 or (raw.min() >= 0 and raw.max() <= top):
@@ -233,7 +271,7 @@ class MaskCodec:
         if bad.size == 0:
             return
         values = np.unique(bad)
-        depth = f" in a {MASK_DEPTHS[mode]} mask (mode {mode})" if mode in MASK_DEPTHS else ""
+        depth = f" in a {depth}" if depth else ""
         lossy = path.suffix.lower() in (".jpg", ".jpeg")
         fix = ("save masks as PNG: JPEG compression changes label values" if lossy
                else "fix the mask, or the class list in classes.yaml")
@@ -258,6 +296,13 @@ class Item:
     prompt: str | None = None
 
 
+def with_image_nodata(label: np.ndarray, nodata: np.ndarray | None, classes: ClassSpec) -> np.ndarray:
+    """The label map with the image's nodata pixels set to the ignore index: nothing was measured there."""
+    if nodata is None:
+        return label
+    return np.where(nodata, classes.ignore_index, label)
+
+
 def size_mismatch(image: Path, mask: Path, image_shape: tuple[int, ...],
                   mask_shape: tuple[int, ...]) -> DataError:
     """The error for an image and mask of different sizes."""
@@ -270,9 +315,10 @@ class BaseDataset(Sequence[Sample]):
 
     def __init__(self, root: str | Path, classes: ClassSpec, items: Iterable[Item], *, label_only: bool,
                  codec: MaskCodec, prompt_fn: PromptFn | None = None,
-                 problems: Iterable[DataError] = (), strict: bool = True):
+                 problems: Iterable[DataError] = (), strict: bool = True, raster: RasterSpec | None = None):
         self.root = Path(root)
         self.classes = classes
+        self.raster = raster or RasterSpec()
         self.label_only = label_only
         self.codec = codec
         self.prompt_fn = prompt_fn
@@ -298,9 +344,12 @@ class BaseDataset(Sequence[Sample]):
             return SubsetDataset(self, self.ids[i])
         item = self.item(i)
         label = self.codec.read(item.mask)
-        image = None if item.image is None else read_image(item.image)
-        if image is not None and image.shape[:2] != label.shape:
-            raise size_mismatch(item.image, item.mask, image.shape, label.shape)
+        image = None
+        if item.image is not None:
+            image, nodata, _ = read_image_data(item.image, self.raster)
+            if image.shape[:2] != label.shape:
+                raise size_mismatch(item.image, item.mask, image.shape, label.shape)
+            label = with_image_nodata(label, nodata, self.classes)
         return Sample(image, label, self.prompt(i, label), item.id)
 
     def __repr__(self) -> str:
@@ -324,10 +373,19 @@ class BaseDataset(Sequence[Sample]):
         """The HxW int64 label map of item `i`."""
         return self.codec.read(self.item(i).mask)
 
+    def load_label_info(self, i: int) -> tuple[np.ndarray, RasterInfo]:
+        """(HxW int64 label map, mask file description) of item `i`."""
+        return self.codec.read_info(self.item(i).mask)
+
     def load_image(self, i: int) -> np.ndarray | None:
         """The HxWx3 uint8 image of item `i`, or None in label-only datasets."""
         image = self.item(i).image
-        return None if image is None else read_image(image)
+        return None if image is None else read_image(image, self.raster)
+
+    def load_image_data(self, i: int) -> tuple[np.ndarray, np.ndarray | None, RasterInfo] | None:
+        """(RGB, nodata pixels or None, file description) of item `i`'s image, or None in label-only datasets."""
+        image = self.item(i).image
+        return None if image is None else read_image_data(image, self.raster)
 
     def prompt(self, i: int, label: np.ndarray) -> str:
         """Prompt of item `i`: `prompt_fn` if given, else the stored prompt, else one built from `label`."""
@@ -351,7 +409,7 @@ class SubsetDataset(BaseDataset):
         if not ids:
             raise DataError("the id list is empty", path=ds.root)
         super().__init__(ds.root, ds.classes, [ds.item(position[i]) for i in ids], label_only=ds.label_only,
-                         codec=ds.codec, prompt_fn=ds.prompt_fn)
+                         codec=ds.codec, prompt_fn=ds.prompt_fn, raster=ds.raster)
         self.parent = ds
 
 
@@ -429,7 +487,8 @@ def _pair_folders(root: Path, image_dir: Path | None, mask_dir: Path,
 
 
 def load_classes(path: str | Path) -> ClassSpec:
-    """Read a classes.yaml (names, ignore_index, palette); unknown keys and bad values are DataErrors."""
+    """Read a classes.yaml (names or classes, ignore_index, palette, ignore_colors); unknown keys and bad values
+    are DataErrors."""
     import yaml
 
     path = Path(path)
@@ -455,7 +514,7 @@ class LoveDADataset(BaseDataset):
     """LoveDA: root/{split}/{Urban,Rural}/{images_png,masks_png}; mask 0 = no-data, 1..7 = classes 0..6."""
 
     def __init__(self, root: str | Path, split: str = "Train", domains: Sequence[str] = LOVEDA_DOMAINS,
-                 prompt_fn: PromptFn | None = None, *, strict: bool = True):
+                 prompt_fn: PromptFn | None = None, *, strict: bool = True, raster: RasterSpec | None = None):
         root = Path(root)
         split_dir = root / split
         if not split_dir.is_dir():
@@ -474,16 +533,18 @@ class LoveDADataset(BaseDataset):
             items += found
             problems += trouble
         super().__init__(root, LOVEDA, items, label_only=label_only, codec=MaskCodec(LOVEDA, "loveda"),
-                         prompt_fn=prompt_fn, problems=problems, strict=strict)
+                         prompt_fn=prompt_fn, problems=problems, strict=strict,
+                         raster=raster or load_raster_spec(root / DATA_FILE))
         self.split = split
         self.domains = tuple(present)
 
 
 class FolderDataset(BaseDataset):
-    """root/images + root/masks matched by stem, classes from root/classes.yaml; masks only → label-only."""
+    """root/images + root/masks matched by stem, classes from root/classes.yaml, raster settings from
+    root/data.yaml (optional); masks only → label-only."""
 
     def __init__(self, root: str | Path, prompt_fn: PromptFn | None = None, *,
-                 classes: ClassSpec | None = None, strict: bool = True):
+                 classes: ClassSpec | None = None, strict: bool = True, raster: RasterSpec | None = None):
         root = Path(root)
         if not root.is_dir():
             raise DataError("dataset folder not found", path=root)
@@ -491,7 +552,8 @@ class FolderDataset(BaseDataset):
         label_only = not (root / "images").is_dir()
         items, problems = _pair_folders(root, None if label_only else root / "images", root / "masks")
         super().__init__(root, classes, items, label_only=label_only, codec=MaskCodec(classes),
-                         prompt_fn=prompt_fn, problems=problems, strict=strict)
+                         prompt_fn=prompt_fn, problems=problems, strict=strict,
+                         raster=raster or load_raster_spec(root / DATA_FILE))
 
 
 def _index_path(root: Path, value: Any, where: str, index: Path, problems: list[DataError]) -> Path | None:
@@ -586,7 +648,8 @@ class JsonlDataset(BaseDataset):
     """
 
     def __init__(self, index: str | Path, root: str | Path | None = None, classes: ClassSpec | None = None,
-                 prompt_fn: PromptFn | None = None, *, encoding: MaskEncoding = "index", strict: bool = True):
+                 prompt_fn: PromptFn | None = None, *, encoding: MaskEncoding = "index", strict: bool = True,
+                 raster: RasterSpec | None = None):
         index = Path(index)
         root = index.parent if root is None else Path(root)
         problems: list[DataError] = []
@@ -597,7 +660,8 @@ class JsonlDataset(BaseDataset):
         label_only = bool(records) and not any("target" in r for _, r in records)
         items = _index_items(root, index, records, label_only, problems)
         super().__init__(root, classes, items, label_only=label_only, codec=MaskCodec(classes, encoding),
-                         prompt_fn=prompt_fn, problems=problems, strict=strict)
+                         prompt_fn=prompt_fn, problems=problems, strict=strict,
+                         raster=raster or load_raster_spec(index.parent / DATA_FILE))
         self.index = index
 
 
