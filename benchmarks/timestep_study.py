@@ -8,7 +8,7 @@ generator of one experiment cell (cached stages, so reruns are free), then measu
 - the final images' fidelity, plain and with CRFM (k of N), and the downstream-free cost of neither;
 and writes a pre-synth strip per distribution (mask | x̂0 at steps 0..5 | final) as PNG.
 
-    python benchmarks/timestep_study.py OUT [--set control=triple] [--n 48] [--json OUT/timesteps.json]
+    python benchmarks/timestep_study.py OUT [--grid foundation] [--set control=triple] [--n 48] [--json PATH]
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 VARIANTS = {
-    "logit-normal (0, 1)": {},
+    "logit-normal (0, 1)": {"gen_timestep_mean": 0.0},
     "logit-normal mean 1": {"gen_timestep_mean": 1.0},
-    "+ 20 % uniform in [0.8, 1)": {"gen_timestep_tail": 0.2},
+    "+ 20 % uniform in [0.8, 1)": {"gen_timestep_mean": 0.0, "gen_timestep_tail": 0.2},
     "mean 0.5 + 20 % tail": {"gen_timestep_mean": 0.5, "gen_timestep_tail": 0.2},
 }
 SHIFTS = (1.0, 3.0)
@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
+    ap.add_argument("--grid", default="paper-tables", help="experiment config whose base settings the cells start from")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="cell setting key=value (repeatable)")
     ap.add_argument("--n", type=int, default=48, help="held-out layouts to sample")
     ap.add_argument("--crfm-steps", type=int, default=4)
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    base = {**load_grid("paper-tables")["base"], "num_steps": 23, **parse_set(args.sets)}
+    base = {**load_grid(args.grid)["base"], "num_steps": 23, **parse_set(args.sets)}
     s0 = settings_from(base, "timestep study")
     data = stage_data(s0, args.out, print)
     judge = Segmenter.from_pretrained(stage_judge(s0, data, args.out, print)["model"]).eval()
