@@ -31,6 +31,7 @@ from todsynth.errors import ConfigError, DataError, DatasetProblems
 
 GEOTIFF_SUFFIXES = (".tif", ".tiff")
 TILES_FILE = "tiles.json"
+CARRIED_FILES = ("data.yaml",)  # how to read the source's bands and values: true of its tiles too
 
 
 @dataclass
@@ -256,6 +257,9 @@ def tile_dataset(src: str | Path, out: str | Path, size: int, stride: int | None
             raise DataError(f"every one of the {summary.skipped} tiles has less than {min_valid:.0%} valid pixels",
                             path=src, fix="lower --min-valid")
         (work / "classes.yaml").write_text(yaml.safe_dump(ds.classes.to_dict(), sort_keys=False))
+        for name in CARRIED_FILES:
+            if (ds.root / name).is_file():
+                shutil.copy2(ds.root / name, work / name)
         write_json(work / TILES_FILE, {"source": str(src), "size": size, "stride": stride, "min_valid": min_valid,
                                        "skipped": summary.skipped, "tiles": summary.tiles})
         if out.is_dir():
