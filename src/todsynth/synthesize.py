@@ -31,6 +31,7 @@ TRANSFORMS = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270", "crop")
 RECORDS = ".records"
 CLAIMS = ".claims"
 MANIFEST = "manifest.jsonl"
+ADDED_SETTINGS = {"crop": "resize"}  # settings newer than some folders: the value those folders were made with
 OUTPUT_NAMES = "file_stem-v1"  # recorded in synthesize.json: folders named by an older scheme are refused
 
 
@@ -53,6 +54,10 @@ class SynthesizeConfig:
     batch_size: int = 8
     seed: int = 0
     limit: int | None = None  # only the first N masks
+    # how masks reach the generator's size: resize (short side, nearest; the whole layout at a new scale,
+    # the long side center-cropped) or center (a window at the masks' own scale); tile large masks first
+    # with `todsynth data tile` to synthesize for all of them
+    crop: str = "resize"
     filter_stats: str | None = None  # per-class loss JSON (see class_loss_stats); enables pixel filtering
     filter_pixels: bool = True  # with filter_stats: pixels above margin × class loss become ignore
     filter_margin: float = 1.25
@@ -73,6 +78,9 @@ class SynthesizeConfig:
                 "reject_ignored_fraction must be in [0, 1]")
         require(not self.hard_resample or self.filter_stats is not None, "hard_resample needs filter_stats")
         require(self.limit is None or self.limit >= 1, "limit must be >= 1")
+        from todsynth.data.crops import check_crop_mode
+
+        check_crop_mode(self.crop, ("resize", "center"))
         self.crfm.validate()
         require(self.crfm.steps == 0 or self.segmenter is not None,
                 "CRFM (crfm.steps > 0) needs a guidance segmenter: set segmenter")
@@ -238,6 +246,7 @@ class OutputFolder:
             if isinstance(saved, dict) and saved.get("output_names") != settings.get("output_names"):
                 raise DataError("this folder was synthesized by an older todsynth that named files differently",
                                 path=path, fix="choose a new output folder (resuming here would duplicate samples)")
+            saved = {**ADDED_SETTINGS, **saved} if isinstance(saved, dict) else saved
             diff = sorted(k for k in set(saved) | set(settings) - free
                           if k not in free and saved.get(k) != settings.get(k))
             if diff:
@@ -476,7 +485,7 @@ def _masks(cfg: SynthesizeConfig, size: int):
     be in the dataset) and to the first `limit`."""
     from todsynth.generator.sample import load_masks
 
-    labels, prompts, ids, classes = load_masks(cfg.masks, cfg.split, size, split_file=cfg.split_file)
+    labels, prompts, ids, classes = load_masks(cfg.masks, cfg.split, size, split_file=cfg.split_file, crop=cfg.crop)
     if cfg.limit:
         labels, prompts, ids = labels[:cfg.limit], prompts[:cfg.limit], ids[:cfg.limit]
     return labels, prompts, ids, classes

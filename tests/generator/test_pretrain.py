@@ -196,7 +196,7 @@ def test_a_base_of_another_architecture_is_refused_before_training(base, toy, tm
 
 def test_a_base_of_another_image_size_or_a_missing_base_is_refused(base, toy, tmp_path):
     with pytest.raises(CheckpointError, match="size=16, this run has size=32") as info:
-        train_generator(tiny_train(toy, tmp_path / "a", init=str(base), size=32))
+        train_generator(tiny_train(toy, tmp_path / "a", init=str(base), size=32, crop="resize"))  # 16-px tiles
     assert info.value.path == base / "model"
     with pytest.raises(CheckpointError, match="no base model here") as info:
         train_generator(tiny_train(toy, tmp_path / "b", init=str(tmp_path / "nowhere")))

@@ -1,10 +1,10 @@
-"""`todsynth data`: make a toy dataset, check a dataset, write a few-shot split."""
+"""`todsynth data`: make a toy dataset, check a dataset, write a few-shot split, cut scenes into tiles."""
 
 from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.markup import escape
@@ -15,7 +15,7 @@ from todsynth.cli.common import console, friendly
 if TYPE_CHECKING:
     from todsynth.data.check import CheckReport
 
-app = typer.Typer(help="Make, check and split segmentation datasets.", no_args_is_help=True)
+app = typer.Typer(help="Make, check, split and tile segmentation datasets.", no_args_is_help=True)
 
 
 class Layout(str, Enum):
@@ -143,4 +143,26 @@ def split(
     covered = set().union(*(p for id_, p in zip(ds.ids, presence) if id_ in chosen))
     console.print(f"wrote {len(ids)} of {len(ds)} ids to {escape(str(out))}; "
                   f"classes present: {len(covered)}/{ds.classes.num_classes}",
+                  soft_wrap=True, highlight=False)
+
+
+@app.command()
+@friendly
+def tile(
+    src: Path = typer.Argument(..., help="Dataset of scenes: LoveDA root, images/ + masks/ folder (PNG or GeoTIFF), "
+                                         "or .jsonl index."),
+    out: Path = typer.Argument(..., help="New folder for the tiles (images/, masks/, classes.yaml, tiles.json)."),
+    size: int = typer.Option(..., "--size", help="Tile side in pixels."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="Pixels between tile starts (default: --size, no "
+                                                             "overlap); the last row and column meet the edge."),
+    min_valid: float = typer.Option(0.5, "--min-valid", help="Skip tiles with a smaller share of valid (not "
+                                                             "ignore, not nodata) pixels."),
+    split: str = typer.Option("Train", "--split", help="Split folder (LoveDA layout)."),
+) -> None:
+    """Cut scenes and masks into tiles; GeoTIFF tiles keep their georeference."""
+    from todsynth.data.tile import tile_dataset
+
+    s = tile_dataset(src, out, size, stride=stride, min_valid=min_valid, split=split)
+    console.print(f"wrote {s.written} tile(s) of {s.size}x{s.size} (stride {s.stride}) from {s.scenes} scene(s) "
+                  f"to {escape(str(s.out))}; skipped {s.skipped} with less than {s.min_valid:.0%} valid pixels",
                   soft_wrap=True, highlight=False)

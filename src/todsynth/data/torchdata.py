@@ -14,14 +14,18 @@ from todsynth.errors import DataError
 
 
 class SegTorchDataset(Dataset):
-    """Items `{"image": float32 3xHxW in [0,1], "label": int64 HxW}`, optionally resized and augmented.
+    """Items `{"image": float32 3xHxW in [0,1], "label": int64 HxW}`, optionally brought to `size` and augmented.
 
-    Images are resized bilinearly and labels with nearest neighbour, so the ignore index survives.
-    Augmentation (random flips and 90 degree rotations) is a pure function of (seed, epoch, index).
+    `crop` (todsynth.data.crops) takes a random or center size x size window, or resizes the short side
+    (bilinear image, nearest labels, so the ignore index survives) without distorting the aspect ratio.
+    Random crops and augmentation (flips, 90 degree rotations) are pure functions of (seed, epoch, index).
     """
 
     def __init__(self, samples: Sequence[Sample], size: int | None = None, augment: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, crop: str = "resize"):
+        from todsynth.data.crops import check_crop_mode
+
+        check_crop_mode(crop)
         if getattr(samples, "label_only", False):
             raise DataError("this dataset has labels only (no images), so a segmenter cannot train on it",
                             path=getattr(samples, "root", None), fix="use a dataset with images")
@@ -29,6 +33,7 @@ class SegTorchDataset(Dataset):
             raise DataError(f"resize target must be positive, got {size}")
         self.samples = samples
         self.size = size
+        self.crop = crop
         self.augment = augment
         self.seed = seed
         self.epoch = 0
@@ -48,7 +53,10 @@ class SegTorchDataset(Dataset):
         image = torch.from_numpy(np.ascontiguousarray(sample.image)).permute(2, 0, 1).float() / 255.0
         label = torch.from_numpy(np.ascontiguousarray(sample.label)).long()
         if self.size is not None:
-            image, label = resize_pair(image, label, self.size)
+            from todsynth.data.crops import crop_rng, fit_pair
+
+            rng = crop_rng(self.seed, self.epoch, index) if self.crop == "random" else None
+            image, label = fit_pair(image, label, self.size, self.crop, rng, name=f"sample '{sample.id}'")
         if self.augment:
             image, label = self._augment(image, label, index)
         return {"image": image.contiguous(), "label": label.contiguous()}

@@ -129,8 +129,9 @@ def _list_images(folder: Path) -> list[Path]:
 
 
 def _read_images(loaders: list, size: int, root: Path) -> torch.Tensor:
-    """Decode every image (all problems reported together, each naming its file), resized to size x size."""
-    from todsynth.data.torchdata import resize_pair
+    """Decode every image (all problems reported together, each naming its file), its short side resized to
+    `size` and the long side center-cropped, so a non-square image is never distorted."""
+    from todsynth.data.crops import fit_pair
     from todsynth.errors import DatasetProblems
 
     images, problems = [], []
@@ -142,7 +143,7 @@ def _read_images(loaders: list, size: int, root: Path) -> torch.Tensor:
             problems.append(e)
             continue
         image = torch.from_numpy(array).permute(2, 0, 1).float() / 255
-        image, _ = resize_pair(image, dummy.expand(*image.shape[-2:]), size)
+        image, _ = fit_pair(image, dummy.expand(*image.shape[-2:]), size, "resize")
         images.append(image)
     if problems:
         raise DatasetProblems(root, problems)

@@ -13,13 +13,13 @@ from todsynth.generator.pipeline import MaskToImagePipeline, sample_seeds
 
 
 def load_masks(path: str | Path, split: str, size: int, n: int | None = None,
-               split_file: str | Path | None = None):
-    """Label maps [N, size, size], prompts and ids of a dataset (label-only layouts welcome); with
-    `split_file`, only its ids, every one of which must be in the dataset."""
+               split_file: str | Path | None = None, crop: str = "resize"):
+    """Label maps [N, size, size] (by `crop`: resize of the short side or center crop, never distorted), prompts
+    and ids of a dataset (label-only layouts welcome); with `split_file`, only its ids, all in the dataset."""
     from todsynth.generator.train import load_train_data
 
     data, classes = load_train_data(str(path), split, size, split_file=None if split_file is None else str(split_file),
-                                    images=False)
+                                    images=False, crop=crop)
     end = len(data.ids) if n is None else min(n, len(data.ids))
     return data.labels[:end], data.prompts[:end], data.ids[:end], classes
 

@@ -32,6 +32,10 @@ class GeneratorTrainConfig:
     split_file: str | None = None
     val_data: str | None = None  # held-out masks for validation (default: the last masks of `data`)
     size: int = 32
+    # random | center | resize (short side to size, never distorted): how samples reach size x size;
+    # random crops keep the ground sampling distance and are drawn per (seed, step, sample)
+    crop: str = "random"
+    num_workers: int = 0  # DataLoader processes reading samples from disk (0: in the training process)
     # model
     control: str = "triple"
     mask_encoding: str = "onehot"
@@ -99,7 +103,8 @@ class GeneratorTrainConfig:
         for name in ("size", "steps", "batch_size", "grad_accum", "num_layers", "num_heads", "head_dim",
                      "patch_size", "val_steps", "checkpoint_every", "log_every", "text_max_length"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "weight_decay", "grad_clip", "warmup_steps", "val_every", "val_samples", "lora_rank"):
+        for name in ("lr", "weight_decay", "grad_clip", "warmup_steps", "val_every", "val_samples", "lora_rank",
+                     "num_workers"):
             v = getattr(self, name)
             require(math.isfinite(v) and v >= 0, f"{name} must be >= 0, got {v}")
         require(0 <= self.text_dropout < 1, f"text_dropout must be in [0, 1), got {self.text_dropout}")
@@ -111,6 +116,9 @@ class GeneratorTrainConfig:
         require(math.isfinite(self.timestep_mean) and math.isfinite(self.timestep_std) and self.timestep_std > 0,
                 f"timestep_mean must be finite and timestep_std > 0, got {self.timestep_mean}, {self.timestep_std}")
         require(0 <= self.timestep_tail <= 1, f"timestep_tail must be in [0, 1], got {self.timestep_tail}")
+        from todsynth.data.crops import check_crop_mode
+
+        check_crop_mode(self.crop)
         require(self.size % self.patch_size == 0,
                 f"size {self.size} must be a multiple of patch_size {self.patch_size}")
         require(not (self.init and self.sd3_path), "init and sd3_path both initialise the model: give one")
@@ -128,7 +136,7 @@ class GeneratorTrainConfig:
 
 @dataclass
 class TrainData:
-    """The training set in memory: images [N, 3, S, S] in [0, 1], labels [N, S, S], prompts, ids."""
+    """A dataset in memory: images [N, 3, S, S] in [0, 1], labels [N, S, S], prompts, ids (small sets only)."""
 
     images: Tensor
     labels: Tensor
@@ -136,27 +144,16 @@ class TrainData:
     ids: list[str]
 
 
-def load_train_data(path: str, split: str, size: int, split_file: str | None = None, images: bool = True):
-    """Validate and read a dataset (any reader) into tensors resized to `size` (labels nearest)."""
-    from todsynth.data.check import open_checked
-    from todsynth.data.torchdata import resize_label, resize_pair
-    from todsynth.errors import DataError
+def load_train_data(path: str, split: str, size: int, split_file: str | None = None, images: bool = True,
+                    crop: str = "resize"):
+    """Validate and read a whole dataset (any reader) into tensors at `size` by `crop` (todsynth.data.crops;
+    `resize` scales the short side, labels nearest, and center-crops the rest). Training streams instead."""
+    from todsynth.generator.stream import open_train_stream
 
-    ds = open_checked(path, split, split_file or None)
-    if images and ds.label_only:
-        raise DataError("dataset has masks but no images; the generator needs image/mask pairs", path=path)
-    imgs, labs, prompts = [], [], []
-    for i in range(len(ds)):
-        sample = ds[i]
-        prompts.append(sample.prompt)
-        label = torch.from_numpy(sample.label)
-        if images:
-            image = torch.from_numpy(sample.image).permute(2, 0, 1).float() / 255
-            image, label = resize_pair(image, label, size)
-            imgs.append(image)
-        labs.append(resize_label(label, size))
-    image_t = torch.stack(imgs) if imgs else torch.empty(0)
-    return TrainData(image_t, torch.stack(labs), prompts, list(ds.ids)), ds.classes
+    data, classes = open_train_stream(path, split, size, crop, 0, split_file, images=images)
+    items = [data.samples[(i, 0, i)] for i in range(len(data.ids))]
+    image_t = torch.stack([im for _, im, _ in items]) if images else torch.empty(0)
+    return TrainData(image_t, torch.stack([lab for _, _, lab in items]), data.prompts, data.ids), classes
 
 
 def augment(images: Tensor, labels: Tensor, gens: list[torch.Generator]) -> tuple[Tensor, Tensor]:
@@ -317,9 +314,14 @@ def _train(cfg: GeneratorTrainConfig, out: Path) -> dict:
     if cfg.unlabeled:
         from todsynth.generator.pretrain import load_unlabeled
 
-        data, classes = load_unlabeled(cfg)
+        from todsynth.generator.stream import MemorySamples, StreamData
+
+        pool, classes = load_unlabeled(cfg)
+        data = StreamData(MemorySamples(pool.images, pool.labels), pool.prompts, pool.ids)
     else:
-        data, classes = load_train_data(cfg.data, cfg.split, cfg.size, cfg.split_file)
+        from todsynth.generator.stream import open_train_stream
+
+        data, classes = open_train_stream(cfg.data, cfg.split, cfg.size, cfg.crop, cfg.seed, cfg.split_file)
     val_labels, val_prompts = _validation_masks(cfg, data)
     pipe = build_pipeline(cfg, classes, accelerator.device)
     _attach_prompt_cache(pipe, data.prompts + val_prompts, out, accelerator)
@@ -342,14 +344,17 @@ def _train(cfg: GeneratorTrainConfig, out: Path) -> dict:
     t0 = time.perf_counter()
     progress = _progress(cfg, accelerator, start)
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
+    from todsynth.generator.stream import StepBatches, batch_loader
+
+    batches = StepBatches(len(data.ids), cfg.batch_size, cfg.seed, start * cfg.grad_accum, end * cfg.grad_accum,
+                          rank, world)
+    loader = iter(batch_loader(data.samples, batches, cfg.num_workers))
     for step in range(start, end):
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
-            gidx = batch_indices(step * cfg.grad_accum + micro, len(data.ids), cfg.batch_size, cfg.seed)
-            local = gidx[rank::world]
-            positions = [rank + world * j for j in range(len(local))]
-            gens = [step_generator(cfg.seed, step * cfg.grad_accum + micro, p) for p in positions]
-            images, labels = data.images[local], data.labels[local]
+            local, images, labels = next(loader)
+            gens = [step_generator(cfg.seed, step * cfg.grad_accum + micro, rank + world * j)
+                    for j in range(len(local))]
             if cfg.augment:
                 images, labels = augment(images, labels, gens)
             prompts = [data.prompts[i] for i in local]
@@ -392,12 +397,19 @@ def _train(cfg: GeneratorTrainConfig, out: Path) -> dict:
     return summary
 
 
-def _validation_masks(cfg: GeneratorTrainConfig, data: TrainData) -> tuple[Tensor, list[str]]:
-    """Fixed masks for validation: from val_data, else the first training masks."""
+def _validation_masks(cfg: GeneratorTrainConfig, data) -> tuple[Tensor, list[str]]:
+    """Fixed masks for validation: from val_data, else the first training masks; center crops where training
+    crops at random, so validation sees the same masks at every step."""
+    from todsynth.generator.stream import TrainSamples, open_train_stream, read_labels
+
+    crop = "center" if cfg.crop == "random" else cfg.crop
     if cfg.val_data:
-        vdata, _ = load_train_data(cfg.val_data, cfg.split, cfg.size, images=False)
-        return vdata.labels[:cfg.val_samples], vdata.prompts[:cfg.val_samples]
-    return data.labels[:cfg.val_samples], data.prompts[:cfg.val_samples]
+        data, _ = open_train_stream(cfg.val_data, cfg.split, cfg.size, crop, cfg.seed, images=False)
+    samples = data.samples
+    if isinstance(samples, TrainSamples):
+        samples = TrainSamples(samples.ds, cfg.size, crop, cfg.seed, images=False)
+    n = min(cfg.val_samples, len(data.ids))
+    return read_labels(samples, list(range(n))), data.prompts[:n]
 
 
 def validation_seeds(n: int, seed: int) -> list[int]:
@@ -491,8 +503,10 @@ def _has_checkpoint(ckpt: Path) -> bool:
 
 
 ADDED_SETTINGS = {"init": None, "unlabeled": False, "captions": None, "prompt": None,
-                  "timestep_mean": 0.0, "timestep_std": 1.0, "timestep_tail": 0.0}
-RESUME_FREE = {"resume", "stop_after", "progress", "val_every", "checkpoint_every", "log_every", "out", "overwrite"}
+                  "timestep_mean": 0.0, "timestep_std": 1.0, "timestep_tail": 0.0,
+                  "crop": "resize"}  # runs before crop modes resized every sample
+RESUME_FREE = {"resume", "stop_after", "progress", "val_every", "checkpoint_every", "log_every", "out", "overwrite",
+               "num_workers"}
 # What a run writes into its folder: removed before a run started with `overwrite`.
 RUN_OUTPUTS = ("model", "results.json", CHECKPOINT_DIR, CHECKPOINT_DIR + ".old", CHECKPOINT_DIR + ".tmp", "val",
                "loss.png", "config.json", "prompt_cache.safetensors")

@@ -19,6 +19,7 @@ from todsynth.config import require
 from todsynth.data.check import open_checked
 from todsynth.data.classes import ClassSpec
 from todsynth.data.sample import Sample
+from todsynth.data.crops import check_crop_mode
 from todsynth.data.torchdata import SegTorchDataset, mix_real_synthetic, set_epoch
 from todsynth.errors import CheckpointError, ConfigError, DataError, TodsynthError
 from todsynth.io import load_weights, read_json, save_weights, write_json
@@ -59,6 +60,7 @@ class SegmentTrainConfig:
     encoder: str | None = None
     encoder_weights_file: str | None = None
     size: int | None = 512
+    crop: str = "random"  # random | center | resize (short side to size): how samples reach `size` x `size`
     epochs: int = 10
     steps: int | None = None
     batch_size: int = 8
@@ -86,6 +88,7 @@ class SegmentTrainConfig:
         check_encoder(self.encoder)
         require(self.optimizer == "adamw", f"optimizer must be 'adamw', got {self.optimizer!r}")
         require(self.schedule in ("poly", "cosine"), f"schedule must be poly or cosine, got {self.schedule!r}")
+        check_crop_mode(self.crop)
         require(self.class_weights in CLASS_WEIGHTINGS,
                 f"class_weights must be one of {CLASS_WEIGHTINGS}, got {self.class_weights!r}")
         require(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
@@ -271,7 +274,7 @@ def _as_train_dataset(samples: Sequence[Sample] | Dataset, cfg: SegmentTrainConf
     """A torch dataset over samples (already-torch datasets pass through)."""
     if isinstance(samples, Dataset):
         return samples
-    return SegTorchDataset(samples, size=cfg.size, augment=cfg.augment, seed=cfg.seed)
+    return SegTorchDataset(samples, size=cfg.size, augment=cfg.augment, seed=cfg.seed, crop=cfg.crop)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
