@@ -9,19 +9,21 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
+from todsynth.data.bands import Normalisation, image_tensor
 from todsynth.data.sample import Sample
 from todsynth.errors import DataError
 
 
 class SegTorchDataset(Dataset):
-    """Items `{"image": float32 3xHxW in [0,1], "label": int64 HxW}`, optionally resized and augmented.
+    """Items `{"image": float32 CxHxW in [0,1], "label": int64 HxW}`, optionally resized and augmented.
 
+    Images become tensors by `normalisation` (None: 8-bit RGB / 255), see `todsynth.data.bands.image_tensor`.
     Images are resized bilinearly and labels with nearest neighbour, so the ignore index survives.
     Augmentation (random flips and 90 degree rotations) is a pure function of (seed, epoch, index).
     """
 
     def __init__(self, samples: Sequence[Sample], size: int | None = None, augment: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, normalisation: Normalisation | None = None):
         if getattr(samples, "label_only", False):
             raise DataError("this dataset has labels only (no images), so a segmenter cannot train on it",
                             path=getattr(samples, "root", None), fix="use a dataset with images")
@@ -31,6 +33,7 @@ class SegTorchDataset(Dataset):
         self.size = size
         self.augment = augment
         self.seed = seed
+        self.normalisation = normalisation
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -45,7 +48,7 @@ class SegTorchDataset(Dataset):
         if sample.image is None:
             raise DataError(f"sample '{sample.id}' has no image (label-only data cannot train a segmenter)",
                             fix="use a dataset with images")
-        image = torch.from_numpy(np.ascontiguousarray(sample.image)).permute(2, 0, 1).float() / 255.0
+        image = image_tensor(sample.image, self.normalisation, sample.nodata, f"sample '{sample.id}'")
         label = torch.from_numpy(np.ascontiguousarray(sample.label)).long()
         if self.size is not None:
             image, label = resize_pair(image, label, self.size)
@@ -67,7 +70,7 @@ class SegTorchDataset(Dataset):
 
 
 def resize_pair(image: torch.Tensor, label: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize a 3xHxW image (bilinear) and HxW label (nearest, values untouched) to size x size."""
+    """Resize a CxHxW image (bilinear) and HxW label (nearest, values untouched) to size x size."""
     if image.shape[-2:] == (size, size) and label.shape[-2:] == (size, size):
         return image, label
     image = F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False,

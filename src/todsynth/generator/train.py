@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -128,16 +128,19 @@ class GeneratorTrainConfig:
 
 @dataclass
 class TrainData:
-    """The training set in memory: images [N, 3, S, S] in [0, 1], labels [N, S, S], prompts, ids."""
+    """The training set in memory: images [N, C, S, S] in [0, 1] by `normalisation`, labels [N, S, S], prompts,
+    ids; `normalisation` (None: 8-bit RGB / 255) is stored with the generator."""
 
     images: Tensor
     labels: Tensor
     prompts: list[str]
     ids: list[str]
+    normalisation: Any = None
 
 
 def load_train_data(path: str, split: str, size: int, split_file: str | None = None, images: bool = True):
     """Validate and read a dataset (any reader) into tensors resized to `size` (labels nearest)."""
+    from todsynth.data.bands import fit_normalisation, image_tensor
     from todsynth.data.check import open_checked
     from todsynth.data.torchdata import resize_label, resize_pair
     from todsynth.errors import DataError
@@ -145,18 +148,19 @@ def load_train_data(path: str, split: str, size: int, split_file: str | None = N
     ds = open_checked(path, split, split_file or None)
     if images and ds.label_only:
         raise DataError("dataset has masks but no images; the generator needs image/mask pairs", path=path)
+    norm = fit_normalisation(ds) if images else None
     imgs, labs, prompts = [], [], []
     for i in range(len(ds)):
         sample = ds[i]
         prompts.append(sample.prompt)
         label = torch.from_numpy(sample.label)
         if images:
-            image = torch.from_numpy(sample.image).permute(2, 0, 1).float() / 255
+            image = image_tensor(sample.image, norm, sample.nodata, f"sample '{sample.id}'")
             image, label = resize_pair(image, label, size)
             imgs.append(image)
         labs.append(resize_label(label, size))
     image_t = torch.stack(imgs) if imgs else torch.empty(0)
-    return TrainData(image_t, torch.stack(labs), prompts, list(ds.ids)), ds.classes
+    return TrainData(image_t, torch.stack(labs), prompts, list(ds.ids), norm), ds.classes
 
 
 def augment(images: Tensor, labels: Tensor, gens: list[torch.Generator]) -> tuple[Tensor, Tensor]:
@@ -190,14 +194,16 @@ def step_generator(seed: int, step: int, index: int) -> torch.Generator:
 # Building the pipeline
 
 
-def build_pipeline(cfg: GeneratorTrainConfig, classes, device: str = "cpu"):
-    """Transformer (fresh or from SD3), autoencoder and text encoder for a training run."""
+def build_pipeline(cfg: GeneratorTrainConfig, classes, device: str = "cpu", normalisation: Any = None):
+    """Transformer (fresh or from SD3), autoencoder and text encoder for a training run on images of
+    `normalisation`'s bands (None: 8-bit RGB)."""
     from todsynth.generator.autoencoder import load_autoencoder
     from todsynth.generator.mmdit import MaskControlMMDiT, MMDiTConfig
     from todsynth.generator.pipeline import MaskToImagePipeline
     from todsynth.generator.text import load_text_encoder
 
-    ae = load_autoencoder(cfg.autoencoder, path=cfg.autoencoder_path)
+    channels = 3 if normalisation is None else normalisation.channels
+    ae = load_autoencoder(cfg.autoencoder, path=cfg.autoencoder_path, channels=channels)
     te_kw = {"max_length": cfg.text_max_length} if cfg.text_encoder == "minilm" else {}
     te = load_text_encoder(cfg.text_encoder, path=cfg.text_encoder_path, **te_kw)
     common = dict(control=cfg.control, num_classes=classes.num_classes, ignore_index=classes.ignore_index,
@@ -219,7 +225,7 @@ def build_pipeline(cfg: GeneratorTrainConfig, classes, device: str = "cpu"):
 
             load_base_into(model, cfg.init, ae, te, cfg.size)
     model.gradient_checkpointing = cfg.gradient_checkpointing
-    return MaskToImagePipeline(model, ae, te, classes, cfg.size).to(device)
+    return MaskToImagePipeline(model, ae, te, classes, cfg.size, normalisation=normalisation).to(device)
 
 
 def apply_freezing(model, cfg: GeneratorTrainConfig) -> None:
@@ -321,7 +327,7 @@ def _train(cfg: GeneratorTrainConfig, out: Path) -> dict:
     else:
         data, classes = load_train_data(cfg.data, cfg.split, cfg.size, cfg.split_file)
     val_labels, val_prompts = _validation_masks(cfg, data)
-    pipe = build_pipeline(cfg, classes, accelerator.device)
+    pipe = build_pipeline(cfg, classes, accelerator.device, data.normalisation)
     _attach_prompt_cache(pipe, data.prompts + val_prompts, out, accelerator)
     model = pipe.transformer
     apply_freezing(model, cfg)
@@ -424,20 +430,25 @@ def validate(pipe, ema, labels: Tensor, prompts: list[str], cfg: GeneratorTrainC
                            "guidance_scale": str(cfg.guidance_scale), "seed": str(cfg.seed)})
     from todsynth.viz import save_mask_image_grid
 
-    save_mask_image_grid(val_dir / f"step_{step:06d}.png", labels, images, pipe.classes)
+    save_mask_image_grid(val_dir / f"step_{step:06d}.png", labels, images, pipe.classes,
+                         normalisation=pipe.normalisation)
     record = {"step": step}
     if cfg.fidelity_segmenter:
-        record["mask_fidelity_miou"] = mask_fidelity(images, labels, cfg.fidelity_segmenter, pipe.classes)
+        record["mask_fidelity_miou"] = mask_fidelity(images, labels, cfg.fidelity_segmenter, pipe.classes,
+                                                     pipe.normalisation)
     return record
 
 
-def mask_fidelity(images: Tensor, labels: Tensor, segmenter_dir: str, classes) -> float:
-    """mIoU of a frozen segmenter's prediction on generated images against their conditioning masks."""
+def mask_fidelity(images: Tensor, labels: Tensor, segmenter_dir: str, classes, normalisation: Any = None) -> float:
+    """mIoU of a frozen segmenter's prediction on generated images (of `normalisation`, converted to the
+    segmenter's stored one) against their conditioning masks."""
+    from todsynth.data.bands import convert
     from todsynth.segment.metrics import segmentation_metrics
-    from todsynth.segment.model import Segmenter
+    from todsynth.segment.model import CONFIG_NAME, Segmenter
 
     seg = Segmenter.from_pretrained(segmenter_dir).eval()
-    pred = seg.predict(images.cpu())
+    images = convert(images.cpu(), normalisation, seg.normalisation, f"the segmenter {Path(segmenter_dir) / CONFIG_NAME}")
+    pred = seg.predict(images)
     return float(segmentation_metrics(pred, labels.cpu(), classes.num_classes, classes.ignore_index).miou)
 
 
