@@ -118,8 +118,8 @@ def _where(samples: Any) -> Path | None:
     root = getattr(samples, "root", None)
     if root is None:
         return None
-    index = getattr(samples, "index", None)
-    return (Path(index).parent if index is not None else Path(root)) / DATA_FILE
+    index = getattr(samples, "index", None)  # a JsonlDataset's index file (Sequence.index is a method)
+    return (Path(index).parent if isinstance(index, (str, Path)) else Path(root)) / DATA_FILE
 
 
 def _image(samples: Sequence[Any], i: int) -> tuple[np.ndarray, np.ndarray | None, str]:
