@@ -66,14 +66,18 @@ class SegmenterConfig:
         require(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels}")
         require(self.class_names is None or len(self.class_names) == self.num_classes,
                 f"{len(self.class_names or ())} class names for {self.num_classes} classes")
-        channels = self.input_normalisation().channels
-        require(channels == self.in_channels,
-                f"the stored normalisation scales {channels} band(s) but in_channels is {self.in_channels}")
+        if self.normalisation is not None:
+            channels = self.input_normalisation().channels
+            require(channels == self.in_channels,
+                    f"the stored normalisation scales {channels} band(s) but in_channels is {self.in_channels}")
 
     def input_normalisation(self, path: str | Path = CONFIG_NAME) -> Any:
-        """The stored `Normalisation` of the input bands (8-bit RGB / 255 when none is stored)."""
-        from todsynth.data.bands import stored_normalisation
+        """The stored `Normalisation` of the input bands; none stored (models saved before bands, or built in
+        Python without one) means uint8 bands / 255."""
+        from todsynth.data.bands import Normalisation, stored_normalisation
 
+        if self.normalisation is None and self.in_channels != 3:
+            return Normalisation("uint8", (0.0,) * self.in_channels, (255.0,) * self.in_channels)
         return stored_normalisation(self.normalisation, path)
 
     @property
