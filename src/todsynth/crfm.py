@@ -143,12 +143,28 @@ class CRFMCorrector:
 def crfm_sample(pipe, segmenter: torch.nn.Module, labels: Tensor, cfg: CRFMConfig, prompts=None, seeds=None,
                 num_steps: int = 20, guidance_scale: float = 1.0, shift: float = 1.0, callback=None,
                 return_corrector: bool = False):
-    """Sample images for `labels` with CRFM (cfg.steps = 0: plain sampling, bit for bit)."""
-    corrector = CRFMCorrector(pipe.autoencoder.decode, segmenter, labels.to(pipe.device), cfg, num_steps,
+    """Sample images for `labels` with CRFM (cfg.steps = 0: plain sampling, bit for bit).
+
+    The segmenter sees the decoded images in its own stored normalisation (`segmenter_input`)."""
+    corrector = CRFMCorrector(segmenter_input(pipe, segmenter), segmenter, labels.to(pipe.device), cfg, num_steps,
                               pipe.classes.ignore_index)
     images = pipe(labels, prompts, seeds=seeds, num_steps=num_steps, guidance_scale=guidance_scale, shift=shift,
                   corrector=corrector if cfg.steps > 0 else None, num_corrected=cfg.steps, callback=callback)
     return (images, corrector) if return_corrector else images
+
+
+def segmenter_input(pipe, segmenter: torch.nn.Module):
+    """latents → the segmenter's input: decoded, then moved from the generator's normalisation to the segmenter's
+    (the same tensor when they are equal; models of other bands or sample types are refused)."""
+    from todsynth.data.bands import convert
+
+    target = getattr(segmenter, "normalisation", None)
+    if target is None:
+        return pipe.autoencoder.decode
+    source = getattr(pipe, "normalisation", None)
+    what = f"the guidance segmenter {getattr(segmenter, 'source', '')}".rstrip()
+    convert(torch.zeros(1, target.channels, 1, 1), source, target, what)  # refuse before sampling starts
+    return lambda latents: convert(pipe.autoencoder.decode(latents), source, target, what)
 
 
 def presynth_strip(pipe, segmenter, labels: Tensor, cfg: CRFMConfig, seeds, num_steps: int = 20,

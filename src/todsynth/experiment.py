@@ -259,9 +259,12 @@ def _filter_stats(model_dir: str, real, size: int, path: Path) -> str:
     from todsynth.segment.model import Segmenter
     from todsynth.synthesize import class_loss_stats
 
+    from todsynth.data.bands import convert
+
     data, classes = load_train_data(str(real.root), "Train", size)
-    stats = class_loss_stats(Segmenter.from_pretrained(model_dir), data.images, data.labels, classes.num_classes,
-                             classes.ignore_index)
+    segmenter = Segmenter.from_pretrained(model_dir)
+    images = convert(data.images, data.normalisation, segmenter.normalisation, f"the segmenter {model_dir}")
+    stats = class_loss_stats(segmenter, images, data.labels, classes.num_classes, classes.ignore_index)
     write_json(path, stats)
     return str(path)
 

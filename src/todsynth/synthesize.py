@@ -1,7 +1,9 @@
 """Task-oriented synthesis of a labelled dataset: for each mask (of a dataset, a split or a label-only
 folder), K images from the generator with CRFM, optional mask transforms, FreeMask-style filtering.
 
-Output: the generic folder layout (images/, masks/, classes.yaml) plus manifest.jsonl. Every sample's
+Output: the generic folder layout (images/, masks/, classes.yaml) plus manifest.jsonl. 8-bit RGB generators
+write PNG images; others write GeoTIFFs of the source's bands and sample type (inverse scaling) with the
+data.yaml that reads them back as the source is read (`todsynth.data.bands`). Every sample's
 seed derives from (seed, mask id, transform, copy), so output is independent of batch size and process
 count. Each finished sample leaves a record file (written last, atomically): a killed run resumes by
 skipping recorded samples, and several processes (accelerate, or two independent runs) claim samples
@@ -200,14 +202,19 @@ def hardness_copies(labels: torch.Tensor, class_means, copies: int, ignore_index
 
 
 class OutputFolder:
-    """images/, masks/, classes.yaml, manifest.jsonl, and per-sample records and claims under one root."""
+    """images/, masks/, classes.yaml (and data.yaml for multi-band images), manifest.jsonl, and per-sample records
+    and claims under one root; images are written as `normalisation` says (None: 8-bit RGB PNG)."""
 
-    def __init__(self, root: Path, classes):
+    def __init__(self, root: Path, classes, normalisation=None):
+        from todsynth.data.bands import Normalisation
+
         self.root = root
         self.classes = classes
+        self.normalisation = normalisation or Normalisation.rgb8()
         self._manifest_key: tuple[int, int, int] | None = None
         self._manifest: dict[str, dict] = {}
         self._check_classes_file()
+        self._check_data_file()
         for sub in ("images", "masks", RECORDS, CLAIMS):
             try:
                 (root / sub).mkdir(parents=True, exist_ok=True)
@@ -226,6 +233,21 @@ class OutputFolder:
                             f"{list(self.classes.names)} (ignore {self.classes.ignore_index})", path=path,
                             fix="choose an empty output folder")
 
+    def _data_yaml(self) -> str | None:
+        """The data.yaml the images need to read back as their source (None: 8-bit RGB PNGs need none)."""
+        from todsynth.data.bands import data_yaml
+
+        return data_yaml(self.normalisation)
+
+    def _check_data_file(self) -> None:
+        """Refuse a folder whose data.yaml says other bands or scaling than this generator's images need."""
+        path = self.root / "data.yaml"
+        wanted = self._data_yaml()
+        if path.exists() and (wanted is None or path.read_text(encoding="utf-8") != wanted):
+            raise DataError("the output folder holds a data.yaml other than this generator's images need "
+                            f"({wanted.strip() if wanted else 'none: 8-bit RGB'})", path=path,
+                            fix="choose an empty output folder")
+
     def _write_classes(self) -> None:
         import yaml
 
@@ -234,6 +256,16 @@ class OutputFolder:
         path = self.root / "classes.yaml"
         if not path.exists():
             write_text(path, yaml.safe_dump(self.classes.to_dict(), sort_keys=False))
+        data = self._data_yaml()
+        if data is not None and not (self.root / "data.yaml").exists():
+            write_text(self.root / "data.yaml", data)
+
+    def image_array(self, image: torch.Tensor) -> np.ndarray:
+        """A generated CxHxW image in [0, 1] as the samples written: 8-bit RGB, or the source's sample type."""
+        from todsynth.data.bands import to_raw
+        from todsynth.viz import to_uint8
+
+        return to_uint8(image) if self.normalisation.is_rgb8 else to_raw(image, self.normalisation)
 
     def check_run(self, settings: dict) -> None:
         """Record the run's settings; a rerun with other settings (batching aside) is refused."""
@@ -309,14 +341,18 @@ class OutputFolder:
         return released
 
     def write(self, item: WorkItem, image: np.ndarray, label: np.ndarray, record: dict) -> None:
-        """Image, then mask (8-bit, or 16-bit for labels above 255), then the record (the 'done' marker),
-        each atomically."""
+        """Image (HxWxC samples: PNG for 8-bit RGB, else GeoTIFF), then mask (8-bit, or 16-bit for labels above
+        255), then the record (the 'done' marker), each atomically."""
         from PIL import Image
 
+        from todsynth.data.bands import write_geotiff
         from todsynth.io import atomic_path
 
-        with atomic_path(self.root / "images" / f"{item.id}.png") as tmp:
-            Image.fromarray(image).save(tmp, format="PNG")
+        if self.normalisation.is_rgb8:
+            with atomic_path(self.root / "images" / f"{item.id}.png") as tmp:
+                Image.fromarray(image).save(tmp, format="PNG")
+        else:
+            write_geotiff(self.root / "images" / f"{item.id}.tif", image)
         with atomic_path(self.root / "masks" / f"{item.id}.png") as tmp:
             Image.fromarray(label.astype(mask_dtype(self.classes))).save(tmp, format="PNG")
         self.write_record(item, record)
@@ -415,10 +451,12 @@ def synthesize(cfg: SynthesizeConfig, accelerator=None, progress: bool = True) -
     check_mask_classes(classes, pipe.classes, cfg.masks)
     mask_dtype(classes, cfg.masks)
     segmenter = _segmenter(cfg.segmenter, device, classes) if cfg.segmenter else None
+    if segmenter is not None:  # other bands or sample type than the generator's: refused before anything is made
+        _segmenter_images(pipe, segmenter, torch.zeros(1, pipe.normalisation.channels, 1, 1))
     stats = _read_stats(cfg.filter_stats, classes.num_classes) if cfg.filter_stats else None
     copies = (hardness_copies(labels, stats["class_mean_loss"], cfg.copies, classes.ignore_index)
               if cfg.hard_resample else None)
-    out = OutputFolder(Path(cfg.out), classes)
+    out = OutputFolder(Path(cfg.out), classes, pipe.normalisation)
     if rank == 0:
         out.check_run({**json.loads(json.dumps(config_dict(cfg))), "output_names": OUTPUT_NAMES})
     if accelerator is not None:
@@ -515,6 +553,14 @@ def _segmenter(path: str, device, classes):
     return model.to(device).eval()
 
 
+def _segmenter_images(pipe, segmenter, images: torch.Tensor) -> torch.Tensor:
+    """Generated images in the segmenter's stored normalisation (the same tensor when it is the generator's)."""
+    from todsynth.data.bands import convert
+
+    return convert(images, pipe.normalisation, segmenter.normalisation,
+                   f"the segmenter {getattr(segmenter, 'source', '')}".rstrip())
+
+
 def check_segmenter_classes(config, classes, path: str | Path) -> None:
     """Raise CheckpointError unless a segmenter config predicts `classes` (count, and names when saved)."""
     names = None if config.class_names is None else list(config.class_names)
@@ -532,8 +578,6 @@ def _run_batch(pipe, segmenter, batch: list[WorkItem], labels, prompts, classes,
     from todsynth.crfm import crfm_sample
     from todsynth.data.prompts import build_prompt
     from todsynth.generator.pipeline import sample_seeds
-    from todsynth.viz import to_uint8
-
     key = lambda it: f"{it.transform}/{it.source_id}"  # noqa: E731
     labs = torch.stack([transform_label(labels[it.index], it.transform, sample_seeds(cfg.seed, [key(it)])[0])
                         for it in batch])
@@ -551,7 +595,7 @@ def _run_batch(pipe, segmenter, batch: list[WorkItem], labels, prompts, classes,
     logits = None
     if stats is not None and segmenter is not None and cfg.filter_pixels:
         with torch.no_grad():
-            logits = segmenter(images.to(pipe.device)).cpu()
+            logits = segmenter(_segmenter_images(pipe, segmenter, images.to(pipe.device))).cpu()
     for j, it in enumerate(batch):
         lab = labs[j]
         record = {"id": it.id, "source": it.source_id, "transform": it.transform, "copy": it.copy, "seed": seeds[j],
@@ -566,7 +610,7 @@ def _run_batch(pipe, segmenter, batch: list[WorkItem], labels, prompts, classes,
                 rejected += 1
                 out.write_record(it, record)
                 continue
-        out.write(it, to_uint8(images[j]), lab.numpy(), record)
+        out.write(it, out.image_array(images[j]), lab.numpy(), record)
         made += 1
     return made, rejected
 

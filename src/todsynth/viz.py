@@ -60,9 +60,13 @@ def tile_rows(rows: Sequence[Sequence[np.ndarray]], pad: int = 2, scale: int = 1
     return grid
 
 
-def save_mask_image_grid(path: str | Path, labels, images, classes: ClassSpec, scale: int = 2) -> None:
-    """One row per sample: colourised mask | generated image."""
-    rows = [[colorize(np.asarray(lab.cpu() if hasattr(lab, "cpu") else lab), classes), to_uint8(img)]
+def save_mask_image_grid(path: str | Path, labels, images, classes: ClassSpec, scale: int = 2,
+                         normalisation=None) -> None:
+    """One row per sample: colourised mask | generated image (its `rgb:` bands when a normalisation is given)."""
+    from todsynth.data.bands import preview_rgb
+
+    show = to_uint8 if normalisation is None else (lambda img: preview_rgb(img, normalisation))
+    rows = [[colorize(np.asarray(lab.cpu() if hasattr(lab, "cpu") else lab), classes), show(img)]
             for lab, img in zip(labels, images)]
     save_png(path, tile_rows(rows, scale=scale))
 

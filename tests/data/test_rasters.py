@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import torch
+
+from todsynth.data.bands import fit_normalisation, image_tensor
 from todsynth.data.check import check_dataset
 from todsynth.data.rasters import load_raster_spec
 from todsynth.data.readers import FolderDataset, MaskCodec, load_classes, open_dataset, read_image
@@ -64,13 +67,14 @@ def test_sixteen_bit_rgb_tiff_is_refused_not_reduced_to_its_high_byte(tmp_path: 
 
 
 def test_sixteen_bit_rgb_tiff_with_scale_reads_every_value(tmp_path: Path) -> None:
-    """With 'scale: [0, 3999]' the full 16-bit range maps onto 0..255 (not the high byte)."""
+    """With 'scale: [0, 3999]' every 16-bit value is kept (not the high byte) and maps onto 0..1 as model input."""
     bands = uint16_rgb()
     root = tif_dataset(tmp_path / "ds", [bands], "scale: [0, 3999]\n")
-    image = FolderDataset(root)[0].image
-    expected = np.rint(np.moveaxis(bands, 0, -1) / 3999 * 255).astype(np.uint8)
-    assert image.dtype == np.uint8 and np.array_equal(image, expected)
-    assert tuple(image[0, 0]) == (0, 255, 128)
+    ds = FolderDataset(root)
+    image = ds[0].image
+    assert image.dtype == np.uint16 and np.array_equal(image, np.moveaxis(bands, 0, -1))
+    tensor = image_tensor(image, fit_normalisation(ds))
+    assert tensor[:, 0, 0].tolist() == [0.0, 1.0, pytest.approx(2000 / 3999)]
 
 
 def test_sixteen_bit_rgb_png_is_not_truncated(tmp_path: Path) -> None:
@@ -79,7 +83,7 @@ def test_sixteen_bit_rgb_png_is_not_truncated(tmp_path: Path) -> None:
     with pytest.raises(DataError) as info:
         read_image(path)
     assert info.value.path == path and "3-band uint16" in str(info.value)
-    assert read_image(path, load_raster_spec(_yaml(tmp_path, "scale: [0, 3999]\n")))[0, 0, 1] == 255
+    assert read_image(path, load_raster_spec(_yaml(tmp_path, "scale: [0, 3999]\n")))[0, 0, 1] == 3999
 
 
 def _yaml(tmp_path: Path, text: str) -> Path:
@@ -89,45 +93,44 @@ def _yaml(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_four_band_8_bit_tiff_is_refused_not_cut_to_three(tmp_path: Path) -> None:
-    """Band 4 was dropped without a word; now refused naming 'bands', and read exactly as 'bands:' selects."""
+def test_four_band_8_bit_tiff_is_read_whole_not_cut_to_three(tmp_path: Path) -> None:
+    """Band 4 was dropped without a word, then refused; now all four bands are read, or as 'bands:' selects."""
     bands = np.stack([np.full((8, 8), v, np.uint8) for v in (10, 20, 30, 40)])
     root = tif_dataset(tmp_path / "ds", [bands])
-    with pytest.raises(DataError) as info:
-        FolderDataset(root)[0]
-    assert info.value.path == root / "images" / "t0.tif"
-    assert "4-band uint8 image" in str(info.value) and "'bands: [1, 2, 3]' in data.yaml" in str(info.value)
-    assert "'scale:" not in str(info.value)
+    assert tuple(FolderDataset(root)[0].image[3, 3]) == (10, 20, 30, 40)
     (root / "data.yaml").write_text("bands: [4, 3, 2]\n")
     assert tuple(FolderDataset(root)[0].image[3, 3]) == (40, 30, 20)
 
 
 def test_four_band_uint16_geotiff_is_described_then_read_with_bands_and_scale(tmp_path: Path) -> None:
-    """Was called 'corrupt'; now refused naming both settings, and read with 'bands' + per-band 'scale'."""
+    """Was called 'corrupt'; now refused naming the scaling settings, and read with 'bands' + per-band 'scale'."""
     rng = np.random.default_rng(1)
     bands = rng.integers(0, 10000, (4, 8, 8)).astype(np.uint16)
     bands[:, 0, 0] = 10000
     root = tif_dataset(tmp_path / "ds", [bands])
     text = str(check_dataset(root).problems[0])
     assert "corrupt" not in text and "4-band uint16 image" in text
-    assert "'bands: [1, 2, 3]'" in text and "'scale: [low, high]'" in text
+    assert "'scale: [low, high]'" in text and "'stretch: {percentiles: [2, 98]}'" in text
     (root / "data.yaml").write_text("bands: [1, 2, 4]\nscale: [[0, 10000], [0, 10000], [0, 20000]]\n")
     assert check_dataset(root).ok
-    image = FolderDataset(root)[0].image
-    assert tuple(image[0, 0]) == (255, 255, 128)
-    expected = np.rint(bands[1] / 10000 * 255).astype(np.uint8)
-    assert np.array_equal(image[..., 1], expected)
+    ds = FolderDataset(root)
+    assert np.array_equal(ds[0].image, np.moveaxis(bands[[0, 1, 3]], 0, -1))
+    tensor = image_tensor(ds[0].image, fit_normalisation(ds))
+    assert tensor[:, 0, 0].tolist() == [1.0, 1.0, 0.5]
+    assert torch.equal(tensor[1], torch.from_numpy(bands[1].astype(np.float32)) / 10000)
 
 
 def test_float32_geotiff_with_nodata_labels_nodata_as_ignore(tmp_path: Path) -> None:
-    """Float reflectance with nodata: scaled by 'scale', nodata pixels are 0 in the image and ignore in labels."""
+    """Float reflectance with nodata: scaled by 'scale', nodata pixels are 0 in the model input and ignore in labels."""
     bands = np.random.default_rng(2).random((3, 8, 8)).astype(np.float32)
     bands[:, :2, :] = -9999.0
     root = tif_dataset(tmp_path / "ds", [bands], "scale: [0, 1]\n", nodata=-9999.0)
-    sample = FolderDataset(root)[0]
+    ds = FolderDataset(root)
+    sample = ds[0]
     assert (sample.label[:2] == 255).all() and (sample.label[2:] == 1).all()
-    assert (sample.image[:2] == 0).all()
-    assert np.array_equal(sample.image[2:, :, 0], np.rint(bands[0, 2:] * 255).astype(np.uint8))
+    assert sample.image.dtype == np.float32 and sample.nodata[:2].all() and not sample.nodata[2:].any()
+    tensor = image_tensor(sample.image, fit_normalisation(ds), sample.nodata)
+    assert (tensor[:, :2] == 0).all() and torch.equal(tensor[0, 2:], torch.from_numpy(bands[0, 2:]))
     report = check_dataset(root)
     assert report.ok, report.problems
     group = report.rasters[("image", "float32", 3)]
@@ -145,7 +148,8 @@ def test_values_outside_scale_are_refused_not_clipped(tmp_path: Path) -> None:
         FolderDataset(root)[0]
     assert "1 pixel(s) outside 'scale' 0..1000" in str(info.value) and "-50..100" in str(info.value)
     (root / "data.yaml").write_text("scale: [-100, 1000]\n")
-    assert FolderDataset(root)[0].image[0, 0, 0] == round(50 / 1100 * 255)
+    ds = FolderDataset(root)
+    assert image_tensor(ds[0].image, fit_normalisation(ds))[0, 0, 0].item() == pytest.approx(50 / 1100)
 
 
 def test_geotiff_mask_nodata_is_ignore_and_reported(tmp_path: Path) -> None:
@@ -180,12 +184,18 @@ def _classes(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize(("text", "words"), [
-    ("bands: [1, 2]\n", "1 or 3 band numbers"),
-    ("bands: [0, 1, 2]\n", "1 or 3 band numbers"),
+    ("bands: []\n", "distinct band numbers counted from 1"),
+    ("bands: [0, 1, 2]\n", "distinct band numbers counted from 1"),
+    ("bands: [1, 1]\n", "distinct band numbers counted from 1"),
     ("scale: [10, 10]\n", "low < high"),
-    ("scale: [[0, 1], [0, 1]]\n", "2 ranges for 3 bands"),
+    ("bands: [1, 2, 3]\nscale: [[0, 1], [0, 1]]\n", "2 ranges for 3 bands"),
     ("scale: high\n", "[low, high]"),
-    ("bands: [1, 2, 3]\nstretch: 2\n", "unknown key(s) ['stretch']"),
+    ("bands: [1, 2, 3]\nstretch: 2\n", "'stretch' must be {percentiles: [low, high]}"),
+    ("stretch: {percentiles: [98, 2]}\n", "0 <= low < high <= 100"),
+    ("scale: [0, 1]\nstretch: {percentiles: [2, 98]}\n", "'scale' and 'stretch' are both given"),
+    ("bands: [1, 2]\nrgb: [3, 2, 1]\n", "'rgb' shows band(s) [3]"),
+    ("rgb: [1, 2]\n", "'rgb' must list 1 or 3 band numbers"),
+    ("bands: [1, 2, 3]\nnormalize: 2\n", "unknown key(s) ['normalize']"),
 ])
 def test_bad_data_yaml_names_the_file(tmp_path: Path, text: str, words: str) -> None:
     """data.yaml problems are DataErrors naming data.yaml, raised when the dataset opens."""
@@ -228,4 +238,4 @@ def test_open_dataset_reads_data_yaml_beside_a_jsonl_index(tmp_path: Path) -> No
 
     root = tif_dataset(tmp_path / "ds", [uint16_rgb()], "scale: [0, 3999]\n")
     (root / "index.jsonl").write_text(json.dumps({"source": "masks/t0.tif", "target": "images/t0.tif"}) + "\n")
-    assert open_dataset(root / "index.jsonl")[0].image[0, 0, 1] == 255
+    assert open_dataset(root / "index.jsonl")[0].image[0, 0, 1] == 3999

@@ -172,8 +172,7 @@ def test_valid_tiffs_pil_cannot_decode_are_not_called_corrupt(tmp_path: Path, ar
         read(path)
     text = str(info.value)
     assert words[role] in text and "corrupt" not in text, text
-    expected = ("'bands: [1, 2, 3]'" if array.ndim == 3 else "'scale: [low, high]'") if role == "image" \
-        else "single-channel PNGs"
+    expected = "'scale: [low, high]'" if role == "image" else "single-channel PNGs"  # any band count is read
     assert expected in text, text
     path.write_bytes(b"II*\0" + bytes(range(40)))  # no complete TIFF header: still "corrupt"
     with pytest.raises(DataError, match="corrupt, truncated or not an image"):

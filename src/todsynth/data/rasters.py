@@ -1,4 +1,5 @@
-"""Raster files (GeoTIFF, 16-bit PNG) read with rasterio, and the explicit settings that make them 8-bit RGB.
+"""Raster files (GeoTIFF, 16-bit PNG) read with rasterio, and the data.yaml settings that say which bands to use
+and how to scale them.
 
 Why rasterio and not tifffile: remote-sensing data is GeoTIFF, and rasterio (GDAL) is the field's reader. It
 decodes every compression GeoTIFFs use (LZW, DEFLATE, ZSTD, JPEG, tiled or striped) without extra codec
@@ -6,10 +7,11 @@ packages, it reads the per-band nodata value and colour interpretation, it reads
 code, and it keeps the georeferencing a later tiling step needs. tifffile would need imagecodecs for compressed
 files and knows nothing of nodata.
 
-A raster is decoded into its own sample type and band count (`Raster`), so a later change can hand multi-band
-float arrays on; today the pipeline consumes HxWx3 uint8, so `to_rgb8` turns a raster into that only when the
-data or `data.yaml` (`bands:`, `scale:`) says exactly how, and refuses, naming the file and the setting,
-otherwise. Nothing is truncated, dropped or clipped silently.
+A raster is decoded into its own sample type and band count (`Raster`); `select_bands` hands on the bands
+`data.yaml` selects (`bands:`, any count) in their own dtype, after checking that the file can be scaled as
+`data.yaml` says (`scale:` ranges hold every valid value; other dtypes than uint8 need `scale:` or `stretch:`).
+Scaling to [0, 1] happens where images become tensors (`todsynth.data.bands`), with the statistics a model
+stores. Nothing is truncated, dropped or clipped silently.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import numpy as np
 from todsynth.errors import DataError
 
 DATA_FILE = "data.yaml"
-DATA_KEYS = ("bands", "scale")
-DATA_EXAMPLE = "e.g. 'bands: [1, 2, 3]' (1-based band numbers) and 'scale: [0, 4000]' (maps 0..4000 to 0..255)"
+DATA_KEYS = ("bands", "scale", "stretch", "rgb")
+DATA_EXAMPLE = ("e.g. 'bands: [3, 2, 1, 4]' (1-based band numbers), 'scale: [0, 4000]' (maps 0..4000 to 0..1) or "
+                "'stretch: {percentiles: [2, 98]}', and 'rgb: [3, 2, 1]' (bands shown in previews)")
 RASTER_SUFFIXES = frozenset({".tif", ".tiff"})
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
@@ -35,13 +38,18 @@ RGB_BANDS = 3
 
 @dataclass(frozen=True)
 class RasterSpec:
-    """How image rasters become 8-bit RGB: which 1-based `bands` to use, and a fixed linear `scale` per band.
+    """The data.yaml settings: which 1-based `bands` to use, a fixed linear `scale` or a percentile `stretch`
+    per band, and the `rgb` bands of previews.
 
-    `scale[k] = (low, high)` maps low..high of the k-th used band linearly onto 0..255; values outside are refused.
+    `scale[k] = (low, high)` maps low..high of the k-th used band linearly onto 0..1; values outside are refused.
+    `stretch = (p_low, p_high)` maps the band's p_low..p_high percentiles over the training split onto 0..1 and
+    clips what lies outside (by definition). `rgb` holds 1 or 3 band numbers (counted like `bands`).
     """
 
     bands: tuple[int, ...] | None = None
     scale: tuple[tuple[float, float], ...] | None = None
+    stretch: tuple[float, float] | None = None
+    rgb: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -91,18 +99,54 @@ def load_raster_spec(path: str | Path) -> RasterSpec:
                         path=path, fix=f"remove or rename them, {DATA_EXAMPLE}")
     bands = _parse_bands(data.get("bands"), path)
     scale = _parse_scale(data.get("scale"), len(bands) if bands else None, path)
-    return RasterSpec(bands, scale)
+    stretch = _parse_stretch(data.get("stretch"), path)
+    if scale is not None and stretch is not None:
+        raise DataError("'scale' and 'stretch' are both given; a band is scaled one way", path=path,
+                        fix="keep 'scale: [low, high]' (fixed) or 'stretch: {percentiles: [2, 98]}', not both")
+    return RasterSpec(bands, scale, stretch, _parse_rgb(data.get("rgb"), bands, path))
+
+
+def _band_numbers(value: Any) -> bool:
+    """Whether a YAML value is a non-empty list of band numbers (integers >= 1)."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in value)
 
 
 def _parse_bands(value: Any, path: Path) -> tuple[int, ...] | None:
-    """The `bands:` setting: 1 or 3 band numbers, 1-based."""
+    """The `bands:` setting: any number of distinct band numbers, 1-based, in the order the model gets them."""
     if value is None:
         return None
-    ok = isinstance(value, list) and len(value) in (1, RGB_BANDS) and all(
-        isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in value)
-    if not ok:
-        raise DataError(f"'bands' must list 1 or 3 band numbers counted from 1, got {value!r}", path=path,
-                        fix="e.g. 'bands: [1, 2, 3]' for the first three bands, or 'bands: [4, 3, 2]'")
+    if not _band_numbers(value) or len(set(value)) != len(value):
+        raise DataError(f"'bands' must list distinct band numbers counted from 1, got {value!r}", path=path,
+                        fix="e.g. 'bands: [1, 2, 3]' for the first three bands, or 'bands: [3, 2, 1, 4]'")
+    return tuple(value)
+
+
+def _parse_stretch(value: Any, path: Path) -> tuple[float, float] | None:
+    """The `stretch:` setting: {percentiles: [low, high]} with 0 <= low < high <= 100."""
+    if value is None:
+        return None
+    fix = "e.g. 'stretch: {percentiles: [2, 98]}'"
+    pair = value.get("percentiles") if isinstance(value, dict) and set(value) == {"percentiles"} else None
+    if not (isinstance(pair, list) and len(pair) == 2 and all(_number(v) for v in pair)):
+        raise DataError(f"'stretch' must be {{percentiles: [low, high]}}, got {value!r}", path=path, fix=fix)
+    low, high = float(pair[0]), float(pair[1])
+    if not 0 <= low < high <= 100:
+        raise DataError(f"'stretch' percentiles need 0 <= low < high <= 100, got {pair!r}", path=path, fix=fix)
+    return low, high
+
+
+def _parse_rgb(value: Any, bands: tuple[int, ...] | None, path: Path) -> tuple[int, ...] | None:
+    """The `rgb:` setting: 1 or 3 band numbers shown in previews, each among `bands` when that is given."""
+    if value is None:
+        return None
+    if not _band_numbers(value) or len(value) not in (1, RGB_BANDS):
+        raise DataError(f"'rgb' must list 1 or 3 band numbers counted from 1, got {value!r}", path=path,
+                        fix="e.g. 'rgb: [3, 2, 1]' (red, green, blue bands of the file)")
+    missing = [b for b in value if bands is not None and b not in bands]
+    if missing:
+        raise DataError(f"'rgb' shows band(s) {missing} that 'bands' {list(bands)} does not select", path=path,
+                        fix="list in 'rgb' only bands that 'bands' selects")
     return tuple(value)
 
 
@@ -125,8 +169,8 @@ def _parse_scale(value: Any, n_bands: int | None, path: Path) -> tuple[tuple[flo
     result = ((float(value[0]), float(value[1])),) if pair else tuple((float(a), float(b)) for a, b in value)
     if any(low >= high for low, high in result):
         raise DataError(f"'scale' needs low < high, got {value!r}", path=path, fix=fix)
-    if not pair and len(result) not in (1, n_bands or RGB_BANDS):
-        raise DataError(f"'scale' gives {len(result)} ranges for {n_bands or RGB_BANDS} bands", path=path,
+    if not pair and n_bands is not None and len(result) not in (1, n_bands):
+        raise DataError(f"'scale' gives {len(result)} ranges for {n_bands} bands", path=path,
                         fix="give one [low, high] per band listed in 'bands', or a single [low, high]")
     return result
 
@@ -243,38 +287,26 @@ def _span(info: RasterInfo) -> str:
     return f"values {low:g}..{high:g}"
 
 
-def _selected(raster: Raster, spec: RasterSpec, path: Path) -> tuple[np.ndarray, list[str]]:
-    """The bands `spec` selects (or all), and what the settings lack to make 8-bit RGB of the file."""
+def _chosen(raster: Raster, spec: RasterSpec, path: Path) -> np.ndarray:
+    """The bands `spec` selects, in its order; without `bands:` every band of the file (one band as grey RGB)."""
     info = raster.info
-    lacking = []
-    if spec.bands is not None:
-        missing = [b for b in spec.bands if b > info.bands]
-        if missing:
-            raise DataError(f"'bands' in {DATA_FILE} asks for band(s) {missing} but the image has {info.bands}",
-                            path=path, fix=f"list band numbers 1..{info.bands} in 'bands' in {DATA_FILE}")
-        array = raster.array[..., [b - 1 for b in spec.bands]]
-    else:
-        array = raster.array
-        if info.bands not in (1, RGB_BANDS):
-            named = ", ".join(raster.colour_names)
-            told = not set(raster.colour_names) & {"undefined", "gray"}
-            lacking.append(f"select bands with 'bands: [1, 2, 3]' in {DATA_FILE}, counted from 1"
-                           + (f" (this file's bands: {named})" if told else ""))
-    if spec.scale is None and array.dtype != np.uint8:
-        found = [r for r in info.ranges if r is not None]
-        high = max((r[1] for r in found), default=0.0)
-        if high <= 0:
-            high = float(np.iinfo(array.dtype).max) if array.dtype.kind in "ui" else 1.0
-        lacking.append(f"map values to 0..255 with 'scale: [low, high]' in {DATA_FILE}, e.g. 'scale: [0, {high:g}]'")
-    return array, lacking
+    if spec.bands is None:
+        return np.repeat(raster.array, RGB_BANDS, axis=-1) if info.bands == 1 else raster.array
+    missing = [b for b in spec.bands if b > info.bands]
+    if missing:
+        raise DataError(f"'bands' in {DATA_FILE} asks for band(s) {missing} but the image has {info.bands}",
+                        path=path, fix=f"list band numbers 1..{info.bands} in 'bands' in {DATA_FILE}")
+    return raster.array[..., [b - 1 for b in spec.bands]]
 
 
-def _scaled(array: np.ndarray, nodata: np.ndarray, scale: tuple[tuple[float, float], ...],
-            path: Path) -> np.ndarray:
-    """Map each band's low..high linearly onto 0..255; a valid value outside low..high is refused, not clipped."""
+def check_scale(array: np.ndarray, nodata: np.ndarray | None, scale: tuple[tuple[float, float], ...],
+                path: Path) -> None:
+    """Refuse valid values outside a band's fixed `scale` range (they would be clipped), naming file and setting."""
+    if len(scale) not in (1, array.shape[-1]):
+        raise DataError(f"'scale' in {DATA_FILE} gives {len(scale)} ranges but the image uses {array.shape[-1]} bands",
+                        path=path, fix="give one [low, high] per band used, or a single [low, high]")
     ranges = scale * array.shape[-1] if len(scale) == 1 else scale
-    out = np.zeros(array.shape, np.uint8)
-    valid = ~nodata
+    valid = np.ones(array.shape[:2], bool) if nodata is None else ~nodata
     for b, (low, high) in enumerate(ranges):
         band = array[..., b].astype(np.float64)
         outside = valid & ((band < low) | (band > high))
@@ -283,30 +315,31 @@ def _scaled(array: np.ndarray, nodata: np.ndarray, scale: tuple[tuple[float, flo
             raise DataError(f"band {b + 1} used has {int(outside.sum())} pixel(s) outside 'scale' {low:g}..{high:g} "
                             f"(values {values.min():g}..{values.max():g}); they would be clipped", path=path,
                             fix=f"widen 'scale' in {DATA_FILE} to cover {values.min():g}..{values.max():g}")
-        mapped = np.rint((band - low) / (high - low) * 255.0)
-        out[..., b] = np.where(valid, mapped, 0).astype(np.uint8)
-    return out
 
 
-def to_rgb8(raster: Raster, spec: RasterSpec, path: Path) -> np.ndarray:
-    """HxWx3 uint8 RGB of an image raster, exactly as the file and `spec` say; anything else is a DataError.
+def select_bands(raster: Raster, spec: RasterSpec, path: Path) -> np.ndarray:
+    """HxWxC samples of an image raster in its own dtype: the bands `spec` selects (any count), checked against
+    the scaling `spec` states; anything it cannot scale is a DataError naming the file and the setting.
 
-    Paletted rasters are expanded through their colour map, one band is repeated as grey, three bands are RGB;
-    other band counts need `bands:`, other sample types need `scale:`. Nodata pixels become 0 (their labels
-    become the ignore index in the dataset).
+    Paletted rasters are expanded through their colour map (8-bit RGB); without `bands:` every band is used in
+    file order, and one band is repeated as grey RGB (as 8-bit grey PNGs are). uint8 needs no scaling (/255);
+    other sample types need `scale:` or `stretch:`. Nodata pixels keep their raw values (the caller gets the
+    nodata map; they become 0 in the model input and the ignore index in labels).
     """
     info = raster.info
-    if raster.colormap is not None and spec.bands is None and spec.scale is None:
+    if raster.colormap is not None and spec.bands is None and spec.scale is None and spec.stretch is None:
         return colormap_rgba(raster, path)[..., :RGB_BANDS].copy()
-    array, lacking = _selected(raster, spec, path)
-    if lacking:
-        raise DataError(f"{info.bands}-band {info.dtype} image ({_span(info)}); todsynth reads 1- or 3-band "
-                        "8-bit images unless data.yaml says which bands and how to scale them",
-                        path=path, fix="; ".join(lacking) + ", or convert it to 8-bit RGB first")
+    array = _chosen(raster, spec, path)
+    if spec.scale is None and spec.stretch is None and array.dtype != np.uint8:
+        found = [r for r in info.ranges if r is not None]
+        high = max((r[1] for r in found), default=0.0)
+        if high <= 0:
+            high = float(np.iinfo(array.dtype).max) if array.dtype.kind in "ui" else 1.0
+        raise DataError(f"{info.bands}-band {info.dtype} image ({_span(info)}); todsynth scales samples other than "
+                        "uint8 only as data.yaml says", path=path,
+                        fix=f"map values to 0..1 with 'scale: [low, high]' in {DATA_FILE}, e.g. 'scale: [0, {high:g}]', "
+                            "or with 'stretch: {percentiles: [2, 98]}' (computed over the training split), "
+                            "or convert it to 8-bit RGB first")
     if spec.scale is not None:
-        array = _scaled(array, raster.nodata, spec.scale, path)
-    else:
-        array = np.where(raster.nodata[..., None], 0, array).astype(np.uint8)
-    if array.shape[-1] == 1:
-        array = np.repeat(array, RGB_BANDS, axis=-1)
+        check_scale(array, raster.nodata, spec.scale, path)
     return np.ascontiguousarray(array)

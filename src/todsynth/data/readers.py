@@ -15,7 +15,7 @@ import numpy as np
 from todsynth.data.classes import LOVEDA, ClassSpec
 from todsynth.data.prompts import PromptFn, build_prompt
 from todsynth.data.rasters import (DATA_FILE, RGB_BANDS, Raster, RasterInfo, RasterSpec, band_ranges,
-                                   colormap_rgba, is_raster_file, load_raster_spec, read_raster, to_rgb8, unreadable)
+                                   colormap_rgba, is_raster_file, load_raster_spec, read_raster, select_bands, unreadable)
 from todsynth.data.sample import Sample
 from todsynth.errors import DataError, DatasetProblems
 
@@ -112,16 +112,17 @@ def _pil_info(im: Image, array: np.ndarray) -> RasterInfo:
 
 def read_image_data(path: str | Path, spec: RasterSpec | None = None
                     ) -> tuple[np.ndarray, np.ndarray | None, RasterInfo]:
-    """(HxWx3 uint8 RGB, HxW nodata pixels or None, what the file holds) of an image file.
+    """(HxWxC samples, HxW nodata pixels or None, what the file holds) of an image file.
 
-    TIFFs and 16-bit PNGs are read with rasterio and made RGB only as the file and `spec` (data.yaml) say;
-    8-bit PNG/JPEG with PIL. Nodata pixels are 0 in the RGB; datasets label them with the ignore index.
+    TIFFs and 16-bit PNGs are read with rasterio: the bands `spec` (data.yaml) selects, in their own dtype
+    (`select_bands`); 8-bit PNG/JPEG with PIL as HxWx3 uint8 RGB. Datasets label nodata pixels with the
+    ignore index; the model input sets them to 0 (`todsynth.data.bands.image_tensor`).
     """
     path = Path(path)
     spec = spec or RasterSpec()
     if is_raster_file(path, "image"):
         raster = read_raster(path, "image")
-        return to_rgb8(raster, spec, path), raster.nodata if raster.info.nodata_pixels else None, raster.info
+        return select_bands(raster, spec, path), raster.nodata if raster.info.nodata_pixels else None, raster.info
     with _open_loaded(path, "image") as im:
         rgb = _image_array(im, path)
         raw = np.array(im) if im.mode in ("L", "LA", "RGB", "RGBA") else rgb
@@ -144,7 +145,7 @@ def describe_image(path: str | Path) -> RasterInfo | None:
 
 
 def read_image(path: str | Path, spec: RasterSpec | None = None) -> np.ndarray:
-    """Read an image file as HxWx3 uint8 RGB (rasters as data.yaml's `spec` says: bands, scale)."""
+    """Read an image file as HxWxC samples: 8-bit RGB, or a raster's bands as data.yaml's `spec` selects them."""
     return read_image_data(path, spec)[0]
 
 
@@ -344,13 +345,13 @@ class BaseDataset(Sequence[Sample]):
             return SubsetDataset(self, self.ids[i])
         item = self.item(i)
         label = self.codec.read(item.mask)
-        image = None
+        image = nodata = None
         if item.image is not None:
             image, nodata, _ = read_image_data(item.image, self.raster)
             if image.shape[:2] != label.shape:
                 raise size_mismatch(item.image, item.mask, image.shape, label.shape)
             label = with_image_nodata(label, nodata, self.classes)
-        return Sample(image, label, self.prompt(i, label), item.id)
+        return Sample(image, label, self.prompt(i, label), item.id, nodata)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, n={len(self)}, label_only={self.label_only})"
@@ -378,12 +379,12 @@ class BaseDataset(Sequence[Sample]):
         return self.codec.read_info(self.item(i).mask)
 
     def load_image(self, i: int) -> np.ndarray | None:
-        """The HxWx3 uint8 image of item `i`, or None in label-only datasets."""
+        """The HxWxC image samples of item `i` (see `read_image`), or None in label-only datasets."""
         image = self.item(i).image
         return None if image is None else read_image(image, self.raster)
 
     def load_image_data(self, i: int) -> tuple[np.ndarray, np.ndarray | None, RasterInfo] | None:
-        """(RGB, nodata pixels or None, file description) of item `i`'s image, or None in label-only datasets."""
+        """(HxWxC samples, nodata pixels or None, file description) of item `i`'s image, or None if label-only."""
         image = self.item(i).image
         return None if image is None else read_image_data(image, self.raster)
 

@@ -9,20 +9,22 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
+from todsynth.data.bands import Normalisation, image_tensor
 from todsynth.data.sample import Sample
 from todsynth.errors import DataError
 
 
 class SegTorchDataset(Dataset):
-    """Items `{"image": float32 3xHxW in [0,1], "label": int64 HxW}`, optionally brought to `size` and augmented.
+    """Items `{"image": float32 CxHxW in [0,1], "label": int64 HxW}`, optionally brought to `size` and augmented.
 
+    Images become tensors by `normalisation` (None: 8-bit RGB / 255), see `todsynth.data.bands.image_tensor`.
     `crop` (todsynth.data.crops) takes a random or center size x size window, or resizes the short side
     (bilinear image, nearest labels, so the ignore index survives) without distorting the aspect ratio.
     Random crops and augmentation (flips, 90 degree rotations) are pure functions of (seed, epoch, index).
     """
 
     def __init__(self, samples: Sequence[Sample], size: int | None = None, augment: bool = False,
-                 seed: int = 0, crop: str = "resize"):
+                 seed: int = 0, crop: str = "resize", normalisation: Normalisation | None = None):
         from todsynth.data.crops import check_crop_mode
 
         check_crop_mode(crop)
@@ -36,6 +38,7 @@ class SegTorchDataset(Dataset):
         self.crop = crop
         self.augment = augment
         self.seed = seed
+        self.normalisation = normalisation
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -50,7 +53,7 @@ class SegTorchDataset(Dataset):
         if sample.image is None:
             raise DataError(f"sample '{sample.id}' has no image (label-only data cannot train a segmenter)",
                             fix="use a dataset with images")
-        image = torch.from_numpy(np.ascontiguousarray(sample.image)).permute(2, 0, 1).float() / 255.0
+        image = image_tensor(sample.image, self.normalisation, sample.nodata, f"sample '{sample.id}'")
         label = torch.from_numpy(np.ascontiguousarray(sample.label)).long()
         if self.size is not None:
             from todsynth.data.crops import crop_rng, fit_pair
@@ -75,7 +78,7 @@ class SegTorchDataset(Dataset):
 
 
 def resize_pair(image: torch.Tensor, label: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize a 3xHxW image (bilinear) and HxW label (nearest, values untouched) to size x size."""
+    """Resize a CxHxW image (bilinear) and HxW label (nearest, values untouched) to size x size."""
     if image.shape[-2:] == (size, size) and label.shape[-2:] == (size, size):
         return image, label
     image = F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False,

@@ -16,7 +16,9 @@ VAE_LAYOUT = ("a diffusers AutoencoderKL folder holds config.json and diffusion_
 
 
 class Autoencoder(nn.Module):
-    """Base of the image spaces: encode images [B, 3, H, W] in [0, 1] to latents [B, C, H/d, W/d], and back.
+    """Base of the image spaces: encode images [B, I, H, W] in [0, 1] to latents [B, C, H/d, W/d], and back.
+
+    `image_channels` (I) is the band count of the images (3 for a VAE; any for pixels).
 
     Frozen and in eval mode. `decode` is differentiable with respect to the latents (CRFM backpropagates
     a segmentation loss through it). `config` holds the keyword arguments of `load_autoencoder` that
@@ -26,6 +28,7 @@ class Autoencoder(nn.Module):
     name: str = "autoencoder"
     latent_channels: int
     downscale: int
+    image_channels: int = 3
 
     @property
     def config(self) -> dict[str, Any]:
@@ -44,11 +47,11 @@ class Autoencoder(nn.Module):
         return self.latent_channels, height // self.downscale, width // self.downscale
 
     def encode(self, images: Tensor, sample: bool = True, generator: torch.Generator | None = None) -> Tensor:
-        """Images [B, 3, H, W] in [0, 1] → latents [B, C, H/d, W/d]."""
+        """Images [B, I, H, W] in [0, 1] → latents [B, C, H/d, W/d]."""
         raise NotImplementedError
 
     def decode(self, latents: Tensor) -> Tensor:
-        """Latents [B, C, h, w] → images [B, 3, h·d, w·d] clamped to [0, 1]; differentiable."""
+        """Latents [B, C, h, w] → images [B, I, h·d, w·d] clamped to [0, 1]; differentiable."""
         raise NotImplementedError
 
     def train(self, mode: bool = True) -> Autoencoder:
@@ -63,19 +66,25 @@ class Autoencoder(nn.Module):
 
 
 class PixelAutoencoder(Autoencoder):
-    """Identity image space: latents = 2·image − 1, 3 channels, no downscaling (the small default).
+    """Identity image space: latents = 2·image − 1, one latent channel per band (3 for RGB), no downscaling
+    (the small default).
 
     `sample` and `generator` are accepted for the common interface and ignored: encoding is exact.
     """
 
     name = "pixel"
-    latent_channels = 3
     downscale = 1
+
+    def __init__(self, channels: int = 3):
+        super().__init__()
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ConfigError(f"the pixel autoencoder needs channels >= 1, got {channels!r}")
+        self.latent_channels = self.image_channels = channels
 
     @property
     def config(self) -> dict[str, Any]:
-        """Keyword arguments of `load_autoencoder` that rebuild this autoencoder."""
-        return {"kind": "pixel"}
+        """Keyword arguments of `load_autoencoder` that rebuild this autoencoder (RGB as before bands existed)."""
+        return {"kind": "pixel"} if self.image_channels == 3 else {"kind": "pixel", "channels": self.image_channels}
 
     def encode(self, images: Tensor, sample: bool = True, generator: torch.Generator | None = None) -> Tensor:
         """Images in [0, 1] → latents in [-1, 1]."""
@@ -153,19 +162,25 @@ class VAEAutoencoder(Autoencoder):
 
 
 def load_autoencoder(kind: str = "pixel", path: str | Path | None = None,
-                     subfolder: str | None = None) -> Autoencoder:
-    """Build an image space by kind: "pixel" (identity, default) or "vae" (a local diffusers VAE)."""
+                     subfolder: str | None = None, channels: int = 3) -> Autoencoder:
+    """Build an image space by kind: "pixel" (identity of `channels` bands, default) or "vae" (a local diffusers
+    VAE: RGB only, other band counts are refused)."""
     if kind == "pixel":
-        return PixelAutoencoder()
+        return PixelAutoencoder(channels)
     if kind == "vae":
+        if channels != 3:
+            raise ConfigError(f"the vae autoencoder (SD3's VAE) encodes 3-band RGB images, but the data has "
+                              f"{channels} band(s)", fix="use autoencoder pixel for multi-band data, or select 3 "
+                                                         "bands with 'bands:' in data.yaml")
         if path is None:
             raise ConfigError("the vae autoencoder needs path= (a local diffusers VAE or pipeline folder)")
         return VAEAutoencoder.from_pretrained(path, subfolder=subfolder)
     raise ConfigError(f"unknown autoencoder {kind!r}; known: 'pixel', 'vae'")
 
 
-def encode_mask_rgb(label: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
-    """Label maps [B, H, W] → grey RGB images [B, 3, H, W] in [0, 1], the reference mask encoding.
+def encode_mask_rgb(label: Tensor, num_classes: int, ignore_index: int = 255, channels: int = 3) -> Tensor:
+    """Label maps [B, H, W] → grey images [B, channels, H, W] in [0, 1] (RGB by default), the reference mask
+    encoding, with as many bands as the autoencoder's images.
 
     Grey level = label·255/num_classes (ignored pixels → 0), divided by 255; not rounded to 8 bits.
     Note that class 0 and ignored pixels share grey level 0, as in the reference code.
@@ -176,4 +191,4 @@ def encode_mask_rgb(label: Tensor, num_classes: int, ignore_index: int = 255) ->
     if bool(((label < 0) | (label >= num_classes))[~ignored].any()):
         raise DataError(f"label values must be in 0..{num_classes - 1} or {ignore_index} (ignored)")
     grey = torch.where(ignored, 0.0, label.to(torch.float32) * 255 / num_classes) / 255
-    return grey.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+    return grey.unsqueeze(1).expand(-1, channels, -1, -1).contiguous()

@@ -31,6 +31,7 @@ class PipelineFile:
     classes: dict[str, Any]
     image_size: int
     prompt_template: str = DEFAULT_PROMPT
+    normalisation: dict[str, Any] | None = None  # None: 8-bit RGB / 255 (generators saved before bands)
 
     def validate(self) -> None:
         """Image size >= 1 and a `kind` for the autoencoder and the text encoder."""
@@ -68,11 +69,22 @@ def initial_noise(shape: tuple[int, ...], seeds: Sequence[int], device: torch.de
 
 
 class MaskToImagePipeline:
-    """Generator of images for label maps. Call it with long label maps [B, H, W]; returns images in [0, 1]."""
+    """Generator of images for label maps. Call it with long label maps [B, H, W]; returns images in [0, 1].
+
+    `normalisation` says how its image bands relate to raw samples (`todsynth.data.bands.Normalisation`; None:
+    8-bit RGB / 255): stored in pipeline.json, used to write synthetic images back in the source's sample type.
+    """
 
     def __init__(self, transformer: MaskControlMMDiT, autoencoder: Any, text_encoder: Any,
                  classes: ClassSpec, image_size: int, prompt_template: str = "a satellite image of {classes}",
-                 extra: dict | None = None):
+                 extra: dict | None = None, normalisation: Any = None):
+        from todsynth.data.bands import Normalisation
+
+        self.normalisation = normalisation or Normalisation.rgb8()
+        channels = getattr(autoencoder, "image_channels", 3)
+        if self.normalisation.channels != channels:
+            raise CheckpointError(f"the normalisation scales {self.normalisation.channels} band(s) but the "
+                                  f"autoencoder makes {channels}", fix=RESAVE_FIX)
         self.transformer = transformer
         self.autoencoder = autoencoder
         self.text_encoder = text_encoder
@@ -119,7 +131,8 @@ class MaskToImagePipeline:
             else:
                 from todsynth.generator.autoencoder import encode_mask_rgb
 
-                rgb = encode_mask_rgb(labels, cfg.num_classes, cfg.ignore_index)
+                rgb = encode_mask_rgb(labels, cfg.num_classes, cfg.ignore_index,
+                                      getattr(self.autoencoder, "image_channels", 3))
                 mask = self.autoencoder.encode(rgb, sample=False)
         return Conditioning(text, pooled, mask)
 
@@ -182,6 +195,7 @@ class MaskToImagePipeline:
             "classes": self.classes.to_dict(),
             "image_size": self.image_size,
             "prompt_template": self.prompt_template,
+            "normalisation": self.normalisation.to_dict(),
         })
 
     @classmethod
@@ -200,12 +214,19 @@ class MaskToImagePipeline:
                                   fix="point to a folder written by `todsynth generator train`")
         settings = config_from_file(PipelineFile, {k: v for k, v in meta.items() if k != "_class_name"},
                                     directory / PIPELINE_FILE, fix=RESAVE_FIX)
+        from todsynth.data.bands import stored_normalisation
+
         classes = ClassSpec.from_dict(settings.classes, path=directory / PIPELINE_FILE)
+        normalisation = stored_normalisation(settings.normalisation, directory / PIPELINE_FILE)
         transformer = MaskControlMMDiT.from_pretrained(directory / "transformer")
         autoencoder = _load_part(load_autoencoder, "autoencoder", settings.autoencoder, directory / PIPELINE_FILE)
         text_encoder = _load_part(load_text_encoder, "text_encoder", settings.text_encoder, directory / PIPELINE_FILE)
-        return cls(transformer, autoencoder, text_encoder, classes, settings.image_size,
-                   settings.prompt_template).to(device)
+        try:
+            pipe = cls(transformer, autoencoder, text_encoder, classes, settings.image_size,
+                       settings.prompt_template, normalisation=normalisation)
+        except CheckpointError as e:
+            raise CheckpointError(e.problem, path=directory / PIPELINE_FILE, fix=e.fix) from None
+        return pipe.to(device)
 
 
 def _load_part(loader: Callable[..., Any], name: str, settings: dict[str, Any], path: Path) -> Any:

@@ -130,7 +130,10 @@ def _list_images(folder: Path) -> list[Path]:
 
 def _read_images(loaders: list, size: int, root: Path) -> torch.Tensor:
     """Decode every image (all problems reported together, each naming its file), its short side resized to
-    `size` and the long side center-cropped, so a non-square image is never distorted."""
+    `size` and the long side center-cropped, so a non-square image is never distorted.
+
+    Pretraining reads 8-bit RGB images (/ 255); multi-band or scaled rasters are refused by `image_tensor`."""
+    from todsynth.data.bands import image_tensor
     from todsynth.data.crops import fit_pair
     from todsynth.errors import DatasetProblems
 
@@ -138,11 +141,10 @@ def _read_images(loaders: list, size: int, root: Path) -> torch.Tensor:
     dummy = torch.zeros(1, 1, dtype=torch.long)
     for load in loaders:
         try:
-            array = load()
+            image = image_tensor(load(), None, None, "pretraining image")
         except DataError as e:
             problems.append(e)
             continue
-        image = torch.from_numpy(array).permute(2, 0, 1).float() / 255
         image, _ = fit_pair(image, dummy.expand(*image.shape[-2:]), size, "resize")
         images.append(image)
     if problems:

@@ -68,5 +68,5 @@ def sample_grid(model: str | Path, masks: str | Path, out: str | Path, split: st
     images = sample_batched(pipe, labels, prompts, ids, seed=seed, batch_size=batch_size, num_steps=steps,
                             guidance_scale=guidance, shift=shift)
     path = Path(out) / "samples.png"
-    save_mask_image_grid(path, labels, images, pipe.classes)
+    save_mask_image_grid(path, labels, images, pipe.classes, normalisation=pipe.normalisation)
     return path

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,23 +23,29 @@ Key = tuple[int, int, int]  # (sample index, global micro-step, position in the 
 class TrainSamples(Dataset):
     """Samples of a validated dataset at size x size, read lazily: item `key` -> (index, image, label)."""
 
-    def __init__(self, ds, size: int, crop: str, seed: int, images: bool = True):
+    def __init__(self, ds, size: int, crop: str, seed: int, images: bool = True, normalisation=None):
         from todsynth.data.crops import check_crop_mode
 
         check_crop_mode(crop)
         self.ds, self.size, self.crop, self.seed, self.images = ds, size, crop, seed, images
+        self.normalisation = normalisation  # todsynth.data.bands.Normalisation; None: 8-bit RGB / 255
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, key: Key) -> tuple[int, Tensor | None, Tensor]:
+        from todsynth.data.bands import image_tensor
         from todsynth.data.crops import crop_rng, fit_pair
+        from todsynth.data.readers import with_image_nodata
 
         index, step, position = key
-        label = torch.from_numpy(self.ds.load_label(index))
+        label = self.ds.load_label(index)
         image = None
         if self.images:
-            image = torch.from_numpy(self.ds.load_image(index)).permute(2, 0, 1).float() / 255
+            raw, nodata, _ = self.ds.load_image_data(index)
+            label = with_image_nodata(label, nodata, self.ds.classes)
+            image = image_tensor(raw, self.normalisation, nodata, f"sample '{self.ds.ids[index]}'")
+        label = torch.from_numpy(label)
         rng = crop_rng(self.seed, step, position) if self.crop == "random" else None
         paths = self.ds.paths(index)
         image, label = fit_pair(image, label, self.size, self.crop, rng, name=f"sample '{self.ds.ids[index]}'",
@@ -62,11 +69,13 @@ class MemorySamples(Dataset):
 
 @dataclass
 class StreamData:
-    """A training set for the loop: the sample source, and every prompt and id up front (for the prompt cache)."""
+    """A training set for the loop: the sample source, every prompt and id up front (for the prompt cache), and
+    the image normalisation (None: 8-bit RGB / 255) the generator stores."""
 
     samples: Dataset
     prompts: list[str]
     ids: list[str]
+    normalisation: Any = None
 
 
 class StepBatches(Sampler):
@@ -103,14 +112,17 @@ def batch_loader(samples: Dataset, batches: StepBatches, num_workers: int = 0) -
 def open_train_stream(path: str, split: str, size: int, crop: str, seed: int, split_file: str | None = None,
                       images: bool = True):
     """Validate a dataset (any reader) and return its StreamData and classes; only prompts stay in memory."""
+    from todsynth.data.bands import fit_normalisation
     from todsynth.data.check import open_checked
     from todsynth.errors import DataError
 
     ds = open_checked(path, split, split_file or None)
     if images and ds.label_only:
         raise DataError("dataset has masks but no images; the generator needs image/mask pairs", path=path)
+    norm = fit_normalisation(ds) if images else None
     prompts = [ds.prompt(i, ds.load_label(i)) for i in range(len(ds))]
-    return StreamData(TrainSamples(ds, size, crop, seed, images=images), prompts, list(ds.ids)), ds.classes
+    samples = TrainSamples(ds, size, crop, seed, images=images, normalisation=norm)
+    return StreamData(samples, prompts, list(ds.ids), norm), ds.classes
 
 
 def read_labels(samples: Dataset, indices: list[int], step: int = 0) -> Tensor:

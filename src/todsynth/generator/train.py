@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -136,12 +136,14 @@ class GeneratorTrainConfig:
 
 @dataclass
 class TrainData:
-    """A dataset in memory: images [N, 3, S, S] in [0, 1], labels [N, S, S], prompts, ids (small sets only)."""
+    """A dataset in memory: images [N, C, S, S] in [0, 1] by `normalisation` (None: 8-bit RGB / 255, stored with
+    the generator), labels [N, S, S], prompts, ids (small sets only)."""
 
     images: Tensor
     labels: Tensor
     prompts: list[str]
     ids: list[str]
+    normalisation: Any = None
 
 
 def load_train_data(path: str, split: str, size: int, split_file: str | None = None, images: bool = True,
@@ -153,7 +155,8 @@ def load_train_data(path: str, split: str, size: int, split_file: str | None = N
     data, classes = open_train_stream(path, split, size, crop, 0, split_file, images=images)
     items = [data.samples[(i, 0, i)] for i in range(len(data.ids))]
     image_t = torch.stack([im for _, im, _ in items]) if images else torch.empty(0)
-    return TrainData(image_t, torch.stack([lab for _, _, lab in items]), data.prompts, data.ids), classes
+    return TrainData(image_t, torch.stack([lab for _, _, lab in items]), data.prompts, data.ids,
+                     data.normalisation), classes
 
 
 def augment(images: Tensor, labels: Tensor, gens: list[torch.Generator]) -> tuple[Tensor, Tensor]:
@@ -187,14 +190,16 @@ def step_generator(seed: int, step: int, index: int) -> torch.Generator:
 # Building the pipeline
 
 
-def build_pipeline(cfg: GeneratorTrainConfig, classes, device: str = "cpu"):
-    """Transformer (fresh or from SD3), autoencoder and text encoder for a training run."""
+def build_pipeline(cfg: GeneratorTrainConfig, classes, device: str = "cpu", normalisation: Any = None):
+    """Transformer (fresh or from SD3), autoencoder and text encoder for a training run on images of
+    `normalisation`'s bands (None: 8-bit RGB)."""
     from todsynth.generator.autoencoder import load_autoencoder
     from todsynth.generator.mmdit import MaskControlMMDiT, MMDiTConfig
     from todsynth.generator.pipeline import MaskToImagePipeline
     from todsynth.generator.text import load_text_encoder
 
-    ae = load_autoencoder(cfg.autoencoder, path=cfg.autoencoder_path)
+    channels = 3 if normalisation is None else normalisation.channels
+    ae = load_autoencoder(cfg.autoencoder, path=cfg.autoencoder_path, channels=channels)
     te_kw = {"max_length": cfg.text_max_length} if cfg.text_encoder == "minilm" else {}
     te = load_text_encoder(cfg.text_encoder, path=cfg.text_encoder_path, **te_kw)
     common = dict(control=cfg.control, num_classes=classes.num_classes, ignore_index=classes.ignore_index,
@@ -216,7 +221,7 @@ def build_pipeline(cfg: GeneratorTrainConfig, classes, device: str = "cpu"):
 
             load_base_into(model, cfg.init, ae, te, cfg.size)
     model.gradient_checkpointing = cfg.gradient_checkpointing
-    return MaskToImagePipeline(model, ae, te, classes, cfg.size).to(device)
+    return MaskToImagePipeline(model, ae, te, classes, cfg.size, normalisation=normalisation).to(device)
 
 
 def apply_freezing(model, cfg: GeneratorTrainConfig) -> None:
@@ -323,7 +328,7 @@ def _train(cfg: GeneratorTrainConfig, out: Path) -> dict:
 
         data, classes = open_train_stream(cfg.data, cfg.split, cfg.size, cfg.crop, cfg.seed, cfg.split_file)
     val_labels, val_prompts = _validation_masks(cfg, data)
-    pipe = build_pipeline(cfg, classes, accelerator.device)
+    pipe = build_pipeline(cfg, classes, accelerator.device, data.normalisation)
     _attach_prompt_cache(pipe, data.prompts + val_prompts, out, accelerator)
     model = pipe.transformer
     apply_freezing(model, cfg)
@@ -436,20 +441,25 @@ def validate(pipe, ema, labels: Tensor, prompts: list[str], cfg: GeneratorTrainC
                            "guidance_scale": str(cfg.guidance_scale), "seed": str(cfg.seed)})
     from todsynth.viz import save_mask_image_grid
 
-    save_mask_image_grid(val_dir / f"step_{step:06d}.png", labels, images, pipe.classes)
+    save_mask_image_grid(val_dir / f"step_{step:06d}.png", labels, images, pipe.classes,
+                         normalisation=pipe.normalisation)
     record = {"step": step}
     if cfg.fidelity_segmenter:
-        record["mask_fidelity_miou"] = mask_fidelity(images, labels, cfg.fidelity_segmenter, pipe.classes)
+        record["mask_fidelity_miou"] = mask_fidelity(images, labels, cfg.fidelity_segmenter, pipe.classes,
+                                                     pipe.normalisation)
     return record
 
 
-def mask_fidelity(images: Tensor, labels: Tensor, segmenter_dir: str, classes) -> float:
-    """mIoU of a frozen segmenter's prediction on generated images against their conditioning masks."""
+def mask_fidelity(images: Tensor, labels: Tensor, segmenter_dir: str, classes, normalisation: Any = None) -> float:
+    """mIoU of a frozen segmenter's prediction on generated images (of `normalisation`, converted to the
+    segmenter's stored one) against their conditioning masks."""
+    from todsynth.data.bands import convert
     from todsynth.segment.metrics import segmentation_metrics
-    from todsynth.segment.model import Segmenter
+    from todsynth.segment.model import CONFIG_NAME, Segmenter
 
     seg = Segmenter.from_pretrained(segmenter_dir).eval()
-    pred = seg.predict(images.cpu())
+    images = convert(images.cpu(), normalisation, seg.normalisation, f"the segmenter {Path(segmenter_dir) / CONFIG_NAME}")
+    pred = seg.predict(images)
     return float(segmentation_metrics(pred, labels.cpu(), classes.num_classes, classes.ignore_index).miou)
 
 

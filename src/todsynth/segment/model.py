@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,11 @@ def check_encoder(name: str | None, source: str = "config") -> None:
 
 @dataclass
 class SegmenterConfig:
-    """Architecture of a segmenter; `encoder=None` picks a small default that needs no download."""
+    """Architecture of a segmenter; `encoder=None` picks a small default that needs no download.
+
+    `normalisation` is the stored scaling of its input bands (`todsynth.data.bands.Normalisation.to_dict`;
+    None: 8-bit RGB / 255, as models saved before bands); eval, synthesis and CRFM apply it.
+    """
 
     arch: str = "unet"
     encoder: str | None = None
@@ -51,6 +56,7 @@ class SegmenterConfig:
     class_names: tuple[str, ...] | None = None
     ignore_index: int = 255
     encoder_weights_file: str | None = None
+    normalisation: dict[str, Any] | None = None
 
     def validate(self) -> None:
         """Reject unknown architectures and inconsistent class settings."""
@@ -60,6 +66,19 @@ class SegmenterConfig:
         require(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels}")
         require(self.class_names is None or len(self.class_names) == self.num_classes,
                 f"{len(self.class_names or ())} class names for {self.num_classes} classes")
+        if self.normalisation is not None:
+            channels = self.input_normalisation().channels
+            require(channels == self.in_channels,
+                    f"the stored normalisation scales {channels} band(s) but in_channels is {self.in_channels}")
+
+    def input_normalisation(self, path: str | Path = CONFIG_NAME) -> Any:
+        """The stored `Normalisation` of the input bands; none stored (models saved before bands, or built in
+        Python without one) means uint8 bands / 255."""
+        from todsynth.data.bands import Normalisation, stored_normalisation
+
+        if self.normalisation is None and self.in_channels != 3:
+            return Normalisation("uint8", (0.0,) * self.in_channels, (255.0,) * self.in_channels)
+        return stored_normalisation(self.normalisation, path)
 
     @property
     def encoder_name(self) -> str:
@@ -113,6 +132,11 @@ class Segmenter(nn.Module):
             raise CheckpointError(f"encoder weights do not fit {self.config.encoder_name}: {_first_line(e)}",
                                   path=path, fix="use weights saved from the same encoder") from None
 
+    @property
+    def normalisation(self) -> Any:
+        """How raw bands become this model's input (`todsynth.data.bands.Normalisation`), as trained."""
+        return self.config.input_normalisation()
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits N x C x H x W for images N x C_in x H x W in [0,1]; differentiable in the images."""
         h, w = images.shape[-2:]
@@ -149,7 +173,9 @@ class Segmenter(nn.Module):
         if expect is not None:
             _check_expected(config, expect, directory / CONFIG_NAME)
         config = dataclasses.replace(config, encoder_weights_file=None)
-        return load_pretrained(lambda: cls(config), directory / WEIGHTS_NAME, directory / CONFIG_NAME)
+        model = load_pretrained(lambda: cls(config), directory / WEIGHTS_NAME, directory / CONFIG_NAME)
+        model.source = directory / CONFIG_NAME  # named when data does not match its stored normalisation
+        return model
 
 
 def _read_config(path: Path) -> SegmenterConfig:

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from todsynth.checkpoint import load_optimizer_tensors, optimizer_tensors
 from todsynth.config import require
+from todsynth.data.bands import Normalisation, check_normalisation, dataset_settings, fit_normalisation
 from todsynth.data.check import open_checked
 from todsynth.data.classes import ClassSpec
 from todsynth.data.sample import Sample
@@ -270,11 +271,13 @@ def _restore_rng_and_scaler(tensors: dict[str, torch.Tensor], scaler: Any) -> No
             scaler.load_state_dict(saved)
 
 
-def _as_train_dataset(samples: Sequence[Sample] | Dataset, cfg: SegmentTrainConfig) -> Dataset:
-    """A torch dataset over samples (already-torch datasets pass through)."""
+def _as_train_dataset(samples: Sequence[Sample] | Dataset, cfg: SegmentTrainConfig,
+                      normalisation: Normalisation) -> Dataset:
+    """A torch dataset over samples scaled by `normalisation` (already-torch datasets pass through)."""
     if isinstance(samples, Dataset):
         return samples
-    return SegTorchDataset(samples, size=cfg.size, augment=cfg.augment, seed=cfg.seed, crop=cfg.crop)
+    return SegTorchDataset(samples, size=cfg.size, augment=cfg.augment, seed=cfg.seed, crop=cfg.crop,
+                           normalisation=normalisation)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
@@ -405,20 +408,31 @@ def _after_step(loop: _Loop, cfg: SegmentTrainConfig, model: Any, optimizer: Any
         on_step(loop.step, loop.loss)
 
 
-def _segmenter_config(cfg: SegmentTrainConfig, classes: ClassSpec) -> SegmenterConfig:
-    """The model architecture implied by the training settings and the label space."""
+def _segmenter_config(cfg: SegmentTrainConfig, classes: ClassSpec, normalisation: Normalisation) -> SegmenterConfig:
+    """The model architecture implied by the training settings, the label space and the input bands."""
     return SegmenterConfig(arch=cfg.arch, encoder=cfg.encoder, num_classes=classes.num_classes,
-                           class_names=tuple(classes.names), ignore_index=classes.ignore_index,
-                           encoder_weights_file=cfg.encoder_weights_file)
+                           in_channels=normalisation.channels, class_names=tuple(classes.names),
+                           ignore_index=classes.ignore_index, encoder_weights_file=cfg.encoder_weights_file,
+                           normalisation=normalisation.to_dict())
+
+
+def training_normalisation(samples: Sequence[Sample] | Dataset) -> Normalisation:
+    """The input normalisation a segmenter trains with: data.yaml's settings, a stretch computed over `samples`
+    (torch datasets carry no settings: 8-bit RGB / 255)."""
+    if isinstance(samples, Dataset) or len(samples) == 0:
+        return Normalisation.rgb8()
+    return fit_normalisation(samples)
 
 
 def _training_data(samples: Sequence[Sample] | Dataset, synthetic: Sequence[Sample] | Dataset | None,
-                   cfg: SegmentTrainConfig) -> Dataset:
-    """The real (+ synthetic) training mix as one torch dataset."""
-    real = _as_train_dataset(samples, cfg)
+                   cfg: SegmentTrainConfig, normalisation: Normalisation) -> Dataset:
+    """The real (+ synthetic) training mix as one torch dataset, all scaled by the real data's normalisation."""
+    real = _as_train_dataset(samples, cfg, normalisation)
     if len(real) == 0:
         raise DataError("no training samples")
-    syn = None if synthetic is None else _as_train_dataset(synthetic, cfg)
+    if synthetic is not None and not isinstance(synthetic, Dataset):
+        check_normalisation(synthetic, normalisation, "being trained")
+    syn = None if synthetic is None else _as_train_dataset(synthetic, cfg, normalisation)
     data = mix_real_synthetic(real, syn, cfg.synthetic_ratio, cfg.repeat_real, cfg.seed)
     if len(data) < MIN_TRAIN_SAMPLES:  # every batch would hold one sample: batch norm cannot train on that
         raise DataError(f"{len(data)} training sample; training needs at least {MIN_TRAIN_SAMPLES} "
@@ -442,8 +456,11 @@ def train_on_samples(samples: Sequence[Sample] | Dataset, classes: ClassSpec, cf
                      val_samples: Sequence[Sample] | Dataset | None = None,
                      synthetic: Sequence[Sample] | Dataset | None = None,
                      checkpoint_dir: str | Path | None = None, resume: bool = False,
-                     on_step: StepCallback | None = None) -> TrainOutcome:
-    """Train a segmenter on in-memory samples (plus an optional synthetic mix); checkpoints only if asked."""
+                     on_step: StepCallback | None = None,
+                     normalisation: Normalisation | None = None) -> TrainOutcome:
+    """Train a segmenter on in-memory samples (plus an optional synthetic mix); checkpoints only if asked.
+
+    The input normalisation (default: `training_normalisation(samples)`) is stored in the model's config."""
     from accelerate.utils import set_seed
 
     cfg.validate()
@@ -451,9 +468,12 @@ def train_on_samples(samples: Sequence[Sample] | Dataset, classes: ClassSpec, cf
         raise ConfigError("resume needs a checkpoint folder")
     start = time.perf_counter()
     set_seed(cfg.seed)
-    data = _training_data(samples, synthetic, cfg)
+    if len(samples) == 0:
+        raise DataError("no training samples")
+    normalisation = normalisation or training_normalisation(samples)
+    data = _training_data(samples, synthetic, cfg, normalisation)
     accelerator = _accelerator(cfg)
-    model = Segmenter(_segmenter_config(cfg, classes))
+    model = Segmenter(_segmenter_config(cfg, classes, normalisation))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     loop = _Loop(step=0, total=total_steps(cfg, len(data)), history=[])
@@ -502,6 +522,9 @@ def train_segmenter(cfg: SegmentTrainConfig, resume: bool = False, on_step: Step
     if cfg.val is not None:
         val = open_checked(cfg.val, cfg.val_split)
         _same_classes(real.classes, val.classes, cfg.val)
+    for other in (synthetic, val):  # before training: bands and scaling as the training data's
+        if other is not None and not real.label_only:
+            check_normalisation(other, dataset_settings(real), f"trained on {cfg.data}")
     check_device(cfg.device)
     out = Path(cfg.out)
     with run_lock(out):
@@ -533,7 +556,8 @@ def _results(cfg: SegmentTrainConfig, outcome: TrainOutcome, real: Any, syntheti
 
 def _eval_dataset(data: str | Path | Sequence[Sample] | Dataset, split: str,
                   model: Segmenter) -> Dataset:
-    """A torch dataset at native resolution for evaluation; paths are opened and validated."""
+    """A torch dataset at native resolution for evaluation, scaled by the model's stored normalisation (data whose
+    data.yaml states another is refused); paths are opened and validated."""
     if isinstance(data, (str, Path)):
         data = open_checked(str(data), split)
     classes = getattr(data, "classes", None)
@@ -541,7 +565,10 @@ def _eval_dataset(data: str | Path | Sequence[Sample] | Dataset, split: str,
     if classes is not None and names is not None and tuple(classes.names) != tuple(names):
         raise DataError(f"dataset classes {list(classes.names)} differ from the model's {list(names)}",
                         path=getattr(data, "root", None), fix="evaluate on data with the model's classes")
-    return data if isinstance(data, Dataset) else SegTorchDataset(data)
+    if isinstance(data, Dataset):
+        return data
+    check_normalisation(data, model.normalisation, getattr(model, "source", None))
+    return SegTorchDataset(data, normalisation=model.normalisation)
 
 
 def _collate_by_size(items: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
