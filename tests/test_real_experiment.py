@@ -99,6 +99,19 @@ def test_settings_that_do_not_apply_are_refused(real, split_file):
 def test_a_count_larger_than_the_data_is_a_config_error(real, tmp_path):
     with pytest.raises(ConfigError, match="n_test = 20 but"):
         stage_data(cell(real, n_real=4, n_test=20, synth="none"), tmp_path, log=lambda m: None)
+    assert not (tmp_path / "cache").exists()  # refused before the data stage wrote anything
+
+
+def test_a_grid_checks_every_cell_before_running_the_first(real, tmp_path):
+    from todsynth.grid import run_grid
+
+    grid = {"_source": "my-grid.yaml", "seeds": [0], "base": {**TINY, "real_data": str(real),
+                                                              "test_data": str(real), "n_test": 3},
+            "tables": {"main": {"cells": {"real only": {"synth": "none"}, "oracle": {"synth": "oracle",
+                                                                                    "layouts_data": str(real)}}}}}
+    with pytest.raises(ConfigError, match="oracle_data") as e:
+        run_grid(grid, tmp_path / "exp", log=lambda m: None)
+    assert str(e.value.path) == "my-grid.yaml: main/oracle" and not (tmp_path / "exp").exists()
 
 
 def test_oracle_takes_the_layouts_real_images(real, tmp_path):

@@ -147,9 +147,16 @@ class CellSettings:
 
 
 def settings_from(values: dict[str, Any], source: str = "settings") -> CellSettings:
+    """A validated CellSettings; a refused setting names `source` (e.g. 'grid.yaml: table/cell')."""
     from todsynth.config import build_config
+    from todsynth.errors import ConfigError
 
-    return build_config(CellSettings, values, source)
+    try:
+        return build_config(CellSettings, values, source)
+    except ConfigError as e:
+        if e.path is None or str(e.path) == "config":
+            raise ConfigError(e.problem, path=source, fix=e.fix) from None
+        raise
 
 
 def resolve_counts(s: CellSettings) -> CellSettings:
@@ -320,12 +327,12 @@ def _real_ids(s: CellSettings, ds) -> list[str]:
     return few_shot_split(ds, n=s.n_real, seed=s.data_seed)
 
 
-def _draw_real_parts(s: CellSettings, d: Path, log: Callable[[str], None]) -> dict:
-    """Id files of the real parts (training tiles, test tiles, layouts), disjoint where they share files."""
+def _draw_real_parts(s: CellSettings, log: Callable[[str], None]) -> dict[str, tuple[list[str], dict]]:
+    """part -> (ids, what to record) of the real parts (training tiles, test tiles, layouts), disjoint where
+    they share files; drawn before the data stage writes anything, so a bad count leaves no folder."""
     from todsynth.data.readers import open_dataset
-    from todsynth.data.split import write_split
 
-    out: dict[str, Any] = {}
+    out: dict[str, tuple[list[str], dict]] = {}
     taken: list[tuple[Any, list[str]]] = []
     said: list[str] = []
     if s.real_data is not None:
@@ -335,8 +342,7 @@ def _draw_real_parts(s: CellSettings, d: Path, log: Callable[[str], None]) -> di
                else f"seeded few-shot draw, data_seed {s.data_seed}")
         taken.append((real, ids))
         said.append(f"{len(ids)} real tiles of {len(real)} ({how})")
-        write_split(d / "real_ids.json", ids, {"source": s.real_data, "how": how})
-        out["real_ids"] = str(d / "real_ids.json")
+        out["real"] = (ids, {"source": s.real_data, "how": how})
     parts = (("test", s.test_data, s.test_split, "n_test", 1), ("layouts", s.layouts_data, "Train", "n_layouts", 2))
     for part, source, split, setting, salt in parts:
         if source is None:
@@ -345,8 +351,7 @@ def _draw_real_parts(s: CellSettings, d: Path, log: Callable[[str], None]) -> di
         ids = _draw(_unused(ds, taken), getattr(s, setting), [s.data_seed, salt], setting, source)
         taken.append((ds, ids))
         said.append(f"{len(ids)} {part} tiles of {len(ds)}")
-        write_split(d / f"{part}_ids.json", ids, {"source": source, "split": split, "seed": s.data_seed})
-        out[f"{part}_ids"] = str(d / f"{part}_ids.json")
+        out[part] = (ids, {"source": source, "split": split, "seed": s.data_seed})
     if said:
         log("data: " + ", ".join(said) + " (tiles used for one part are not drawn for another)")
     return out
@@ -356,8 +361,12 @@ def stage_data(s: CellSettings, root: Path, log) -> dict:
     """Real tiles, label-only layouts, a test set and the oracle renders of the layouts (toy parts written,
     real parts drawn: id files of the chosen tiles)."""
     s = resolve_counts(s)
+    source = "embedded toy tiles" if s.real_data is None else f"real tiles of {s.real_data}"
+    stage = Stage(root, "data", _data_key(s), log, f"{source}, {s.size} px working size")
+    drawn = {} if stage.done else _draw_real_parts(s, log)
 
     def make(d: Path) -> dict:
+        from todsynth.data.split import write_split
         from todsynth.data.toy import write_toy_dataset
 
         out = {}
@@ -371,11 +380,12 @@ def stage_data(s: CellSettings, root: Path, log) -> dict:
         if s.test_data is None:
             out["test"] = str(write_toy_dataset(d / "test", s.n_test, s.size, s.data_seed, split="Val",
                                                 start=500_000))
-        out.update(_draw_real_parts(s, d, log))
+        for part, (ids, meta) in drawn.items():
+            write_split(d / f"{part}_ids.json", ids, meta)
+            out[f"{part}_ids"] = str(d / f"{part}_ids.json")
         return out
 
-    source = "embedded toy tiles" if s.real_data is None else f"real tiles of {s.real_data}"
-    paths = Stage(root, "data", _data_key(s), log, f"{source}, {s.size} px working size").run(make)
+    paths = stage.run(make)
     paths.setdefault("real", s.real_data)
     paths.setdefault("layouts", s.layouts_data)
     paths.setdefault("test", s.test_data)
