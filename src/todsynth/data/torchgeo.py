@@ -48,7 +48,8 @@ class TorchGeoSamples(Sequence[Sample]):
                  prompt_fn: PromptFn | None = None, label_only: bool = False, name: str | None = None):
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
             raise ConfigError(f"expected a map-style dataset (with __getitem__ and __len__), got "
-                              f"{type(dataset).__name__}", fix="pass e.g. torchgeo.datasets.LoveDA(root, split='train')")
+                              f"{type(dataset).__name__}",
+                              fix="pass e.g. torchgeo.datasets.LoveDA(root, split='train')")
         self.classes = classes if isinstance(classes, ClassSpec) else ClassSpec(tuple(classes))
         if not (np.isfinite(image_max) and image_max > 0):
             raise ConfigError(f"image_max must be a finite number > 0, got {image_max!r}")
