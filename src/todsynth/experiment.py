@@ -12,27 +12,34 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from todsynth.config import require
 
 SYNTH_KINDS = ("none", "plain", "crfm", "oracle")
+# counts of the embedded toy data where a cell leaves them unset (with a real dataset, unset means all of it)
+TOY_COUNTS = {"n_real": 16, "n_layouts": 200, "n_test": 64}
+LOG_LINES = 10  # periodic log lines per long stage (training steps, synthesis batches)
 
 
 @dataclass
 class CellSettings:
     """Everything one cell depends on. Paths left empty mean the embedded toy data."""
 
-    # data
-    size: int = 64
-    n_real: int = 16
-    n_layouts: int = 200
-    n_test: int = 64
+    # data (counts left unset: the toy data's TOY_COUNTS, or all of a real dataset)
+    size: int = 64  # the working size: every model trains at it, test tiles are predicted at it
+    n_real: int | None = None  # real_data: a seeded few-shot subset (every class kept, as `data split` draws)
+    n_layouts: int | None = None  # layouts_data: a seeded random draw
+    n_test: int | None = None  # test_data: a seeded random draw
     data_seed: int = 0
     real_data: str | None = None  # a real dataset (LoveDA/folder/JSONL) instead of toy tiles
+    real_split_file: str | None = None  # ids of real_data to train on (`todsynth data split`), instead of n_real
     layouts_data: str | None = None  # label-only masks for protocol (ii)
+    oracle_data: str | None = None  # real images of the layouts (ids as in layouts_data): the oracle row
     test_data: str | None = None
     test_split: str = "Val"
     # segmenters (guidance, downstream, judge)
@@ -92,10 +99,14 @@ class CellSettings:
         require(self.seg_class_weights in CLASS_WEIGHTINGS,
                 f"seg_class_weights must be one of {CLASS_WEIGHTINGS}, got {self.seg_class_weights!r}")
         require(0 < self.real_share < 1, f"real_share must be in (0, 1), got {self.real_share}")
-        for name in ("size", "n_real", "n_test", "seg_steps", "seg_batch", "gen_steps", "gen_batch", "copies",
-                     "num_steps"):
+        for name in ("size", "seg_steps", "seg_batch", "gen_steps", "gen_batch", "copies", "num_steps"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        require(self.n_layouts >= 0 and self.crfm_steps >= 0, "n_layouts and crfm_steps must be >= 0")
+        for name in ("n_real", "n_test"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, f"{name} must be >= 1 (or unset: all), got {value}")
+        require(self.n_layouts is None or self.n_layouts >= 0, f"n_layouts must be >= 0, got {self.n_layouts}")
+        require(self.crfm_steps >= 0, f"crfm_steps must be >= 0, got {self.crfm_steps}")
+        self._validate_data()
         require(self.init in ("scratch", "pretrained"), f"init must be scratch or pretrained, got {self.init!r}")
         require(self.init == "scratch" or not self.sd3_path, "init: pretrained and sd3_path both initialise the "
                 "generator: give one")
@@ -110,11 +121,49 @@ class CellSettings:
         require(self.gen_timestep_tail <= 1, f"gen_timestep_tail must be in [0, 1], got {self.gen_timestep_tail}")
         require(self.seg_arch != self.judge_arch, "the judge segmenter must use another architecture")
 
+    def _validate_data(self) -> None:
+        """Refuse data settings that do not apply to this cell's data sources instead of ignoring them."""
+        real = self.real_data is not None
+        toy_layouts = self.layouts_data is None and not real
+        require(real or self.real_split_file is None, "real_split_file selects ids of real_data, but no real_data "
+                "is set", fix="set real_data, or drop real_split_file")
+        require(self.real_split_file is None or self.n_real is None, "real_split_file and n_real both choose the "
+                "real training tiles", fix="give one: the split file's ids, or n_real for a seeded draw")
+        require(not real or self.test_data is not None, "real_data needs a test_data: the embedded toy test set "
+                "is not your data", fix="set test_data (it may be real_data itself: the test tiles are then "
+                "drawn from the tiles not used for training)")
+        require(self.n_layouts is None or self.layouts_data is not None or toy_layouts, "n_layouts is set but "
+                "there are no layouts to draw from (real_data without layouts_data)",
+                fix="set layouts_data (a label-only or labelled dataset of masks), or drop n_layouts")
+        require(self.oracle_data is None or self.layouts_data is not None, "oracle_data holds the real images of "
+                "the layouts, but layouts_data is not set (the embedded layouts bring their own renders)",
+                fix="set layouts_data, or drop oracle_data")
+        require(self.synth != "oracle" or toy_layouts or self.oracle_data is not None, "synth: oracle trains on "
+                "the real images of the layouts, and this cell has none", fix="set oracle_data to a dataset "
+                "holding the images of layouts_data's ids (e.g. the labelled folder the masks came from)")
+        require(self.synth in ("none", "oracle") or self.protocol == "masks" or self.layouts_data is not None
+                or toy_layouts, f"synth: {self.synth} with protocol: layouts draws one image per layout, and "
+                "this cell has no layouts", fix="set layouts_data, or protocol: masks (K images per real mask)")
+
 
 def settings_from(values: dict[str, Any], source: str = "settings") -> CellSettings:
+    """A validated CellSettings; a refused setting names `source` (e.g. 'grid.yaml: table/cell')."""
     from todsynth.config import build_config
+    from todsynth.errors import ConfigError
 
-    return build_config(CellSettings, values, source)
+    try:
+        return build_config(CellSettings, values, source)
+    except ConfigError as e:
+        if e.path is None or str(e.path) == "config":
+            raise ConfigError(e.problem, path=source, fix=e.fix) from None
+        raise
+
+
+def resolve_counts(s: CellSettings) -> CellSettings:
+    """The cell with the toy data's counts filled in where it uses the embedded data and leaves them unset."""
+    toy = {"n_real": s.real_data is None, "n_layouts": s.layouts_data is None and s.real_data is None,
+           "n_test": s.test_data is None}
+    return replace(s, **{n: TOY_COUNTS[n] for n, used in toy.items() if used and getattr(s, n) is None})
 
 
 def _key(s: CellSettings, names: tuple[str, ...], parent: str = "") -> str:
@@ -123,11 +172,29 @@ def _key(s: CellSettings, names: tuple[str, ...], parent: str = "") -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def _added(s: CellSettings, added: dict[str, Any]) -> tuple[str, ...]:
+    """The settings of `added` that are not at their default (only those are keyed: old caches stay valid)."""
+    return tuple(n for n, default in added.items() if getattr(s, n) != default)
+
+
+def _data_key(s: CellSettings) -> str:
+    """The data stage's key: the data settings and (real_split_file) the split file's content."""
+    digest = ""
+    if s.real_split_file is not None:
+        try:
+            digest = hashlib.sha256(Path(s.real_split_file).read_bytes()).hexdigest()[:12]
+        except OSError as e:
+            from todsynth.errors import ConfigError
+
+            raise ConfigError(f"cannot read the split file: {e.strerror}", path=s.real_split_file,
+                              fix="write it with 'todsynth data split DATASET FILE --n N'") from None
+    return _key(s, DATA_KEYS + _added(s, DATA_ADDED), digest)
+
+
 def _gen_key(s: CellSettings) -> str:
     """The generator stage's key: its settings, the data and (init: pretrained) the base."""
-    extra = tuple(n for n, default in GEN_ADDED.items() if getattr(s, n) != default)
-    parent = _key(s, DATA_KEYS) + (_key(s, BASE_KEYS) if s.init == "pretrained" else "")
-    return _key(s, GEN_KEYS + extra, parent)
+    parent = _data_key(s) + (_key(s, BASE_KEYS) if s.init == "pretrained" else "")
+    return _key(s, GEN_KEYS + _added(s, GEN_ADDED), parent)
 
 
 DATA_KEYS = ("size", "n_real", "n_layouts", "n_test", "data_seed", "real_data", "layouts_data", "test_data",
@@ -141,7 +208,9 @@ BASE_KEYS = ("base_data", "base_pool", "base_steps", "base_batch", "base_lr", "g
              "gen_head_dim", "gen_patch", "autoencoder", "autoencoder_path", "size", "data_seed")
 # generator settings added later: keyed only when not at their default, so earlier caches stay valid
 GEN_ADDED = {"init": "scratch", "gen_lora_rank": 0, "gen_timestep_mean": 0.0, "gen_timestep_tail": 0.0}
-SYN_ADDED = {"shift": 1.0}
+SYN_ADDED = {"shift": 1.0, "oracle_data": None}
+DATA_ADDED = {"real_split_file": None}
+JUDGE_ADDED = {"oracle_data": None}
 SYN_KEYS = ("synth", "protocol", "copies", "num_steps", "guidance_scale", "crfm_steps", "crfm_alpha",
             "crfm_schedule", "crfm_rule", "filter", "filter_margin", "balance", "seed")
 
@@ -155,12 +224,13 @@ class StageResult(dict):
 class Stage:
     """A cached stage folder: `run(fn)` calls fn(folder) unless done.json exists, then returns its content.
 
-    The folder is absolute, so the paths a stage records stay valid from any working directory.
+    The folder is absolute, so the paths a stage records stay valid from any working directory. `what` says
+    in words what the stage computes (the log names it next to the hash folder).
     """
 
-    def __init__(self, root: Path, name: str, key: str, log: Callable[[str], None]):
+    def __init__(self, root: Path, name: str, key: str, log: Callable[[str], None], what: str = ""):
         self.dir = Path(root).absolute() / "cache" / f"{name}-{key}"
-        self.name, self.log = name, log
+        self.name, self.log, self.what = name, log, what
 
     @property
     def done(self) -> bool:
@@ -170,24 +240,133 @@ class Stage:
         from todsynth.io import read_json, write_json
 
         if not self.done:
-            self.log(f"stage {self.name} → {self.dir.name}")
+            self.log(f"stage {self.name}: {self.what} → {self.dir.name}" if self.what
+                     else f"stage {self.name} → {self.dir.name}")
             self.dir.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
             result = fn(self.dir)
             result["wall_time_s"] = round(time.perf_counter() - t0, 2)
             write_json(self.dir / "done.json", result)
+            self.log(f"stage {self.name} done in {result['wall_time_s']:.1f} s")
         out = StageResult(read_json(self.dir / "done.json"))
         out.dir = self.dir
         return out
+
+
+def step_logger(log: Callable[[str], None], what: str, total: int) -> Callable[[int, float], None]:
+    """An on_step(step, loss) callback logging about LOG_LINES lines, e.g. 'generator (...): step 150/600 loss 0.21'."""
+    every = max(1, total // LOG_LINES)
+
+    def on_step(step: int, loss: float) -> None:
+        if step % every == 0 or step == total:
+            log(f"{what}: step {step}/{total} loss {loss:.4f}")
+
+    return on_step
+
+
+def count_logger(log: Callable[[str], None], what: str, unit: str) -> Callable[[int, int], None]:
+    """An on_batch(done, total) callback logging about LOG_LINES lines, e.g. 'synthesis (...): 40/200 images'."""
+    logged = [0]
+
+    def on_batch(done: int, total: int) -> None:
+        tenth = done * LOG_LINES // max(total, 1)
+        if tenth > logged[0] or done == total:
+            logged[0] = tenth
+            log(f"{what}: {done}/{total} {unit}")
+
+    return on_batch
 
 
 # ---------------------------------------------------------------------------------------------
 # Stages
 
 
+def _mask_files(ds) -> dict[Path, str]:
+    """Resolved mask file -> id of every sample (two datasets share a tile when they share its mask file)."""
+    return {Path(ds.paths(i)[1]).resolve(): ds.ids[i] for i in range(len(ds))}
+
+
+def _unused(ds, taken: list[tuple[Any, list[str]]]) -> list[str]:
+    """`ds`'s ids minus the tiles already drawn (from `ds` or another view of the same files) for another part."""
+    used: set[Path] = set()
+    for other, ids in taken:
+        chosen = set(ids)
+        used |= {f for f, i in _mask_files(other).items() if i in chosen}
+    return [i for f, i in _mask_files(ds).items() if f not in used]
+
+
+def _draw(ids: list[str], n: int | None, seed: list[int], setting: str, source: str) -> list[str]:
+    """A seeded random draw of `n` ids (all when `n` is None), kept in dataset order."""
+    from todsynth.errors import ConfigError
+
+    if not ids:
+        raise ConfigError(f"no tiles of {source} are left for {setting.removeprefix('n_')} (the others are "
+                          "drawn for another part of the cell)", path=source,
+                          fix="lower n_real / n_test, or give another dataset")
+    if n is None:
+        return ids
+    if n > len(ids):
+        raise ConfigError(f"{setting} = {n} but {source} has {len(ids)} tile(s) to draw from", path=source,
+                          fix=f"set {setting} to at most {len(ids)}, or leave it unset to use them all")
+    keep = set(np.random.default_rng(seed).permutation(len(ids))[:n].tolist())
+    return [i for k, i in enumerate(ids) if k in keep]
+
+
+def _real_ids(s: CellSettings, ds) -> list[str]:
+    """The real training tiles: the split file's ids, a seeded few-shot subset of n_real, or all."""
+    from todsynth.data.split import few_shot_split, read_split
+    from todsynth.errors import ConfigError
+
+    if s.real_split_file is not None:
+        return read_split(s.real_split_file, ds)
+    if s.n_real is None:
+        return list(ds.ids)
+    if s.n_real > len(ds):
+        raise ConfigError(f"n_real = {s.n_real} but {s.real_data} has {len(ds)} tile(s)", path=s.real_data,
+                          fix=f"set n_real to at most {len(ds)}, or leave it unset to use them all")
+    return few_shot_split(ds, n=s.n_real, seed=s.data_seed)
+
+
+def _draw_real_parts(s: CellSettings, log: Callable[[str], None]) -> dict[str, tuple[list[str], dict]]:
+    """part -> (ids, what to record) of the real parts (training tiles, test tiles, layouts), disjoint where
+    they share files; drawn before the data stage writes anything, so a bad count leaves no folder."""
+    from todsynth.data.readers import open_dataset
+
+    out: dict[str, tuple[list[str], dict]] = {}
+    taken: list[tuple[Any, list[str]]] = []
+    said: list[str] = []
+    if s.real_data is not None:
+        real = open_dataset(s.real_data, "Train")
+        ids = _real_ids(s, real)
+        how = (f"split file {s.real_split_file}" if s.real_split_file else "all" if s.n_real is None
+               else f"seeded few-shot draw, data_seed {s.data_seed}")
+        taken.append((real, ids))
+        said.append(f"{len(ids)} real tiles of {len(real)} ({how})")
+        out["real"] = (ids, {"source": s.real_data, "how": how})
+    parts = (("test", s.test_data, s.test_split, "n_test", 1), ("layouts", s.layouts_data, "Train", "n_layouts", 2))
+    for part, source, split, setting, salt in parts:
+        if source is None:
+            continue
+        ds = open_dataset(source, split)
+        ids = _draw(_unused(ds, taken), getattr(s, setting), [s.data_seed, salt], setting, source)
+        taken.append((ds, ids))
+        said.append(f"{len(ids)} {part} tiles of {len(ds)}")
+        out[part] = (ids, {"source": source, "split": split, "seed": s.data_seed})
+    if said:
+        log("data: " + ", ".join(said) + " (tiles used for one part are not drawn for another)")
+    return out
+
+
 def stage_data(s: CellSettings, root: Path, log) -> dict:
-    """Real tiles, label-only layouts, a test set and the oracle renders of the layouts."""
+    """Real tiles, label-only layouts, a test set and the oracle renders of the layouts (toy parts written,
+    real parts drawn: id files of the chosen tiles)."""
+    s = resolve_counts(s)
+    source = "embedded toy tiles" if s.real_data is None else f"real tiles of {s.real_data}"
+    stage = Stage(root, "data", _data_key(s), log, f"{source}, {s.size} px working size")
+    drawn = {} if stage.done else _draw_real_parts(s, log)
+
     def make(d: Path) -> dict:
+        from todsynth.data.split import write_split
         from todsynth.data.toy import write_toy_dataset
 
         out = {}
@@ -201,9 +380,12 @@ def stage_data(s: CellSettings, root: Path, log) -> dict:
         if s.test_data is None:
             out["test"] = str(write_toy_dataset(d / "test", s.n_test, s.size, s.data_seed, split="Val",
                                                 start=500_000))
+        for part, (ids, meta) in drawn.items():
+            write_split(d / f"{part}_ids.json", ids, meta)
+            out[f"{part}_ids"] = str(d / f"{part}_ids.json")
         return out
 
-    paths = Stage(root, "data", _key(s, DATA_KEYS), log).run(make)
+    paths = stage.run(make)
     paths.setdefault("real", s.real_data)
     paths.setdefault("layouts", s.layouts_data)
     paths.setdefault("test", s.test_data)
@@ -211,10 +393,20 @@ def stage_data(s: CellSettings, root: Path, log) -> dict:
     return paths
 
 
-def _samples(path: str, split: str = "Train", limit: int | None = None):
+def _samples(path: str, split: str = "Train", limit: int | None = None, split_file: str | None = None):
     from todsynth.data.check import open_checked
 
-    return open_checked(path, split, limit=limit)
+    return open_checked(path, split, split_file, limit=limit)
+
+
+def _real(data: dict):
+    """The real training tiles of a cell (validated)."""
+    return _samples(data["real"], split_file=data.get("real_ids"))
+
+
+def _test(s: CellSettings, data: dict):
+    """The test tiles of a cell (validated)."""
+    return _samples(data["test"], s.test_split, split_file=data.get("test_ids"))
 
 
 def _seg_cfg(s: CellSettings, seed: int, arch: str | None = None):
@@ -227,14 +419,15 @@ def _seg_cfg(s: CellSettings, seed: int, arch: str | None = None):
 
 
 def _train_eval(s: CellSettings, d: Path, real, test, synthetic=None, seed: int = 0, arch: str | None = None,
-                repeat_real: int = 1) -> dict:
-    """Train a segmenter on real (+ synthetic), save it, evaluate it on the test set."""
+                repeat_real: int = 1, on_step: Callable[[int, float], None] | None = None) -> dict:
+    """Train a segmenter on real (+ synthetic), save it (with its working size), evaluate it on the test set
+    (each test tile predicted at the working size, scored at its own resolution)."""
     import dataclasses
 
     from todsynth.segment.train import evaluate_segmenter, train_on_samples
 
     cfg = dataclasses.replace(_seg_cfg(s, seed, arch), repeat_real=repeat_real)
-    outcome = train_on_samples(real, real.classes, cfg, synthetic=synthetic)
+    outcome = train_on_samples(real, real.classes, cfg, synthetic=synthetic, on_step=on_step)
     outcome.model.save_pretrained(d / "model")
     metrics = evaluate_segmenter(outcome.model, test, batch_size=16)
     return {"model": str(d / "model"), "metrics": metrics.to_dict(list(real.classes.names)),
@@ -243,16 +436,20 @@ def _train_eval(s: CellSettings, d: Path, real, test, synthetic=None, seed: int 
 
 def stage_guidance(s: CellSettings, data: dict, root: Path, log) -> dict:
     """Real-only segmenter: CRFM's guidance network, the filter's statistics, and the 'real only' row."""
+    s = resolve_counts(s)
+    what = f"segmenter on real only ({s.seg_arch}, seed {s.seed})"
+
     def make(d: Path) -> dict:
-        real, test = _samples(data["real"]), _samples(data["test"], s.test_split)
-        result = _train_eval(s, d, real, test, seed=s.seed)
-        result["filter_stats"] = _filter_stats(result["model"], real, s.size, d / "filter_stats.json")
+        real, test = _real(data), _test(s, data)
+        result = _train_eval(s, d, real, test, seed=s.seed, on_step=step_logger(log, what, s.seg_steps))
+        result["filter_stats"] = _filter_stats(result["model"], data, s.size, d / "filter_stats.json")
         return result
 
-    return Stage(root, "guidance", _key(s, SEG_KEYS, _key(s, DATA_KEYS)), log).run(make)
+    return Stage(root, "guidance", _key(s, SEG_KEYS, _data_key(s)), log,
+                 f"{what}: the real-only row and CRFM's guidance").run(make)
 
 
-def _filter_stats(model_dir: str, real, size: int, path: Path) -> str:
+def _filter_stats(model_dir: str, data: dict, size: int, path: Path) -> str:
     """Per-class mean CE of the guidance segmenter on the real set (FreeMask thresholds), as JSON."""
     from todsynth.generator.train import load_train_data
     from todsynth.io import write_json
@@ -261,27 +458,53 @@ def _filter_stats(model_dir: str, real, size: int, path: Path) -> str:
 
     from todsynth.data.bands import convert
 
-    data, classes = load_train_data(str(real.root), "Train", size)
+    real, classes = load_train_data(str(data["real"]), "Train", size, data.get("real_ids"))
     segmenter = Segmenter.from_pretrained(model_dir)
-    images = convert(data.images, data.normalisation, segmenter.normalisation, f"the segmenter {model_dir}")
-    stats = class_loss_stats(segmenter, images, data.labels, classes.num_classes, classes.ignore_index)
+    images = convert(real.images, real.normalisation, segmenter.normalisation, f"the segmenter {model_dir}")
+    stats = class_loss_stats(segmenter, images, real.labels, classes.num_classes, classes.ignore_index)
     write_json(path, stats)
     return str(path)
 
 
+def _oracle(s: CellSettings, data: dict):
+    """oracle_data's images of the drawn layouts (None without oracle_data); every layout id must have one."""
+    from todsynth.errors import DataError
+
+    if s.oracle_data is None:
+        return None
+    from todsynth.data.readers import open_dataset
+    from todsynth.data.split import read_split
+
+    ids = read_split(data["layouts_ids"])
+    ds = open_dataset(s.oracle_data)
+    missing = sorted(set(ids) - set(ds.ids))
+    if missing:
+        raise DataError(f"oracle_data has no image for {len(missing)} of the {len(ids)} layouts, e.g. "
+                        f"{missing[:5]}", path=s.oracle_data,
+                        fix="oracle_data must hold the images of layouts_data's ids (the same file names)")
+    return _samples(s.oracle_data, split_file=data["layouts_ids"])
+
+
 def stage_judge(s: CellSettings, data: dict, root: Path, log) -> dict:
     """An independent judge (other architecture and seed) trained on real + oracle pairs, for mask fidelity."""
-    def make(d: Path) -> dict:
-        real, test = _samples(data["real"]), _samples(data["test"], s.test_split)
-        oracle = _samples(data["oracle"]) if data.get("oracle") else None
-        return _train_eval(s, d, real, test, synthetic=oracle, seed=s.seed + 1000, arch=s.judge_arch)
+    s = resolve_counts(s)
+    what = f"judge segmenter ({s.judge_arch}, seed {s.seed + 1000}) on real + oracle pairs"
 
-    return Stage(root, "judge", _key(s, JUDGE_KEYS, _key(s, DATA_KEYS)), log).run(make)
+    def make(d: Path) -> dict:
+        real, test = _real(data), _test(s, data)
+        oracle = _samples(data["oracle"]) if data.get("oracle") else _oracle(s, data)
+        return _train_eval(s, d, real, test, synthetic=oracle, seed=s.seed + 1000, arch=s.judge_arch,
+                           on_step=step_logger(log, what, s.seg_steps))
+
+    key = _key(s, JUDGE_KEYS + _added(s, JUDGE_ADDED), _data_key(s))
+    return Stage(root, "judge", key, log, what).run(make)
 
 
 def stage_base(s: CellSettings, root: Path, log, progress: bool = False) -> dict:
     """Pretrain the text and image streams on unlabeled images (control none): the base every
     `init: pretrained` cell with the same base settings fine-tunes from, whatever its seed or control."""
+    what = f"generator base pretrained on unlabeled images ({s.base_steps} steps)"
+
     def make(d: Path) -> dict:
         from todsynth.generator.pretrain import pretrain_config, pretrain_generator
 
@@ -292,23 +515,26 @@ def stage_base(s: CellSettings, root: Path, log, progress: bool = False) -> dict
             batch_size=s.base_batch, lr=s.base_lr, warmup_steps=min(50, s.base_steps // 10), val_every=s.base_steps,
             val_samples=4, val_steps=12, checkpoint_every=max(s.base_steps // 10, 1), seed=0, progress=progress,
             resume="auto")
-        summary = pretrain_generator(cfg)
+        summary = pretrain_generator(cfg, on_step=step_logger(log, "generator base", s.base_steps))
         return {"model": str(d / "model"), "summary": summary, "loss_png": str(d / "loss.png")}
 
-    return Stage(root, "base", _key(s, BASE_KEYS), log).run(make)
+    return Stage(root, "base", _key(s, BASE_KEYS), log, what).run(make)
 
 
 def stage_generator(s: CellSettings, data: dict, root: Path, log, progress: bool = False,
                     base: dict | None = None) -> dict:
     """Train the mask-controlled MM-DiT on the real pairs (from scratch, SD3 or a pretrained `base`)."""
+    s = resolve_counts(s)
     if s.init == "pretrained" and base is None:
         base = stage_base(s, root, log, progress)
+    what = f"generator ({s.control}, seed {s.seed})"
 
     def make(d: Path) -> dict:
         from todsynth.generator.train import GeneratorTrainConfig, train_generator
 
         cfg = GeneratorTrainConfig(
-            data=data["real"], out=str(d), size=s.size, control=s.control, autoencoder=s.autoencoder,
+            data=data["real"], split_file=data.get("real_ids"), out=str(d), size=s.size, control=s.control,
+            autoencoder=s.autoencoder,
             autoencoder_path=s.autoencoder_path, sd3_path=s.sd3_path, patch_size=s.gen_patch,
             num_layers=s.gen_layers, num_heads=s.gen_heads, head_dim=s.gen_head_dim, steps=s.gen_steps,
             batch_size=s.gen_batch, lr=s.gen_lr, warmup_steps=min(50, s.gen_steps // 10), ema_decay=s.gen_ema,
@@ -316,49 +542,62 @@ def stage_generator(s: CellSettings, data: dict, root: Path, log, progress: bool
             val_every=s.gen_steps, val_samples=4, val_steps=s.num_steps, checkpoint_every=max(s.gen_steps // 4, 1),
             seed=s.seed, progress=progress, resume="auto",  # a killed stage resumes, a new one starts
             init=base["model"] if s.init == "pretrained" else None, lora_rank=s.gen_lora_rank)
-        summary = train_generator(cfg)
+        summary = train_generator(cfg, on_step=step_logger(log, what, s.gen_steps))
         return {"model": str(d / "model"), "summary": summary, "loss_png": str(d / "loss.png")}
 
-    return Stage(root, "generator", _gen_key(s), log).run(make)
+    return Stage(root, "generator", _gen_key(s), log, f"{what}, {s.gen_steps} steps on the real pairs").run(make)
 
 
 def stage_synthesis(s: CellSettings, data: dict, gen: dict | None, guide: dict, root: Path, log,
                     progress: bool = False) -> dict:
     """Synthetic pairs: generator (plain or CRFM) or the oracle renderer, for layouts or training masks."""
+    s = resolve_counts(s)
     parent = _gen_key(s) + _key(s, SEG_KEYS)
+    what = f"synthesis ({s.synth}, seed {s.seed})"
 
     def make(d: Path) -> dict:
-        if s.synth == "oracle":
+        if s.synth == "oracle" and data.get("oracle"):
             return {"path": data["oracle"], "made": s.n_layouts}
+        if s.synth == "oracle":
+            oracle = _oracle(s, data)
+            return {"path": s.oracle_data, "ids": data["layouts_ids"], "made": len(oracle)}
         from todsynth.synthesize import build_synthesize_config, synthesize
 
-        masks = data["layouts"] if s.protocol == "layouts" else data["real"]
+        layouts = s.protocol == "layouts"
+        masks = data["layouts"] if layouts else data["real"]
+        split_file = data.get("layouts_ids") if layouts else data.get("real_ids")
         cfg = build_synthesize_config(dict(
             generator=gen["model"], masks=masks, out=str(d / "pairs"), copies=s.copies, num_steps=s.num_steps,
             guidance_scale=s.guidance_scale, shift=s.shift, segmenter=guide["model"], seed=s.seed, batch_size=16,
             crfm_steps=s.crfm_steps if s.synth == "crfm" else 0, crfm_alpha_max=s.crfm_alpha,
             crfm_schedule=s.crfm_schedule, crfm_rule=s.crfm_rule,
-            limit=s.n_layouts if s.protocol == "layouts" else None,
+            limit=s.n_layouts if layouts and split_file is None else None,
             filter_stats=guide["filter_stats"] if (s.filter or s.balance) else None, filter_pixels=s.filter,
-            filter_margin=s.filter_margin, hard_resample=s.balance))
-        summary = synthesize(cfg, progress=progress)
+            filter_margin=s.filter_margin, hard_resample=s.balance, **({"split_file": split_file} if split_file
+                                                                      else {})))
+        summary = synthesize(cfg, progress=progress, on_batch=count_logger(log, what, "images"))
         return {"path": str(d / "pairs"), **summary}
 
-    extra = tuple(n for n, default in SYN_ADDED.items() if getattr(s, n) != default)
-    return Stage(root, "synthesis", _key(s, SYN_KEYS + ("n_layouts",) + extra, parent), log).run(make)
+    key = _key(s, SYN_KEYS + ("n_layouts",) + _added(s, SYN_ADDED), parent)
+    source = "oracle images of the layouts" if s.synth == "oracle" else f"{s.protocol} → image/label pairs"
+    return Stage(root, "synthesis", key, log, f"{what}: {source}").run(make)
 
 
 def stage_downstream(s: CellSettings, data: dict, syn: dict | None, root: Path, log) -> dict:
     """Segmenter on real (+ synthetic), same number of steps as real-only, scored on the test set."""
-    parent = _key(s, DATA_KEYS) + (json.dumps(syn, sort_keys=True, default=str) if syn else "")
+    s = resolve_counts(s)
+    parent = _data_key(s) + (json.dumps(syn, sort_keys=True, default=str) if syn else "")
+    what = f"segmenter on real + {s.synth} ({s.seg_arch}, seed {s.seed})"
 
     def make(d: Path) -> dict:
-        real, test = _samples(data["real"]), _samples(data["test"], s.test_split)
-        synthetic = _samples(syn["path"], limit=s.n_layouts if s.synth == "oracle" else None)
+        real, test = _real(data), _test(s, data)
+        toy_oracle = s.synth == "oracle" and "ids" not in syn
+        synthetic = _samples(syn["path"], limit=s.n_layouts if toy_oracle else None, split_file=syn.get("ids"))
         repeat = max(1, round(s.real_share / (1 - s.real_share) * len(synthetic) / len(real)))
-        return _train_eval(s, d, real, test, synthetic=synthetic, seed=s.seed, repeat_real=repeat)
+        return _train_eval(s, d, real, test, synthetic=synthetic, seed=s.seed, repeat_real=repeat,
+                           on_step=step_logger(log, what, s.seg_steps))
 
-    return Stage(root, "downstream", _key(s, SEG_KEYS + ("real_share",), parent), log).run(make)
+    return Stage(root, "downstream", _key(s, SEG_KEYS + ("real_share",), parent), log, what).run(make)
 
 
 def stage_times(result: dict) -> dict[str, float]:
@@ -369,6 +608,7 @@ def stage_times(result: dict) -> dict[str, float]:
 def run_cell(s: CellSettings, root: str | Path, log: Callable[[str], None] = print, progress: bool = False) -> dict:
     """Run (or reuse) every stage a cell needs; returns its metrics and the stage outputs."""
     s.validate()
+    s = resolve_counts(s)
     root = Path(root)
     data = stage_data(s, root, log)
     guide = stage_guidance(s, data, root, log)

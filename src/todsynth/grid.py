@@ -20,7 +20,6 @@ import io
 import math
 import statistics
 import time
-from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -86,18 +85,20 @@ def run_grid(grid: dict, out: str | Path, only: list[str] | None = None, seeds: 
     rows: list[dict[str, Any]] = []
     used: dict[str, float] = {}
     t0 = time.perf_counter()
+    todo = []  # every cell's settings are checked before the first one runs
     for table, cells in tables.items():
         for name, over in cells.items():
             if only and not any(sel in (table, f"{table}/{name}") for sel in only):
                 continue
             for seed in seeds:
                 values = {**grid["base"], **over, **(overrides or {}), "seed": seed}
-                s = settings_from(values, f"{grid['_source']}: {table}/{name}")
-                log(f"cell {table}/{name} seed {seed}")
-                result = run_cell(s, out, log)
-                used.update(stage_times(result))
-                rows.append({"table": table, "cell": name, "seed": seed, "settings": asdict(s),
-                             "metrics": result["metrics"]})
+                todo.append((table, name, seed, settings_from(values, f"{grid['_source']}: {table}/{name}")))
+    for table, name, seed, s in todo:
+        log(f"cell {table}/{name} seed {seed}")
+        result = run_cell(s, out, log)
+        used.update(stage_times(result))
+        rows.append({"table": table, "cell": name, "seed": seed, "settings": result["settings"],
+                     "metrics": result["metrics"]})
     summary = summarise(rows)
     summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
     summary["compute"] = compute_summary(used)
@@ -177,6 +178,10 @@ def write_markdown(path: Path, summary: dict, rows: list[dict]) -> None:
             lines.append(f"| {c['cell']} | {c['n_seeds']} | {format_metric(m['mean'])} ± "
                          f"{format_metric(m['std'])} | {' / '.join(per_seed[(table, c['cell'])])} | {ious} |")
         lines.append("")
+    sizes = sorted({r["settings"]["size"] for r in rows if "settings" in r})
+    if sizes:
+        lines.append(f"Working size {' / '.join(map(str, sizes))} px: every model trains at its cell's size, and "
+                     "each test tile is predicted at that size and scored at its own resolution.")
     if "compute" in summary:
         k = summary["compute"]
         kinds = "; ".join(f"{name}: {v['stages']} stages, {v['seconds'] / 60:.1f} min" for name, v in k["by_kind"].items())

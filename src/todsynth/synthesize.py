@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -431,9 +432,11 @@ def mask_dtype(classes, path: str | Path | None = None) -> type:
 # Driver
 
 
-def synthesize(cfg: SynthesizeConfig, accelerator=None, progress: bool = True) -> dict:
+def synthesize(cfg: SynthesizeConfig, accelerator=None, progress: bool = True,
+               on_batch: Callable[[int, int], None] | None = None) -> dict:
     """Run synthesis (resumable, shardable); returns counts and timing. `accelerator`: an accelerate
-    PartialState/Accelerator when launched with `accelerate launch` (processes take items[rank::world])."""
+    PartialState/Accelerator when launched with `accelerate launch` (processes take items[rank::world]);
+    `on_batch(done, total)` is called on rank 0 after every batch (the experiment runner logs with it)."""
     import time
 
     from todsynth.generator.pipeline import MaskToImagePipeline
@@ -479,6 +482,8 @@ def synthesize(cfg: SynthesizeConfig, accelerator=None, progress: bool = True) -
         made, rejected = made + made_b, rejected + rej_b
         if bar is not None:
             bar.update(len(batch))
+        if on_batch is not None and rank == 0:
+            on_batch(min(s + cfg.batch_size, len(todo)), len(todo))
     if bar is not None:
         bar.close()
     if accelerator is not None:

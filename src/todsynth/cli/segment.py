@@ -77,7 +77,9 @@ def evaluate(
     model_dir: Path = typer.Argument(..., help="Folder written by training (OUT/model)."),
     data: Path = typer.Argument(..., help="Dataset to score."),
     split: str = typer.Option("Val", help="Split of a LoveDA dataset."),
-    size: Optional[int] = typer.Option(None, help="Predict at this tile size (scores stay at native size)."),
+    size: Optional[int] = typer.Option(None, help="Predict at this tile size (default: the size the model was "
+                                                  "trained at; scores stay at native size)."),
+    native: bool = typer.Option(False, "--native", help="Predict at each tile's own size instead."),
     batch_size: int = typer.Option(8, help="Batch size."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics to this JSON file."),
@@ -92,7 +94,8 @@ def evaluate(
     model = Segmenter.from_pretrained(model_dir)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    metrics = evaluate_segmenter(model, data, batch_size=batch_size, size=size, split=split, device=device)
+    metrics = evaluate_segmenter(model, data, batch_size=batch_size, size=size, split=split, device=device,
+                                 native=native)
     result = metrics.to_dict(model.config.class_names)
     console.print(_metrics_table(result, f"{data} ({split})"))
     if json_out is not None:

@@ -22,6 +22,7 @@ side branch fresh (at step 0 the model is the base), as `sd3.py` does for an SD3
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -54,14 +55,15 @@ def pretrain_config(data: str, out: str = "runs/base", **settings) -> GeneratorT
     return GeneratorTrainConfig(**values)
 
 
-def pretrain_generator(cfg: GeneratorTrainConfig) -> dict:
-    """Pretrain a base model (see the module docstring); the same resumable loop as `train_generator`."""
+def pretrain_generator(cfg: GeneratorTrainConfig, on_step: Callable[[int, float], None] | None = None) -> dict:
+    """Pretrain a base model (see the module docstring); the same resumable loop (and `on_step`) as
+    `train_generator`."""
     from todsynth.generator.train import train_generator
 
     if not cfg.unlabeled or cfg.control != "none":
         raise ConfigError("pretraining runs on unlabeled images with control none",
                           fix="build the config with todsynth.generator.pretrain.pretrain_config")
-    return train_generator(cfg)
+    return train_generator(cfg, on_step)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -274,8 +275,10 @@ def lr_lambda(cfg: GeneratorTrainConfig):
     return f
 
 
-def train_generator(cfg: GeneratorTrainConfig) -> dict:
+def train_generator(cfg: GeneratorTrainConfig, on_step: Callable[[int, float], None] | None = None) -> dict:
     """Train; returns the summary written to out/results.json. Resumable with cfg.resume (see the config).
+
+    `on_step(step, loss)` is called on the main process after every step (the experiment runner logs with it).
 
     The run holds `out`'s run lock throughout; an `out` holding an earlier run is refused unless it is resumed
     or `cfg.overwrite` replaces it.
@@ -287,7 +290,7 @@ def train_generator(cfg: GeneratorTrainConfig) -> dict:
     main = _main_process()
     with run_lock(out, enabled=main):
         check_run_folder(out, cfg.resume, cfg.overwrite, RUN_OUTPUTS, remove=main)
-        return _train(cfg, out)
+        return _train(cfg, out, on_step)
 
 
 def _main_process() -> bool:
@@ -300,7 +303,7 @@ def _main_process() -> bool:
     return True
 
 
-def _train(cfg: GeneratorTrainConfig, out: Path) -> dict:
+def _train(cfg: GeneratorTrainConfig, out: Path, on_step: Callable[[int, float], None] | None = None) -> dict:
     """The training run of `train_generator`, in a locked and checked `out`."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -386,6 +389,8 @@ def _train(cfg: GeneratorTrainConfig, out: Path) -> dict:
             accelerator.wait_for_everyone()
         if progress is not None:
             progress.update(done, loss=history["loss"][-1][1])
+        if on_step is not None and accelerator.is_main_process:
+            on_step(done, history["loss"][-1][1])
     if progress is not None:
         progress.close()
 

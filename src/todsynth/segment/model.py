@@ -57,6 +57,7 @@ class SegmenterConfig:
     ignore_index: int = 255
     encoder_weights_file: str | None = None
     normalisation: dict[str, Any] | None = None
+    size: int | None = None  # the working tile size it was trained at: evaluation predicts at it by default
 
     def validate(self) -> None:
         """Reject unknown architectures and inconsistent class settings."""
@@ -64,6 +65,7 @@ class SegmenterConfig:
         check_encoder(self.encoder)
         require(self.num_classes >= 1, f"num_classes must be >= 1, got {self.num_classes}")
         require(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels}")
+        require(self.size is None or self.size >= 1, f"size must be >= 1 (or unset), got {self.size}")
         require(self.class_names is None or len(self.class_names) == self.num_classes,
                 f"{len(self.class_names or ())} class names for {self.num_classes} classes")
         if self.normalisation is not None:

@@ -273,7 +273,19 @@ def _restore_rng_and_scaler(tensors: dict[str, torch.Tensor], scaler: Any) -> No
 
 def _as_train_dataset(samples: Sequence[Sample] | Dataset, cfg: SegmentTrainConfig,
                       normalisation: Normalisation) -> Dataset:
-    """A torch dataset over samples scaled by `normalisation` (already-torch datasets pass through)."""
+    """A torch dataset over samples scaled by `normalisation` (already-torch datasets pass through;
+    torchgeo-style items are refused with the adapter to use)."""
+    from torch.utils.data import ConcatDataset
+
+    from todsynth.data.readers import BaseDataset
+
+    known = isinstance(samples, (SegTorchDataset, BaseDataset, ConcatDataset))
+    first = samples[0] if len(samples) and not known else None
+    if isinstance(first, dict) and "label" not in first:
+        raise DataError(f"the dataset's items hold {sorted(map(str, first))}, not 'image' and 'label'",
+                        path=getattr(samples, "root", None),
+                        fix="wrap a torchgeo-style dataset ('image' 0-255, 'mask'): "
+                            "todsynth.data.torchgeo.TorchGeoSamples(dataset, classes)")
     if isinstance(samples, Dataset):
         return samples
     return SegTorchDataset(samples, size=cfg.size, augment=cfg.augment, seed=cfg.seed, crop=cfg.crop,
@@ -413,7 +425,7 @@ def _segmenter_config(cfg: SegmentTrainConfig, classes: ClassSpec, normalisation
     return SegmenterConfig(arch=cfg.arch, encoder=cfg.encoder, num_classes=classes.num_classes,
                            in_channels=normalisation.channels, class_names=tuple(classes.names),
                            ignore_index=classes.ignore_index, encoder_weights_file=cfg.encoder_weights_file,
-                           normalisation=normalisation.to_dict())
+                           normalisation=normalisation.to_dict(), size=cfg.size)
 
 
 def training_normalisation(samples: Sequence[Sample] | Dataset) -> Normalisation:
@@ -594,8 +606,14 @@ def _predict_at(model: Segmenter, images: torch.Tensor, size: int | None) -> tor
 
 def evaluate_segmenter(model: Segmenter, dataset_or_path: str | Path | Sequence[Sample] | Dataset,
                        batch_size: int = 8, size: int | None = None, split: str = "Val",
-                       device: torch.device | str | None = None) -> SegMetrics:
-    """Metrics over a whole dataset (one confusion matrix); predicts at `size` and scores at native size."""
+                       device: torch.device | str | None = None, native: bool = False) -> SegMetrics:
+    """Metrics over a whole dataset (one confusion matrix); predicts at `size` (default: the working size the
+    model records, so a model is scored as it was trained) and scores at each tile's own size; `native`
+    predicts at the tiles' own size instead."""
+    require(not (native and size is not None), "give a prediction size or native, not both",
+            fix="drop 'size' to predict at the tiles' own size")
+    if not native and size is None:
+        size = model.config.size
     if device is not None:
         check_device(device)
     require(batch_size >= 1, f"'batch_size' must be >= 1, got {batch_size!r}", fix="give a batch size >= 1")
