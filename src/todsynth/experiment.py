@@ -256,9 +256,12 @@ class Stage:
 def step_logger(log: Callable[[str], None], what: str, total: int) -> Callable[[int, float], None]:
     """An on_step(step, loss) callback logging about LOG_LINES lines, e.g. 'generator (...): step 150/600 loss 0.21'."""
     every = max(1, total // LOG_LINES)
+    logged = [0]
 
     def on_step(step: int, loss: float) -> None:
-        if step % every == 0 or step == total:
+        """Log when `step` passes the next multiple of `every` (callers may report only some steps)."""
+        if step // every > logged[0] // every or step == total:
+            logged[0] = step
             log(f"{what}: step {step}/{total} loss {loss:.4f}")
 
     return on_step

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from todsynth.checkpoint import build_on_meta
 from todsynth.errors import CheckpointError
 from todsynth.generator.mmdit import MaskControlMMDiT, MMDiTConfig, sincos_2d, timestep_embedding
 
@@ -229,3 +230,17 @@ def test_bf16_autocast_matches_fp32_without_dtype_warnings():
     assert (out.float() - ref).norm() < 0.05 * ref.norm()
     norm = model.blocks[0].mask.q_norm.weight
     assert norm.dtype == torch.float32 and norm.grad is not None and norm.grad.abs().sum() > 0
+
+
+def test_positions_are_computed_per_grid_without_a_buffer():
+    """No position table is registered (SD3.5's would be 864 MiB, broadcast by DDP every forward); the positions
+    computed for a grid equal the centre crop of the full table bit for bit, cached per grid."""
+    model = MaskControlMMDiT(tiny_config(pos_embed_max_size=12, sample_size=8))
+    assert dict(model.named_buffers()) == {}
+    table = sincos_2d(model.config.hidden_size, 12, 8 // model.config.patch_size).view(12, 12, -1)
+    for h, w in ((4, 4), (6, 2), (12, 12)):
+        top, left = (12 - h) // 2, (12 - w) // 2
+        assert torch.equal(model.positions(h, w), table[top:top + h, left:left + w].reshape(1, h * w, -1))
+    assert model.positions(4, 4) is model.positions(4, 4)
+    huge = build_on_meta(lambda: MaskControlMMDiT(tiny_config(pos_embed_max_size=200_000)))
+    assert dict(huge.named_buffers()) == {}

@@ -22,7 +22,8 @@ from todsynth.io import load_weights
 
 GEN_SETTINGS: dict[str, str] = {"steps": "40", "batch_size": "2", "size": "16", "num_layers": "1", "num_heads": "2",
                                 "head_dim": "8", "val_every": "0", "text_max_length": "8", "progress": "false",
-                                "warmup_steps": "2", "checkpoint_every": "1", "ema_decay": "0.9", "lr": "0.001"}
+                                "warmup_steps": "2", "checkpoint_every": "1", "full_state_every": "1",
+                                "ema_decay": "0.9", "lr": "0.001"}
 SEG_SETTINGS: dict[str, str] = {"arch": "segformer", "encoder": "tu-mobilenetv3_small_050", "size": "16",
                                 "steps": "24", "batch_size": "2", "device": "cpu", "checkpoint_every": "1",
                                 "log_every": "1", "lr": "0.001"}

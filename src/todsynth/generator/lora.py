@@ -6,11 +6,11 @@ from collections.abc import Sequence
 
 from torch import nn
 
-LORA_LAYERS = ("qkv", "out", "mlp.0", "mlp.2")
+LORA_LAYERS = ("qkv", "out", "mlp.0", "mlp.2", "ada", "qkv2", "out2")  # joint + SD3.5 dual attention, MLP, adaLN
 
 
 def lora_target_regex(streams: Sequence[str]) -> str:
-    """peft target_modules regex for the attention and MLP linears of the given streams."""
+    """peft target_modules regex (matched in full) for every linear of the given streams' blocks."""
     layers = "|".join(s.replace(".", r"\.") for s in LORA_LAYERS)
     return rf"blocks\.\d+\.({'|'.join(streams)})\.({layers})"
 

@@ -19,6 +19,9 @@ import torch
 from torch import Tensor
 
 from todsynth.config import require
+from todsynth.generator.distributed import (ema_weights, is_fsdp, load_model_state, load_optimizer_state,
+                                            model_state, optimizer_state, save_snapshot)
+from todsynth.generator.presets import cast_frozen, make_optimizer
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -57,6 +60,10 @@ class GeneratorTrainConfig:
     train_image: bool = True
     train_mask: bool = True
     lora_rank: int = 0  # > 0: LoRA (peft) on the trained streams instead of full fine-tuning
+    # memory: full-80gb | lowmem-48gb | lora-24gb sets the settings below (presets.py); explicit values win
+    preset: str | None = None
+    optimizer: str = "adamw"  # adamw | adamw_fused | adamw8bit | paged_adamw8bit (the last two: bitsandbytes)
+    frozen_dtype: str = "fp32"  # bf16: parameters that do not train are stored in bf16 (needs bf16 autocast)
     # optimisation
     steps: int = 400
     batch_size: int = 8
@@ -80,7 +87,9 @@ class GeneratorTrainConfig:
     val_steps: int = 20
     guidance_scale: float = 1.0
     fidelity_segmenter: str | None = None  # segmenter folder: mask fidelity (mIoU of generated vs masks)
-    checkpoint_every: int = 100
+    checkpoint_every: int = 100  # model-only snapshot checkpoints/step_N (EMA weights if any) every N steps
+    full_state_every: int = 500  # resumable state in checkpoint/ (model, optimizer, EMA) every N steps and at the end
+    checkpoints_total_limit: int = 3  # model-only snapshots kept, newest first (0: all)
     log_every: int = 10
     seed: int = 0
     # True: continue from out/checkpoint, refusing when there is none; "auto": continue if one exists,
@@ -102,10 +111,11 @@ class GeneratorTrainConfig:
                 "overwrite and resume exclude each other: give --resume to continue the run in out, "
                 "or --overwrite to replace it")
         for name in ("size", "steps", "batch_size", "grad_accum", "num_layers", "num_heads", "head_dim",
-                     "patch_size", "val_steps", "checkpoint_every", "log_every", "text_max_length"):
+                     "patch_size", "val_steps", "checkpoint_every", "full_state_every", "log_every",
+                     "text_max_length"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "weight_decay", "grad_clip", "warmup_steps", "val_every", "val_samples", "lora_rank",
-                     "num_workers"):
+                     "num_workers", "checkpoints_total_limit"):
             v = getattr(self, name)
             require(math.isfinite(v) and v >= 0, f"{name} must be >= 0, got {v}")
         require(0 <= self.text_dropout < 1, f"text_dropout must be in [0, 1), got {self.text_dropout}")
@@ -113,6 +123,13 @@ class GeneratorTrainConfig:
         require(self.control in ("triple", "siamese", "adapter", "none"),
                 f"unknown control {self.control!r}; choose triple, siamese, adapter or none")
         require(self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision must be no, bf16 or fp16")
+        from todsynth.generator.presets import OPTIMIZERS, PRESETS
+
+        require(not self.preset or self.preset in PRESETS, f"unknown preset {self.preset!r}; choose {', '.join(PRESETS)}")
+        require(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose {', '.join(OPTIMIZERS)}")
+        require(self.frozen_dtype in ("fp32", "bf16"), f"frozen_dtype must be fp32 or bf16, got {self.frozen_dtype!r}")
+        require(self.frozen_dtype == "fp32" or self.mixed_precision == "bf16",
+                "frozen_dtype=bf16 needs mixed_precision=bf16 (the bf16 weights run under autocast)")
         require(self.timestep_sampling in ("uniform", "logit_normal"), "timestep_sampling: uniform|logit_normal")
         require(math.isfinite(self.timestep_mean) and math.isfinite(self.timestep_std) and self.timestep_std > 0,
                 f"timestep_mean must be finite and timestep_std > 0, got {self.timestep_mean}, {self.timestep_std}")
@@ -252,15 +269,24 @@ def flow_loss(pipe, model, images: Tensor, labels: Tensor, prompts: list[str], g
 
     device = pipe.device
     t = torch.cat([sample_timesteps(1, cfg.timestep_sampling, cfg.timestep_mean, cfg.timestep_std, generator=g,
-                                    tail=cfg.timestep_tail) for g in gens]).to(device)
+                                    tail=cfg.timestep_tail) for g in gens])
+    t = to_device(t, device)
     drop = torch.tensor([torch.rand(1, generator=g).item() < cfg.text_dropout for g in gens])
     with torch.no_grad():
         x0 = pipe.autoencoder.encode(images.to(device), sample=False)
-        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(device)
+        noise = to_device(torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]), device)
         cond = pipe.condition(labels, prompts, drop_text=drop)
     x_t = interpolate(x0, noise, t)
     v = model(x_t, t, cond.text, cond.pooled, cond.mask)
     return torch.nn.functional.mse_loss(v.float(), velocity_target(x0, noise).float())
+
+
+def to_device(x: Tensor, device: torch.device) -> Tensor:
+    """Copy CPU-made randomness (per-sample generators: deterministic, resumable) to the device without a host
+    sync: pinned and non-blocking on CUDA."""
+    if torch.device(device).type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 def lr_lambda(cfg: GeneratorTrainConfig):
@@ -285,6 +311,10 @@ def train_generator(cfg: GeneratorTrainConfig, on_step: Callable[[int, float], N
     """
     from todsynth.locks import check_run_folder, run_lock
 
+    from todsynth.generator.presets import apply_preset
+
+    cfg.validate()
+    cfg = apply_preset(cfg)
     cfg.validate()
     out = Path(cfg.out)
     main = _main_process()
@@ -335,15 +365,20 @@ def _train(cfg: GeneratorTrainConfig, out: Path, on_step: Callable[[int, float],
     _attach_prompt_cache(pipe, data.prompts + val_prompts, out, accelerator)
     model = pipe.transformer
     apply_freezing(model, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    cast_frozen(model, cfg.frozen_dtype)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad], cfg.lr,
+                               cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    ema = _make_ema(model, cfg)
     ddp_model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler steps once per global step
+    trainable = [p for p in ddp_model.parameters() if p.requires_grad]  # FSDP: this rank's shards
+    ema = _make_ema(trainable, cfg)
+    state = _State(accelerator, ddp_model, model, optimizer, scheduler, ema, trainable, trainable_names)
 
     start, history = 0, {"loss": [], "val": []}
     if resuming:
-        start, history = _restore(ckpt, cfg, model, optimizer, scheduler, ema)
+        start, history = _restore(ckpt, cfg, state)
     elif accelerator.is_main_process:
         write_json(out / "config.json", asdict(cfg))
 
@@ -357,8 +392,9 @@ def _train(cfg: GeneratorTrainConfig, out: Path, on_step: Callable[[int, float],
     batches = StepBatches(len(data.ids), cfg.batch_size, cfg.seed, start * cfg.grad_accum, end * cfg.grad_accum,
                           rank, world)
     loader = iter(batch_loader(data.samples, batches, cfg.num_workers))
+    pending: list[tuple[int, Tensor]] = []  # (step, loss on the device): read at log steps, not every step
     for step in range(start, end):
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         for micro in range(cfg.grad_accum):
             local, images, labels = next(loader)
             gens = [step_generator(cfg.seed, step * cfg.grad_accum + micro, rank + world * j)
@@ -371,35 +407,37 @@ def _train(cfg: GeneratorTrainConfig, out: Path, on_step: Callable[[int, float],
             with ctx, accelerator.autocast():
                 loss = flow_loss(pipe, ddp_model, images, labels, prompts, gens, cfg) / cfg.grad_accum
                 accelerator.backward(loss)
-            loss_sum += loss.item()
+            loss_sum += loss.detach().double()
         if cfg.grad_clip > 0:
-            accelerator.clip_grad_norm_(params, cfg.grad_clip)
+            accelerator.clip_grad_norm_(ddp_model.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.step(model.parameters())
-        history["loss"].append([step + 1, _mean_across(accelerator, loss_sum)])
+            ema.step(trainable)
         done = step + 1
+        pending.append((done, loss_sum))
+        full = done % cfg.full_state_every == 0 or done in (cfg.steps, end)
+        if full or done % cfg.log_every == 0:
+            _flush_losses(accelerator, pending, history)
+            if progress is not None:
+                progress.update(done, loss=history["loss"][-1][1])
+            if on_step is not None and accelerator.is_main_process:
+                on_step(done, history["loss"][-1][1])
         if cfg.val_every and (done % cfg.val_every == 0 or done == cfg.steps):
-            history["val"].append(validate(pipe, ema, val_labels, val_prompts, cfg, out, done, accelerator))
-        if done % cfg.checkpoint_every == 0 or done in (cfg.steps, end):
-            if accelerator.is_main_process:
-                _save(ckpt, cfg, done, history, model, optimizer, scheduler, ema)
-            accelerator.wait_for_everyone()
-        if progress is not None:
-            progress.update(done, loss=history["loss"][-1][1])
-        if on_step is not None and accelerator.is_main_process:
-            on_step(done, history["loss"][-1][1])
+            history["val"].append(validate(pipe, ema, val_labels, val_prompts, cfg, out, done, accelerator, state))
+        if done % cfg.checkpoint_every == 0:
+            _snapshot(out, cfg, done, state)
+        if full:
+            _save(ckpt, cfg, done, history, state)
     if progress is not None:
         progress.close()
 
     summary = {"steps": end, "wall_time_s": time.perf_counter() - t0, "final_loss": history["loss"][-1][1]
                if history["loss"] else None, "val": history["val"][-1] if history["val"] else None,
-               "trainable_parameters": sum(p.numel() for p in params), "processes": world}
+               "trainable_parameters": n_trainable, "processes": world}
+    _save_final(pipe, out / "model", state)
     if accelerator.is_main_process:
-        with _ema_weights(model, ema):
-            pipe.save_pretrained(out / "model")
         _plot_loss(history, out / "loss.png")
         write_json(out / "results.json", summary)
     accelerator.wait_for_everyone()
@@ -430,16 +468,24 @@ def validation_seeds(n: int, seed: int) -> list[int]:
 
 @torch.no_grad()
 def validate(pipe, ema, labels: Tensor, prompts: list[str], cfg: GeneratorTrainConfig, out: Path, step: int,
-             accelerator) -> dict:
+             accelerator, state: "_State | None" = None) -> dict:
     """Sample the fixed validation masks with the live modules (EMA weights swapped in), save a grid,
-    the samples (safetensors) and, with a segmenter, the mask fidelity (mIoU of generated vs masks)."""
+    the samples (safetensors) and, with a segmenter, the mask fidelity (mIoU of generated vs masks).
+
+    FSDP: every rank runs the sharded model (its forward gathers weights); otherwise the main process alone."""
     from todsynth.io import save_weights
 
-    if not accelerator.is_main_process or len(labels) == 0:
+    sharded = state is not None and is_fsdp(accelerator)
+    if not (accelerator.is_main_process or sharded) or len(labels) == 0:
         return {"step": step}
-    with _ema_weights(pipe.transformer, ema):
+    params = state.trainable if state is not None else [p for p in pipe.transformer.parameters() if p.requires_grad]
+    autocast = accelerator.autocast() if cfg.frozen_dtype == "bf16" else _null()
+    with ema_weights(params, ema), _module_in(pipe, state.prepared if sharded else pipe.transformer), autocast:
         images = pipe(labels, prompts, seeds=validation_seeds(len(labels), cfg.seed), num_steps=cfg.val_steps,
                       guidance_scale=cfg.guidance_scale)
+    if not accelerator.is_main_process:
+        return {"step": step}
+    images = images.float()
     val_dir = out / "val"
     save_weights(val_dir / "last_samples.safetensors", {"images": images, "labels": labels},
                  metadata={"step": str(step), "num_steps": str(cfg.val_steps),
@@ -476,29 +522,41 @@ class _null:
         return False
 
 
-class _ema_weights:
-    """Context: EMA weights in the live model (no second copy of the model), restored on exit."""
+class _module_in:
+    """Context: `pipe.transformer` is `module` (the sharded FSDP model for validation), restored on exit."""
 
-    def __init__(self, model, ema):
-        self.model, self.ema = model, ema
+    def __init__(self, pipe, module):
+        self.pipe, self.module, self.saved = pipe, module, pipe.transformer
 
     def __enter__(self):
-        if self.ema is not None:
-            self.ema.store(self.model.parameters())
-            self.ema.copy_to(self.model.parameters())
+        self.pipe.transformer = self.module
 
     def __exit__(self, *exc):
-        if self.ema is not None:
-            self.ema.restore(self.model.parameters())
+        self.pipe.transformer = self.saved
         return False
 
 
-def _make_ema(model, cfg: GeneratorTrainConfig):
+@dataclass
+class _State:
+    """What a checkpoint holds and where it lives: the prepared (DDP/FSDP) and the plain model, optimizer, EMA."""
+
+    accelerator: object
+    prepared: torch.nn.Module
+    model: torch.nn.Module
+    optimizer: object
+    scheduler: object
+    ema: object
+    trainable: list  # the prepared model's trainable parameters (EMA follows these)
+    trainable_names: list[str]  # their names in the model's state dict
+
+
+def _make_ema(params: list, cfg: GeneratorTrainConfig):
+    """EMA of the trainable parameters only (frozen ones never change), or None."""
     if cfg.ema_decay <= 0:
         return None
     from diffusers.training_utils import EMAModel
 
-    return EMAModel(model.parameters(), decay=cfg.ema_decay, use_ema_warmup=False)
+    return EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=False)
 
 
 def _attach_prompt_cache(pipe, prompts: list[str], out: Path, accelerator) -> None:
@@ -520,30 +578,70 @@ def _has_checkpoint(ckpt: Path) -> bool:
 ADDED_SETTINGS = {"init": None, "unlabeled": False, "captions": None, "prompt": None,
                   "timestep_mean": 0.0, "timestep_std": 1.0, "timestep_tail": 0.0,
                   "crop": "resize"}  # runs before crop modes resized every sample
+ADDED_SETTINGS.update({"preset": None, "optimizer": "adamw", "frozen_dtype": "fp32"})
 RESUME_FREE = {"resume", "stop_after", "progress", "val_every", "checkpoint_every", "log_every", "out", "overwrite",
-               "num_workers"}
+               "num_workers", "full_state_every", "checkpoints_total_limit"}
 # What a run writes into its folder: removed before a run started with `overwrite`.
 RUN_OUTPUTS = ("model", "results.json", CHECKPOINT_DIR, CHECKPOINT_DIR + ".old", CHECKPOINT_DIR + ".tmp", "val",
-               "loss.png", "config.json", "prompt_cache.safetensors")
+               "loss.png", "config.json", "prompt_cache.safetensors", "checkpoints")
 
 
-def _save(ckpt: Path, cfg: GeneratorTrainConfig, step: int, history: dict, model, optimizer, scheduler,
-          ema) -> None:
-    """Model, AdamW moments and EMA weights in safetensors; step, schedule and loss trace in JSON."""
-    from todsynth.checkpoint import optimizer_tensors, save_checkpoint
+def _save(ckpt: Path, cfg: GeneratorTrainConfig, step: int, history: dict, st: _State) -> None:
+    """Model, AdamW moments and EMA weights (gathered on all ranks) in safetensors; step, schedule, loss in JSON."""
+    from todsynth.checkpoint import save_checkpoint
 
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update(optimizer_tensors(optimizer))
-    if ema is not None:
-        tensors.update({f"ema.{i}": p for i, p in enumerate(ema.shadow_params)})
-    info = {"step": step, "history": history, "config": asdict(cfg), "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
-            "ema_step": ema.optimization_step if ema is not None else None}
-    save_checkpoint(ckpt, tensors, info)
+    acc = st.accelerator
+    tensors = {f"model.{k}": v for k, v in model_state(acc, st.prepared).items()}
+    optim, groups = optimizer_state(st.prepared, st.optimizer)
+    tensors.update(optim)
+    if st.ema is not None:
+        with ema_weights(st.trainable, st.ema):
+            ema = model_state(acc, st.prepared)
+            tensors.update({f"ema.{k}": ema[k].to("cpu", copy=True) for k in st.trainable_names if k in ema})
+    info = {"step": step, "history": history, "config": asdict(cfg), "optimizer_groups": groups,
+            "scheduler": {k: v for k, v in st.scheduler.state_dict().items() if k != "lr_lambdas"},
+            "ema_step": st.ema.optimization_step if st.ema is not None else None}
+    if acc.is_main_process:
+        save_checkpoint(ckpt, tensors, info)
+    acc.wait_for_everyone()
 
 
-def _restore(ckpt: Path, cfg: GeneratorTrainConfig, model, optimizer, scheduler, ema) -> tuple[int, dict]:
-    """Load a checkpoint written by `_save` after checking it belongs to this configuration."""
-    from todsynth.checkpoint import config_differences, load_checkpoint, load_optimizer_tensors
+def _snapshot(out: Path, cfg: GeneratorTrainConfig, step: int, st: _State) -> None:
+    """Model-only weights (EMA ones with EMA) in out/checkpoints/step_N, newest `checkpoints_total_limit` kept."""
+    with ema_weights(st.trainable, st.ema):
+        weights = {k: v.to("cpu", copy=True) for k, v in model_state(st.accelerator, st.prepared).items()}
+    if st.accelerator.is_main_process:
+        config = {"_class_name": type(st.model).__name__, **st.model.config.to_dict()}
+        save_snapshot(out / "checkpoints", step, weights, config, cfg.checkpoints_total_limit)
+    st.accelerator.wait_for_everyone()
+
+
+def _save_final(pipe, directory: Path, st: _State) -> None:
+    """The pipeline with EMA weights (fp32) in `directory`; FSDP: weights gathered on all ranks into a plain copy."""
+    from todsynth.checkpoint import build_on_meta
+
+    acc = st.accelerator
+    with ema_weights(st.trainable, st.ema):
+        if is_fsdp(acc):
+            weights = model_state(acc, st.prepared)
+            if acc.is_main_process:
+                plain = build_on_meta(lambda: type(st.model)(st.model.config))
+                plain.load_state_dict({k: v.float() for k, v in weights.items()}, assign=True)
+                with _module_in(pipe, plain):
+                    pipe.save_pretrained(directory)
+        elif acc.is_main_process:
+            dtypes = {n: p.dtype for n, p in st.model.named_parameters()}
+            for p in st.model.parameters():  # bf16-stored frozen weights are written as fp32, like the rest
+                p.data = p.data.float()
+            pipe.save_pretrained(directory)
+            for n, p in st.model.named_parameters():
+                p.data = p.data.to(dtypes[n])
+    acc.wait_for_everyone()
+
+
+def _restore(ckpt: Path, cfg: GeneratorTrainConfig, st: _State) -> tuple[int, dict]:
+    """Load a checkpoint written by `_save` (on every rank) after checking it belongs to this configuration."""
+    from todsynth.checkpoint import config_differences, load_checkpoint
     from todsynth.errors import CheckpointError
 
     tensors, info = load_checkpoint(ckpt)
@@ -555,29 +653,35 @@ def _restore(ckpt: Path, cfg: GeneratorTrainConfig, model, optimizer, scheduler,
     if diff:
         raise CheckpointError(f"checkpoint was written with other settings: {diff}", path=ckpt / "state.json",
                               fix="resume with the same settings, or use a new output folder")
+    weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
-        from todsynth.generator.mmdit import load_state_strict
-
-        load_state_strict(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, ckpt)
-        load_optimizer_tensors(optimizer, tensors)
+        if st.ema is not None:  # EMA weights through the model, so each rank's (sharded) shadow gets its part
+            load_model_state(st.accelerator, st.prepared, st.model,
+                             {**weights, **{k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}}, ckpt)
+            with torch.no_grad():
+                for shadow, p in zip(st.ema.shadow_params, st.trainable):
+                    shadow.copy_(p)
+            st.ema.optimization_step = int(info["ema_step"])
+        load_model_state(st.accelerator, st.prepared, st.model, weights, ckpt)
+        load_optimizer_state(st.prepared, st.optimizer, tensors, info["optimizer_groups"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(f"checkpoint does not fit this model: {str(e)[:200]}", path=ckpt) from None
+    optimizer, scheduler = st.optimizer, st.scheduler
     scheduler.load_state_dict({**info["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
     for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
         group["lr"] = lr
-    if ema is not None:
-        with torch.no_grad():
-            for i, p in enumerate(ema.shadow_params):
-                p.copy_(tensors[f"ema.{i}"])
-        ema.optimization_step = int(info["ema_step"])
     return int(info["step"]), info["history"]
 
 
-def _mean_across(accelerator, value: float) -> float:
-    if accelerator.num_processes == 1:
-        return value
-    t = torch.tensor([value], device=accelerator.device)
-    return accelerator.reduce(t, reduction="mean").item()
+def _flush_losses(accelerator, pending: list[tuple[int, Tensor]], history: dict) -> None:
+    """Move the pending per-step losses (mean over processes) into history: one host sync per log step."""
+    if not pending:
+        return
+    values = torch.stack([v for _, v in pending])
+    if accelerator.num_processes > 1:
+        values = accelerator.reduce(values, reduction="mean")
+    history["loss"].extend([s, v] for (s, _), v in zip(pending, values.tolist()))
+    pending.clear()
 
 
 def _plot_loss(history: dict, path: Path) -> None:
