@@ -66,6 +66,7 @@ class GeneratorTrainConfig:
     timestep_tail: float = 0.0  # share of t drawn uniform in [0.8, 1): the steps CRFM corrects
     text_dropout: float = 0.1
     augment: bool = True
+    cache_latents: bool = False  # VAE latents of every training image encoded once (out/latent_cache.safetensors)
     mixed_precision: str = "no"
     ema_decay: float = 0.0  # 0 = no EMA
     gradient_checkpointing: bool = False
@@ -242,9 +243,10 @@ def apply_freezing(model, cfg: GeneratorTrainConfig) -> None:
 
 
 def flow_loss(pipe, model, images: Tensor, labels: Tensor, prompts: list[str], gens: list[torch.Generator],
-              cfg: GeneratorTrainConfig) -> Tensor:
+              cfg: GeneratorTrainConfig, latents: bool = False) -> Tensor:
     """Rectified-flow loss ‖v_θ(x_t, t) − (ε − x0)‖² for one batch; per-sample randomness from `gens`.
-    `model` is the (possibly DDP-wrapped) transformer; the pipeline supplies the conditioning."""
+    `model` is the (possibly DDP-wrapped) transformer; the pipeline supplies the conditioning. With
+    `latents`, `images` already are x0 (from the latent cache) and the VAE is not run."""
     from todsynth.generator.flow import interpolate, sample_timesteps, velocity_target
 
     device = pipe.device
@@ -252,7 +254,7 @@ def flow_loss(pipe, model, images: Tensor, labels: Tensor, prompts: list[str], g
                                     tail=cfg.timestep_tail) for g in gens]).to(device)
     drop = torch.tensor([torch.rand(1, generator=g).item() < cfg.text_dropout for g in gens])
     with torch.no_grad():
-        x0 = pipe.autoencoder.encode(images.to(device), sample=False)
+        x0 = images.to(device) if latents else pipe.autoencoder.encode(images.to(device), sample=False)
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(device)
         cond = pipe.condition(labels, prompts, drop_text=drop)
     x_t = interpolate(x0, noise, t)
@@ -323,6 +325,7 @@ def _train(cfg: GeneratorTrainConfig, out: Path) -> dict:
     val_labels, val_prompts = _validation_masks(cfg, data)
     pipe = build_pipeline(cfg, classes, accelerator.device)
     _attach_prompt_cache(pipe, data.prompts + val_prompts, out, accelerator)
+    latents = _latent_cache(pipe, data, out, accelerator) if cfg.cache_latents else None
     model = pipe.transformer
     apply_freezing(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -349,14 +352,15 @@ def _train(cfg: GeneratorTrainConfig, out: Path) -> dict:
             local = gidx[rank::world]
             positions = [rank + world * j for j in range(len(local))]
             gens = [step_generator(cfg.seed, step * cfg.grad_accum + micro, p) for p in positions]
-            images, labels = data.images[local], data.labels[local]
+            images, labels = (data.images if latents is None else latents)[local], data.labels[local]
             if cfg.augment:
                 images, labels = augment(images, labels, gens)
             prompts = [data.prompts[i] for i in local]
             sync = micro == cfg.grad_accum - 1
             ctx = accelerator.no_sync(ddp_model) if not sync and world > 1 else _null()
             with ctx, accelerator.autocast():
-                loss = flow_loss(pipe, ddp_model, images, labels, prompts, gens, cfg) / cfg.grad_accum
+                loss = flow_loss(pipe, ddp_model, images, labels, prompts, gens, cfg,
+                                 latents=latents is not None) / cfg.grad_accum
                 accelerator.backward(loss)
             loss_sum += loss.item()
         if cfg.grad_clip > 0:
@@ -475,14 +479,18 @@ def _make_ema(model, cfg: GeneratorTrainConfig):
 
 
 def _attach_prompt_cache(pipe, prompts: list[str], out: Path, accelerator) -> None:
-    """Encode every prompt once into out/prompt_cache.safetensors; training never re-encodes."""
-    from todsynth.generator.text import PromptCache
+    """Encode every prompt once into out/prompt_cache.safetensors, each process its share (no process waits
+    behind one encoding them all); training never re-encodes."""
+    pipe.use_prompt_cache(out / "prompt_cache.safetensors", sorted(set(prompts)), accelerator)
+    if accelerator.device.type != "cpu":  # every prompt is cached: the text encoders leave the accelerator
+        pipe.text_encoder.to("cpu")
 
-    path = out / "prompt_cache.safetensors"
-    if accelerator.is_main_process:
-        PromptCache.build(path, pipe.text_encoder, sorted(set(prompts)))
-    accelerator.wait_for_everyone()
-    pipe.extra["prompt_cache"] = PromptCache.load(path, encoder=pipe.text_encoder)
+
+def _latent_cache(pipe, data: TrainData, out: Path, accelerator) -> Tensor:
+    """Latents of every training image, encoded once into out/latent_cache.safetensors (all processes)."""
+    from todsynth.generator.latent_cache import LATENT_CACHE, build_latent_cache
+
+    return build_latent_cache(out / LATENT_CACHE, pipe.autoencoder, data.images, data.ids, accelerator)
 
 
 def _has_checkpoint(ckpt: Path) -> bool:
@@ -491,11 +499,11 @@ def _has_checkpoint(ckpt: Path) -> bool:
 
 
 ADDED_SETTINGS = {"init": None, "unlabeled": False, "captions": None, "prompt": None,
-                  "timestep_mean": 0.0, "timestep_std": 1.0, "timestep_tail": 0.0}
+                  "timestep_mean": 0.0, "timestep_std": 1.0, "timestep_tail": 0.0, "cache_latents": False}
 RESUME_FREE = {"resume", "stop_after", "progress", "val_every", "checkpoint_every", "log_every", "out", "overwrite"}
 # What a run writes into its folder: removed before a run started with `overwrite`.
 RUN_OUTPUTS = ("model", "results.json", CHECKPOINT_DIR, CHECKPOINT_DIR + ".old", CHECKPOINT_DIR + ".tmp", "val",
-               "loss.png", "config.json", "prompt_cache.safetensors")
+               "loss.png", "config.json", "prompt_cache.safetensors", "latent_cache.safetensors")
 
 
 def _save(ckpt: Path, cfg: GeneratorTrainConfig, step: int, history: dict, model, optimizer, scheduler,
