@@ -9,6 +9,8 @@ Steps i ≥ k are plain sampling and cost nothing extra.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -90,13 +92,16 @@ class CRFMCorrector:
     """Velocity corrector for `euler_sample`: holds the guidance segmenter, target masks and settings.
 
     The loss is summed over the batch (per-image means), so each sample's gradient — and thus its
-    output — does not depend on which other samples share its batch.
+    output — does not depend on which other samples share its batch. `autocast` (a context factory, e.g.
+    the pipeline's) runs the decode and the segmenter in reduced precision; the cross-entropy, the gradient
+    and its normalisation stay fp32.
     """
 
     def __init__(self, decode, segmenter: torch.nn.Module, labels: Tensor, cfg: CRFMConfig, num_steps: int,
-                 ignore_index: int = 255):
+                 ignore_index: int = 255, autocast: Callable[[], AbstractContextManager] = nullcontext):
         cfg.validate()
         self.decode, self.segmenter, self.labels = decode, segmenter.eval(), labels.long()
+        self.autocast = autocast
         self.cfg, self.num_steps, self.ignore_index = cfg, num_steps, ignore_index
         self.history: list[dict] = []
         for p in self.segmenter.parameters():
@@ -104,8 +109,10 @@ class CRFMCorrector:
 
     def loss(self, x_t: Tensor, sigma: Tensor, v: Tensor) -> Tensor:
         """Per-image segmentation loss of the decoded x̂0 = x_t − σ·v: [B]."""
-        image = self.decode(predict_x0(x_t, sigma, v))
-        logits = self.segmenter(image)
+        with self.autocast():
+            image = self.decode(predict_x0(x_t, sigma, v))
+            logits = self.segmenter(image)
+        logits = logits.float()
         labels = self.labels.to(logits.device)
         if logits.shape[-2:] != labels.shape[-2:]:
             logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
@@ -113,13 +120,14 @@ class CRFMCorrector:
 
     def __call__(self, i: int, x_t: Tensor, sigma: Tensor, v: Tensor) -> Tensor:
         cfg, alpha = self.cfg, step_size(i, self.cfg, self.num_steps)
-        v = v.detach()
+        v = v.detach().float()
         v_norm = _per_sample_norm(v)
         for _ in range(cfg.inner_iters):
             with torch.enable_grad():
                 v_var = v.clone().requires_grad_(True)
                 per_image = self.loss(x_t.detach(), sigma, v_var)
                 (g,) = torch.autograd.grad(per_image.sum(), v_var)
+            g = g.float()
             self.history.append({"step": i, "alpha": alpha, "loss": per_image.detach().mean().item()})
             v = self._update(v, g, alpha, v_norm)
         return v
@@ -147,7 +155,7 @@ def crfm_sample(pipe, segmenter: torch.nn.Module, labels: Tensor, cfg: CRFMConfi
 
     The segmenter sees the decoded images in its own stored normalisation (`segmenter_input`)."""
     corrector = CRFMCorrector(segmenter_input(pipe, segmenter), segmenter, labels.to(pipe.device), cfg, num_steps,
-                              pipe.classes.ignore_index)
+                              pipe.classes.ignore_index, autocast=pipe.autocast)
     images = pipe(labels, prompts, seeds=seeds, num_steps=num_steps, guidance_scale=guidance_scale, shift=shift,
                   corrector=corrector if cfg.steps > 0 else None, num_corrected=cfg.steps, callback=callback)
     return (images, corrector) if return_corrector else images

@@ -34,8 +34,10 @@ TRANSFORMS = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270", "crop")
 RECORDS = ".records"
 CLAIMS = ".claims"
 MANIFEST = "manifest.jsonl"
-ADDED_SETTINGS = {"crop": "resize"}  # settings newer than some folders: the value those folders were made with
+# settings newer than some folders: the value those folders were made with
+ADDED_SETTINGS = {"crop": "resize", "device": "auto", "mixed_precision": "no"}
 OUTPUT_NAMES = "file_stem-v1"  # recorded in synthesize.json: folders named by an older scheme are refused
+PROMPT_CACHE = "prompt_cache.safetensors"  # every prompt of the run (and "") encoded once, kept for reruns
 
 
 @dataclass
@@ -66,6 +68,8 @@ class SynthesizeConfig:
     filter_margin: float = 1.25
     reject_ignored_fraction: float | None = None  # image-level rejection above this ignored share
     hard_resample: bool = False  # copies ∝ mask hardness (needs filter_stats)
+    device: str = "auto"  # auto: accelerate's device for this process (its GPU when there is one); cpu; cuda:1
+    mixed_precision: str = "no"  # autocast of transformer, decoder and segmenter: no | bf16 | fp16
 
     def validate(self) -> None:
         require(bool(self.generator) and bool(self.masks) and bool(self.out), "generator, masks and out are required")
@@ -84,6 +88,8 @@ class SynthesizeConfig:
         from todsynth.data.crops import check_crop_mode
 
         check_crop_mode(self.crop, ("resize", "center"))
+        require(self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision must be no, bf16 or fp16")
+        require(isinstance(self.device, str) and bool(self.device), "device must be auto, cpu or a device name")
         self.crfm.validate()
         require(self.crfm.steps == 0 or self.segmenter is not None,
                 "CRFM (crfm.steps > 0) needs a guidance segmenter: set segmenter")
@@ -273,9 +279,11 @@ class OutputFolder:
         from todsynth.io import read_json, write_json
 
         path = self.root / "synthesize.json"
-        free = {"batch_size", "limit"}
+        free = {"batch_size", "limit", "device"}
         if path.exists():
             saved = read_json(path)
+            if isinstance(saved, dict):  # settings added since the folder was written: their defaults
+                saved = {**ADDED_SETTINGS, **saved}
             if isinstance(saved, dict) and saved.get("output_names") != settings.get("output_names"):
                 raise DataError("this folder was synthesized by an older todsynth that named files differently",
                                 path=path, fix="choose a new output folder (resuming here would duplicate samples)")
@@ -440,20 +448,20 @@ def synthesize(cfg: SynthesizeConfig, accelerator=None, progress: bool = True,
     import time
 
     from todsynth.generator.pipeline import MaskToImagePipeline
-
+    from todsynth.generator.runtime import resolve_runtime
     from todsynth.generator.sample import check_mask_classes
 
     cfg.validate()
     check_output_folder(cfg.out, {"masks dataset": cfg.masks, "generator folder": cfg.generator,
                                   "segmenter folder": cfg.segmenter, "filter stats": cfg.filter_stats,
                                   "split file": cfg.split_file})
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    device = accelerator.device if accelerator else "cpu"
-    pipe = MaskToImagePipeline.from_pretrained(cfg.generator, device=device)
+    runtime = resolve_runtime(cfg.device, cfg.mixed_precision, state=accelerator)
+    rank, world = runtime.process_index, runtime.num_processes
+    pipe = MaskToImagePipeline.for_runtime(cfg.generator, runtime)
     labels, prompts, ids, classes = _masks(cfg, pipe.image_size)
     check_mask_classes(classes, pipe.classes, cfg.masks)
     mask_dtype(classes, cfg.masks)
-    segmenter = _segmenter(cfg.segmenter, device, classes) if cfg.segmenter else None
+    segmenter = _segmenter(cfg.segmenter, runtime.device, classes) if cfg.segmenter else None
     if segmenter is not None:  # other bands or sample type than the generator's: refused before anything is made
         _segmenter_images(pipe, segmenter, torch.zeros(1, pipe.normalisation.channels, 1, 1))
     stats = _read_stats(cfg.filter_stats, classes.num_classes) if cfg.filter_stats else None
@@ -462,10 +470,13 @@ def synthesize(cfg: SynthesizeConfig, accelerator=None, progress: bool = True,
     out = OutputFolder(Path(cfg.out), classes, pipe.normalisation)
     if rank == 0:
         out.check_run({**json.loads(json.dumps(config_dict(cfg))), "output_names": OUTPUT_NAMES})
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
+    runtime.wait_for_everyone()
     out.release_stale_claims()
     items = plan(ids, cfg, copies)
+    pipe.use_prompt_cache(out.root / PROMPT_CACHE, sorted({item_input(it, labels, prompts, classes, pipe, cfg)[1]
+                                                           for it in items}), runtime)
+    if runtime.device.type != "cpu":  # every prompt is cached: the text encoders leave the accelerator
+        pipe.text_encoder.to("cpu")
     already = sum(out.done(it) for it in items)
     todo = [it for it in items[rank::world] if not out.done(it)]
     t0, made, rejected = time.perf_counter(), 0, 0
@@ -486,8 +497,7 @@ def synthesize(cfg: SynthesizeConfig, accelerator=None, progress: bool = True,
             on_batch(min(s + cfg.batch_size, len(todo)), len(todo))
     if bar is not None:
         bar.close()
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
+    runtime.wait_for_everyone()
     # Only a process that sees every sample done writes the manifest: one still held by another live
     # process would be missing, and that process writes it when it finishes.
     total = out.finish() if rank == 0 and all(out.done(it) for it in items) else None
@@ -577,18 +587,32 @@ def check_segmenter_classes(config, classes, path: str | Path) -> None:
                           fix="use a segmenter trained on the masks' dataset (same classes, same order)")
 
 
+def _item_key(item: WorkItem) -> str:
+    """The seed key of an item's transform (shared by its copies)."""
+    return f"{item.transform}/{item.source_id}"
+
+
+def item_input(item: WorkItem, labels, prompts: list[str], classes, pipe, cfg: SynthesizeConfig):
+    """An item's (transformed) label map and its prompt: the mask's own prompt, or one built from the
+    classes of the transformed mask (a crop may drop classes)."""
+    from todsynth.data.prompts import build_prompt
+    from todsynth.generator.pipeline import sample_seeds
+
+    if item.transform == "identity":
+        return labels[item.index], prompts[item.index]
+    lab = transform_label(labels[item.index], item.transform, sample_seeds(cfg.seed, [_item_key(item)])[0])
+    return lab, build_prompt(lab.numpy(), classes, pipe.prompt_template)
+
+
 def _run_batch(pipe, segmenter, batch: list[WorkItem], labels, prompts, classes, stats, cfg: SynthesizeConfig,
                out: OutputFolder) -> tuple[int, int]:
     """Generate, filter and write one batch of work items."""
     from todsynth.crfm import crfm_sample
-    from todsynth.data.prompts import build_prompt
     from todsynth.generator.pipeline import sample_seeds
-    key = lambda it: f"{it.transform}/{it.source_id}"  # noqa: E731
-    labs = torch.stack([transform_label(labels[it.index], it.transform, sample_seeds(cfg.seed, [key(it)])[0])
-                        for it in batch])
-    texts = [prompts[it.index] if it.transform == "identity" else build_prompt(lab.numpy(), classes, pipe.prompt_template)
-             for it, lab in zip(batch, labs)]
-    seeds = [sample_seeds(cfg.seed, [key(it)], it.copy)[0] for it in batch]
+    inputs = [item_input(it, labels, prompts, classes, pipe, cfg) for it in batch]
+    labs = torch.stack([lab for lab, _ in inputs])
+    texts = [text for _, text in inputs]
+    seeds = [sample_seeds(cfg.seed, [_item_key(it)], it.copy)[0] for it in batch]
     if segmenter is not None and cfg.crfm.steps > 0:
         images = crfm_sample(pipe, segmenter, labs, cfg.crfm, prompts=texts, seeds=seeds, num_steps=cfg.num_steps,
                              guidance_scale=cfg.guidance_scale, shift=cfg.shift)

@@ -56,3 +56,34 @@ def test_quick_run_writes_complete_results(tmp_path):
     assert len(curves["fp32"]) == len(curves["bf16"]) == len(curves["steps"]) > 1
     assert all(math.isfinite(v) for v in curves["fp32"] + curves["bf16"] + [curves["max_abs_diff"]])
     assert curves["fp32"][0] == curves["bf16"][0] or abs(curves["fp32"][0] - curves["bf16"][0]) < 0.05
+
+
+def test_fullscale_quick_run_writes_complete_results(tmp_path):
+    """bench_fullscale.py --quick: the SD3.5-medium-shaped benchmark end to end on tiny shapes."""
+    spec = importlib.util.spec_from_file_location("bench_fullscale", SCRIPT.with_name("bench_fullscale.py"))
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    out = tmp_path / "full.json"
+    bench.main(["--quick", "--json", str(out)])
+    res = json.loads(out.read_text())
+    train, syn = res["train"], res["synthesis"]
+    assert len(train["step_s"]) == res["setting"]["steps"] and all(positive(x) for x in train["step_s"])
+    assert positive(train["tflop_per_step"]) and positive(res["vae"]["encode_s_per_image"])
+    assert positive(syn["plain"]["images_per_s"]) and positive(syn["crfm"]["images_per_s"])
+    assert res["model"]["config"]["dual_attention_layers"] == [0] and res["model"]["config"]["qk_norm"]
+    assert positive(res["peak_rss_mib"]) and train["mfu"] is None  # no peak known for a CPU
+
+
+def test_gpu_check_fails_fast_without_cuda(tmp_path):
+    import subprocess
+
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    script = SCRIPT.with_name("gpu_check.sh")
+    done = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+    assert done.returncode == 3 and "no CUDA device" in done.stderr
+    assert not (tmp_path / "out").exists()

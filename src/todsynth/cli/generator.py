@@ -100,12 +100,14 @@ def sample(
     shift: float = typer.Option(1.0, help="Sigma shift of the flow schedule (SD3 uses 3.0)."),
     seed: int = typer.Option(0, help="Global seed; each sample's seed derives from it and the mask id."),
     batch_size: int = typer.Option(8, help="Masks per forward pass (does not change the output)."),
+    device: str = typer.Option("auto", help="auto (accelerate's choice: the GPU when there is one) | cpu | cuda:N."),
+    mixed_precision: str = typer.Option("no", help="no | bf16 | fp16: autocast of transformer and decoder."),
 ) -> None:
     """Plain Euler flow sampling for masks of a dataset; writes mask | image grids."""
     from todsynth.generator.sample import sample_grid
 
     path = sample_grid(model, masks, out, split=split, n=n, steps=steps, guidance=guidance, shift=shift,
-                       seed=seed, batch_size=batch_size)
+                       seed=seed, batch_size=batch_size, device=device, mixed_precision=mixed_precision)
     console.print(f"wrote {path}")
 
 

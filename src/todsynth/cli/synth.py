@@ -22,6 +22,10 @@ def synthesize(
     num_steps: Optional[int] = typer.Option(None, help="Euler steps."),
     batch_size: Optional[int] = typer.Option(None, help="Samples per forward pass (output does not depend on it)."),
     seed: Optional[int] = typer.Option(None, help="Global seed."),
+    device: Optional[str] = typer.Option(None, help="auto (accelerate's choice: the GPU when there is one) | cpu "
+                                         "| cuda:N."),
+    mixed_precision: Optional[str] = typer.Option(None, help="no | bf16 | fp16: autocast of transformer, "
+                                                  "decoder and CRFM's segmenter pass."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Any setting as key=value; crfm_* for CRFM."),
 ) -> None:
     """Make synthetic image/label pairs with CRFM; resumable, and sharded under `accelerate launch`."""
@@ -41,14 +45,15 @@ def synthesize(
             raise ConfigError("expected a mapping of setting: value", path=config)
         values.update(loaded or {})
     cli = dict(generator=generator, masks=masks, out=out, segmenter=segmenter, copies=copies,
-               crfm_steps=crfm_steps, num_steps=num_steps, batch_size=batch_size, seed=seed)
+               crfm_steps=crfm_steps, num_steps=num_steps, batch_size=batch_size, seed=seed, device=device,
+               mixed_precision=mixed_precision)
     values.update({k: v for k, v in cli.items() if v is not None})
     values.update(parse_overrides(set_))
     cfg = build_synthesize_config(values)
-    from accelerate import PartialState
+    from todsynth.generator.runtime import partial_state
 
-    state = PartialState()
-    summary = run(cfg, accelerator=state if state.num_processes > 1 else None)
+    state = partial_state(cpu=cfg.device == "cpu")  # one process too: its device is accelerate's choice
+    summary = run(cfg, accelerator=state)
     if state.is_main_process:
         done = f", {summary['already_done']} already done" if summary["already_done"] else ""
         console.print(f"synthesized {summary['made']} pairs ({summary['rejected']} rejected{done}) into {cfg.out} "

@@ -77,7 +77,8 @@ class MaskToImagePipeline:
 
     def __init__(self, transformer: MaskControlMMDiT, autoencoder: Any, text_encoder: Any,
                  classes: ClassSpec, image_size: int, prompt_template: str = "a satellite image of {classes}",
-                 extra: dict | None = None, normalisation: Any = None):
+                 extra: dict | None = None, normalisation: Any = None, prompt_cache: Any = None,
+                 mixed_precision: str = "no"):
         from todsynth.data.bands import Normalisation
 
         self.normalisation = normalisation or Normalisation.rgb8()
@@ -92,24 +93,43 @@ class MaskToImagePipeline:
         self.image_size = image_size
         self.prompt_template = prompt_template
         self.extra = dict(extra or {})
-        self._empty: tuple[Tensor, Tensor] | None = None
+        # prompt → embeddings table (text.PromptCache): every encode_text goes through it when set
+        self.prompt_cache = prompt_cache if prompt_cache is not None else self.extra.pop("prompt_cache", None)
+        self.mixed_precision = mixed_precision  # autocast of transformer and decoder: no | bf16 | fp16
 
     @property
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
-    def to(self, device: torch.device | str) -> "MaskToImagePipeline":
+    def to(self, device: torch.device | str, text_dtype: torch.dtype | None = None) -> "MaskToImagePipeline":
+        """Move transformer, autoencoder and text encoder to `device` (the text encoder to `text_dtype` too)."""
         self.transformer.to(device)
         if hasattr(self.autoencoder, "to"):
             self.autoencoder.to(device)
+        if hasattr(self.text_encoder, "to"):
+            self.text_encoder.to(device=device, dtype=text_dtype)
         return self
+
+    def autocast(self):
+        """The sampling precision's autocast context on the pipeline's device."""
+        from todsynth.generator.runtime import autocast
+
+        return autocast(self.device, self.mixed_precision)
+
+    def use_prompt_cache(self, path: str | Path, prompts: Sequence[str], runtime: Any = None) -> Any:
+        """Encode `prompts` (and "") once into the cache file at `path`, shared by all processes (each encodes
+        its share), and route every later encode_text through it; returns the cache."""
+        from todsynth.generator.text import build_prompt_cache
+
+        self.prompt_cache = build_prompt_cache(path, self.text_encoder, prompts, runtime)
+        return self.prompt_cache
 
     # -- conditioning: the one function for training and sampling ---------------------------------
     def encode_text(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Token and pooled embeddings for prompts (through the prompt cache when one is attached)."""
-        cache = self.extra.get("prompt_cache")
+        cache = self.prompt_cache
         tokens, pooled = cache.get(list(prompts)) if cache is not None else self.text_encoder.encode(list(prompts))
-        return tokens.to(self.device), pooled.to(self.device)
+        return tokens.to(self.device, torch.float32), pooled.to(self.device, torch.float32)
 
     def prompts_for(self, labels: Tensor) -> list[str]:
         """Default prompts built from the classes present in each label map."""
@@ -170,16 +190,32 @@ class MaskToImagePipeline:
             with torch.no_grad():
                 cond = self.condition(labels, prompts)
                 x = initial_noise(self.latent_shape(), seeds, self.device)
-                velocity = self.velocity_fn(cond, guidance_scale)
+                velocity = self._autocast_velocity(self.velocity_fn(cond, guidance_scale))
                 x0 = euler_sample(velocity, x, flow_sigmas(num_steps, shift), corrector, num_corrected, callback)
-                return x0 if output == "latent" else self.autoencoder.decode(x0)
+                return x0 if output == "latent" else self.decode(x0)
         finally:
             self.transformer.train(was_training)
+
+    def _autocast_velocity(self, velocity):
+        """The velocity under the sampling precision's autocast, returned in fp32 for the Euler update."""
+
+        def run(x: Tensor, sigma: Tensor) -> Tensor:
+            with self.autocast():
+                v = velocity(x, sigma)
+            return v.float()
+
+        return run
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents → images in [0, 1] (fp32), the decoder under the sampling precision's autocast."""
+        with self.autocast():
+            images = self.autoencoder.decode(latents)
+        return images.float()
 
     def preview(self, x_t: Tensor, sigma: Tensor, v: Tensor) -> Tensor:
         """Decoded x̂0 = x_t − σ·v: the 'pre-synth' image at a step."""
         with torch.no_grad():
-            return self.autoencoder.decode(predict_x0(x_t, sigma, v))
+            return self.decode(predict_x0(x_t, sigma, v))
 
     # -- persistence ------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
@@ -199,7 +235,18 @@ class MaskToImagePipeline:
         })
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "MaskToImagePipeline":
+    def for_runtime(cls, directory: str | Path, runtime: Any) -> "MaskToImagePipeline":
+        """A saved generator on `runtime`'s device (generator.runtime.Runtime): text encoder in the runtime's
+        text dtype, sampling under its autocast precision."""
+        pipe = cls.from_pretrained(directory, device=runtime.device, text_dtype=runtime.text_dtype)
+        pipe.mixed_precision = runtime.mixed_precision
+        return pipe
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
+                        text_dtype: torch.dtype | None = None) -> "MaskToImagePipeline":
+        """Load a saved generator onto `device`; the text encoder loads directly in `text_dtype` (e.g. bf16:
+        T5-XXL then takes ~9 GiB instead of ~18 GiB)."""
         from todsynth.generator.autoencoder import load_autoencoder
         from todsynth.generator.text import load_text_encoder
         from todsynth.io import read_json
@@ -220,7 +267,8 @@ class MaskToImagePipeline:
         normalisation = stored_normalisation(settings.normalisation, directory / PIPELINE_FILE)
         transformer = MaskControlMMDiT.from_pretrained(directory / "transformer")
         autoencoder = _load_part(load_autoencoder, "autoencoder", settings.autoencoder, directory / PIPELINE_FILE)
-        text_encoder = _load_part(load_text_encoder, "text_encoder", settings.text_encoder, directory / PIPELINE_FILE)
+        text_encoder = _load_part(load_text_encoder, "text_encoder", settings.text_encoder, directory / PIPELINE_FILE,
+                                  dtype=text_dtype)
         try:
             pipe = cls(transformer, autoencoder, text_encoder, classes, settings.image_size,
                        settings.prompt_template, normalisation=normalisation)
@@ -229,8 +277,9 @@ class MaskToImagePipeline:
         return pipe.to(device)
 
 
-def _load_part(loader: Callable[..., Any], name: str, settings: dict[str, Any], path: Path) -> Any:
-    """Call `loader(kind, **settings)` for a pipeline.json entry, naming pipeline.json in what it refuses."""
+def _load_part(loader: Callable[..., Any], name: str, settings: dict[str, Any], path: Path, **runtime: Any) -> Any:
+    """Call `loader(kind, **settings, **runtime)` for a pipeline.json entry, naming pipeline.json in what it
+    refuses; `runtime` holds load-time choices that are not saved (a dtype)."""
     import inspect
 
     settings = dict(settings)
@@ -240,7 +289,7 @@ def _load_part(loader: Callable[..., Any], name: str, settings: dict[str, Any], 
     except TypeError as e:
         raise CheckpointError(f"'{name}': {e}", path=path, fix=RESAVE_FIX) from None
     try:
-        return loader(kind, **settings)
+        return loader(kind, **settings, **runtime)
     except TodsynthError as e:
         if e.path is not None:
             raise

@@ -44,8 +44,17 @@ class TextEncoder(nn.Module):
     @property
     def identity(self) -> dict[str, Any]:
         """The config plus output sizes: equal identities give interchangeable embeddings."""
-        return {"name": self.name, "config": self.config, "seq_len": self.seq_len,
-                "token_dim": self.token_dim, "pooled_dim": self.pooled_dim}
+        identity = {"name": self.name, "config": self.config, "seq_len": self.seq_len,
+                    "token_dim": self.token_dim, "pooled_dim": self.pooled_dim}
+        dtype = self.dtype
+        if dtype != torch.float32:  # a reduced-precision encoder gives other bits: its cache is its own
+            identity["dtype"] = str(dtype).removeprefix("torch.")
+        return identity
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the encoder's floating-point weights (fp32, or bf16 when loaded so)."""
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
 
     @property
     def device(self) -> torch.device:
@@ -284,14 +293,17 @@ def _joint_attention_dim(root: Path) -> int:
                           "or text_encoder_3/config.json; neither exists", path=root, fix=SD3_LAYOUT)
 
 
-def load_text_encoder(kind: str = "minilm", path: str | Path | None = None, **kw: Any) -> TextEncoder:
-    """Build a text encoder by kind: "minilm" (bundled default) or "sd3" (a local SD3 pipeline folder)."""
+def load_text_encoder(kind: str = "minilm", path: str | Path | None = None, dtype: torch.dtype | None = None,
+                      **kw: Any) -> TextEncoder:
+    """Build a text encoder by kind: "minilm" (bundled default) or "sd3" (a local SD3 pipeline folder);
+    `dtype` loads the weights in that precision (bf16 halves T5-XXL's ~18 GiB), a runtime choice not saved."""
     if kind == "minilm":
-        return MiniLMTextEncoder(path, **kw)
+        encoder = MiniLMTextEncoder(path, **kw)
+        return encoder if dtype is None else encoder.to(dtype)
     if kind == "sd3":
         if path is None:
             raise ConfigError("the sd3 text encoder needs path= (a local diffusers SD3 folder)")
-        return SD3TextEncoder.from_pretrained(path, **kw)
+        return SD3TextEncoder.from_pretrained(path, dtype=dtype, **kw)
     raise ConfigError(f"unknown text encoder {kind!r}; known: 'minilm', 'sd3'")
 
 
@@ -399,6 +411,20 @@ class PromptCache:
             self.prompts.extend(chunk)
         return len(new)
 
+    def merge(self, other: PromptCache) -> int:
+        """Take the rows of `other` (same encoder identity) for prompts not yet here; returns how many."""
+        if not _same(self.identity, other.identity):
+            raise CheckpointError("prompt caches of different text encoders cannot be merged", path=other.path,
+                                  fix="delete it; it is rebuilt from the text encoder")
+        rows = [i for i, p in enumerate(other.prompts) if p not in self.index]
+        if rows:
+            take = torch.tensor(rows, dtype=torch.long)
+            self.tokens = torch.cat([self.tokens, other.tokens[take].to(self.tokens.dtype)])
+            self.pooled = torch.cat([self.pooled, other.pooled[take].to(self.pooled.dtype)])
+            self.index.update((other.prompts[i], len(self.prompts) + j) for j, i in enumerate(rows))
+            self.prompts.extend(other.prompts[i] for i in rows)
+        return len(rows)
+
     def get(self, prompts: Sequence[str], device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
         """(tokens [B, L, D], pooled [B, Dp]) for the prompts; unknown ones are encoded if possible."""
         self.add(prompts)
@@ -450,3 +476,35 @@ def encode_prompts_cached(encoder: TextEncoder, prompts: Sequence[str],
                           cache_path: str | Path) -> PromptCache:
     """Encode each distinct prompt once through the cache file at `cache_path` and return the cache."""
     return PromptCache.build(cache_path, encoder, prompts)
+
+
+def build_prompt_cache(path: str | Path, encoder: TextEncoder, prompts: Sequence[str], runtime: Any = None,
+                       batch_size: int = 32) -> PromptCache:
+    """The cache file at `path` holding `prompts` and "", built by all processes together: each encodes its
+    share of the missing prompts into a shard file, rank 0 merges the shards, then every process reads the
+    one file. No process waits behind a single encoder (a barrier longer than NCCL's timeout otherwise)."""
+    path = _cache_path(path)
+    rank, world = (runtime.process_index, runtime.num_processes) if runtime is not None else (0, 1)
+    if world == 1:
+        return PromptCache.build(path, encoder, prompts, batch_size)
+    old = PromptCache._read_or_none(path)
+    have = set(old.prompts) if old is not None and _same(old.identity, encoder.identity) else set()
+    missing = sorted(p for p in {"", *prompts} if p not in have)
+    shard = path.with_name(f"{path.stem}.rank{rank}.safetensors")
+    part = PromptCache._empty(encoder, shard)
+    part.add(missing[rank::world], batch_size)
+    part.save()
+    runtime.wait_for_everyone()
+    if rank == 0:
+        merged = old if have else PromptCache._empty(encoder, path)
+        merged.encoder = encoder
+        for r in range(world):
+            piece = path.with_name(f"{path.stem}.rank{r}.safetensors")
+            merged.merge(PromptCache._read(piece))
+        merged.save(path)
+        for r in range(world):
+            path.with_name(f"{path.stem}.rank{r}.safetensors").unlink(missing_ok=True)
+    runtime.wait_for_everyone()
+    cache = PromptCache._read(path)
+    cache.encoder = encoder
+    return cache

@@ -78,6 +78,7 @@ class GeneratorTrainConfig:
     timestep_tail: float = 0.0  # share of t drawn uniform in [0.8, 1): the steps CRFM corrects
     text_dropout: float = 0.1
     augment: bool = True
+    cache_latents: bool = False  # VAE latents of every training image encoded once (out/latent_cache.safetensors)
     mixed_precision: str = "no"
     ema_decay: float = 0.0  # 0 = no EMA
     gradient_checkpointing: bool = False
@@ -118,6 +119,8 @@ class GeneratorTrainConfig:
                      "num_workers", "checkpoints_total_limit"):
             v = getattr(self, name)
             require(math.isfinite(v) and v >= 0, f"{name} must be >= 0, got {v}")
+        require(not (self.cache_latents and self.crop == "random"),
+                "cache_latents needs crop center or resize: a random crop differs at every step, a cached latent does not")
         require(0 <= self.text_dropout < 1, f"text_dropout must be in [0, 1), got {self.text_dropout}")
         require(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         require(self.control in ("triple", "siamese", "adapter", "none"),
@@ -262,9 +265,10 @@ def apply_freezing(model, cfg: GeneratorTrainConfig) -> None:
 
 
 def flow_loss(pipe, model, images: Tensor, labels: Tensor, prompts: list[str], gens: list[torch.Generator],
-              cfg: GeneratorTrainConfig) -> Tensor:
+              cfg: GeneratorTrainConfig, latents: bool = False) -> Tensor:
     """Rectified-flow loss ‖v_θ(x_t, t) − (ε − x0)‖² for one batch; per-sample randomness from `gens`.
-    `model` is the (possibly DDP-wrapped) transformer; the pipeline supplies the conditioning."""
+    `model` is the (possibly DDP-wrapped) transformer; the pipeline supplies the conditioning. With
+    `latents`, `images` already are x0 (from the latent cache) and the VAE is not run."""
     from todsynth.generator.flow import interpolate, sample_timesteps, velocity_target
 
     device = pipe.device
@@ -273,7 +277,7 @@ def flow_loss(pipe, model, images: Tensor, labels: Tensor, prompts: list[str], g
     t = to_device(t, device)
     drop = torch.tensor([torch.rand(1, generator=g).item() < cfg.text_dropout for g in gens])
     with torch.no_grad():
-        x0 = pipe.autoencoder.encode(images.to(device), sample=False)
+        x0 = images.to(device) if latents else pipe.autoencoder.encode(images.to(device), sample=False)
         noise = to_device(torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]), device)
         cond = pipe.condition(labels, prompts, drop_text=drop)
     x_t = interpolate(x0, noise, t)
@@ -363,6 +367,8 @@ def _train(cfg: GeneratorTrainConfig, out: Path, on_step: Callable[[int, float],
     val_labels, val_prompts = _validation_masks(cfg, data)
     pipe = build_pipeline(cfg, classes, accelerator.device, data.normalisation)
     _attach_prompt_cache(pipe, data.prompts + val_prompts, out, accelerator)
+    if cfg.cache_latents:
+        data = _latent_cache(pipe, data, out, accelerator)
     model = pipe.transformer
     apply_freezing(model, cfg)
     cast_frozen(model, cfg.frozen_dtype)
@@ -405,7 +411,8 @@ def _train(cfg: GeneratorTrainConfig, out: Path, on_step: Callable[[int, float],
             sync = micro == cfg.grad_accum - 1
             ctx = accelerator.no_sync(ddp_model) if not sync and world > 1 else _null()
             with ctx, accelerator.autocast():
-                loss = flow_loss(pipe, ddp_model, images, labels, prompts, gens, cfg) / cfg.grad_accum
+                loss = flow_loss(pipe, ddp_model, images, labels, prompts, gens, cfg,
+                                 latents=cfg.cache_latents) / cfg.grad_accum
                 accelerator.backward(loss)
             loss_sum += loss.detach().double()
         if cfg.grad_clip > 0:
@@ -560,14 +567,23 @@ def _make_ema(params: list, cfg: GeneratorTrainConfig):
 
 
 def _attach_prompt_cache(pipe, prompts: list[str], out: Path, accelerator) -> None:
-    """Encode every prompt once into out/prompt_cache.safetensors; training never re-encodes."""
-    from todsynth.generator.text import PromptCache
+    """Encode every prompt once into out/prompt_cache.safetensors, each process its share (no process waits
+    behind one encoding them all); training never re-encodes."""
+    pipe.use_prompt_cache(out / "prompt_cache.safetensors", sorted(set(prompts)), accelerator)
+    if accelerator.device.type != "cpu":  # every prompt is cached: the text encoders leave the accelerator
+        pipe.text_encoder.to("cpu")
 
-    path = out / "prompt_cache.safetensors"
-    if accelerator.is_main_process:
-        PromptCache.build(path, pipe.text_encoder, sorted(set(prompts)))
-    accelerator.wait_for_everyone()
-    pipe.extra["prompt_cache"] = PromptCache.load(path, encoder=pipe.text_encoder)
+
+def _latent_cache(pipe, data, out: Path, accelerator):
+    """The training set as VAE latents of its (deterministically cropped) images, encoded once into
+    out/latent_cache.safetensors by all processes, with its labels: the loop then never runs the encoder."""
+    from todsynth.generator.latent_cache import LATENT_CACHE, build_latent_cache
+    from todsynth.generator.stream import MemorySamples, StreamData
+
+    items = [data.samples[(i, 0, i)] for i in range(len(data.ids))]
+    images, labels = torch.stack([im for _, im, _ in items]), torch.stack([lab for _, _, lab in items])
+    latents = build_latent_cache(out / LATENT_CACHE, pipe.autoencoder, images, data.ids, accelerator)
+    return StreamData(MemorySamples(latents, labels), data.prompts, data.ids, data.normalisation)
 
 
 def _has_checkpoint(ckpt: Path) -> bool:
@@ -577,13 +593,13 @@ def _has_checkpoint(ckpt: Path) -> bool:
 
 ADDED_SETTINGS = {"init": None, "unlabeled": False, "captions": None, "prompt": None,
                   "timestep_mean": 0.0, "timestep_std": 1.0, "timestep_tail": 0.0,
-                  "crop": "resize"}  # runs before crop modes resized every sample
+                  "crop": "resize", "cache_latents": False}  # runs before crop modes resized every sample
 ADDED_SETTINGS.update({"preset": None, "optimizer": "adamw", "frozen_dtype": "fp32"})
 RESUME_FREE = {"resume", "stop_after", "progress", "val_every", "checkpoint_every", "log_every", "out", "overwrite",
                "num_workers", "full_state_every", "checkpoints_total_limit"}
 # What a run writes into its folder: removed before a run started with `overwrite`.
 RUN_OUTPUTS = ("model", "results.json", CHECKPOINT_DIR, CHECKPOINT_DIR + ".old", CHECKPOINT_DIR + ".tmp", "val",
-               "loss.png", "config.json", "prompt_cache.safetensors", "checkpoints")
+               "loss.png", "config.json", "prompt_cache.safetensors", "checkpoints", "latent_cache.safetensors")
 
 
 def _save(ckpt: Path, cfg: GeneratorTrainConfig, step: int, history: dict, st: _State) -> None:
