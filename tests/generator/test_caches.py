@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from todsynth.errors import ConfigError
 from todsynth.generator.latent_cache import build_latent_cache, encode_latents, read_latent_cache
 from todsynth.generator.text import MiniLMTextEncoder, PromptCache, build_prompt_cache
 
@@ -180,9 +181,11 @@ def test_training_with_cached_latents_matches_encoding_each_step(tmp_path):
 
     toy = write_toy_dataset(tmp_path / "toy", n=4, size=16, seed=3)
     base = dict(data=str(toy), size=16, steps=3, batch_size=2, num_layers=1, num_heads=2, head_dim=16, val_every=0,
-                checkpoint_every=3, progress=False, warmup_steps=1, text_max_length=8)
+                checkpoint_every=3, progress=False, warmup_steps=1, text_max_length=8, crop="center")
     a = train_generator(GeneratorTrainConfig(out=str(tmp_path / "a"), **base))
     b = train_generator(GeneratorTrainConfig(out=str(tmp_path / "b"), cache_latents=True, **base))
     assert (tmp_path / "b" / "latent_cache.safetensors").is_file()
     assert not (tmp_path / "a" / "latent_cache.safetensors").exists()
     assert abs(a["final_loss"] - b["final_loss"]) < 1e-6
+    with pytest.raises(ConfigError, match="cache_latents needs crop center or resize"):
+        GeneratorTrainConfig(out=str(tmp_path / "c"), **{**base, "crop": "random"}, cache_latents=True).validate()
