@@ -671,6 +671,19 @@ def _loveda_split_dir(path: Path) -> bool:
     return any((path / d).is_dir() for d in LOVEDA_DOMAINS)
 
 
+def ignores_split(path: str | Path) -> bool:
+    """Whether `open_dataset` reads `path` without a split: a .jsonl index, a folder dataset or a LoveDA split
+    folder (only a LoveDA root has splits); False for a LoveDA root or a path it cannot open."""
+    path = Path(path)
+    if path.is_file():
+        return path.suffix.lower() == ".jsonl"
+    if not path.is_dir():
+        return False
+    if (path / CLASSES_FILE).is_file() or (path / "masks").is_dir():
+        return True
+    return _loveda_split_dir(path) and not any(_loveda_split_dir(path / s) for s in LOVEDA_SPLITS)
+
+
 def open_dataset(path: str | Path, split: str = "Train", **kw: Any) -> BaseDataset:
     """Open a dataset by its layout: .jsonl index, image/mask folder, LoveDA root or LoveDA split folder."""
     path = Path(path)
