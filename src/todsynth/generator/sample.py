@@ -57,11 +57,13 @@ def sample_batched(pipe: MaskToImagePipeline, labels: torch.Tensor, prompts: lis
 def sample_grid(model: str | Path, masks: str | Path, out: str | Path, split: str = "Train", n: int = 8,
                 steps: int = 20, guidance: float = 1.0, shift: float = 1.0, seed: int = 0,
                 batch_size: int = 8) -> Path:
-    """Sample n masks of a dataset and write out/samples.png (mask | generated per row); settings and the
-    masks' classes are checked before anything is written."""
+    """Sample n masks of a dataset and write out/samples.png (mask | generated per row); settings, the output
+    folder (outside the masks and the model) and the masks' classes are checked before anything is written."""
+    from todsynth.synthesize import check_output_folder
     from todsynth.viz import save_mask_image_grid
 
     check_sample_settings(n, steps, guidance, shift, batch_size)
+    check_output_folder(out, {"masks dataset": masks, "generator folder": model})
     pipe = MaskToImagePipeline.from_pretrained(model)
     labels, prompts, ids, classes = load_masks(masks, split, pipe.image_size, n)
     check_mask_classes(classes, pipe.classes, masks)
