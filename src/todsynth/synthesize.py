@@ -585,9 +585,9 @@ def check_segmenter_classes(config, classes, path: str | Path) -> None:
     names = None if config.class_names is None else list(config.class_names)
     if config.num_classes == classes.num_classes and (names is None or names == list(classes.names)):
         return
-    raise CheckpointError(f"the guidance segmenter predicts {class_difference(names or config.num_classes, classes.names)}"
-                          ", but the generator and masks use "
-                          f"{class_difference(list(classes.names), names or config.num_classes)}", path=path,
+    guide = class_difference(names or config.num_classes, classes.names)
+    used = class_difference(list(classes.names), names or config.num_classes)
+    raise CheckpointError(f"the guidance segmenter predicts {guide}, but the generator and masks use {used}", path=path,
                           fix="use a segmenter trained on the masks' dataset (same classes, same order)")
 
 

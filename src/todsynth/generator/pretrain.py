@@ -128,7 +128,8 @@ def _list_images(folder: Path, root: Path) -> list[Path]:
     if not files and not problems:
         suffixes = ", ".join(IMAGE_SUFFIXES)
         problems.append(DataError("no images found", path=folder,
-                                  fix=f"put image files ({suffixes}) in it or in an images/ subfolder; {PRETRAIN_DATA}"))
+                                  fix=f"put image files ({suffixes}) in it or in an images/ subfolder; "
+                                      f"{PRETRAIN_DATA}"))
     if problems:
         raise DatasetProblems(folder, problems)
     return files
