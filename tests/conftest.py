@@ -73,7 +73,7 @@ def tiny_generator_dir(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     text = MiniLMTextEncoder(max_length=8)
-    model = MaskControlMMDiT(MMDiTConfig(in_channels=3, patch_size=2, sample_size=8, pos_embed_max_size=16,
+    model = MaskControlMMDiT(MMDiTConfig(in_channels=3, patch_size=2, sample_size=16, pos_embed_max_size=16,
                                          num_layers=2, num_heads=2, head_dim=16, joint_attention_dim=text.token_dim,
                                          pooled_projection_dim=text.pooled_dim, num_classes=7))
     with torch.no_grad():

@@ -92,7 +92,8 @@ class SynthesizeConfig:
         require(isinstance(self.device, str) and bool(self.device), "device must be auto, cpu or a device name")
         self.crfm.validate()
         require(self.crfm.steps == 0 or self.segmenter is not None,
-                "CRFM (crfm.steps > 0) needs a guidance segmenter: set segmenter")
+                "CRFM (crfm.steps > 0) needs a guidance segmenter",
+                fix="give --segmenter SEG (a segmenter trained on the real data), or --crfm-steps 0 for plain sampling")
         require(self.crfm.steps <= self.num_steps, "crfm.steps cannot exceed num_steps")
 
 
@@ -212,7 +213,7 @@ class OutputFolder:
     """images/, masks/, classes.yaml (and data.yaml for multi-band images), manifest.jsonl, and per-sample records
     and claims under one root; images are written as `normalisation` says (None: 8-bit RGB PNG)."""
 
-    def __init__(self, root: Path, classes, normalisation=None):
+    def __init__(self, root: Path, classes, normalisation=None, settings: dict | None = None):
         from todsynth.data.bands import Normalisation
 
         self.root = root
@@ -222,6 +223,8 @@ class OutputFolder:
         self._manifest: dict[str, dict] = {}
         self._check_classes_file()
         self._check_data_file()
+        if settings is not None:  # a refused rerun leaves the folder as it was
+            self._check_settings(settings)
         for sub in ("images", "masks", RECORDS, CLAIMS):
             try:
                 (root / sub).mkdir(parents=True, exist_ok=True)
@@ -276,7 +279,17 @@ class OutputFolder:
 
     def check_run(self, settings: dict) -> None:
         """Record the run's settings; a rerun with other settings (batching aside) is refused."""
-        from todsynth.io import read_json, write_json
+        from todsynth.io import write_json
+
+        path = self.root / "synthesize.json"
+        if path.exists():
+            self._check_settings(settings)
+        else:
+            write_json(path, settings)
+
+    def _check_settings(self, settings: dict) -> None:
+        """Refuse a folder synthesized with other settings (batching aside) or by an older naming scheme."""
+        from todsynth.io import read_json
 
         path = self.root / "synthesize.json"
         free = {"batch_size", "limit", "device"}
@@ -293,8 +306,6 @@ class OutputFolder:
             if diff:
                 raise DataError(f"this folder was synthesized with other settings: {diff}", path=path,
                                 fix="rerun with the same settings to resume, or choose a new output folder")
-        else:
-            write_json(path, settings)
 
     def done(self, item: WorkItem) -> bool:
         """Whether the item is finished: it has a record, or (records go once all are done) the manifest lists it."""
@@ -467,9 +478,10 @@ def synthesize(cfg: SynthesizeConfig, accelerator=None, progress: bool = True,
     stats = _read_stats(cfg.filter_stats, classes.num_classes) if cfg.filter_stats else None
     copies = (hardness_copies(labels, stats["class_mean_loss"], cfg.copies, classes.ignore_index)
               if cfg.hard_resample else None)
-    out = OutputFolder(Path(cfg.out), classes, pipe.normalisation)
+    settings = {**json.loads(json.dumps(config_dict(cfg))), "output_names": OUTPUT_NAMES}
+    out = OutputFolder(Path(cfg.out), classes, pipe.normalisation, settings)
     if rank == 0:
-        out.check_run({**json.loads(json.dumps(config_dict(cfg))), "output_names": OUTPUT_NAMES})
+        out.check_run(settings)
     runtime.wait_for_everyone()
     out.release_stale_claims()
     items = plan(ids, cfg, copies)
@@ -578,12 +590,14 @@ def _segmenter_images(pipe, segmenter, images: torch.Tensor) -> torch.Tensor:
 
 def check_segmenter_classes(config, classes, path: str | Path) -> None:
     """Raise CheckpointError unless a segmenter config predicts `classes` (count, and names when saved)."""
+    from todsynth.data.classes import class_difference
+
     names = None if config.class_names is None else list(config.class_names)
     if config.num_classes == classes.num_classes and (names is None or names == list(classes.names)):
         return
-    found = names if names is not None else f"{config.num_classes} classes"
-    raise CheckpointError(f"the guidance segmenter predicts {found}, but the generator and masks use "
-                          f"{list(classes.names)}", path=path,
+    guide = class_difference(names or config.num_classes, classes.names)
+    used = class_difference(list(classes.names), names or config.num_classes)
+    raise CheckpointError(f"the guidance segmenter predicts {guide}, but the generator and masks use {used}", path=path,
                           fix="use a segmenter trained on the masks' dataset (same classes, same order)")
 
 

@@ -101,7 +101,7 @@ def wide_generator_dir(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     text = MiniLMTextEncoder(max_length=8)
-    model = MaskControlMMDiT(MMDiTConfig(in_channels=3, patch_size=2, sample_size=8, pos_embed_max_size=16,
+    model = MaskControlMMDiT(MMDiTConfig(in_channels=3, patch_size=2, sample_size=16, pos_embed_max_size=16,
                                          num_layers=1, num_heads=2, head_dim=8, joint_attention_dim=text.token_dim,
                                          pooled_projection_dim=text.pooled_dim, num_classes=300, ignore_index=300))
     path = tmp_path_factory.mktemp("wide_gen") / "generator"

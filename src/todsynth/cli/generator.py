@@ -16,8 +16,10 @@ app = typer.Typer(help="Stage (a): pretrain a base on unlabeled images, train th
 @app.command()
 @friendly
 def train(
-    data: Optional[str] = typer.Argument(None, help="Dataset (LoveDA, folder or JSONL layout)."),
-    out: Optional[str] = typer.Option(None, help="Output folder."),
+    data: Optional[str] = typer.Argument(None, metavar="DATA", show_default=False,
+                                         help="Dataset (LoveDA, folder or JSONL layout); required unless --config "
+                                         "gives 'data'."),
+    out: Optional[str] = typer.Option(None, show_default=False, help="Output folder (default runs/generator)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of GeneratorTrainConfig settings."),
     control: Optional[str] = typer.Option(None, help="triple | siamese | adapter | none"),
     steps: Optional[int] = typer.Option(None, help="Optimiser steps."),
@@ -51,9 +53,12 @@ def train(
 @app.command()
 @friendly
 def pretrain(
-    images: Optional[str] = typer.Argument(None, help="Unlabeled images: a folder of images, any dataset (masks "
-                                           "ignored), or toy:N[:SEED] for N tiles of the embedded toy pool."),
-    out: Optional[str] = typer.Option(None, help="Output folder; the base model is written to OUT/model."),
+    images: Optional[str] = typer.Argument(None, metavar="IMAGES", show_default=False,
+                                           help="Unlabeled images: a folder of images, any dataset (masks ignored), "
+                                           "or toy:N[:SEED] for N tiles of the embedded toy pool; required unless "
+                                           "--config gives 'data'."),
+    out: Optional[str] = typer.Option(None, show_default=False, help="Output folder; the base model is written to "
+                                      "OUT/model (default runs/base)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of GeneratorTrainConfig settings."),
     captions: Optional[str] = typer.Option(None, help="JSON object {image id: caption}; other images get --prompt."),
     prompt: Optional[str] = typer.Option(None, help='Prompt of uncaptioned images (default "a satellite image").'),

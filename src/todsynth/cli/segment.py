@@ -76,7 +76,7 @@ def train(
 def evaluate(
     model_dir: Path = typer.Argument(..., help="Folder written by training (OUT/model)."),
     data: Path = typer.Argument(..., help="Dataset to score."),
-    split: str = typer.Option("Val", help="Split of a LoveDA dataset."),
+    split: str = typer.Option("Val", help="Split of a LoveDA root (other layouts have no splits)."),
     size: Optional[int] = typer.Option(None, help="Predict at this tile size (default: the size the model was "
                                                   "trained at; scores stay at native size)."),
     native: bool = typer.Option(False, "--native", help="Predict at each tile's own size instead."),
@@ -87,17 +87,20 @@ def evaluate(
     """Score a saved segmenter on a dataset: per-class IoU, mIoU, OA, mAcc."""
     import torch
 
+    from todsynth.data.readers import ignores_split
     from todsynth.io import write_json
     from todsynth.segment.model import Segmenter
-    from todsynth.segment.train import evaluate_segmenter
+    from todsynth.segment.train import check_device_choice, check_eval_split, evaluate_segmenter
 
+    check_device_choice(device)
+    check_eval_split(data, split)
     model = Segmenter.from_pretrained(model_dir)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     metrics = evaluate_segmenter(model, data, batch_size=batch_size, size=size, split=split, device=device,
                                  native=native)
     result = metrics.to_dict(model.config.class_names)
-    console.print(_metrics_table(result, f"{data} ({split})"))
+    console.print(_metrics_table(result, str(data) if ignores_split(data) else f"{data} ({split})"))
     if json_out is not None:
         write_json(json_out, {"model": str(model_dir), "data": str(data), "split": split, "metrics": result})
         console.print(f"metrics written to {escape(str(json_out))}", highlight=False)

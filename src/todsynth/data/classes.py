@@ -150,3 +150,18 @@ def _check_name_types(names: list, path: str | Path | None, key: str = "names") 
 
 
 LOVEDA = ClassSpec(LOVEDA_NAMES, IGNORE_INDEX, LOVEDA_PALETTE)
+
+
+def class_difference(ours: list[str] | tuple[str, ...] | int, theirs: list[str] | tuple[str, ...] | int,
+                     shown: int = 5) -> str:
+    """`ours` (class names, or a count) described against `theirs`: the count, and at most `shown` names (those
+    not in `theirs` first) when the counts differ; the whole list when they are equal in number (order differs)."""
+    if isinstance(ours, int):
+        return f"{ours} classes"
+    count = len(theirs) if not isinstance(theirs, int) else theirs
+    if len(ours) == count and len(ours) <= 2 * shown:
+        return str(list(ours))
+    other = set() if isinstance(theirs, int) else set(theirs)
+    names = [n for n in ours if n not in other] + [n for n in ours if n in other]
+    more = f", … {len(ours) - shown} more" if len(ours) > shown else ""
+    return f"{len(ours)} classes ({', '.join(map(repr, names[:shown]))}{more})"

@@ -16,6 +16,7 @@ stores. Nothing is truncated, dropped or clipped silently.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from todsynth.errors import DataError
+from todsynth.errors import ConfigError, DataError
 
 DATA_FILE = "data.yaml"
 DATA_KEYS = ("bands", "scale", "stretch", "rgb")
@@ -34,6 +35,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
 PNG_GREY = 0
 RGB_BANDS = 3
+PIXEL_LIMIT_ENV = "TODSYNTH_MAX_IMAGE_PIXELS"
 
 
 @dataclass(frozen=True)
@@ -201,16 +203,39 @@ def unreadable(what: str, path: Path, e: Exception) -> DataError:
                      f"({type(e).__name__}: {e})", path=path, fix="re-export the file or remove it")
 
 
-def _pixel_limit(what: str, path: Path, pixels: int) -> DataError | None:
-    """The decompression-bomb guard of the PIL reader (PIL.Image.MAX_IMAGE_PIXELS), applied to rasters too."""
+def pixel_limit() -> int | None:
+    """The readers' pixel limit: PIL.Image.MAX_IMAGE_PIXELS, first set from the environment variable
+    TODSYNTH_MAX_IMAGE_PIXELS when it is given (the way to raise it from the command line)."""
+    from PIL import Image
+
+    value = os.environ.get(PIXEL_LIMIT_ENV, "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ConfigError(f"the environment variable {PIXEL_LIMIT_ENV}={value!r} is not a pixel count >= 1",
+                              fix=f"set it to a whole number of pixels, e.g. {PIXEL_LIMIT_ENV}=200000000, or unset it")
+        Image.MAX_IMAGE_PIXELS = int(value)
+    return Image.MAX_IMAGE_PIXELS
+
+
+def too_many_pixels(what: str, path: Path, pixels: int | None) -> DataError:
+    """The error for a file over the pixel limit: how to raise it for a trusted file (then `data tile` can cut it)."""
     from PIL import Image
 
     limit = Image.MAX_IMAGE_PIXELS
+    size = "" if pixels is None else f" of {pixels:,} pixels"
+    needed = f"{pixels}" if pixels is not None else "<pixels>"
+    return DataError(f"{what}{size} exceeds PIL's pixel limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS, a guard "
+                     "against decompression bombs)", path=path,
+                     fix=f"if you trust the file, raise the limit with the environment variable "
+                         f"{PIXEL_LIMIT_ENV}={needed}; with it, `todsynth data tile` can cut it into tiles")
+
+
+def _pixel_limit(what: str, path: Path, pixels: int) -> DataError | None:
+    """The decompression-bomb guard of the PIL reader (PIL.Image.MAX_IMAGE_PIXELS), applied to rasters too."""
+    limit = pixel_limit()
     if limit is None or pixels <= limit:
         return None
-    return DataError(f"{what} of {pixels:,} pixels exceeds PIL's pixel limit of {limit:,} "
-                     "(PIL.Image.MAX_IMAGE_PIXELS, a guard against decompression bombs)", path=path,
-                     fix="cut it into tiles, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file")
+    return too_many_pixels(what, path, pixels)
 
 
 def band_ranges(array: np.ndarray, nodata: np.ndarray) -> tuple[tuple[float, float] | None, ...]:

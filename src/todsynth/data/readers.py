@@ -15,7 +15,8 @@ import numpy as np
 from todsynth.data.classes import LOVEDA, ClassSpec
 from todsynth.data.prompts import PromptFn, build_prompt
 from todsynth.data.rasters import (DATA_FILE, RGB_BANDS, Raster, RasterInfo, RasterSpec, band_ranges,
-                                   colormap_rgba, is_raster_file, load_raster_spec, read_raster, select_bands, unreadable)
+                                   colormap_rgba, is_raster_file, load_raster_spec, pixel_limit, read_raster,
+                                   select_bands, too_many_pixels, unreadable)
 from todsynth.data.sample import Sample
 from todsynth.errors import DataError, DatasetProblems
 
@@ -56,13 +57,8 @@ def escapes_root(path: Path, root: Path, what: str, at: Path | None = None) -> D
 
 def _too_many_pixels(what: str, path: Path, e: Exception) -> DataError:
     """The error for a file over PIL's decompression-bomb pixel limit (warning or error alike)."""
-    from PIL import Image
-
     found = re.search(r"\((\d+) pixels\)", str(e))
-    size = f" of {int(found.group(1)):,} pixels" if found else ""
-    return DataError(f"{what}{size} exceeds PIL's pixel limit of {Image.MAX_IMAGE_PIXELS:,} "
-                     "(PIL.Image.MAX_IMAGE_PIXELS, a guard against decompression bombs)", path=path,
-                     fix="cut it into tiles, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file")
+    return too_many_pixels(what, path, int(found.group(1)) if found else None)
 
 
 def _open_loaded(path: Path, what: str) -> Image:
@@ -73,6 +69,7 @@ def _open_loaded(path: Path, what: str) -> Image:
     """
     from PIL import Image
 
+    pixel_limit()
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -435,8 +432,10 @@ def _listed_file(path: Path, root: Path, what: str, problems: list[DataError]) -
     return path.is_file()
 
 
-def _files_by_stem(folder: Path, root: Path, what: str, problems: list[DataError]) -> dict[str, Path]:
-    """Image files of `folder` by stem; a second file with the same stem is a duplicate-id problem."""
+def _files_by_stem(folder: Path, root: Path, what: str, problems: list[DataError],
+                   refused: set[str] | None = None) -> dict[str, Path]:
+    """Image files of `folder` by stem; a second file with the same stem is a duplicate-id problem. Stems of files
+    refused with a problem of their own (a link out of the root or to nothing) are added to `refused`."""
     try:
         entries = sorted(folder.iterdir(), key=lambda p: _natural_key(p.name))
     except OSError as e:
@@ -445,7 +444,10 @@ def _files_by_stem(folder: Path, root: Path, what: str, problems: list[DataError
     for path in entries:
         if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
+        before = len(problems)
         if not _listed_file(path, root, what, problems):
+            if refused is not None and len(problems) > before:
+                refused.add(path.stem)
             continue
         if path.stem in found:
             problems.append(DataError(f"duplicate id '{path.stem}' (also {found[path.stem].name})", path=path,
@@ -472,17 +474,18 @@ def _pair_folders(root: Path, image_dir: Path | None, mask_dir: Path,
     trouble = _folder_problem(mask_dir, root, "masks")
     if trouble is not None:
         return [], [trouble]
-    masks = _files_by_stem(mask_dir, root, "mask", problems)
+    refused: set[str] = set()  # a file refused on its own is not also reported as its partner's missing half
+    masks = _files_by_stem(mask_dir, root, "mask", problems, refused)
     if image_dir is None:
         return [Item(prefix + stem, mask) for stem, mask in masks.items()], problems
     trouble = _folder_problem(image_dir, root, "images")
     if trouble is not None:
         return [], problems + [trouble]
-    images = _files_by_stem(image_dir, root, "image", problems)
+    images = _files_by_stem(image_dir, root, "image", problems, refused)
     problems += [DataError("image has no mask", path=path, fix=f"add its mask to {mask_dir} or remove it")
-                 for stem, path in images.items() if stem not in masks]
+                 for stem, path in images.items() if stem not in masks and stem not in refused]
     problems += [DataError("mask has no image", path=path, fix=f"add its image to {image_dir} or remove it")
-                 for stem, path in masks.items() if stem not in images]
+                 for stem, path in masks.items() if stem not in images and stem not in refused]
     items = [Item(prefix + stem, masks[stem], path) for stem, path in images.items() if stem in masks]
     return items, problems
 
@@ -669,6 +672,19 @@ class JsonlDataset(BaseDataset):
 def _loveda_split_dir(path: Path) -> bool:
     """Whether `path` holds LoveDA domain folders (Urban/Rural)."""
     return any((path / d).is_dir() for d in LOVEDA_DOMAINS)
+
+
+def ignores_split(path: str | Path) -> bool:
+    """Whether `open_dataset` reads `path` without a split: a .jsonl index, a folder dataset or a LoveDA split
+    folder (only a LoveDA root has splits); False for a LoveDA root or a path it cannot open."""
+    path = Path(path)
+    if path.is_file():
+        return path.suffix.lower() == ".jsonl"
+    if not path.is_dir():
+        return False
+    if (path / CLASSES_FILE).is_file() or (path / "masks").is_dir():
+        return True
+    return _loveda_split_dir(path) and not any(_loveda_split_dir(path / s) for s in LOVEDA_SPLITS)
 
 
 def open_dataset(path: str | Path, split: str = "Train", **kw: Any) -> BaseDataset:

@@ -67,6 +67,10 @@ class MMDiTConfig:
                      "num_heads", "head_dim", "joint_attention_dim", "pooled_projection_dim",
                      "num_classes", "mask_downscale"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.sample_size // self.patch_size <= self.pos_embed_max_size,
+                f"sample_size {self.sample_size} gives a {self.sample_size // self.patch_size}-token grid side, more "
+                f"than the position table holds (pos_embed_max_size {self.pos_embed_max_size})")
+        require(self.ignore_index >= 0, f"ignore_index must be >= 0, got {self.ignore_index}")
         require(self.head_dim % 4 == 0, "head_dim must be a multiple of 4 (2-D sin-cos positions)")
         require(math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0, "mlp_ratio must be > 0")
         require(all(0 <= i < self.num_layers for i in self.dual_attention_layers),

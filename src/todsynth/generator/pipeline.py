@@ -269,12 +269,55 @@ class MaskToImagePipeline:
         autoencoder = _load_part(load_autoencoder, "autoencoder", settings.autoencoder, directory / PIPELINE_FILE)
         text_encoder = _load_part(load_text_encoder, "text_encoder", settings.text_encoder, directory / PIPELINE_FILE,
                                   dtype=text_dtype)
+        check_parts_agree(settings.image_size, classes, transformer.config, autoencoder, text_encoder,
+                          directory / PIPELINE_FILE, directory / "transformer" / "config.json")
         try:
             pipe = cls(transformer, autoencoder, text_encoder, classes, settings.image_size,
                        settings.prompt_template, normalisation=normalisation)
         except CheckpointError as e:
             raise CheckpointError(e.problem, path=directory / PIPELINE_FILE, fix=e.fix) from None
         return pipe.to(device)
+
+
+def check_parts_agree(image_size: int, classes: ClassSpec, config: Any, autoencoder: Any, text_encoder: Any,
+                      pipeline_path: Path, config_path: Path) -> None:
+    """Refuse a pipeline.json and a transformer config.json that contradict each other: the image size the
+    transformer cannot run at (or was not trained at), classes, ignore index, latent space or text widths."""
+    fix = "use the pipeline.json and transformer/config.json saved together with these weights"
+    f = getattr(autoencoder, "downscale", 1)
+    channels = getattr(autoencoder, "latent_channels", config.in_channels)
+    agree = (("num_classes", config.num_classes, classes.num_classes, "the number of classes in pipeline.json"),
+             ("ignore_index", config.ignore_index, classes.ignore_index, "the ignore index of the classes in "
+                                                                          "pipeline.json"),
+             ("in_channels", config.in_channels, channels, "the latent channels of the autoencoder in pipeline.json"),
+             ("mask_downscale", config.mask_downscale, f, "the downscale factor of the autoencoder in pipeline.json"),
+             ("mask_channels", config.mask_channels or channels, channels,
+              "the latent channels of the autoencoder in pipeline.json"),
+             ("joint_attention_dim", config.joint_attention_dim, getattr(text_encoder, "token_dim", None),
+              "the token width of the text encoder in pipeline.json"),
+             ("pooled_projection_dim", config.pooled_projection_dim, getattr(text_encoder, "pooled_dim", None),
+              "the pooled width of the text encoder in pipeline.json"))
+    for name, theirs, ours, what in agree:
+        if ours is not None and theirs != ours:
+            raise CheckpointError(f"'{name}' is {theirs}, but {what} is {ours}", path=config_path, fix=fix)
+    p, table = config.patch_size, config.pos_embed_max_size
+    trained = config.sample_size * f
+    if image_size % f or (image_size // f) % p:
+        problem = (f"'image_size' {image_size} is not a multiple of the autoencoder's downscale factor {f}"
+                   if image_size % f else f"'image_size' {image_size} gives a {image_size // f}-pixel latent, not "
+                   f"a multiple of the transformer's patch size {p}")
+    elif image_size // f // p > table:
+        grid = image_size // f // p
+        problem = (f"'image_size' {image_size} needs a {grid}x{grid} token grid, but the transformer's position "
+                   f"table holds {table}x{table} (pos_embed_max_size in {config_path})")
+    elif image_size != trained and table == max(config.sample_size // p, 8) * 2:  # built by `generator train`:
+        # it runs at its training size; an SD3 import (another table) runs at any size its table holds
+        problem = (f"'image_size' {image_size} is not the size the transformer was trained at: {trained} "
+                   f"(sample_size {config.sample_size} x downscale {f} in {config_path})")
+    else:
+        return
+    raise CheckpointError(problem, path=pipeline_path,
+                          fix=f"set 'image_size' to {trained}, the size the transformer was trained at, or {fix}")
 
 
 def _load_part(loader: Callable[..., Any], name: str, settings: dict[str, Any], path: Path, **runtime: Any) -> Any:

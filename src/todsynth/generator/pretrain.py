@@ -97,37 +97,55 @@ def toy_pool(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, list[str]]
     return torch.stack(images).float() / 255, ids
 
 
+PRETRAIN_DATA = ("give IMAGES: a folder of images (directly in it or in images/), a dataset (a LoveDA root, a "
+                 "folder with images/ and masks/, or a .jsonl index; its masks are ignored), or toy:N for N tiles "
+                 "of the embedded toy pool")
+
+
 def _image_folder(path: Path) -> Path | None:
-    """The folder of an images-only dataset at `path` (itself or its images/), or None for other layouts."""
-    if not path.is_dir() or (path / "masks").is_dir():
+    """The folder whose images pretraining reads at `path`: its images/ (a folder dataset's masks and classes are
+    never read), or `path` itself unless it is a label-only folder or a LoveDA layout; None for those and files."""
+    from todsynth.data.readers import _loveda_split_dir
+
+    if not path.is_dir():
         return None
     if (path / "images").is_dir():
         return path / "images"
-    if any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in path.iterdir()):
-        return path
-    return None
+    subfolders = [p for p in path.iterdir() if p.is_dir()]
+    if (path / "masks").is_dir() or _loveda_split_dir(path) or any(_loveda_split_dir(p) for p in subfolders):
+        return None
+    return path
 
 
-def _list_images(folder: Path) -> list[Path]:
-    from todsynth.data.readers import _natural_key
+def _list_images(folder: Path, root: Path) -> list[Path]:
+    """The image files of `folder` in natural order, by the readers' rules (links out of `root` refused, dot-files
+    skipped, one file per id); problems are reported together."""
+    from todsynth.data.readers import _files_by_stem
+    from todsynth.errors import DatasetProblems
 
-    files = sorted((p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                    and p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: _natural_key(p.name))
-    stems: dict[str, Path] = {}
-    problems = []
-    for p in files:
-        if p.stem in stems:
-            problems.append(DataError(f"duplicate id '{p.stem}' (also {stems[p.stem].name})", path=p,
-                                      fix="keep one file per id"))
-        stems[p.stem] = p
-    if not files:
+    problems: list[DataError] = []
+    files = list(_files_by_stem(folder, root, "image", problems).values())
+    if not files and not problems:
+        suffixes = ", ".join(IMAGE_SUFFIXES)
         problems.append(DataError("no images found", path=folder,
-                                  fix=f"put image files ({', '.join(IMAGE_SUFFIXES)}) in the folder"))
+                                  fix=f"put image files ({suffixes}) in it or in an images/ subfolder; "
+                                      f"{PRETRAIN_DATA}"))
     if problems:
-        from todsynth.errors import DatasetProblems
-
         raise DatasetProblems(folder, problems)
     return files
+
+
+def _split_files(files: list[Path], split_file: str, root: Path) -> list[Path]:
+    """The files whose ids a split file lists, in its order; ids without a file are a DataError."""
+    from todsynth.data.split import read_split
+
+    by_id = {p.stem: p for p in files}
+    wanted = read_split(split_file)
+    unknown = [i for i in wanted if i not in by_id]
+    if unknown:
+        raise DataError(f"{len(unknown)} id(s) are not in the dataset {root}, e.g. {unknown[:5]}", path=split_file,
+                        fix="use the split made for this dataset, or regenerate it")
+    return [by_id[i] for i in wanted]
 
 
 def _read_images(loaders: list, size: int, root: Path) -> torch.Tensor:
@@ -188,13 +206,22 @@ def load_unlabeled(cfg: GeneratorTrainConfig) -> tuple[TrainData, ClassSpec]:
     else:
         path = Path(cfg.data)
         if not path.exists():
-            raise DataError("image folder or dataset not found", path=path,
-                            fix="give a folder of images, a dataset, or toy:N for the embedded toy pool")
+            raise DataError("image folder or dataset not found", path=path, fix=PRETRAIN_DATA)
+        if path.is_file() and path.suffix.lower() != ".jsonl":
+            raise DataError("not an image folder or a dataset", path=path, fix=PRETRAIN_DATA)
         folder = _image_folder(path)
         if folder is not None:
-            files = _list_images(folder)
+            from todsynth.data.rasters import DATA_FILE, load_raster_spec
+            from todsynth.data.readers import CLASSES_FILE, load_classes
+
+            files = _list_images(folder, path)
+            if cfg.split_file:
+                files = _split_files(files, cfg.split_file, path)
             ids, root = [p.stem for p in files], folder
-            loaders = [lambda p=p: read_image(p) for p in files]
+            spec = load_raster_spec(path / DATA_FILE)
+            loaders = [lambda p=p: read_image(p, spec) for p in files]
+            if folder != path and (path / CLASSES_FILE).is_file():
+                classes = load_classes(path / CLASSES_FILE)
         else:
             from todsynth.data.readers import SubsetDataset, open_dataset
 
@@ -244,6 +271,14 @@ def check_base(base_dir: Path, meta: dict, base_cfg, cfg, autoencoder, text_enco
             raise CheckpointError(f"the base was pretrained with {kind}={theirs!r}, this run uses "
                                   f"{kind}={module.config.get('kind')!r}", path=base_dir,
                                   fix=f"fine-tune with --set {kind}={theirs}, or pretrain a base with this {kind}")
+    base_te = {k: v for k, v in (meta.get("text_encoder") or {}).items() if k != "path"}
+    for key, ours in text_encoder.config.items():  # token counts: the sequence the text stream learned to read
+        if key not in ("kind", "path") and base_te.get(key) != ours:
+            fix = (f"fine-tune with --set text_max_length={base_te.get(key)}, or pretrain a base with this "
+                   "text_max_length" if key == "max_length" and text_encoder.config.get("kind") == "minilm"
+                   else "fine-tune with the base's text encoder settings, or pretrain a base with these")
+            raise CheckpointError(f"the base was pretrained with text_encoder {key}={base_te.get(key)!r}, this run "
+                                  f"uses {key}={ours!r}", path=base_dir, fix=fix)
     theirs = meta.get("image_size")
     if theirs != size:
         raise CheckpointError(f"the base was pretrained at size={theirs}, this run has size={size}", path=base_dir,

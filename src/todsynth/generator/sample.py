@@ -57,13 +57,16 @@ def sample_batched(pipe: MaskToImagePipeline, labels: torch.Tensor, prompts: lis
 def sample_grid(model: str | Path, masks: str | Path, out: str | Path, split: str = "Train", n: int = 8,
                 steps: int = 20, guidance: float = 1.0, shift: float = 1.0, seed: int = 0,
                 batch_size: int = 8, device: str = "auto", mixed_precision: str = "no") -> Path:
-    """Sample n masks of a dataset and write out/samples.png (mask | generated per row); settings and the
-    masks' classes are checked before anything is written. Runs on accelerate's device (or `device`) in
-    `mixed_precision`; prompts (and "") are encoded once into out/prompt_cache.safetensors."""
+    """Sample n masks of a dataset and write out/samples.png (mask | generated per row); settings, the output
+    folder (outside the masks and the model) and the masks' classes are checked before anything is written.
+    Runs on accelerate's device (or `device`) in `mixed_precision`; prompts (and "") are encoded once into
+    out/prompt_cache.safetensors."""
     from todsynth.generator.runtime import resolve_runtime
+    from todsynth.synthesize import check_output_folder
     from todsynth.viz import save_mask_image_grid
 
     check_sample_settings(n, steps, guidance, shift, batch_size)
+    check_output_folder(out, {"masks dataset": masks, "generator folder": model})
     runtime = resolve_runtime(device, mixed_precision)
     pipe = MaskToImagePipeline.for_runtime(model, runtime)
     labels, prompts, ids, classes = load_masks(masks, split, pipe.image_size, n)

@@ -105,7 +105,13 @@ class GeneratorTrainConfig:
     prompt: str | None = None  # the prompt of uncaptioned images (default "a satellite image")
 
     def validate(self) -> None:
-        require(bool(self.data), "data: give a dataset path")
+        require(bool(self.data), "data: no dataset given",
+                fix="give IMAGES (a folder of images, a dataset, or toy:N)" if self.unlabeled else
+                "give DATA (a LoveDA root, a folder with images/ and masks/, or a .jsonl index), "
+                "or 'data:' in --config")
+        require(self.text_encoder != "sd3" or bool(self.text_encoder_path),
+                "the sd3 text encoder needs text_encoder_path (a local diffusers SD3 pipeline folder)",
+                fix="give --set text_encoder_path=<SD3 pipeline folder>")
         require(isinstance(self.resume, bool) or self.resume == "auto",
                 f"resume must be true, false or 'auto', got {self.resume!r}")
         require(not (self.overwrite and self.resume is not False),

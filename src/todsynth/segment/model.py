@@ -64,6 +64,7 @@ class SegmenterConfig:
         require(self.arch in ARCHS, f"unknown arch {self.arch!r}; choose one of {list(ARCHS)}")
         check_encoder(self.encoder)
         require(self.num_classes >= 1, f"num_classes must be >= 1, got {self.num_classes}")
+        require(self.ignore_index >= 0, f"ignore_index must be >= 0, got {self.ignore_index}")
         require(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels}")
         require(self.size is None or self.size >= 1, f"size must be >= 1 (or unset), got {self.size}")
         require(self.class_names is None or len(self.class_names) == self.num_classes,
@@ -176,6 +177,10 @@ class Segmenter(nn.Module):
             _check_expected(config, expect, directory / CONFIG_NAME)
         config = dataclasses.replace(config, encoder_weights_file=None)
         model = load_pretrained(lambda: cls(config), directory / WEIGHTS_NAME, directory / CONFIG_NAME)
+        if config.ignore_index < config.num_classes:  # after the header check, which names a num_classes edit
+            raise CheckpointError(f"ignore_index {config.ignore_index} is a class label (0..{config.num_classes - 1})",
+                                  path=directory / CONFIG_NAME, fix="use the config.json saved with these weights, "
+                                  f"or an ignore_index outside 0..{config.num_classes - 1}, e.g. 255")
         model.source = directory / CONFIG_NAME  # named when data does not match its stored normalisation
         return model
 

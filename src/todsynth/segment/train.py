@@ -176,6 +176,26 @@ def _accelerator(cfg: SegmentTrainConfig) -> Any:
         raise ConfigError(f"cannot set up device/precision: {e}", fix="check 'device' and 'mixed_precision'") from None
 
 
+def check_device_choice(device: str) -> None:
+    """Refuse a --device other than auto, cpu or cuda with the message `segment train` gives (its config's check)."""
+    import typing
+
+    choices = list(get_args(typing.get_type_hints(SegmentTrainConfig)["device"]))
+    if device not in choices:
+        raise ConfigError(f"'device' must be one of {choices}, got {device!r}", path="config",
+                          fix=f"give --device {', '.join(choices[:-1])} or {choices[-1]}")
+
+
+def check_eval_split(data: str | Path, split: str, default: str = "Val") -> None:
+    """Refuse a split other than the default for a dataset that has no splits (only a LoveDA root has them):
+    a setting that does not apply is refused, not ignored."""
+    from todsynth.data.readers import ignores_split
+
+    if split != default and ignores_split(data):
+        raise ConfigError(f"--split {split} is given, but {data} has no splits (only a LoveDA root has Train/Val/Test)",
+                          path="config", fix="leave out --split to score the whole dataset")
+
+
 def check_device(device: str | torch.device) -> None:
     """Refuse a CUDA device when no GPU is visible, before anything is loaded onto it or written."""
     if str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -575,7 +595,10 @@ def _eval_dataset(data: str | Path | Sequence[Sample] | Dataset, split: str,
     classes = getattr(data, "classes", None)
     names = model.config.class_names
     if classes is not None and names is not None and tuple(classes.names) != tuple(names):
-        raise DataError(f"dataset classes {list(classes.names)} differ from the model's {list(names)}",
+        from todsynth.data.classes import class_difference
+
+        raise DataError(f"dataset classes {class_difference(list(classes.names), list(names))} differ from the "
+                        f"model's {class_difference(list(names), list(classes.names))}",
                         path=getattr(data, "root", None), fix="evaluate on data with the model's classes")
     if isinstance(data, Dataset):
         return data
