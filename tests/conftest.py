@@ -63,25 +63,11 @@ def toy_masks_16(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_generator_dir(tmp_path_factory) -> Path:
     """A saved generator (random weights, pixel space, 16 px, bundled MiniLM text encoder)."""
-    import torch
+    from tiny_models import save_tiny_generator
 
     from todsynth.data.classes import LOVEDA
-    from todsynth.generator.autoencoder import PixelAutoencoder
-    from todsynth.generator.mmdit import MaskControlMMDiT, MMDiTConfig
-    from todsynth.generator.pipeline import MaskToImagePipeline
-    from todsynth.generator.text import MiniLMTextEncoder
 
-    torch.manual_seed(0)
-    text = MiniLMTextEncoder(max_length=8)
-    model = MaskControlMMDiT(MMDiTConfig(in_channels=3, patch_size=2, sample_size=16, pos_embed_max_size=16,
-                                         num_layers=2, num_heads=2, head_dim=16, joint_attention_dim=text.token_dim,
-                                         pooled_projection_dim=text.pooled_dim, num_classes=7))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    path = tmp_path_factory.mktemp("gen") / "generator"
-    MaskToImagePipeline(model, PixelAutoencoder(), text, LOVEDA, image_size=16).save_pretrained(path)
-    return path
+    return save_tiny_generator(tmp_path_factory.mktemp("gen") / "generator", LOVEDA, jitter=0.05)
 
 
 @pytest.fixture(scope="session")

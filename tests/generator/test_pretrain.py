@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from gentest_helpers import two_processes_vs_one, weights
+
 from todsynth.errors import CheckpointError, ConfigError, DataError
 from todsynth.generator.pretrain import (PRETRAIN_PROMPT, TOY_POOL_START, load_unlabeled, pretrain_config,
                                          pretrain_generator, toy_pool_indices)
 from todsynth.generator.train import GeneratorTrainConfig, build_pipeline, train_generator
-from todsynth.io import load_weights
 
 TINY = dict(size=16, num_layers=1, num_heads=2, head_dim=8, batch_size=4, val_every=0, val_samples=2, val_steps=2,
             checkpoint_every=2, progress=False, warmup_steps=1, text_max_length=8)
@@ -25,10 +26,6 @@ def tiny_pretrain(data: str, out: Path, **kw) -> GeneratorTrainConfig:
 
 def tiny_train(data: Path, out: Path, **kw) -> GeneratorTrainConfig:
     return GeneratorTrainConfig(**{**TINY, "data": str(data), "out": str(out), "steps": 2, **kw})
-
-
-def weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_weights(out / "model" / "transformer" / "model.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -313,22 +310,7 @@ def test_checkpoints_written_before_the_pretraining_settings_still_resume(toy, t
 @pytest.mark.slow
 def test_two_processes_pretrain_like_one(tmp_path):
     """`accelerate launch --cpu --num_processes 2 ... generator pretrain` gives the base one process gives."""
-    import os
-    import subprocess
-    import sys
-
     args = ["generator", "pretrain", "toy:8", "--steps", "3", "--batch-size", "4", "--size", "16",
             "--set", "num_layers=1", "--set", "num_heads=2", "--set", "head_dim=8", "--set", "val_every=0",
             "--set", "augment=false", "--set", "text_max_length=8", "--set", "progress=false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "todsynth.cli.main"]
-    two = subprocess.run(launch + args + ["--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "todsynth.cli.main"] + args + ["--out", str(tmp_path / "one")],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
-    diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert diff < 1e-4, diff
+    assert two_processes_vs_one(args, tmp_path) < 1e-4

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from gentest_helpers import two_processes_vs_one, weights
 
 from todsynth.errors import CheckpointError
 from todsynth.generator.train import GeneratorTrainConfig, train_generator
@@ -28,10 +27,6 @@ def small(toy: Path, out: Path, **kw) -> GeneratorTrainConfig:
                 text_max_length=8)
     base.update(kw)
     return GeneratorTrainConfig(**base)
-
-
-def weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_weights(out / "model" / "transformer" / "model.safetensors")
 
 
 def test_loss_decreases_and_outputs_exist(toy, tmp_path):
@@ -105,15 +100,4 @@ def test_two_processes_match_one(toy, tmp_path):
     args = ["generator", "train", str(toy), "--steps", "3", "--batch-size", "4", "--size", "16",
             "--set", "num_layers=2", "--set", "num_heads=2", "--set", "head_dim=16", "--set", "val_every=0",
             "--set", "augment=false", "--set", "text_max_length=8", "--set", "progress=false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "todsynth.cli.main"]
-    two = subprocess.run(launch + args + ["--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "todsynth.cli.main"] + args + ["--out", str(tmp_path / "one")],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
-    diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert diff < 1e-4, diff
+    assert two_processes_vs_one(args, tmp_path) < 1e-4

@@ -92,21 +92,10 @@ def _refused(app, args: list[str], *words: str) -> str:
 @pytest.fixture(scope="module")
 def wide_generator_dir(tmp_path_factory) -> Path:
     """A saved 1-layer generator for WIDE_CLASSES (300 classes, ignore 300), 16 px, random weights."""
-    import torch
+    from tiny_models import save_tiny_generator
 
-    from todsynth.generator.autoencoder import PixelAutoencoder
-    from todsynth.generator.mmdit import MaskControlMMDiT, MMDiTConfig
-    from todsynth.generator.pipeline import MaskToImagePipeline
-    from todsynth.generator.text import MiniLMTextEncoder
-
-    torch.manual_seed(0)
-    text = MiniLMTextEncoder(max_length=8)
-    model = MaskControlMMDiT(MMDiTConfig(in_channels=3, patch_size=2, sample_size=16, pos_embed_max_size=16,
-                                         num_layers=1, num_heads=2, head_dim=8, joint_attention_dim=text.token_dim,
-                                         pooled_projection_dim=text.pooled_dim, num_classes=300, ignore_index=300))
-    path = tmp_path_factory.mktemp("wide_gen") / "generator"
-    MaskToImagePipeline(model, PixelAutoencoder(), text, WIDE_CLASSES, image_size=16).save_pretrained(path)
-    return path
+    return save_tiny_generator(tmp_path_factory.mktemp("wide_gen") / "generator", WIDE_CLASSES, num_layers=1,
+                               head_dim=8)
 
 
 def _segmenter(path: Path, num_classes: int, names: tuple[str, ...] | None = None) -> Path:
