@@ -675,9 +675,12 @@ class _bar:
 
 
 def config_dict(cfg: SynthesizeConfig) -> dict:
+    """The run's settings as synthesize.json records them: every input path absolute, so a rerun from
+    another working directory compares equal."""
     d = asdict(cfg)
     d["transforms"] = list(cfg.transforms)
-    d["generator"] = str(Path(cfg.generator).resolve())
-    d["masks"] = str(Path(cfg.masks).resolve())
+    for name in ("generator", "masks", "segmenter", "filter_stats", "split_file"):
+        if d[name]:
+            d[name] = str(Path(d[name]).resolve())
     d.pop("out")
     return d

@@ -300,3 +300,15 @@ def test_pretrain_without_images_names_the_argument(cli_app, tmp_path: Path) -> 
     out = tmp_path / "out"
     refused(cli_app, ["generator", "pretrain", "--out", str(out)], out, "give IMAGES (a folder of images, a dataset, "
                                                                         "or toy:N)")
+
+
+def test_synthesize_json_records_every_input_path_absolute(tmp_path, monkeypatch):
+    """A rerun from another working directory with relative paths is the same run, not 'other settings'."""
+    from todsynth.synthesize import SynthesizeConfig, config_dict
+
+    monkeypatch.chdir(tmp_path)
+    cfg = SynthesizeConfig(generator="gen", masks="masks", out="out", segmenter="seg", filter_stats="stats.json",
+                           split_file="split.json")
+    recorded = config_dict(cfg)
+    for name in ("generator", "masks", "segmenter", "filter_stats", "split_file"):
+        assert recorded[name] == str(tmp_path / getattr(cfg, name)), name
