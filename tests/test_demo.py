@@ -62,10 +62,16 @@ def test_experiment_smoke_grid(tmp_path):
     assert (tmp_path / "exp" / "figures" / "main.png").is_file()
     md = (tmp_path / "exp" / "results.md").read_text()
     m = cells["CRFM"]["mIoU"]
-    assert f"| CRFM | 2 | {m['mean']:.3f} ± {m['std']:.3f} | {vals[0]:.3f} / {vals[1]:.3f} |" in md
-    compute = summary["compute"]  # every distinct stage once: data, guidance, generator, synthesis, downstream
-    assert compute["stages"] == 2 * 4 + 1 and set(compute["by_kind"]) == {"data", "guidance", "generator",
-                                                                          "synthesis", "downstream"}
+    fid = cells["CRFM"]["mask_fidelity"]
+    assert f"| CRFM | 2 | {m['mean']:.3f} ± {m['std']:.3f} | {vals[0]:.3f} / {vals[1]:.3f} | {fid['mean']:.3f} |" in md
+    fids = [r["mask_fidelity"] for r in rows if r["cell"] == "CRFM"]
+    assert all(0 <= f <= 1 for f in fids) and fid["mean"] == pytest.approx(sum(fids) / 2)
+    assert cells["real only"]["mask_fidelity"]["mean"] is None  # no synthetic pairs to judge
+    assert all(r["compute_s"] > 0 for r in rows)
+    compute = summary["compute"]  # every distinct stage once: data; per seed guidance, generator, synthesis,
+    # downstream, and the judge with the fidelity of the synthetic pairs
+    assert compute["stages"] == 2 * 6 + 1 and set(compute["by_kind"]) == {
+        "data", "guidance", "generator", "synthesis", "downstream", "judge", "fidelity"}
     assert compute["by_kind"]["guidance"]["stages"] == 2 and compute["seconds"] >= summary["wall_time_s"] * 0.5
     again = run_grid(grid, tmp_path / "exp", only=["main"], seeds=[0, 1], log=lambda m: None)
     assert again["compute"] == compute and again["wall_time_s"] < summary["wall_time_s"]

@@ -627,7 +627,29 @@ def run_cell(s: CellSettings, root: str | Path, log: Callable[[str], None] = pri
     if base is not None:
         out["base"] = base
     out.update(generator=gen, synthesis=syn, downstream=down, metrics=down["metrics"])
+    if data.get("oracle") or s.oracle_data:  # a judge needs real + oracle pairs to train on
+        out["judge"] = stage_judge(s, data, root, log)
+        out["fidelity"] = stage_fidelity(s, syn, out["judge"], root, log)
     return out
+
+
+def stage_fidelity(s: CellSettings, syn: dict, judge: dict, root: Path, log) -> dict:
+    """Mask fidelity of a cell's synthetic pairs: the independent judge's metrics on the synthetic images
+    against their conditioning masks (a low flow loss does not mean the masks are obeyed)."""
+    what = f"mask fidelity of the {s.synth} pairs (seed {s.seed})"
+
+    def make(d: Path) -> dict:
+        return {"metrics": mask_fidelity(syn["path"], judge["model"], limit=s.n_layouts if s.synth == "oracle"
+                                         else None)}
+
+    key = hashlib.sha256(f"{syn.dir.name}/{judge.dir.name}".encode()).hexdigest()[:12]
+    return Stage(root, "fidelity", key, log, what).run(make)
+
+
+def cell_compute_s(result: dict) -> float:
+    """Measured wall time of the stages a cell used, the one-time pretraining (base) left out."""
+    return round(sum(sec for folder, sec in stage_times(result).items()
+                     if not Path(folder).name.startswith("base-")), 1)
 
 
 def mask_fidelity(images_dir: str | Path, judge_model: str, limit: int | None = None) -> dict:

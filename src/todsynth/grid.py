@@ -76,7 +76,7 @@ def expand(grid: dict) -> dict[str, dict[str, dict]]:
 def run_grid(grid: dict, out: str | Path, only: list[str] | None = None, seeds: list[int] | None = None,
              log=print, overrides: dict | None = None) -> dict:
     """Run every (table, cell, seed) — or only `table` / `table/cell` entries — and write the summaries."""
-    from todsynth.experiment import run_cell, settings_from, stage_times
+    from todsynth.experiment import cell_compute_s, run_cell, settings_from, stage_times
     from todsynth.io import write_json
 
     out = Path(out)
@@ -97,8 +97,9 @@ def run_grid(grid: dict, out: str | Path, only: list[str] | None = None, seeds: 
         log(f"cell {table}/{name} seed {seed}")
         result = run_cell(s, out, log)
         used.update(stage_times(result))
+        fidelity = result["fidelity"]["metrics"]["mIoU"] if "fidelity" in result else None
         rows.append({"table": table, "cell": name, "seed": seed, "settings": result["settings"],
-                     "metrics": result["metrics"]})
+                     "metrics": result["metrics"], "mask_fidelity": fidelity, "compute_s": cell_compute_s(result)})
     summary = summarise(rows)
     summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
     summary["compute"] = compute_summary(used)
@@ -122,7 +123,8 @@ def compute_summary(stage_seconds: dict[str, float]) -> dict:
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Mean ± std over seeds per (table, cell): mIoU, OA, mAcc and per-class IoU."""
+    """Mean ± std over seeds per (table, cell): mIoU, OA, mAcc, per-class IoU, the synthetic pairs' mask
+    fidelity (judge mIoU) and the cell's compute (its stages' wall time, pretraining left out)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["table"], r["cell"]), []).append(r["metrics"])
@@ -132,6 +134,9 @@ def summarise(rows: list[dict]) -> dict:
         for k in ("mIoU", "OA", "mAcc"):
             entry[k] = _mean_std([m[k] for m in ms])
         entry["IoU"] = {c: _mean_std([m["IoU"][c] for m in ms]) for c in ms[0]["IoU"]}
+        mine = [r for r in rows if (r["table"], r["cell"]) == (table, cell)]
+        entry["mask_fidelity"] = _mean_std([r.get("mask_fidelity") for r in mine])
+        entry["compute_s"] = _mean_std([r.get("compute_s") for r in mine])
         cells.append(entry)
     return {"cells": cells}
 
@@ -170,16 +175,21 @@ def write_markdown(path: Path, summary: dict, rows: list[dict]) -> None:
     for table in dict.fromkeys(c["table"] for c in summary["cells"]):
         cells = [c for c in summary["cells"] if c["table"] == table]
         classes = list(cells[0]["IoU"])
-        lines += [f"## {table}", "", "| cell | seeds | mIoU | per seed | " + " | ".join(classes) + " |",
-                  "|---" * (4 + len(classes)) + "|"]
+        lines += [f"## {table}", "", "| cell | seeds | mIoU | per seed | mask fidelity | compute min | "
+                  + " | ".join(classes) + " |", "|---" * (6 + len(classes)) + "|"]
         for c in cells:
-            m = c["mIoU"]
+            m, fid, sec = c["mIoU"], c.get("mask_fidelity", {}), c.get("compute_s", {})
             ious = " | ".join(format_metric(c["IoU"][k]["mean"]) for k in classes)
+            minutes = "n/a" if sec.get("mean") is None else f"{sec['mean'] / 60:.1f}"
             lines.append(f"| {c['cell']} | {c['n_seeds']} | {format_metric(m['mean'])} ± "
-                         f"{format_metric(m['std'])} | {' / '.join(per_seed[(table, c['cell'])])} | {ious} |")
+                         f"{format_metric(m['std'])} | {' / '.join(per_seed[(table, c['cell'])])} | "
+                         f"{format_metric(fid.get('mean'))} | {minutes} | {ious} |")
         lines.append("")
     sizes = sorted({r["settings"]["size"] for r in rows if "settings" in r})
     if sizes:
+        lines.append("Mask fidelity: an independent judge segmenter's mIoU on the cell's synthetic images against "
+                     "their conditioning masks; compute: the wall time of the stages the cell used (pretraining "
+                     "apart), as measured when each ran.")
         lines.append(f"Working size {' / '.join(map(str, sizes))} px: every model trains at its cell's size, and "
                      "each test tile is predicted at that size and scored at its own resolution.")
     if "compute" in summary:
