@@ -4,7 +4,6 @@ text encoders moved with the pipeline, bf16 autocast within tolerance of fp32.""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import small, toy, weights  # noqa: F401 - the toy fixture
+from gentest_helpers import weights
+from test_train import small, toy  # noqa: F401 - the toy fixture
 
 from todsynth.generator.mmdit import MaskControlMMDiT
 from todsynth.generator.train import train_generator
@@ -33,9 +34,9 @@ def test_snapshots_are_model_only_limited_and_loadable(toy, tmp_path):  # noqa: 
     assert all(torch.equal(last[k], final[k]) for k in final)
 
 
-def launch(config: str, toy: Path, out: Path, *extra: str) -> None:
+def launch(config: str, data: Path, out: Path, *extra: str) -> None:
     """`accelerate launch --config_file <config> --num_processes 2` of `generator train` on the CPU (gloo)."""
-    args = ["generator", "train", str(toy), "--out", str(out), "--steps", "4", "--batch-size", "4", "--size", "16",
+    args = ["generator", "train", str(data), "--out", str(out), "--steps", "4", "--batch-size", "4", "--size", "16",
             *[x for s in ("num_layers=2", "num_heads=2", "head_dim=16", "val_every=0", "text_max_length=8",
                           "progress=false", "ema_decay=0.9", "checkpoint_every=1", "full_state_every=2",
                           *extra) for x in ("--set", s)]]
