@@ -312,3 +312,16 @@ def test_synthesize_json_records_every_input_path_absolute(tmp_path, monkeypatch
     recorded = config_dict(cfg)
     for name in ("generator", "masks", "segmenter", "filter_stats", "split_file"):
         assert recorded[name] == str(tmp_path / getattr(cfg, name)), name
+
+
+def test_mask_class_mismatch_gives_counts_not_every_name() -> None:
+    """Masks of 300 classes against a 7-class generator: the counts and a few names, not 300 names."""
+    from todsynth.data.classes import LOVEDA, ClassSpec
+    from todsynth.errors import DataError
+    from todsynth.generator.sample import check_mask_classes
+
+    wide = ClassSpec(tuple(f"c{i}" for i in range(300)), ignore_index=300)
+    with pytest.raises(DataError) as info:
+        check_mask_classes(wide, LOVEDA, "masks")
+    text = str(info.value)
+    assert "300 classes" in text and "'c0'" in text and "c299" not in text and len(text) < 600, text

@@ -26,10 +26,13 @@ def load_masks(path: str | Path, split: str, size: int, n: int | None = None,
 
 def check_mask_classes(masks: ClassSpec, generator: ClassSpec, path: str | Path) -> None:
     """Raise DataError unless the masks use the generator's classes (names and ignore index)."""
+    from todsynth.data.classes import class_difference
+
     if tuple(masks.names) != tuple(generator.names) or masks.ignore_index != generator.ignore_index:
-        raise DataError(f"mask classes {list(masks.names)} (ignore {masks.ignore_index}) differ from the "
-                        f"generator's {list(generator.names)} (ignore {generator.ignore_index})", path=path,
-                        fix="use masks labelled with the classes the generator was trained on")
+        raise DataError(f"mask classes {class_difference(masks.names, generator.names)} (ignore "
+                        f"{masks.ignore_index}) differ from the generator's "
+                        f"{class_difference(generator.names, masks.names)} (ignore {generator.ignore_index})",
+                        path=path, fix="use masks labelled with the classes the generator was trained on")
 
 
 def check_sample_settings(n: int, steps: int, guidance: float, shift: float, batch_size: int) -> None:
