@@ -107,14 +107,19 @@ def test_train_configs_default_to_random_crops_and_check_the_mode() -> None:
         SegmentTrainConfig(crop="squash").validate()
 
 
+def label_only_dataset(root: Path, h: int, w: int) -> Path:
+    """A label-only folder dataset of one h x w mask holding a 10-px square block (classes a, b)."""
+    (root / "masks").mkdir(parents=True)
+    (root / "classes.yaml").write_text(yaml.safe_dump({"names": ["a", "b"]}))
+    _, label = square_block(h, w, 10)
+    Image.fromarray(label.numpy().astype(np.uint8)).save(root / "masks" / "m.png")
+    return root
+
+
 def test_in_memory_masks_keep_the_aspect_ratio(tmp_path: Path) -> None:
     from todsynth.generator.train import load_train_data
 
-    root = tmp_path / "ds"
-    (root / "masks").mkdir(parents=True)
-    (root / "classes.yaml").write_text(yaml.safe_dump({"names": ["a", "b"]}))
-    _, label = square_block(20, 40, 10)
-    Image.fromarray(label.numpy().astype(np.uint8)).save(root / "masks" / "m.png")
+    root = label_only_dataset(tmp_path / "ds", 20, 40)
     data, _ = load_train_data(str(root), "Train", 16, images=False)
     assert data.labels.shape == (1, 16, 16) and block_extent(data.labels[0]) == (8, 8)
 
@@ -123,11 +128,7 @@ def test_synthesis_masks_center_crop_or_resize_and_refuse_random(tmp_path: Path)
     from todsynth.generator.sample import load_masks
     from todsynth.synthesize import SynthesizeConfig
 
-    root = tmp_path / "ds"
-    (root / "masks").mkdir(parents=True)
-    (root / "classes.yaml").write_text(yaml.safe_dump({"names": ["a", "b"]}))
-    _, label = square_block(40, 20, 10)
-    Image.fromarray(label.numpy().astype(np.uint8)).save(root / "masks" / "m.png")
+    root = label_only_dataset(tmp_path / "ds", 40, 20)
     resized, _, _, _ = load_masks(root, "Train", 16)
     centred, _, _, _ = load_masks(root, "Train", 16, crop="center")
     assert block_extent(resized[0]) == (8, 8) and block_extent(centred[0]) == (10, 10)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import shutil
+
 import pytest
 from reliability_helpers import SYNTH_SAMPLES, SYNTH_SETTINGS, file_bytes, synth_keep, torch_threads
 
@@ -33,3 +35,15 @@ def synth_reference(tiny_generator_dir: Path, toy_masks_16: Path, tmp_path_facto
         summary = synthesize(build_synthesize_config(values), progress=False)
     assert summary["made"] == SYNTH_SAMPLES == summary["in_manifest"]
     return file_bytes(out, synth_keep)
+
+
+@pytest.fixture
+def gen(tiny_generator_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny saved generator (trained size 16, patch 2, position table 16) that a test may edit."""
+    return Path(shutil.copytree(tiny_generator_dir, tmp_path / "gen"))
+
+
+@pytest.fixture
+def seg(tiny_segmenter_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny saved segmenter (7 classes) that a test may edit."""
+    return Path(shutil.copytree(tiny_segmenter_dir, tmp_path / "seg"))

@@ -164,3 +164,13 @@ def synth_args(generator: Path, masks: Path, out: Path) -> list[str]:
 def synth_keep(rel: Path) -> bool:
     """Files that define a synthesized dataset (claims hold process ids and differ between runs)."""
     return rel.parts[0] != ".claims"
+
+
+def refused_with(app, args: list[str], *words: str) -> str:
+    """Invoke the CLI; assert exit 2 with one 'error:' message holding `words`, and no traceback."""
+    result = invoke(app, args)
+    assert result.exit_code == 2, (result.exit_code, result.output[-3000:], result.exception)
+    assert "error:" in result.output and "Traceback" not in result.output
+    for word in words:
+        assert word in result.output, (word, result.output)
+    return result.output

@@ -8,7 +8,6 @@ such a model on a real device). docs/errors.md lists the cases under "Model and 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,18 +35,6 @@ def edit_json(path: Path, **changes: Any) -> Path:
             data[key] = value
     path.write_text(json.dumps(data))
     return path
-
-
-@pytest.fixture
-def seg(tiny_segmenter_dir: Path, tmp_path: Path) -> Path:
-    """A copy of the tiny saved segmenter (7 classes) that a test may edit."""
-    return Path(shutil.copytree(tiny_segmenter_dir, tmp_path / "seg"))
-
-
-@pytest.fixture
-def gen(tiny_generator_dir: Path, tmp_path: Path) -> Path:
-    """A copy of the tiny saved generator that a test may edit."""
-    return Path(shutil.copytree(tiny_generator_dir, tmp_path / "gen"))
 
 
 @pytest.fixture

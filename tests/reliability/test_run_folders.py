@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from reliability_helpers import cli_env, invoke
+from reliability_helpers import cli_env, invoke, refused_with
 
 from todsynth.errors import ConfigError, TodsynthError
 from todsynth.locks import RUN_LOCK, owner_tag
@@ -41,16 +41,6 @@ def ok(app, args: list[str]) -> str:
     """Invoke the CLI; assert success; returns the output."""
     result = invoke(app, args)
     assert result.exit_code == 0, (result.output[-3000:], result.exception)
-    return result.output
-
-
-def refused(app, args: list[str], *words: str) -> str:
-    """Invoke the CLI; assert exit 2 with one 'error:' message holding `words`, and no traceback."""
-    result = invoke(app, args)
-    assert result.exit_code == 2, (result.exit_code, result.output[-3000:], result.exception)
-    assert "error:" in result.output and "Traceback" not in result.output
-    for word in words:
-        assert word in result.output, (word, result.output)
     return result.output
 
 
@@ -92,7 +82,7 @@ def test_a_second_run_on_a_locked_folder_is_refused(cli_app, toy_masks_16: Path,
         owner = f"{socket.gethostname()}:{holder.pid}"
         assert lock.read_text() == owner
         for args in (seg_train(toy_masks_16, out), gen_train(toy_masks_16, out)):
-            refused(cli_app, args, str(lock), f"lock held by process {owner}", "another run")
+            refused_with(cli_app, args, str(lock), f"lock held by process {owner}", "another run")
         assert sorted(p.name for p in out.iterdir()) == [RUN_LOCK] and lock.read_text() == owner
     finally:
         holder.communicate("", timeout=60)
@@ -110,7 +100,7 @@ def test_a_lock_held_by_a_live_pid_is_refused_and_a_dead_one_taken_over(cli_app,
     args = seg_train(toy_masks_16, out) if command == "segment" else gen_train(toy_masks_16, out)
     live = f"{socket.gethostname()}:{sleeper.pid}"
     lock.write_text(live)
-    refused(cli_app, args, str(lock), live, "delete")
+    refused_with(cli_app, args, str(lock), live, "delete")
     assert lock.read_text() == live and sorted(p.name for p in out.iterdir()) == [RUN_LOCK]
     lock.write_text(f"{socket.gethostname()}:{dead_pid()}")  # what a killed run leaves
     ok(cli_app, args)
@@ -157,13 +147,14 @@ def test_segment_train_never_overwrites_an_earlier_run_silently(cli_app, toy_mas
     out = tmp_path / "run"
     ok(cli_app, seg_train(toy_masks_16, out))
     before = snapshot(out)
-    refused(cli_app, seg_train(toy_masks_16, out, "--seed", "1"), str(out), "earlier run", "--resume", "--overwrite")
+    refused_with(cli_app, seg_train(toy_masks_16, out, "--seed", "1"), str(out), "earlier run", "--resume",
+                 "--overwrite")
     assert snapshot(out) == before
     for name in ("model/model.safetensors", "model/config.json", "results.json"):  # as a kill mid-run leaves it
         (out / name).unlink()
     (out / "model").rmdir()
-    refused(cli_app, seg_train(toy_masks_16, out, "--seed", "1"), str(out), "checkpoint/state.safetensors")
-    refused(cli_app, seg_train(toy_masks_16, out, "--resume", "--overwrite"), "exclude each other")
+    refused_with(cli_app, seg_train(toy_masks_16, out, "--seed", "1"), str(out), "checkpoint/state.safetensors")
+    refused_with(cli_app, seg_train(toy_masks_16, out, "--resume", "--overwrite"), "exclude each other")
     ok(cli_app, seg_train(toy_masks_16, out, "--seed", "1", "--overwrite"))
     assert '"seed": 1' in (out / "results.json").read_text()
     ok(cli_app, seg_train(toy_masks_16, out, "--seed", "1", "--resume"))  # overwrite is a resume-free setting
@@ -175,7 +166,7 @@ def test_generator_train_never_overwrites_an_earlier_run_silently(cli_app, toy_m
     out = tmp_path / "run"
     ok(cli_app, gen_train(toy_masks_16, out))
     before = snapshot(out)
-    refused(cli_app, gen_train(toy_masks_16, out, "--set", "seed=1"), str(out), "--resume", "--overwrite")
+    refused_with(cli_app, gen_train(toy_masks_16, out, "--set", "seed=1"), str(out), "--resume", "--overwrite")
     assert snapshot(out) == before
     ok(cli_app, gen_train(toy_masks_16, out, "--set", "seed=1", "--overwrite"))
     assert '"seed": 1' in (out / "config.json").read_text()
@@ -276,7 +267,7 @@ def test_resume_choices_are_all_named(cli_app, toy_masks_16: Path, tmp_path: Pat
     with pytest.raises(ConfigError, match="'resume' must be true, false or 'auto', got 'maybe'"):
         load_config(GeneratorTrainConfig, None, {"data": "d", "resume": "maybe"})
     out = tmp_path / "run"
-    refused(cli_app, gen_train(toy_masks_16, out, "--set", "resume=maybe"), "'auto'")
+    refused_with(cli_app, gen_train(toy_masks_16, out, "--set", "resume=maybe"), "'auto'")
     assert not out.exists()
 
 
@@ -289,5 +280,5 @@ def test_cuda_without_a_gpu_is_a_clear_error(cli_app, toy_masks_16: Path, tiny_s
     evaluate = ["segment", "eval", str(tiny_segmenter_dir), str(toy_masks_16), "--split", "Train", "--json", str(out)]
     train = ["segment", "train", "--data", str(toy_masks_16), "--out", str(out), *TINY_SEG[:-2]]
     args = evaluate if command == "eval" else train
-    refused(cli_app, [*args, "--device", "cuda"], "no CUDA device", "--device cpu")
+    refused_with(cli_app, [*args, "--device", "cuda"], "no CUDA device", "--device cpu")
     assert not out.exists()

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from reliability_helpers import invoke, torch_threads
+from reliability_helpers import invoke, refused_with, torch_threads
 
 from todsynth.data.classes import LOVEDA_NAMES, ClassSpec
 from todsynth.errors import ConfigError
@@ -77,16 +77,6 @@ def _manifest(out: Path) -> list[dict]:
 def _tree(root: Path) -> dict[str, bytes]:
     """Every file under `root` (relative path -> bytes): to show an input was left untouched."""
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _refused(app, args: list[str], *words: str) -> str:
-    """Invoke the CLI; assert exit 2, an 'error:' line without traceback that contains `words`."""
-    result = invoke(app, args)
-    assert result.exit_code == 2, (result.exit_code, result.output[-2000:], result.exception)
-    assert "error:" in result.output and "Traceback" not in result.output
-    for word in words:
-        assert word in result.output, (word, result.output)
-    return result.output
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +204,7 @@ def test_output_folder_overlapping_an_input_is_refused(cli_app, tiny_generator_d
                      "inside_generator": (gen / "synth", "is inside the generator folder"),
                      "contains_stats": (tmp_path / "run", "contains the filter stats")}[case]
     before = _tree(tmp_path)
-    _refused(cli_app, ["synthesize", str(gen), str(masks), str(out), "--crfm-steps", "0", "--segmenter", str(seg),
+    refused_with(cli_app, ["synthesize", str(gen), str(masks), str(out), "--crfm-steps", "0", "--segmenter", str(seg),
                        "--set", f"filter_stats={stats}", "--set", "limit=1", "--num-steps", "1"],
              relation, "choose an output folder outside")
     assert _tree(tmp_path) == before
@@ -239,7 +229,7 @@ def test_guide_of_other_classes_is_refused(cli_app, tiny_generator_dir: Path, wi
     else:
         seg = _segmenter(tmp_path / "seg", 7, tuple(reversed(LOVEDA_NAMES)))
     out = tmp_path / "out"
-    _refused(cli_app, ["synthesize", str(gen), str(masks), str(out), "--segmenter", str(seg), "--crfm-steps", "1",
+    refused_with(cli_app, ["synthesize", str(gen), str(masks), str(out), "--segmenter", str(seg), "--crfm-steps", "1",
                        "--num-steps", "1", "--set", "limit=1"], str(seg / "config.json"), "guidance segmenter",
              "use a segmenter trained on the masks")
     assert not out.exists()
@@ -249,7 +239,7 @@ def test_generator_sample_refuses_masks_of_other_classes(cli_app, tiny_generator
                                                          tmp_path: Path) -> None:
     """`generator sample` with 3-class masks for the 7-class generator names the masks; no grid is written."""
     out = tmp_path / "grids"
-    _refused(cli_app, ["generator", "sample", str(tiny_generator_dir), str(folder_dataset), str(out), "--n", "1",
+    refused_with(cli_app, ["generator", "sample", str(tiny_generator_dir), str(folder_dataset), str(out), "--n", "1",
                        "--steps", "1"], str(folder_dataset), "differ from the generator's")
     assert not (out / "samples.png").exists()
 
@@ -262,7 +252,7 @@ def test_generator_sample_refuses_bad_settings(cli_app, tiny_generator_dir: Path
                                                tmp_path: Path, args: list[str], name: str) -> None:
     """Counts below 1 and non-finite or negative guidance/shift are ConfigErrors (exit 2), before any write."""
     out = tmp_path / "grids"
-    _refused(cli_app, ["generator", "sample", str(tiny_generator_dir), str(toy_masks_16), str(out), "--steps", "1",
+    refused_with(cli_app, ["generator", "sample", str(tiny_generator_dir), str(toy_masks_16), str(out), "--steps", "1",
                        *args], name)
     assert not out.exists()
 
@@ -286,7 +276,7 @@ def test_split_file_of_another_dataset_is_refused(cli_app, tiny_generator_dir: P
     split = tmp_path / "other_split.json"
     split.write_text(json.dumps({"ids": ["Urban/elsewhere_1", "Rural/elsewhere_2"], "n": 2}))
     out = tmp_path / "out"
-    _refused(cli_app, ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(out), "--crfm-steps", "0",
+    refused_with(cli_app, ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(out), "--crfm-steps", "0",
                        "--num-steps", "1", "--set", f"split_file={split}"], str(split), "not in the dataset",
              "use the split made for this dataset")
     assert not out.exists()

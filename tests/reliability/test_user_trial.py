@@ -21,18 +21,6 @@ from todsynth.errors import CheckpointError, ConfigError, DataError
 SYNTH_FAST = ["--crfm-steps", "0", "--num-steps", "1", "--set", "limit=1"]
 
 
-@pytest.fixture
-def gen(tiny_generator_dir: Path, tmp_path: Path) -> Path:
-    """A copy of the tiny saved generator (trained size 16, patch 2, position table 16) that a test may edit."""
-    return Path(shutil.copytree(tiny_generator_dir, tmp_path / "gen"))
-
-
-@pytest.fixture
-def seg(tiny_segmenter_dir: Path, tmp_path: Path) -> Path:
-    """A copy of the tiny saved segmenter (7 classes) that a test may edit."""
-    return Path(shutil.copytree(tiny_segmenter_dir, tmp_path / "seg"))
-
-
 # ---------------------------------------------------------------------------------------------
 # 1, 5: pipeline.json and transformer/config.json that contradict each other
 
