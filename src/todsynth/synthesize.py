@@ -486,9 +486,7 @@ def synthesize(cfg: SynthesizeConfig, accelerator=None, progress: bool = True,
     out.release_stale_claims()
     items = plan(ids, cfg, copies)
     pipe.use_prompt_cache(out.root / PROMPT_CACHE, sorted({item_input(it, labels, prompts, classes, pipe, cfg)[1]
-                                                           for it in items}), runtime)
-    if runtime.device.type != "cpu":  # every prompt is cached: the text encoders leave the accelerator
-        pipe.text_encoder.to("cpu")
+                                                           for it in items}), runtime, offload_text=True)
     already = sum(out.done(it) for it in items)
     todo = [it for it in items[rank::world] if not out.done(it)]
     t0, made, rejected = time.perf_counter(), 0, 0

@@ -116,12 +116,16 @@ class MaskToImagePipeline:
 
         return autocast(self.device, self.mixed_precision)
 
-    def use_prompt_cache(self, path: str | Path, prompts: Sequence[str], runtime: Any = None) -> Any:
+    def use_prompt_cache(self, path: str | Path, prompts: Sequence[str], runtime: Any = None,
+                         offload_text: bool = False) -> Any:
         """Encode `prompts` (and "") once into the cache file at `path`, shared by all processes (each encodes
-        its share), and route every later encode_text through it; returns the cache."""
+        its share), and route every later encode_text through it; returns the cache. `offload_text`: every
+        prompt the run needs is cached, so the text encoders leave the accelerator."""
         from todsynth.generator.text import build_prompt_cache
 
         self.prompt_cache = build_prompt_cache(path, self.text_encoder, prompts, runtime)
+        if offload_text and self.device.type != "cpu":
+            self.text_encoder.to("cpu")
         return self.prompt_cache
 
     # -- conditioning: the one function for training and sampling ---------------------------------

@@ -575,9 +575,7 @@ def _make_ema(params: list, cfg: GeneratorTrainConfig):
 def _attach_prompt_cache(pipe, prompts: list[str], out: Path, accelerator) -> None:
     """Encode every prompt once into out/prompt_cache.safetensors, each process its share (no process waits
     behind one encoding them all); training never re-encodes."""
-    pipe.use_prompt_cache(out / "prompt_cache.safetensors", sorted(set(prompts)), accelerator)
-    if accelerator.device.type != "cpu":  # every prompt is cached: the text encoders leave the accelerator
-        pipe.text_encoder.to("cpu")
+    pipe.use_prompt_cache(out / "prompt_cache.safetensors", sorted(set(prompts)), accelerator, offload_text=True)
 
 
 def _latent_cache(pipe, data, out: Path, accelerator):
