@@ -205,3 +205,34 @@ def require(cond: bool, message: str, source: str = "config", fix: str | None = 
     """Raise ConfigError(message) unless `cond`; used by the configs' validate() methods."""
     if not cond:
         raise ConfigError(message, path=source, fix=fix)
+
+
+def setting(default: Any = dataclasses.MISSING, *, help: str = "", resume_free: bool = False,
+            default_factory: Any = dataclasses.MISSING) -> Any:
+    """A config field with its one-line `help` and whether a resumed run may change it (`resume_free`: the
+    setting does not change the trajectory, e.g. logging intervals or the output folder)."""
+    return dataclasses.field(default=default, default_factory=default_factory,
+                             metadata={"help": help, "resume_free": resume_free})
+
+
+def resume_free_names(cls: type) -> set[str]:
+    """Dotted names of the fields of the config class `cls` (nested configs included) declared resume_free."""
+    out: set[str] = set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("resume_free"):
+            out.add(f.name)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            out |= {f"{f.name}.{n}" for n in resume_free_names(hints[f.name])}
+    return out
+
+
+def flat_dict(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested settings mapping (e.g. `dataclasses.asdict` of a config) as {dotted name: value}."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if isinstance(v, dict):
+            out.update(flat_dict(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

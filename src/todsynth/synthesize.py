@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from todsynth.config import require
+from todsynth.config import require, resume_free_names, setting
 from todsynth.crfm import CRFMConfig
 from todsynth.errors import CheckpointError, DataError
 from todsynth.filenames import file_stem
@@ -46,7 +46,7 @@ class SynthesizeConfig:
 
     generator: str = ""
     masks: str = ""
-    out: str = ""
+    out: str = setting("", resume_free=True)
     split: str = "Train"
     split_file: str | None = None
     copies: int = 1  # K images per (mask, transform)
@@ -56,9 +56,9 @@ class SynthesizeConfig:
     shift: float = 1.0
     segmenter: str | None = None  # guidance segmenter (trained on the real set); required when crfm.steps > 0
     crfm: CRFMConfig = field(default_factory=CRFMConfig)
-    batch_size: int = 8
+    batch_size: int = setting(8, resume_free=True)
     seed: int = 0
-    limit: int | None = None  # only the first N masks
+    limit: int | None = setting(None, resume_free=True)  # only the first N masks
     # how masks reach the generator's size: resize (short side, nearest; the whole layout at a new scale,
     # the long side center-cropped) or center (a window at the masks' own scale); tile large masks first
     # with `todsynth data tile` to synthesize for all of them
@@ -68,7 +68,7 @@ class SynthesizeConfig:
     filter_margin: float = 1.25
     reject_ignored_fraction: float | None = None  # image-level rejection above this ignored share
     hard_resample: bool = False  # copies ∝ mask hardness (needs filter_stats)
-    device: str = "auto"  # auto: accelerate's device for this process (its GPU when there is one); cpu; cuda:1
+    device: str = setting("auto", resume_free=True)  # auto: accelerate's device for this process (its GPU when there is one); cpu; cuda:1
     mixed_precision: str = "no"  # autocast of transformer, decoder and segmenter: no | bf16 | fp16
 
     def validate(self) -> None:
@@ -292,7 +292,7 @@ class OutputFolder:
         from todsynth.io import read_json
 
         path = self.root / "synthesize.json"
-        free = {"batch_size", "limit", "device"}
+        free = resume_free_names(SynthesizeConfig)
         if path.exists():
             saved = read_json(path)
             if isinstance(saved, dict):  # settings added since the folder was written: their defaults

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from todsynth.config import require
+from todsynth.config import require, resume_free_names, setting
 from todsynth.generator.distributed import (ema_weights, is_fsdp, load_model_state, load_optimizer_state,
                                             model_state, optimizer_state, save_snapshot)
 from todsynth.generator.presets import cast_frozen, make_optimizer
@@ -31,7 +31,7 @@ class GeneratorTrainConfig:
     """Settings of `todsynth generator train`."""
 
     data: str = ""
-    out: str = "runs/generator"
+    out: str = setting("runs/generator", resume_free=True)
     split: str = "Train"
     split_file: str | None = None
     val_data: str | None = None  # held-out masks for validation (default: the last masks of `data`)
@@ -39,7 +39,7 @@ class GeneratorTrainConfig:
     # random | center | resize (short side to size, never distorted): how samples reach size x size;
     # random crops keep the ground sampling distance and are drawn per (seed, step, sample)
     crop: str = "random"
-    num_workers: int = 0  # DataLoader processes reading samples from disk (0: in the training process)
+    num_workers: int = setting(0, resume_free=True)  # DataLoader processes reading samples from disk (0: in the training process)
     # model
     control: str = "triple"
     mask_encoding: str = "onehot"
@@ -83,22 +83,22 @@ class GeneratorTrainConfig:
     ema_decay: float = 0.0  # 0 = no EMA
     gradient_checkpointing: bool = False
     # validation, logging, checkpoints
-    val_every: int = 100
+    val_every: int = setting(100, resume_free=True)
     val_samples: int = 4
     val_steps: int = 20
     guidance_scale: float = 1.0
     fidelity_segmenter: str | None = None  # segmenter folder: mask fidelity (mIoU of generated vs masks)
-    checkpoint_every: int = 100  # model-only snapshot checkpoints/step_N (EMA weights if any) every N steps
-    full_state_every: int = 500  # resumable state in checkpoint/ (model, optimizer, EMA) every N steps and at the end
-    checkpoints_total_limit: int = 3  # model-only snapshots kept, newest first (0: all)
-    log_every: int = 10
+    checkpoint_every: int = setting(100, resume_free=True)  # model-only snapshot checkpoints/step_N (EMA weights if any) every N steps
+    full_state_every: int = setting(500, resume_free=True)  # resumable state in checkpoint/ (model, optimizer, EMA) every N steps and at the end
+    checkpoints_total_limit: int = setting(3, resume_free=True)  # model-only snapshots kept, newest first (0: all)
+    log_every: int = setting(10, resume_free=True)
     seed: int = 0
     # True: continue from out/checkpoint, refusing when there is none; "auto": continue if one exists,
     # else start (the experiment pipeline's stages); False: start from scratch
-    resume: bool | Literal["auto"] = False
-    stop_after: int | None = None  # end this invocation after this step (like a kill; resume continues)
-    progress: bool = True
-    overwrite: bool = False  # start afresh in an `out` that holds an earlier run (its outputs are removed)
+    resume: bool | Literal["auto"] = setting(False, resume_free=True)
+    stop_after: int | None = setting(None, resume_free=True)  # end this invocation after this step (like a kill; resume continues)
+    progress: bool = setting(True, resume_free=True)
+    overwrite: bool = setting(False, resume_free=True)  # start afresh in an `out` that holds an earlier run (its outputs are removed)
     # pretraining (generator/pretrain.py): images only (toy:N, an image folder or a dataset, masks ignored)
     unlabeled: bool = False
     captions: str | None = None  # JSON {image id: caption}; others get `prompt`
@@ -599,8 +599,6 @@ ADDED_SETTINGS = {"init": None, "unlabeled": False, "captions": None, "prompt": 
                   "timestep_mean": 0.0, "timestep_std": 1.0, "timestep_tail": 0.0,
                   "crop": "resize", "cache_latents": False}  # runs before crop modes resized every sample
 ADDED_SETTINGS.update({"preset": None, "optimizer": "adamw", "frozen_dtype": "fp32"})
-RESUME_FREE = {"resume", "stop_after", "progress", "val_every", "checkpoint_every", "log_every", "out", "overwrite",
-               "num_workers", "full_state_every", "checkpoints_total_limit"}
 # What a run writes into its folder: removed before a run started with `overwrite`.
 RUN_OUTPUTS = ("model", "results.json", CHECKPOINT_DIR, CHECKPOINT_DIR + ".old", CHECKPOINT_DIR + ".tmp", "val",
                "loss.png", "config.json", "prompt_cache.safetensors", "checkpoints", "latent_cache.safetensors")
@@ -669,7 +667,7 @@ def _restore(ckpt: Path, cfg: GeneratorTrainConfig, st: _State) -> tuple[int, di
     saved = info.get("config", {})
     if isinstance(saved, dict) and saved:  # settings added after the checkpoint was written: their defaults
         saved = {**ADDED_SETTINGS, **saved}
-    diff = config_differences(saved, current, RESUME_FREE)
+    diff = config_differences(saved, current, resume_free_names(GeneratorTrainConfig))
     if diff:
         raise CheckpointError(f"checkpoint was written with other settings: {diff}", path=ckpt / "state.json",
                               fix="resume with the same settings, or use a new output folder")

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from todsynth.checkpoint import load_optimizer_tensors, optimizer_tensors
-from todsynth.config import require
+from todsynth.config import require, resume_free_names, setting
 from todsynth.data.bands import Normalisation, check_normalisation, dataset_settings, fit_normalisation
 from todsynth.data.check import open_checked
 from todsynth.data.classes import ClassSpec
@@ -32,9 +32,6 @@ STATE_FILE = "state.safetensors"
 RUN_FILE = "run.json"
 STEP_FILE = "step.json"
 MIN_TRAIN_SAMPLES = 2  # batches are cut full (drop_last) or hold all samples when fewer
-# Settings that may change between a run and its resumption without changing the trajectory.
-RESUME_FREE_KEYS = frozenset({"out", "val", "val_split", "eval_batch_size", "num_workers", "device",
-                              "log_every", "checkpoint_every", "overwrite"})
 # What a run writes into its folder: removed before a run started with `overwrite`.
 RUN_OUTPUTS = ("model", "results.json", "checkpoint")
 
@@ -55,8 +52,8 @@ class SegmentTrainConfig:
     synthetic_split: str = "Train"
     synthetic_ratio: float | None = None
     repeat_real: int = 1
-    val: str | None = None
-    val_split: str = "Val"
+    val: str | None = setting(None, resume_free=True)
+    val_split: str = setting("Val", resume_free=True)
     arch: str = "unet"
     encoder: str | None = None
     encoder_weights_file: str | None = None
@@ -65,7 +62,7 @@ class SegmentTrainConfig:
     epochs: int = 10
     steps: int | None = None
     batch_size: int = 8
-    eval_batch_size: int = 8
+    eval_batch_size: int = setting(8, resume_free=True)
     lr: float = 5e-4
     weight_decay: float = 0.01
     optimizer: Literal["adamw"] = "adamw"
@@ -75,13 +72,13 @@ class SegmentTrainConfig:
     augment: bool = True
     class_weights: ClassWeighting = "none"
     seed: int = 0
-    num_workers: int = 0
-    out: str = "runs/segment"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = setting(0, resume_free=True)
+    out: str = setting("runs/segment", resume_free=True)
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", resume_free=True)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    log_every: int = 10
-    checkpoint_every: int = 200
-    overwrite: bool = False  # start afresh in an `out` that holds an earlier run (its outputs are removed)
+    log_every: int = setting(10, resume_free=True)
+    checkpoint_every: int = setting(200, resume_free=True)
+    overwrite: bool = setting(False, resume_free=True)  # start afresh in an `out` that holds an earlier run (its outputs are removed)
 
     def validate(self) -> None:
         """Reject unknown choices, negative counts and non-finite numbers."""
@@ -273,7 +270,7 @@ def _run_differences(saved: Any, current: dict[str, Any]) -> list[str]:
         if key == "config" and isinstance(a, dict) and isinstance(b, dict):
             a = {**SegmentTrainConfig().to_dict(), **a}  # settings added since the checkpoint: their defaults
             diffs += [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-                      if k not in RESUME_FREE_KEYS and a.get(k) != b.get(k)]
+                      if k not in resume_free_names(SegmentTrainConfig) and a.get(k) != b.get(k)]
         elif a != b:
             diffs.append(f"{key}: {a!r} -> {b!r}")
     return diffs
