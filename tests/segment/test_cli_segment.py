@@ -50,7 +50,7 @@ def test_cli_train_then_eval(tmp_path):
     assert results["synthetic_samples_used"] == 3 and results["synthetic_samples_available"] == 4
     assert results["config"]["encoder"] == TINY_ENCODER and results["val"]["mIoU"] is not None
     assert (out / "model" / "model.safetensors").is_file() and (out / "checkpoint" / "state.safetensors").is_file()
-    assert json.loads((out / "checkpoint" / "step.json").read_text())["step"] == 2
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
     result = CliRunner().invoke(app, ["eval", str(out / "model"), str(val), "--json", str(tmp_path / "m.json")])
     assert result.exit_code == 0, result.output
     assert "mIoU" in result.output and "building" in result.output

@@ -13,8 +13,9 @@ from todsynth.config import build_config
 from todsynth.errors import CheckpointError, ConfigError
 from todsynth.segment.model import Segmenter, SegmenterConfig
 from todsynth.segment.train import (SegmentTrainConfig, TrainOutcome, class_pixel_counts,
-                                    class_weights_from_counts, cross_entropy, evaluate_segmenter, lr_at,
+                                    class_weights_from_counts, cross_entropy, evaluate_segmenter,
                                     train_on_samples)
+from todsynth.runs import RunFolder
 
 TINY_ENCODER = "tu-mobilenetv3_small_050"
 
@@ -51,7 +52,7 @@ def straight(tmp_path_factory) -> TrainOutcome:
     """An uninterrupted 4-step run with checkpoints and validation."""
     real, synthetic, val = train_data()
     return train_on_samples(real, CLASSES, tiny_cfg(**RESUME_CFG), val_samples=val, synthetic=synthetic,
-                            checkpoint_dir=tmp_path_factory.mktemp("straight"))
+                            run=RunFolder(tmp_path_factory.mktemp("straight")))
 
 
 def test_train_save_load_eval_round_trip(straight, tmp_path):
@@ -72,9 +73,9 @@ def test_resume_continues_exactly(straight, tmp_path):
     real, synthetic, _ = train_data()
     cfg = tiny_cfg(**RESUME_CFG)
     with pytest.raises(Stop):
-        train_on_samples(real, CLASSES, cfg, synthetic=synthetic, checkpoint_dir=tmp_path, on_step=stop_at(2))
-    assert json.loads((tmp_path / "step.json").read_text())["step"] == 2
-    resumed = train_on_samples(real, CLASSES, cfg, synthetic=synthetic, checkpoint_dir=tmp_path, resume=True)
+        train_on_samples(real, CLASSES, cfg, synthetic=synthetic, run=RunFolder(tmp_path), on_step=stop_at(2))
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 2
+    resumed = train_on_samples(real, CLASSES, cfg, synthetic=synthetic, run=RunFolder(tmp_path), resume=True)
     assert resumed.steps == 4 and resumed.history == straight.history
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -83,13 +84,13 @@ def test_resume_continues_exactly(straight, tmp_path):
 def test_resume_refuses_other_settings_and_missing_checkpoint(tmp_path):
     samples = make_samples(4)
     with pytest.raises(CheckpointError, match="no checkpoint") as e:
-        train_on_samples(samples, CLASSES, tiny_cfg(), checkpoint_dir=tmp_path, resume=True)
-    assert e.value.path == tmp_path / "state.safetensors"
+        train_on_samples(samples, CLASSES, tiny_cfg(), run=RunFolder(tmp_path), resume=True)
+    assert e.value.path == tmp_path / "checkpoint"
     with pytest.raises(Stop):
-        train_on_samples(samples, CLASSES, tiny_cfg(), checkpoint_dir=tmp_path, on_step=stop_at(2))
+        train_on_samples(samples, CLASSES, tiny_cfg(), run=RunFolder(tmp_path), on_step=stop_at(2))
     with pytest.raises(CheckpointError, match="lr: 0.001 -> 0.002"):
-        train_on_samples(samples, CLASSES, tiny_cfg(lr=2e-3), checkpoint_dir=tmp_path, resume=True)
-    with pytest.raises(ConfigError, match="checkpoint folder"):
+        train_on_samples(samples, CLASSES, tiny_cfg(lr=2e-3), run=RunFolder(tmp_path), resume=True)
+    with pytest.raises(ConfigError, match="run folder"):
         train_on_samples(samples, CLASSES, tiny_cfg(), resume=True)
 
 
@@ -123,15 +124,6 @@ def test_precision_can_change_within_one_process():
 def test_config_validation(bad):
     with pytest.raises(ConfigError):
         build_config(SegmentTrainConfig, bad)
-
-
-def test_lr_schedules():
-    poly = tiny_cfg(lr=1.0, warmup_steps=2)
-    assert [lr_at(s, 10, poly) for s in (0, 1)] == [0.5, 1.0]
-    values = [lr_at(s, 10, poly) for s in range(2, 10)]
-    assert values[0] == 1.0 and all(a > b for a, b in zip(values, values[1:])) and values[-1] > 0
-    cosine = tiny_cfg(lr=1.0, schedule="cosine")
-    assert lr_at(0, 10, cosine) == 1.0 and lr_at(5, 10, cosine) == pytest.approx(0.5)
 
 
 def test_class_weights_favour_rare_classes_and_keep_the_pixel_mean():
@@ -175,13 +167,3 @@ def test_class_weighted_training_uses_the_mix_counts():
     assert outcome.class_weights == pytest.approx(class_weights_from_counts(counts, "sqrt_inverse").tolist())
     plain = train_on_samples(real, CLASSES, tiny_cfg(steps=1), synthetic=synthetic)
     assert plain.class_weights is None and plain.final_loss != outcome.final_loss
-
-
-def test_checkpoint_from_before_a_new_setting_still_resumes():
-    from todsynth.segment.train import _run_differences
-
-    current = {"config": tiny_cfg().to_dict(), "total_steps": 4}
-    older = {"config": {k: v for k, v in current["config"].items() if k != "class_weights"}, "total_steps": 4}
-    assert _run_differences(older, current) == []
-    assert _run_differences(older, {**current, "config": tiny_cfg(class_weights="inverse").to_dict()}) == [
-        "class_weights: 'none' -> 'inverse'"]

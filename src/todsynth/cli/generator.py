@@ -46,8 +46,8 @@ def train(
     overrides.update(parse_overrides(set_))
     cfg = load_config(GeneratorTrainConfig, config, overrides)
     summary = train_generator(cfg)
-    console.print(f"generator saved to {Path(cfg.out) / 'model'}; final loss {summary['final_loss']:.4f}, "
-                  f"{summary['wall_time_s']:.1f} s")
+    console.print(f"generator saved to {Path(cfg.out) / 'model'}; final loss {summary.final_loss:.4f}, "
+                  f"{summary.wall_time_s:.1f} s")
 
 
 @app.command()
@@ -89,7 +89,7 @@ def pretrain(
                                                                     if v is not None}})
     summary = pretrain_generator(cfg)
     console.print(f"base saved to {Path(cfg.out) / 'model'} (fine-tune: generator train DATA --init {cfg.out}); "
-                  f"final loss {summary['final_loss']:.4f}, {summary['wall_time_s']:.1f} s")
+                  f"final loss {summary.final_loss:.4f}, {summary.wall_time_s:.1f} s")
 
 
 @app.command()

@@ -65,10 +65,10 @@ def train(
     overrides.update(parse_overrides(set_))
     cfg = load_config(SegmentTrainConfig, config, overrides)
     results = train_segmenter(cfg, resume=resume)
-    if results["val"] is not None:
-        console.print(_metrics_table(results["val"], "validation"))
-    console.print(f"model saved to [bold]{escape(results['model'])}[/] ({results['steps']} steps, "
-                  f"{results['wall_time_s']:.1f} s)", highlight=False)
+    if results.val is not None:
+        console.print(_metrics_table(results.val, "validation"))
+    console.print(f"model saved to [bold]{escape(results.model)}[/] ({results.steps} steps, "
+                  f"{results.wall_time_s:.1f} s)", highlight=False)
 
 
 @app.command("eval")

@@ -6,7 +6,7 @@ alone, so a resumed run equals an uninterrupted one, and 2 processes equal 1 wit
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -103,6 +103,8 @@ class GeneratorTrainConfig:
     unlabeled: bool = False
     captions: str | None = None  # JSON {image id: caption}; others get `prompt`
     prompt: str | None = None  # the prompt of uncaptioned images (default "a satellite image")
+    log_with: Literal["tensorboard"] | None = setting(
+        None, resume_free=True, help="tracker besides out/metrics.jsonl: tensorboard (event files in out/logs)")
 
     def validate(self) -> None:
         require(bool(self.data), "data: no dataset given",
@@ -299,38 +301,40 @@ def to_device(x: Tensor, device: torch.device) -> Tensor:
     return x.pin_memory().to(device, non_blocking=True)
 
 
-def lr_lambda(cfg: GeneratorTrainConfig):
-    """Linear warm-up then cosine decay to 0 (as the reference code)."""
+@dataclass
+class GeneratorResult:
+    """What `train_generator` returns and writes to out/results.json: the model folder and how its training went."""
 
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    model: str
+    steps: int
+    final_loss: float | None
+    val: dict | None
+    trainable_parameters: int
+    processes: int
+    wall_time_s: float
 
-    return f
 
+def train_generator(cfg: GeneratorTrainConfig, on_step: Callable[[int, float], None] | None = None,
+                    accelerator: Any = None) -> GeneratorResult:
+    """Train; returns the result written to out/results.json. Resumable with cfg.resume (see the config).
 
-def train_generator(cfg: GeneratorTrainConfig, on_step: Callable[[int, float], None] | None = None) -> dict:
-    """Train; returns the summary written to out/results.json. Resumable with cfg.resume (see the config).
-
-    `on_step(step, loss)` is called on the main process after every step (the experiment runner logs with it).
+    `on_step(step, loss)` is called on the main process at every log step (the experiment runner logs with it);
+    `accelerator`: the entry point's (default: one made here, with the trackers of `cfg.log_with`).
 
     The run holds `out`'s run lock throughout; an `out` holding an earlier run is refused unless it is resumed
     or `cfg.overwrite` replaces it.
     """
-    from todsynth.locks import check_run_folder, run_lock
-
     from todsynth.generator.presets import apply_preset
+    from todsynth.runs import open_run
 
     cfg.validate()
     cfg = apply_preset(cfg)
     cfg.validate()
     out = Path(cfg.out)
     main = _main_process()
-    with run_lock(out, enabled=main):
-        check_run_folder(out, cfg.resume, cfg.overwrite, RUN_OUTPUTS, remove=main)
-        return _train(cfg, out, on_step)
+    with open_run(out, cfg.resume, cfg.overwrite, RUN_OUTPUTS, main) as (run, resuming):
+        run.settings, run.free = asdict(cfg), resume_free_names(GeneratorTrainConfig)
+        return _train(cfg, run, resuming, on_step, accelerator)
 
 
 def _main_process() -> bool:
@@ -343,21 +347,16 @@ def _main_process() -> bool:
     return True
 
 
-def _train(cfg: GeneratorTrainConfig, out: Path, on_step: Callable[[int, float], None] | None = None) -> dict:
-    """The training run of `train_generator`, in a locked and checked `out`."""
-    from accelerate import Accelerator
+def _train(cfg: GeneratorTrainConfig, run, resuming: bool, on_step: Callable[[int, float], None] | None,
+           accelerator: Any) -> GeneratorResult:
+    """The training run of `train_generator`, in a locked and checked run folder."""
     from accelerate.utils import set_seed
 
     from todsynth.io import write_json
+    from todsynth.runs import Loop, Metrics, Precision, Progress, fit, lr_at, make_accelerator, start_trackers
 
-    ckpt = out / CHECKPOINT_DIR
-    resuming = cfg.resume is not False and _has_checkpoint(ckpt)
-    if cfg.resume is True and not resuming:  # refuse before anything is loaded or written to `out`
-        from todsynth.errors import CheckpointError
-
-        raise CheckpointError("no checkpoint to resume from", path=ckpt,
-                              fix="start the run without resume, or with resume=auto to continue only if one exists")
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    out = run.root
+    accelerator = accelerator or make_accelerator(cfg.log_with, out / "logs")
     set_seed(cfg.seed)
     if cfg.unlabeled:
         from todsynth.generator.pretrain import load_unlabeled
@@ -382,80 +381,107 @@ def _train(cfg: GeneratorTrainConfig, out: Path, on_step: Callable[[int, float],
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad], cfg.lr,
                                cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    ddp_model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler steps once per global step
+    ddp_model, optimizer = accelerator.prepare(model, optimizer)
     trainable = [p for p in ddp_model.parameters() if p.requires_grad]  # FSDP: this rank's shards
-    ema = _make_ema(trainable, cfg)
-    state = _State(accelerator, ddp_model, model, optimizer, scheduler, ema, trainable, trainable_names)
-
-    start, history = 0, {"loss": [], "val": []}
+    state = _State(accelerator, ddp_model, model, optimizer, _make_ema(trainable, cfg), trainable, trainable_names,
+                   Precision(cfg.mixed_precision, accelerator.device))
+    metrics = Metrics(out / "metrics.jsonl", accelerator)
+    start = 0
     if resuming:
-        start, history = _restore(ckpt, cfg, state)
-    elif accelerator.is_main_process:
-        write_json(out / "config.json", asdict(cfg))
+        start, tensors, info = run.load_state(metrics, state.precision.scaler)
+        _load(state, tensors, info, run.checkpoint)
+    else:
+        run.start(asdict(cfg), metrics)
+    start_trackers(accelerator, "generator", asdict(cfg))
 
     world, rank = accelerator.num_processes, accelerator.process_index
     require(cfg.batch_size % world == 0, f"batch_size {cfg.batch_size} must divide by {world} processes")
     t0 = time.perf_counter()
-    progress = _progress(cfg, accelerator, start)
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
     from todsynth.generator.stream import StepBatches, batch_loader
 
     batches = StepBatches(len(data.ids), cfg.batch_size, cfg.seed, start * cfg.grad_accum, end * cfg.grad_accum,
                           rank, world)
-    loader = iter(batch_loader(data.samples, batches, cfg.num_workers))
-    pending: list[tuple[int, Tensor]] = []  # (step, loss on the device): read at log steps, not every step
-    for step in range(start, end):
-        loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    task = _GeneratorTask(cfg, pipe, state, data, iter(batch_loader(data.samples, batches, cfg.num_workers)),
+                          val_labels, val_prompts, out)
+    loop = Loop(start, end, cfg.steps, lambda s: lr_at(s, cfg.steps, cfg.lr, cfg.warmup_steps, "cosine_ramp"),
+                cfg.batch_size * cfg.grad_accum, cfg.log_every, cfg.val_every, bool(cfg.val_every),
+                cfg.full_state_every)
+    progress = Progress("generator", cfg.steps, start, cfg.progress and accelerator.is_main_process)
+    fit(task, loop, metrics, accelerator, run, progress, on_step, state.precision.scaler)
+
+    history = metrics.history()
+    val = metrics.last("val/")
+    result = GeneratorResult(str(out / "model"), end, history[-1][1] if history else None,
+                             None if val is None else {k[4:] if k.startswith("val/") else k: v
+                                                       for k, v in val.items()},
+                             n_trainable, world, time.perf_counter() - t0)
+    _save_final(pipe, out / "model", state)
+    if accelerator.is_main_process:
+        _plot_loss(history, out / "loss.png")
+        write_json(out / "results.json", asdict(result))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+class _GeneratorTask:
+    """The generator's part of the fit loop: one flow-matching step, validation, snapshots, the state to save."""
+
+    def __init__(self, cfg: GeneratorTrainConfig, pipe, st: "_State", data, loader, val_labels: Tensor,
+                 val_prompts: list[str], out: Path):
+        self.cfg, self.pipe, self.st, self.data, self.loader = cfg, pipe, st, data, loader
+        self.val_labels, self.val_prompts, self.out = val_labels, val_prompts, out
+        self.optimizer = st.optimizer
+
+    def train_step(self, step: int) -> Tensor:
+        """grad_accum micro-batches, clipped update, EMA; returns the step's loss (float64, on the device)."""
+        cfg, st, acc = self.cfg, self.st, self.st.accelerator
+        world, rank = acc.num_processes, acc.process_index
+        loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
         for micro in range(cfg.grad_accum):
-            local, images, labels = next(loader)
+            local, images, labels = next(self.loader)
             gens = [step_generator(cfg.seed, step * cfg.grad_accum + micro, rank + world * j)
                     for j in range(len(local))]
             if cfg.augment:
                 images, labels = augment(images, labels, gens)
-            prompts = [data.prompts[i] for i in local]
+            prompts = [self.data.prompts[i] for i in local]
             sync = micro == cfg.grad_accum - 1
-            ctx = accelerator.no_sync(ddp_model) if not sync and world > 1 else _null()
-            with ctx, accelerator.autocast():
-                loss = flow_loss(pipe, ddp_model, images, labels, prompts, gens, cfg,
+            ctx = acc.no_sync(st.prepared) if not sync and world > 1 else contextlib.nullcontext()
+            with ctx, st.precision.autocast():
+                loss = flow_loss(self.pipe, st.prepared, images, labels, prompts, gens, cfg,
                                  latents=cfg.cache_latents) / cfg.grad_accum
-                accelerator.backward(loss)
+                st.precision.backward(loss)
             loss_sum += loss.detach().double()
         if cfg.grad_clip > 0:
-            accelerator.clip_grad_norm_(ddp_model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(trainable)
-        done = step + 1
-        pending.append((done, loss_sum))
-        full = done % cfg.full_state_every == 0 or done in (cfg.steps, end)
-        if full or done % cfg.log_every == 0:
-            _flush_losses(accelerator, pending, history)
-            if progress is not None:
-                progress.update(done, loss=history["loss"][-1][1])
-            if on_step is not None and accelerator.is_main_process:
-                on_step(done, history["loss"][-1][1])
-        if cfg.val_every and (done % cfg.val_every == 0 or done == cfg.steps):
-            history["val"].append(validate(pipe, ema, val_labels, val_prompts, cfg, out, done, accelerator, state))
-        if done % cfg.checkpoint_every == 0:
-            _snapshot(out, cfg, done, state)
-        if full:
-            _save(ckpt, cfg, done, history, state)
-    if progress is not None:
-        progress.close()
+            st.precision.unscale(st.optimizer)
+            acc.clip_grad_norm_(st.prepared.parameters(), cfg.grad_clip)
+        st.precision.step(st.optimizer)
+        st.optimizer.zero_grad(set_to_none=True)
+        if st.ema is not None:
+            st.ema.step(st.trainable)
+        return loss_sum
 
-    summary = {"steps": end, "wall_time_s": time.perf_counter() - t0, "final_loss": history["loss"][-1][1]
-               if history["loss"] else None, "val": history["val"][-1] if history["val"] else None,
-               "trainable_parameters": n_trainable, "processes": world}
-    _save_final(pipe, out / "model", state)
-    if accelerator.is_main_process:
-        _plot_loss(history, out / "loss.png")
-        write_json(out / "results.json", summary)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return summary
+    def validate(self, step: int) -> dict[str, float]:
+        record = validate(self.pipe, self.st.ema, self.val_labels, self.val_prompts, self.cfg, self.out, step,
+                          self.st.accelerator, self.st)
+        return {k: v for k, v in record.items() if k != "step"}
+
+    def after_step(self, step: int) -> None:
+        if step % self.cfg.checkpoint_every == 0:
+            _snapshot(self.out, self.cfg, step, self.st)
+
+    def state(self) -> tuple[dict[str, Tensor], dict]:
+        """Model, AdamW moments and EMA weights (gathered on all ranks); optimizer groups and EMA step."""
+        st = self.st
+        tensors = {f"model.{k}": v for k, v in model_state(st.accelerator, st.prepared).items()}
+        optim, groups = optimizer_state(st.prepared, st.optimizer)
+        tensors.update(optim)
+        if st.ema is not None:
+            with ema_weights(st.trainable, st.ema):
+                ema = model_state(st.accelerator, st.prepared)
+                tensors.update({f"ema.{k}": ema[k].to("cpu", copy=True) for k in st.trainable_names if k in ema})
+        return tensors, {"optimizer_groups": groups, "ema_step": st.ema.optimization_step if st.ema else None}
 
 
 def _validation_masks(cfg: GeneratorTrainConfig, data) -> tuple[Tensor, list[str]]:
@@ -492,7 +518,7 @@ def validate(pipe, ema, labels: Tensor, prompts: list[str], cfg: GeneratorTrainC
     if not (accelerator.is_main_process or sharded) or len(labels) == 0:
         return {"step": step}
     params = state.trainable if state is not None else [p for p in pipe.transformer.parameters() if p.requires_grad]
-    autocast = accelerator.autocast() if cfg.frozen_dtype == "bf16" else _null()
+    autocast = state.precision.autocast() if state is not None else contextlib.nullcontext()
     with ema_weights(params, ema), _module_in(pipe, state.prepared if sharded else pipe.transformer), autocast:
         images = pipe(labels, prompts, seeds=validation_seeds(len(labels), cfg.seed), num_steps=cfg.val_steps,
                       guidance_scale=cfg.guidance_scale)
@@ -527,14 +553,6 @@ def mask_fidelity(images: Tensor, labels: Tensor, segmenter_dir: str, classes, n
     return float(segmentation_metrics(pred, labels.cpu(), classes.num_classes, classes.ignore_index).miou)
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 class _module_in:
     """Context: `pipe.transformer` is `module` (the sharded FSDP model for validation), restored on exit."""
 
@@ -551,16 +569,17 @@ class _module_in:
 
 @dataclass
 class _State:
-    """What a checkpoint holds and where it lives: the prepared (DDP/FSDP) and the plain model, optimizer, EMA."""
+    """What a checkpoint holds and where it lives: the prepared (DDP/FSDP) and the plain model, optimizer, EMA,
+    precision."""
 
     accelerator: object
     prepared: torch.nn.Module
     model: torch.nn.Module
     optimizer: object
-    scheduler: object
     ema: object
     trainable: list  # the prepared model's trainable parameters (EMA follows these)
     trainable_names: list[str]  # their names in the model's state dict
+    precision: Any  # runs.Precision: autocast and the fp16 loss scaler
 
 
 def _make_ema(params: list, cfg: GeneratorTrainConfig):
@@ -590,38 +609,12 @@ def _latent_cache(pipe, data, out: Path, accelerator):
     return StreamData(MemorySamples(latents, labels), data.prompts, data.ids, data.normalisation)
 
 
-def _has_checkpoint(ckpt: Path) -> bool:
-    """Whether `ckpt` (or `ckpt.old`, left by a kill between the two renames of a save) exists."""
-    return ckpt.exists() or ckpt.with_name(ckpt.name + ".old").exists()
 
 
-ADDED_SETTINGS = {"init": None, "unlabeled": False, "captions": None, "prompt": None,
-                  "timestep_mean": 0.0, "timestep_std": 1.0, "timestep_tail": 0.0,
-                  "crop": "resize", "cache_latents": False}  # runs before crop modes resized every sample
-ADDED_SETTINGS.update({"preset": None, "optimizer": "adamw", "frozen_dtype": "fp32"})
 # What a run writes into its folder: removed before a run started with `overwrite`.
 RUN_OUTPUTS = ("model", "results.json", CHECKPOINT_DIR, CHECKPOINT_DIR + ".old", CHECKPOINT_DIR + ".tmp", "val",
-               "loss.png", "config.json", "prompt_cache.safetensors", "checkpoints", "latent_cache.safetensors")
-
-
-def _save(ckpt: Path, cfg: GeneratorTrainConfig, step: int, history: dict, st: _State) -> None:
-    """Model, AdamW moments and EMA weights (gathered on all ranks) in safetensors; step, schedule, loss in JSON."""
-    from todsynth.checkpoint import save_checkpoint
-
-    acc = st.accelerator
-    tensors = {f"model.{k}": v for k, v in model_state(acc, st.prepared).items()}
-    optim, groups = optimizer_state(st.prepared, st.optimizer)
-    tensors.update(optim)
-    if st.ema is not None:
-        with ema_weights(st.trainable, st.ema):
-            ema = model_state(acc, st.prepared)
-            tensors.update({f"ema.{k}": ema[k].to("cpu", copy=True) for k in st.trainable_names if k in ema})
-    info = {"step": step, "history": history, "config": asdict(cfg), "optimizer_groups": groups,
-            "scheduler": {k: v for k, v in st.scheduler.state_dict().items() if k != "lr_lambdas"},
-            "ema_step": st.ema.optimization_step if st.ema is not None else None}
-    if acc.is_main_process:
-        save_checkpoint(ckpt, tensors, info)
-    acc.wait_for_everyone()
+               "loss.png", "config.json", "metrics.jsonl", "logs", "prompt_cache.safetensors", "checkpoints",
+               "latent_cache.safetensors")
 
 
 def _snapshot(out: Path, cfg: GeneratorTrainConfig, step: int, st: _State) -> None:
@@ -657,73 +650,27 @@ def _save_final(pipe, directory: Path, st: _State) -> None:
     acc.wait_for_everyone()
 
 
-def _restore(ckpt: Path, cfg: GeneratorTrainConfig, st: _State) -> tuple[int, dict]:
-    """Load a checkpoint written by `_save` (on every rank) after checking it belongs to this configuration."""
-    from todsynth.checkpoint import config_differences, load_checkpoint
+def _load(st: _State, tensors: dict[str, Tensor], info: dict, path: Path) -> None:
+    """Load a saved state into the model, EMA and optimizer (on every rank)."""
     from todsynth.errors import CheckpointError
 
-    tensors, info = load_checkpoint(ckpt)
-    current = json.loads(json.dumps(asdict(cfg)))
-    saved = info.get("config", {})
-    if isinstance(saved, dict) and saved:  # settings added after the checkpoint was written: their defaults
-        saved = {**ADDED_SETTINGS, **saved}
-    diff = config_differences(saved, current, resume_free_names(GeneratorTrainConfig))
-    if diff:
-        raise CheckpointError(f"checkpoint was written with other settings: {diff}", path=ckpt / "state.json",
-                              fix="resume with the same settings, or use a new output folder")
     weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
         if st.ema is not None:  # EMA weights through the model, so each rank's (sharded) shadow gets its part
             load_model_state(st.accelerator, st.prepared, st.model,
-                             {**weights, **{k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}}, ckpt)
+                             {**weights, **{k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}}, path)
             with torch.no_grad():
                 for shadow, p in zip(st.ema.shadow_params, st.trainable):
                     shadow.copy_(p)
             st.ema.optimization_step = int(info["ema_step"])
-        load_model_state(st.accelerator, st.prepared, st.model, weights, ckpt)
+        load_model_state(st.accelerator, st.prepared, st.model, weights, path)
         load_optimizer_state(st.prepared, st.optimizer, tensors, info["optimizer_groups"])
     except (RuntimeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"checkpoint does not fit this model: {str(e)[:200]}", path=ckpt) from None
-    optimizer, scheduler = st.optimizer, st.scheduler
-    scheduler.load_state_dict({**info["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
-    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-        group["lr"] = lr
-    return int(info["step"]), info["history"]
+        raise CheckpointError(f"checkpoint does not fit this model: {str(e)[:200]}", path=path) from None
 
 
-def _flush_losses(accelerator, pending: list[tuple[int, Tensor]], history: dict) -> None:
-    """Move the pending per-step losses (mean over processes) into history: one host sync per log step."""
-    if not pending:
-        return
-    values = torch.stack([v for _, v in pending])
-    if accelerator.num_processes > 1:
-        values = accelerator.reduce(values, reduction="mean")
-    history["loss"].extend([s, v] for (s, _), v in zip(pending, values.tolist()))
-    pending.clear()
-
-
-def _plot_loss(history: dict, path: Path) -> None:
+def _plot_loss(history: list[tuple[int, float]], path: Path) -> None:
     from todsynth.viz import plot_curves
 
-    steps = [s for s, _ in history["loss"]]
-    plot_curves(path, {"flow-matching loss": (steps, [v for _, v in history["loss"]])}, xlabel="step", log_y=True)
-
-
-class _Progress:
-    def __init__(self, total: int, start: int):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.p = Progress(TextColumn("generator"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                          TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn())
-        self.p.start()
-        self.task = self.p.add_task("train", total=total, completed=start, loss=float("nan"))
-
-    def update(self, done: int, loss: float) -> None:
-        self.p.update(self.task, completed=done, loss=loss)
-
-    def close(self) -> None:
-        self.p.stop()
-
-
-def _progress(cfg: GeneratorTrainConfig, accelerator, start: int):
-    return _Progress(cfg.steps, start) if cfg.progress and accelerator.is_main_process else None
+    plot_curves(path, {"flow-matching loss": ([s for s, _ in history], [v for _, v in history])}, xlabel="step",
+                log_y=True)

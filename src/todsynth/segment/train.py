@@ -22,18 +22,17 @@ from todsynth.data.classes import ClassSpec
 from todsynth.data.sample import Sample
 from todsynth.data.crops import check_crop_mode
 from todsynth.data.torchdata import SegTorchDataset, mix_real_synthetic, set_epoch
-from todsynth.errors import CheckpointError, ConfigError, DataError, TodsynthError
-from todsynth.io import load_weights, read_json, save_weights, write_json
-from todsynth.locks import check_run_folder, run_lock
+from todsynth.errors import CheckpointError, ConfigError, DataError
+from todsynth.io import write_json
+from todsynth.runs import (METRICS_FILE, STATE_TENSORS, Loop, Metrics, Precision, Progress, RunFolder, fit, lr_at,
+                           make_accelerator, open_run, start_trackers)
 from todsynth.segment.metrics import ConfusionAccumulator, SegMetrics
 from todsynth.segment.model import ARCHS, Segmenter, SegmenterConfig, check_encoder
 
-STATE_FILE = "state.safetensors"
-RUN_FILE = "run.json"
-STEP_FILE = "step.json"
 MIN_TRAIN_SAMPLES = 2  # batches are cut full (drop_last) or hold all samples when fewer
 # What a run writes into its folder: removed before a run started with `overwrite`.
-RUN_OUTPUTS = ("model", "results.json", "checkpoint")
+RUN_OUTPUTS = ("model", "results.json", "checkpoint", "checkpoint.old", "checkpoint.tmp", "config.json",
+               "metrics.jsonl", "logs")
 
 StepCallback = Callable[[int, float], None]
 ClassWeighting = Literal["none", "sqrt_inverse", "inverse"]
@@ -79,6 +78,9 @@ class SegmentTrainConfig:
     log_every: int = setting(10, resume_free=True)
     checkpoint_every: int = setting(200, resume_free=True)
     overwrite: bool = setting(False, resume_free=True)  # start afresh in an `out` that holds an earlier run (its outputs are removed)
+    val_every: int = setting(0, resume_free=True, help="validate on `val` every N steps too (0: only at the end)")
+    log_with: Literal["tensorboard"] | None = setting(
+        None, resume_free=True, help="tracker besides out/metrics.jsonl: tensorboard (event files in out/logs)")
 
     def validate(self) -> None:
         """Reject unknown choices, negative counts and non-finite numbers."""
@@ -131,16 +133,6 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def lr_at(step: int, total: int, cfg: SegmentTrainConfig) -> float:
-    """Learning rate for the 0-based `step` of `total`: linear warmup, then poly or cosine decay to 0."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.lr * (1.0 - progress) ** cfg.poly_power
-
-
 def steps_per_epoch(n: int, batch_size: int) -> int:
     """Full batches per epoch (the last partial batch is dropped), or 1 when the data is smaller than a batch."""
     return max(1, n // batch_size)
@@ -156,21 +148,6 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
     order = np.random.default_rng([seed, epoch]).permutation(n).tolist()
     k = steps_per_epoch(n, batch_size)
     return [order[i * batch_size:(i + 1) * batch_size] for i in range(k)]
-
-
-def _accelerator(cfg: SegmentTrainConfig) -> Any:
-    """A fresh single-process `accelerate.Accelerator` for the configured device and precision."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, PartialState
-
-    if PartialState._shared_state.get("num_processes", 1) == 1:
-        # accelerate keeps device/precision process-wide; let one process run differently configured trainings
-        AcceleratorState._reset_state(reset_partial_state=True)
-    check_device(cfg.device)
-    try:
-        return Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision)
-    except ValueError as e:
-        raise ConfigError(f"cannot set up device/precision: {e}", fix="check 'device' and 'mixed_precision'") from None
 
 
 def check_device_choice(device: str) -> None:
@@ -198,94 +175,6 @@ def check_device(device: str | torch.device) -> None:
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {str(device)!r} requested but there is no CUDA device",
                           fix="use --device cpu")
-
-
-class Checkpointer:
-    """Resumable training state in one safetensors file (model, AdamW moments, RNG, step, loss trace)."""
-
-    def __init__(self, directory: Path, run_info: dict[str, Any]):
-        self.directory = directory
-        self.run_info = run_info
-
-    def start(self) -> None:
-        """Record the run's settings (what a resumption must match); an earlier run's state is dropped."""
-        for name in (STATE_FILE, STEP_FILE):
-            if self.directory.is_dir():
-                (self.directory / name).unlink(missing_ok=True)
-        write_json(self.directory / RUN_FILE, self.run_info)
-
-    def save(self, step: int, model: Segmenter, optimizer: Any, scaler: Any,
-             history: list[tuple[int, float]]) -> None:
-        """Write the state at `step` atomically, then the human-readable step file."""
-        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-        tensors.update(optimizer_tensors(optimizer))
-        tensors["rng.torch"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        if scaler is not None:
-            tensors.update({f"scaler.{k}": torch.tensor(v) for k, v in scaler.state_dict().items()})
-        tensors["meta.step"] = torch.tensor(step, dtype=torch.int64)
-        tensors["meta.history"] = torch.tensor(history, dtype=torch.float64).reshape(-1, 2)
-        save_weights(self.directory / STATE_FILE, tensors)
-        write_json(self.directory / STEP_FILE, {"step": step, "total_steps": self.run_info["total_steps"]})
-
-    def restore(self, model: Segmenter, optimizer: Any, scaler: Any) -> tuple[int, list[tuple[int, float]]]:
-        """Load the saved state into model/optimizer/RNG; returns (step, loss trace)."""
-        self._check_run()
-        path = self.directory / STATE_FILE
-        tensors = load_weights(path)
-        try:
-            model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-            load_optimizer_tensors(optimizer, tensors)
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"checkpoint does not fit this model: {str(e).splitlines()[0][:300]}",
-                                  path=path, fix="resume with the settings of the original run") from None
-        _restore_rng_and_scaler(tensors, scaler)
-        history = [(int(s), float(v)) for s, v in tensors["meta.history"].tolist()]
-        return int(tensors["meta.step"]), history
-
-    def _check_run(self) -> None:
-        """Raise CheckpointError if the saved run's settings differ from this one's."""
-        path = self.directory / RUN_FILE
-        if not path.is_file() or not (self.directory / STATE_FILE).is_file():
-            raise CheckpointError("no checkpoint to resume from", path=self.directory / STATE_FILE,
-                                  fix="start the run without resume")
-        try:
-            saved = read_json(path)
-        except TodsynthError as e:
-            raise CheckpointError(e.problem, path=path, fix=e.fix) from None
-        diffs = _run_differences(saved, self.run_info)
-        if diffs:
-            raise CheckpointError(f"the checkpoint is from a run with other settings ({'; '.join(diffs)})",
-                                  path=path, fix="resume with the original settings, or start a new run")
-
-
-def _run_differences(saved: Any, current: dict[str, Any]) -> list[str]:
-    """Human-readable differences between two run descriptions, ignoring resume-free settings."""
-    if not isinstance(saved, dict):
-        return ["saved run description is not a mapping"]
-    diffs = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if key == "config" and isinstance(a, dict) and isinstance(b, dict):
-            a = {**SegmentTrainConfig().to_dict(), **a}  # settings added since the checkpoint: their defaults
-            diffs += [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-                      if k not in resume_free_names(SegmentTrainConfig) and a.get(k) != b.get(k)]
-        elif a != b:
-            diffs.append(f"{key}: {a!r} -> {b!r}")
-    return diffs
-
-
-def _restore_rng_and_scaler(tensors: dict[str, torch.Tensor], scaler: Any) -> None:
-    """Restore torch (and CUDA) RNG state and the fp16 loss scaler, when saved."""
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    if scaler is not None:
-        saved = {k[7:]: v.item() for k, v in tensors.items() if k.startswith("scaler.")}
-        if saved:
-            scaler.load_state_dict(saved)
 
 
 def _as_train_dataset(samples: Sequence[Sample] | Dataset, cfg: SegmentTrainConfig,
@@ -355,29 +244,6 @@ def class_weights_from_counts(counts: torch.Tensor, how: str) -> torch.Tensor | 
     return (w / (freq * w).sum().clamp(min=1e-12)).float()
 
 
-def _train_step(model: Any, batch: dict[str, torch.Tensor], optimizer: Any, ignore_index: int,
-                accelerator: Any, weight: torch.Tensor | None = None) -> float:
-    """One optimizer step on a batch; returns the loss value."""
-    images = batch["image"].to(accelerator.device, non_blocking=True)
-    labels = batch["label"].to(accelerator.device, non_blocking=True)
-    with accelerator.autocast():
-        logits = model(images)
-    loss = cross_entropy(logits, labels, ignore_index, weight)
-    optimizer.zero_grad(set_to_none=True)
-    accelerator.backward(loss)
-    optimizer.step()
-    return float(loss.detach())
-
-
-def _progress() -> Any:
-    """A rich progress bar on stderr."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                    TimeRemainingColumn(), console=Console(stderr=True))
-
-
 def _epoch_loader(data: Dataset, cfg: SegmentTrainConfig, step: int, pin_memory: bool) -> DataLoader:
     """The rest of the epoch containing `step`: its seeded batches from that step on, augmented for that epoch.
 
@@ -391,50 +257,48 @@ def _epoch_loader(data: Dataset, cfg: SegmentTrainConfig, step: int, pin_memory:
                       generator=torch.Generator().manual_seed(cfg.seed + epoch))
 
 
-@dataclass
-class _Loop:
-    """Mutable state of the training loop."""
+class _SegmenterTask:
+    """The segmenter's part of the fit loop: one cross-entropy step on the seeded batches, validation, state."""
 
-    step: int
-    total: int
-    history: list[tuple[int, float]]
-    loss: float = math.nan
+    def __init__(self, model: Segmenter, optimizer: Any, precision: Any, data: Dataset, cfg: SegmentTrainConfig,
+                 start: int, ignore_index: int, weight: torch.Tensor | None, val_samples: Any):
+        self.model, self.optimizer, self.precision, self.cfg = model, optimizer, precision, cfg
+        self.ignore_index, self.weight, self.val_samples = ignore_index, weight, val_samples
+        self.batches = self._batches(data, start)
+        self.val: SegMetrics | None = None
 
+    def _batches(self, data: Dataset, step: int) -> Any:
+        """Batches from `step` on, epoch by epoch (each epoch's loader made once the previous one is used up)."""
+        while True:
+            for batch in _epoch_loader(data, self.cfg, step, self.precision.device.type == "cuda"):
+                yield batch
+                step += 1
 
-def _run_loop(model: Any, optimizer: Any, accelerator: Any, data: Dataset, cfg: SegmentTrainConfig,
-              loop: _Loop, ignore_index: int, checkpointer: Checkpointer | None,
-              on_step: StepCallback | None, weight: torch.Tensor | None = None) -> None:
-    """Train from `loop.step` to `loop.total`, checkpointing and logging along the way."""
-    model.train()
-    with _progress() as bar:
-        task = bar.add_task("", total=loop.total, completed=loop.step)
-        while loop.step < loop.total:
-            for batch in _epoch_loader(data, cfg, loop.step, accelerator.device.type == "cuda"):
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(loop.step, loop.total, cfg)
-                loop.loss = _train_step(model, batch, optimizer, ignore_index, accelerator, weight)
-                loop.step += 1
-                _after_step(loop, cfg, model, optimizer, accelerator, checkpointer, on_step)
-                bar.update(task, completed=loop.step, description=f"loss {loop.loss:.4f}")
-                if loop.history and loop.history[-1][0] == loop.step:
-                    bar.console.print(f"step {loop.step}/{loop.total}  loss {loop.loss:.4f}  "
-                                      f"lr {optimizer.param_groups[0]['lr']:.2e}", highlight=False)
-                if loop.step >= loop.total:
-                    break
+    def train_step(self, step: int) -> torch.Tensor:
+        """One optimizer step on the next batch; returns its loss."""
+        batch, device = next(self.batches), self.precision.device
+        images = batch["image"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        with self.precision.autocast():
+            logits = self.model(images)
+        loss = cross_entropy(logits, labels, self.ignore_index, self.weight)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.precision.backward(loss)
+        self.precision.step(self.optimizer)
+        return loss.detach()
 
+    def validate(self, step: int) -> dict[str, float]:
+        """mIoU, overall and mean accuracy on the validation data (the model back in training mode after)."""
+        self.val = evaluate_segmenter(self.model, self.val_samples, self.cfg.eval_batch_size, self.cfg.size,
+                                      device=self.precision.device)
+        return {"mIoU": self.val.miou, "OA": self.val.oa, "mAcc": self.val.macc}
 
-def _after_step(loop: _Loop, cfg: SegmentTrainConfig, model: Any, optimizer: Any, accelerator: Any,
-                checkpointer: Checkpointer | None, on_step: StepCallback | None) -> None:
-    """Divergence check, loss trace, periodic checkpoint and the user callback."""
-    if not math.isfinite(loop.loss):
-        raise TodsynthError(f"training diverged: loss is {loop.loss} at step {loop.step}",
-                            fix="lower the learning rate or check the labels")
-    if loop.step % cfg.log_every == 0 or loop.step == loop.total:
-        loop.history.append((loop.step, loop.loss))
-    if checkpointer is not None and (loop.step % cfg.checkpoint_every == 0 or loop.step == loop.total):
-        checkpointer.save(loop.step, accelerator.unwrap_model(model), optimizer, accelerator.scaler, loop.history)
-    if on_step is not None:
-        on_step(loop.step, loop.loss)
+    def after_step(self, step: int) -> None:
+        pass
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Model weights and AdamW moments."""
+        return {**{f"model.{k}": v for k, v in self.model.state_dict().items()}, **optimizer_tensors(self.optimizer)}, {}
 
 
 def _segmenter_config(cfg: SegmentTrainConfig, classes: ClassSpec, normalisation: Normalisation) -> SegmenterConfig:
@@ -470,58 +334,73 @@ def _training_data(samples: Sequence[Sample] | Dataset, synthetic: Sequence[Samp
     return data
 
 
-def _start_or_resume(checkpointer: Checkpointer | None, resume: bool, model: Segmenter, optimizer: Any,
-                     scaler: Any, loop: _Loop) -> None:
-    """Record a new run, or load the checkpointed state into model, optimizer and loop."""
-    if checkpointer is None:
-        return
-    if resume:
-        loop.step, loop.history = checkpointer.restore(model, optimizer, scaler)
-    else:
-        checkpointer.start()
-
-
 def train_on_samples(samples: Sequence[Sample] | Dataset, classes: ClassSpec, cfg: SegmentTrainConfig,
                      val_samples: Sequence[Sample] | Dataset | None = None,
                      synthetic: Sequence[Sample] | Dataset | None = None,
-                     checkpoint_dir: str | Path | None = None, resume: bool = False,
+                     run: RunFolder | None = None, resume: bool = False,
                      on_step: StepCallback | None = None,
-                     normalisation: Normalisation | None = None) -> TrainOutcome:
-    """Train a segmenter on in-memory samples (plus an optional synthetic mix); checkpoints only if asked.
+                     normalisation: Normalisation | None = None, accelerator: Any = None) -> TrainOutcome:
+    """Train a segmenter on in-memory samples (plus an optional synthetic mix); checkpoints and metrics.jsonl
+    only in a `run` folder, whose state `resume` continues. `accelerator`: the entry point's (default: one made here).
 
     The input normalisation (default: `training_normalisation(samples)`) is stored in the model's config."""
     from accelerate.utils import set_seed
 
     cfg.validate()
-    if resume and checkpoint_dir is None:
-        raise ConfigError("resume needs a checkpoint folder")
+    if resume and run is None:
+        raise ConfigError("resume needs a run folder")
     start = time.perf_counter()
     set_seed(cfg.seed)
     if len(samples) == 0:
         raise DataError("no training samples")
     normalisation = normalisation or training_normalisation(samples)
     data = _training_data(samples, synthetic, cfg, normalisation)
-    accelerator = _accelerator(cfg)
-    model = Segmenter(_segmenter_config(cfg, classes, normalisation))
+    check_device(cfg.device)
+    accelerator = accelerator or make_accelerator(cfg.log_with, None if run is None else run.root / "logs")
+    device = torch.device("cpu") if cfg.device == "cpu" else accelerator.device
+    model = Segmenter(_segmenter_config(cfg, classes, normalisation)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    loop = _Loop(step=0, total=total_steps(cfg, len(data)), history=[])
-    checkpointer = None if checkpoint_dir is None else Checkpointer(Path(checkpoint_dir), {
-        "config": cfg.to_dict(), "train_size": len(data), "total_steps": loop.total,
-        "classes": list(classes.names)})
-    _start_or_resume(checkpointer, resume, accelerator.unwrap_model(model), optimizer, accelerator.scaler, loop)
+    precision = Precision(cfg.mixed_precision, device)
+    total = total_steps(cfg, len(data))
+    metrics = Metrics(None if run is None else run.root / METRICS_FILE, accelerator)
+    step = 0
+    if run is not None:
+        run.settings = {"config": cfg.to_dict(), "train_size": len(data), "total_steps": total,
+                        "classes": list(classes.names)}
+        run.free = {f"config.{name}" for name in resume_free_names(SegmentTrainConfig)}
+        if resume:
+            step = _load(run, model, optimizer, precision, metrics)
+        else:
+            run.start(cfg.to_dict(), metrics)
+    start_trackers(accelerator, "segmenter", cfg.to_dict())
     weight = class_weights_from_counts(class_pixel_counts(data, classes.num_classes, classes.ignore_index),
                                        cfg.class_weights) if cfg.class_weights != "none" else None
     if weight is not None:
-        weight = weight.to(accelerator.device)
-    _run_loop(model, optimizer, accelerator, data, cfg, loop, classes.ignore_index, checkpointer, on_step, weight)
-    net = accelerator.unwrap_model(model).float().cpu().eval()
-    val = None
-    if val_samples is not None:
-        val = evaluate_segmenter(net, val_samples, cfg.eval_batch_size, cfg.size, device=accelerator.device)
-    final_loss = loop.history[-1][1] if loop.history else math.nan
-    return TrainOutcome(net, val, loop.step, final_loss, len(data), loop.history, time.perf_counter() - start,
+        weight = weight.to(device)
+    task = _SegmenterTask(model, optimizer, precision, data, cfg, step, classes.ignore_index, weight, val_samples)
+    loop = Loop(step, total, total, lambda s: lr_at(s, total, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.poly_power),
+                cfg.batch_size, cfg.log_every, cfg.val_every if val_samples is not None else 0, val_samples is not None,
+                cfg.checkpoint_every)
+    model.train()
+    fit(task, loop, metrics, accelerator, run, Progress("segmenter", total, step, accelerator.is_main_process),
+        on_step, precision.scaler)
+    accelerator.end_training()
+    history = metrics.history()
+    return TrainOutcome(model.float().cpu().eval(), task.val, total, history[-1][1] if history else math.nan,
+                        len(data), history, time.perf_counter() - start,
                         None if weight is None else weight.cpu().tolist())
+
+
+def _load(run: RunFolder, model: Segmenter, optimizer: Any, precision: Any, metrics: Metrics) -> int:
+    """Load the run's saved state into model, optimizer, RNG and loss scaler; returns its step."""
+    step, tensors, _ = run.load_state(metrics, precision.scaler)
+    try:
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        load_optimizer_tensors(optimizer, tensors)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint does not fit this model: {str(e).splitlines()[0][:300]}",
+                              path=run.checkpoint / STATE_TENSORS, fix="resume with the settings of the original run") from None
+    return step
 
 
 def _same_classes(a: ClassSpec, b: ClassSpec, path: str) -> None:
@@ -532,8 +411,25 @@ def _same_classes(a: ClassSpec, b: ClassSpec, path: str) -> None:
                         fix="use datasets with the same classes.yaml")
 
 
-def train_segmenter(cfg: SegmentTrainConfig, resume: bool = False, on_step: StepCallback | None = None) -> dict:
-    """Validate the datasets, train, save `out/model/` and `out/results.json`; returns the results.
+@dataclass
+class SegmenterResult:
+    """What `train_segmenter` returns and writes to out/results.json: the model folder, its data and training."""
+
+    model: str
+    config: dict[str, Any]
+    train_samples: int
+    synthetic_samples_used: int
+    synthetic_samples_available: int
+    steps: int
+    final_loss: float
+    class_weights: list[float] | None
+    val: dict[str, Any] | None
+    wall_time_s: float
+
+
+def train_segmenter(cfg: SegmentTrainConfig, resume: bool = False, on_step: StepCallback | None = None,
+                    accelerator: Any = None) -> SegmenterResult:
+    """Validate the datasets, train, save `out/model/` and `out/results.json`; returns the result.
 
     The run holds `out`'s run lock throughout; an `out` holding an earlier run is refused unless `resume`
     (continue it) or `cfg.overwrite` (replace it).
@@ -556,31 +452,17 @@ def train_segmenter(cfg: SegmentTrainConfig, resume: bool = False, on_step: Step
             check_normalisation(other, dataset_settings(real), f"trained on {cfg.data}")
     check_device(cfg.device)
     out = Path(cfg.out)
-    with run_lock(out):
-        check_run_folder(out, resume, cfg.overwrite, RUN_OUTPUTS)
-        outcome = train_on_samples(real, real.classes, cfg, val, synthetic, out / "checkpoint", resume, on_step)
+    with open_run(out, resume, cfg.overwrite, RUN_OUTPUTS) as (run, resuming):
+        outcome = train_on_samples(real, real.classes, cfg, val, synthetic, run, resuming, on_step,
+                                   accelerator=accelerator)
         outcome.model.save_pretrained(out / "model")
-        results = _results(cfg, outcome, real, synthetic)
-        write_json(out / "results.json", results)
-    return results
-
-
-def _results(cfg: SegmentTrainConfig, outcome: TrainOutcome, real: Any, synthetic: Any) -> dict:
-    """The content of results.json."""
-    names = outcome.model.config.class_names
-    return {
-        "config": cfg.to_dict(),
-        "model": str(Path(cfg.out) / "model"),
-        "train_samples": len(real),
-        "synthetic_samples_used": outcome.train_size - cfg.repeat_real * len(real),
-        "synthetic_samples_available": 0 if synthetic is None else len(synthetic),
-        "steps": outcome.steps,
-        "final_loss": outcome.final_loss,
-        "loss_history": [list(h) for h in outcome.history],
-        "class_weights": outcome.class_weights,
-        "val": None if outcome.val is None else outcome.val.to_dict(names),
-        "wall_time_s": round(outcome.wall_time_s, 3),
-    }
+        result = SegmenterResult(
+            str(out / "model"), cfg.to_dict(), len(real), outcome.train_size - cfg.repeat_real * len(real),
+            0 if synthetic is None else len(synthetic), outcome.steps, outcome.final_loss, outcome.class_weights,
+            None if outcome.val is None else outcome.val.to_dict(outcome.model.config.class_names),
+            round(outcome.wall_time_s, 3))
+        write_json(out / "results.json", dataclasses.asdict(result))
+    return result
 
 
 def _eval_dataset(data: str | Path | Sequence[Sample] | Dataset, split: str,
