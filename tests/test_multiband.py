@@ -176,7 +176,7 @@ def test_generator_synthesizes_four_band_uint16_geotiffs(four_band: Path, genera
         if crfm:
             values["segmenter"] = str(segmenter)
         result = synthesize(build_synthesize_config(values), progress=False)
-        assert result["made"] == 2
+        assert result.made == 2
         assert sorted(p.suffix for p in (out / "images").iterdir()) == [".tif", ".tif"]
         assert yaml.safe_load((out / "data.yaml").read_text()) == {
             "bands": [1, 2, 3, 4], "stretch": {"percentiles": [2.0, 98.0]}, "rgb": [1, 2, 3]}

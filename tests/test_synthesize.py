@@ -34,7 +34,7 @@ def test_output_is_a_valid_dataset_with_manifest(tiny_generator_dir, tiny_segmen
 
     summary = synthesize(cfg_for(tiny_generator_dir, toy_masks_16, tmp_path / "s", tiny_segmenter_dir),
                          progress=False)
-    assert summary["made"] == 3 * 2 * 2 == summary["in_manifest"]
+    assert summary.made == 3 * 2 * 2 == summary.in_manifest
     ds = FolderDataset(tmp_path / "s")
     validate_dataset(ds)
     assert len(ds) == 12 and ds[0].image.shape == (16, 16, 3)
@@ -68,15 +68,15 @@ def test_interrupted_run_resumes_to_the_same_dataset(tiny_generator_dir, toy_mas
     monkeypatch.setattr(OutputFolder, "write", original)
     assert len(files(tmp_path / "cut")) == 8
     summary = synthesize(cfg_for(tiny_generator_dir, toy_masks_16, tmp_path / "cut"), progress=False)
-    assert summary["made"] == 8  # only what was missing
+    assert summary.made == 8  # only what was missing
     assert files(tmp_path / "cut") == files(tmp_path / "full")
 
 
 def test_rerun_with_other_settings_is_refused(tiny_generator_dir, toy_masks_16, tmp_path):
-    from todsynth.errors import DataError
+    from todsynth.errors import CheckpointError
 
     synthesize(cfg_for(tiny_generator_dir, toy_masks_16, tmp_path / "s", limit=1), progress=False)
-    with pytest.raises(DataError, match="other settings"):
+    with pytest.raises(CheckpointError, match="other settings"):
         synthesize(cfg_for(tiny_generator_dir, toy_masks_16, tmp_path / "s", limit=1, seed=9), progress=False)
 
 
@@ -102,7 +102,7 @@ def test_filtering_and_hard_resampling_write_records(tiny_generator_dir, tiny_se
                   reject_ignored_fraction=0.99, hard_resample=True, transforms=["identity"])
     summary = synthesize(cfg, progress=False)
     recs = [json.loads(x) for x in (tmp_path / "f" / "manifest.jsonl").read_text().splitlines()]
-    assert len(recs) == summary["planned"] and all(r["filter"] is not None for r in recs)
+    assert len(recs) == summary.planned and all(r["filter"] is not None for r in recs)
 
 
 @pytest.mark.slow

@@ -105,12 +105,10 @@ def _xy(history: list) -> tuple[list, list]:
 
 
 def _generator_history(model_dir: str) -> tuple[list, list] | None:
-    from todsynth.io import read_json
+    from todsynth.runs import METRICS_FILE, read_metrics
 
-    state = Path(model_dir).parent / "checkpoint" / "state.json"
-    if not state.is_file():
-        return None
-    return _xy(read_json(state)["history"]["loss"])
+    records = [(r["step"], r["loss"]) for r in read_metrics(Path(model_dir).parent / METRICS_FILE) if "loss" in r]
+    return _xy(records) if records else None
 
 
 def sample_grid(path: Path, s: CellSettings, cells: dict, n: int = 4, frames: int = 6) -> None:

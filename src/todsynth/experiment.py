@@ -519,7 +519,7 @@ def stage_base(s: CellSettings, root: Path, log, progress: bool = False) -> dict
             val_samples=4, val_steps=12, checkpoint_every=max(s.base_steps // 10, 1), seed=0, progress=progress,
             resume="auto")
         summary = pretrain_generator(cfg, on_step=step_logger(log, "generator base", s.base_steps))
-        return {"model": str(d / "model"), "summary": summary, "loss_png": str(d / "loss.png")}
+        return {"model": str(d / "model"), "summary": asdict(summary), "loss_png": str(d / "loss.png")}
 
     return Stage(root, "base", _key(s, BASE_KEYS), log, what).run(make)
 
@@ -546,7 +546,7 @@ def stage_generator(s: CellSettings, data: dict, root: Path, log, progress: bool
             seed=s.seed, progress=progress, resume="auto",  # a killed stage resumes, a new one starts
             init=base["model"] if s.init == "pretrained" else None, lora_rank=s.gen_lora_rank)
         summary = train_generator(cfg, on_step=step_logger(log, what, s.gen_steps))
-        return {"model": str(d / "model"), "summary": summary, "loss_png": str(d / "loss.png")}
+        return {"model": str(d / "model"), "summary": asdict(summary), "loss_png": str(d / "loss.png")}
 
     return Stage(root, "generator", _gen_key(s), log, f"{what}, {s.gen_steps} steps on the real pairs").run(make)
 
@@ -579,7 +579,7 @@ def stage_synthesis(s: CellSettings, data: dict, gen: dict | None, guide: dict, 
             filter_margin=s.filter_margin, hard_resample=s.balance, **({"split_file": split_file} if split_file
                                                                       else {})))
         summary = synthesize(cfg, progress=progress, on_batch=count_logger(log, what, "images"))
-        return {"path": str(d / "pairs"), **summary}
+        return {"path": str(d / "pairs"), **{k: v for k, v in asdict(summary).items() if k not in ("out", "generator")}}
 
     key = _key(s, SYN_KEYS + ("n_layouts",) + _added(s, SYN_ADDED), parent)
     source = "oracle images of the layouts" if s.synth == "oracle" else f"{s.protocol} → image/label pairs"

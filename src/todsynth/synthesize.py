@@ -34,9 +34,7 @@ TRANSFORMS = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270", "crop")
 RECORDS = ".records"
 CLAIMS = ".claims"
 MANIFEST = "manifest.jsonl"
-# settings newer than some folders: the value those folders were made with
-ADDED_SETTINGS = {"crop": "resize", "device": "auto", "mixed_precision": "no"}
-OUTPUT_NAMES = "file_stem-v1"  # recorded in synthesize.json: folders named by an older scheme are refused
+SETTINGS_FILE = "synthesize.json"  # the settings a rerun (which resumes) must match
 PROMPT_CACHE = "prompt_cache.safetensors"  # every prompt of the run (and "") encoded once, kept for reruns
 
 
@@ -281,31 +279,20 @@ class OutputFolder:
         """Record the run's settings; a rerun with other settings (batching aside) is refused."""
         from todsynth.io import write_json
 
-        path = self.root / "synthesize.json"
+        path = self.root / SETTINGS_FILE
         if path.exists():
             self._check_settings(settings)
         else:
             write_json(path, settings)
 
     def _check_settings(self, settings: dict) -> None:
-        """Refuse a folder synthesized with other settings (batching aside) or by an older naming scheme."""
+        """Refuse a folder synthesized with other settings (batching aside)."""
         from todsynth.io import read_json
+        from todsynth.runs import check_settings
 
-        path = self.root / "synthesize.json"
-        free = resume_free_names(SynthesizeConfig)
+        path = self.root / SETTINGS_FILE
         if path.exists():
-            saved = read_json(path)
-            if isinstance(saved, dict):  # settings added since the folder was written: their defaults
-                saved = {**ADDED_SETTINGS, **saved}
-            if isinstance(saved, dict) and saved.get("output_names") != settings.get("output_names"):
-                raise DataError("this folder was synthesized by an older todsynth that named files differently",
-                                path=path, fix="choose a new output folder (resuming here would duplicate samples)")
-            saved = {**ADDED_SETTINGS, **saved} if isinstance(saved, dict) else saved
-            diff = sorted(k for k in set(saved) | set(settings) - free
-                          if k not in free and saved.get(k) != settings.get(k))
-            if diff:
-                raise DataError(f"this folder was synthesized with other settings: {diff}", path=path,
-                                fix="rerun with the same settings to resume, or choose a new output folder")
+            check_settings(read_json(path), settings, resume_free_names(SynthesizeConfig), path, "this folder")
 
     def done(self, item: WorkItem) -> bool:
         """Whether the item is finished: it has a record, or (records go once all are done) the manifest lists it."""
@@ -451,8 +438,23 @@ def mask_dtype(classes, path: str | Path | None = None) -> type:
 # Driver
 
 
+@dataclass
+class SynthesisResult:
+    """What `synthesize` made: the dataset folder, the generator folder it sampled, counts and timing
+    (`in_manifest`: samples listed once the folder is complete, None while other processes still work)."""
+
+    out: str
+    generator: str
+    made: int
+    rejected: int
+    planned: int
+    already_done: int
+    in_manifest: int | None
+    wall_time_s: float
+
+
 def synthesize(cfg: SynthesizeConfig, accelerator=None, progress: bool = True,
-               on_batch: Callable[[int, int], None] | None = None) -> dict:
+               on_batch: Callable[[int, int], None] | None = None) -> SynthesisResult:
     """Run synthesis (resumable, shardable); returns counts and timing. `accelerator`: an accelerate
     PartialState/Accelerator when launched with `accelerate launch` (processes take items[rank::world]);
     `on_batch(done, total)` is called on rank 0 after every batch (the experiment runner logs with it)."""
@@ -461,6 +463,7 @@ def synthesize(cfg: SynthesizeConfig, accelerator=None, progress: bool = True,
     from todsynth.generator.pipeline import MaskToImagePipeline
     from todsynth.generator.runtime import resolve_runtime
     from todsynth.generator.sample import check_mask_classes
+    from todsynth.runs import Progress
 
     cfg.validate()
     check_output_folder(cfg.out, {"masks dataset": cfg.masks, "generator folder": cfg.generator,
@@ -478,7 +481,7 @@ def synthesize(cfg: SynthesizeConfig, accelerator=None, progress: bool = True,
     stats = _read_stats(cfg.filter_stats, classes.num_classes) if cfg.filter_stats else None
     copies = (hardness_copies(labels, stats["class_mean_loss"], cfg.copies, classes.ignore_index)
               if cfg.hard_resample else None)
-    settings = {**json.loads(json.dumps(config_dict(cfg))), "output_names": OUTPUT_NAMES}
+    settings = json.loads(json.dumps(config_dict(cfg)))
     out = OutputFolder(Path(cfg.out), classes, pipe.normalisation, settings)
     if rank == 0:
         out.check_run(settings)
@@ -490,7 +493,7 @@ def synthesize(cfg: SynthesizeConfig, accelerator=None, progress: bool = True,
     already = sum(out.done(it) for it in items)
     todo = [it for it in items[rank::world] if not out.done(it)]
     t0, made, rejected = time.perf_counter(), 0, 0
-    bar = _bar(len(todo)) if progress and rank == 0 else None
+    bar = Progress("synthesize", len(todo), enabled=progress and rank == 0)
     for s in range(0, len(todo), cfg.batch_size):
         batch = [it for it in todo[s:s + cfg.batch_size] if out.claim(it)]
         if not batch:
@@ -501,18 +504,16 @@ def synthesize(cfg: SynthesizeConfig, accelerator=None, progress: bool = True,
             out.unclaim(batch)  # Ctrl-C or an error: unfinished items go back to the pool
             raise
         made, rejected = made + made_b, rejected + rej_b
-        if bar is not None:
-            bar.update(len(batch))
+        bar.advance(len(batch))
         if on_batch is not None and rank == 0:
             on_batch(min(s + cfg.batch_size, len(todo)), len(todo))
-    if bar is not None:
-        bar.close()
+    bar.close()
     runtime.wait_for_everyone()
     # Only a process that sees every sample done writes the manifest: one still held by another live
     # process would be missing, and that process writes it when it finishes.
     total = out.finish() if rank == 0 and all(out.done(it) for it in items) else None
-    return {"made": made, "rejected": rejected, "planned": len(items), "already_done": already,
-            "in_manifest": total, "wall_time_s": time.perf_counter() - t0}
+    return SynthesisResult(str(out.root), cfg.generator, made, rejected, len(items), already, total,
+                           time.perf_counter() - t0)
 
 
 def check_output_folder(out: str | Path, inputs: dict[str, str | Path | None]) -> None:
@@ -654,22 +655,6 @@ def _run_batch(pipe, segmenter, batch: list[WorkItem], labels, prompts, classes,
         out.write(it, out.image_array(images[j]), lab.numpy(), record)
         made += 1
     return made, rejected
-
-
-class _bar:
-    def __init__(self, total: int):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.p = Progress(TextColumn("synthesize"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                          TimeRemainingColumn())
-        self.p.start()
-        self.task = self.p.add_task("s", total=total)
-
-    def update(self, n: int) -> None:
-        self.p.advance(self.task, n)
-
-    def close(self) -> None:
-        self.p.stop()
 
 
 def config_dict(cfg: SynthesizeConfig) -> dict:

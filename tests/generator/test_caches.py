@@ -185,6 +185,6 @@ def test_training_with_cached_latents_matches_encoding_each_step(tmp_path):
     b = train_generator(GeneratorTrainConfig(out=str(tmp_path / "b"), cache_latents=True, **base))
     assert (tmp_path / "b" / "latent_cache.safetensors").is_file()
     assert not (tmp_path / "a" / "latent_cache.safetensors").exists()
-    assert abs(a["final_loss"] - b["final_loss"]) < 1e-6
+    assert abs(a.final_loss - b.final_loss) < 1e-6
     with pytest.raises(ConfigError, match="cache_latents needs crop center or resize"):
         GeneratorTrainConfig(out=str(tmp_path / "c"), **{**base, "crop": "random"}, cache_latents=True).validate()

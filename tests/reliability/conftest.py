@@ -33,7 +33,7 @@ def synth_reference(tiny_generator_dir: Path, toy_masks_16: Path, tmp_path_facto
               **parse_overrides([f"{k}={v}" for k, v in SYNTH_SETTINGS.items()])}
     with torch_threads(1):
         summary = synthesize(build_synthesize_config(values), progress=False)
-    assert summary["made"] == SYNTH_SAMPLES == summary["in_manifest"]
+    assert summary.made == SYNTH_SAMPLES == summary.in_manifest
     return file_bytes(out, synth_keep)
 
 

@@ -79,9 +79,9 @@ def test_manifest_is_never_partial(tiny_generator_dir: Path, toy_masks_16: Path,
                 (out / RECORDS / f"{record['id']}.json").write_text(json.dumps(record))
         (out / CLAIMS / f"{held}.lock").write_text(f"{socket.gethostname()}:{os.getpid()}")  # alive: this process
         partial = synthesize(cfg, progress=False)
-        assert source["made"] == 2 and partial["made"] == 0
+        assert source.made == 2 and partial.made == 0
         assert not (out / "manifest.jsonl").exists(), "a manifest missing a sample was written"
         (out / CLAIMS / f"{held}.lock").unlink()  # the other process ends without finishing: its claim goes
         finished = synthesize(cfg, progress=False)
     lines = (out / "manifest.jsonl").read_text().splitlines()
-    assert finished["made"] == 1 and len(lines) == 2 == finished["in_manifest"]
+    assert finished.made == 1 and len(lines) == 2 == finished.in_manifest

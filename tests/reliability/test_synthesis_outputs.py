@@ -111,7 +111,7 @@ def test_colliding_mask_names_each_get_their_output(tiny_generator_dir: Path, tm
     labels = _label_folder(tmp_path / "masks", names, ClassSpec(LOVEDA_NAMES))
     out = tmp_path / "out"
     summary = _synth(tiny_generator_dir, tmp_path / "masks", out)
-    assert summary["made"] == 5 == summary["in_manifest"] == summary["planned"]
+    assert summary.made == 5 == summary.in_manifest == summary.planned
     records = _manifest(out)
     assert sorted(r["source"] for r in records) == sorted(names)
     assert len({r["id"] for r in records}) == 5
@@ -123,7 +123,7 @@ def test_colliding_mask_names_each_get_their_output(tiny_generator_dir: Path, tm
 
     assert sorted(FolderDataset(out).ids) == sorted(r["id"] for r in records)
     rerun = _synth(tiny_generator_dir, tmp_path / "masks", out)
-    assert rerun["made"] == 0 and rerun["already_done"] == 5 and len(_manifest(out)) == 5
+    assert rerun.made == 0 and rerun.already_done == 5 and len(_manifest(out)) == 5
 
 
 @FAST
@@ -172,7 +172,7 @@ def test_labels_above_255_are_written_16_bit_and_read_back(wide_generator_dir: P
     labels["q"][5:9, 5:9] = 299
     _mask(tmp_path / "masks" / "masks" / "q.png", labels["q"])
     out = tmp_path / "out"
-    assert _synth(wide_generator_dir, tmp_path / "masks", out)["made"] == 2
+    assert _synth(wide_generator_dir, tmp_path / "masks", out).made == 2
     ds = FolderDataset(out)
     assert ds.classes == WIDE_CLASSES
     for i, sid in enumerate(ds.ids):
@@ -295,7 +295,7 @@ def test_same_classes_in_other_yaml_formatting_resume(tiny_generator_dir: Path, 
     _synth(tiny_generator_dir, toy_masks_16, out, limit=1)
     spec = yaml.safe_load((out / "classes.yaml").read_text())
     (out / "classes.yaml").write_text("# edited by hand\n" + yaml.safe_dump(spec, default_flow_style=True))
-    assert _synth(tiny_generator_dir, toy_masks_16, out, limit=1)["made"] == 0
+    assert _synth(tiny_generator_dir, toy_masks_16, out, limit=1).made == 0
 
 
 def test_finished_folder_is_clean_and_still_known_done(cli_app, tiny_generator_dir: Path, toy_masks_16: Path,
@@ -304,31 +304,16 @@ def test_finished_folder_is_clean_and_still_known_done(cli_app, tiny_generator_d
     and the manifest keeps the earlier samples."""
     out = tmp_path / "out"
     first = _synth(tiny_generator_dir, toy_masks_16, out, limit=2, copies=2)
-    assert first["made"] == 4 == first["in_manifest"]
+    assert first.made == 4 == first.in_manifest
     assert not (out / ".records").exists() and not (out / ".claims").exists()
     args = ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(out), "--crfm-steps", "0", "--num-steps",
             "1", "--copies", "2", "--batch-size", "4", "--set", "limit=2"]
     result = invoke(cli_app, args)
     assert result.exit_code == 0 and "synthesized 0 pairs (0 rejected, 4 already done)" in result.output
     more = _synth(tiny_generator_dir, toy_masks_16, out, limit=3, copies=2)
-    assert more["made"] == 2 and more["already_done"] == 4 and more["in_manifest"] == 6
+    assert more.made == 2 and more.already_done == 4 and more.in_manifest == 6
     assert len({r["id"] for r in _manifest(out)}) == 6 == len(list((out / "images").glob("*.png")))
     assert not (out / ".records").exists() and not (out / ".claims").exists()
-
-
-def test_folder_named_by_the_old_scheme_is_refused(tiny_generator_dir: Path, toy_masks_16: Path,
-                                                   tmp_path: Path) -> None:
-    """A folder whose synthesize.json predates the naming scheme would get duplicates on resume: refused."""
-    from todsynth.errors import DataError
-
-    out = tmp_path / "out"
-    _synth(tiny_generator_dir, toy_masks_16, out, limit=1)
-    saved = json.loads((out / "synthesize.json").read_text())
-    saved.pop("output_names")
-    (out / "synthesize.json").write_text(json.dumps(saved))
-    with pytest.raises(DataError, match="older todsynth") as info:
-        _synth(tiny_generator_dir, toy_masks_16, out, limit=1)
-    assert info.value.path == out / "synthesize.json" and "new output folder" in str(info.value)
 
 
 def test_output_folder_with_other_classes_is_refused_untouched(tiny_generator_dir: Path, toy_masks_16: Path,

@@ -108,7 +108,7 @@ def test_a_refused_synthesize_rerun_leaves_the_finished_folder_as_it_was(cli_app
     assert invoke(cli_app, args).exit_code == 0
     before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
     assert ".claims" not in before and ".records" not in before
-    refused(cli_app, [*args, "--seed", "7"], None, str(out / "synthesize.json"), "other settings", "['seed']")
+    refused(cli_app, [*args, "--seed", "7"], None, str(out / "synthesize.json"), "other settings", "seed: 0 -> 7")
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
 
 

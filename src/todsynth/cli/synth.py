@@ -52,9 +52,9 @@ def synthesize(
     cfg = build_synthesize_config(values)
     from todsynth.generator.runtime import partial_state
 
-    state = partial_state(cpu=cfg.device == "cpu")  # one process too: its device is accelerate's choice
+    state = partial_state()  # one process too: its device is accelerate's choice
     summary = run(cfg, accelerator=state)
     if state.is_main_process:
-        done = f", {summary['already_done']} already done" if summary["already_done"] else ""
-        console.print(f"synthesized {summary['made']} pairs ({summary['rejected']} rejected{done}) into {cfg.out} "
-                      f"in {summary['wall_time_s']:.1f} s")
+        done = f", {summary.already_done} already done" if summary.already_done else ""
+        console.print(f"synthesized {summary.made} pairs ({summary.rejected} rejected{done}) into {cfg.out} "
+                      f"in {summary.wall_time_s:.1f} s")

@@ -72,17 +72,12 @@ def check_mixed_precision(value: str) -> None:
                           fix="use no (fp32), bf16 (recommended on GPUs) or fp16")
 
 
-def partial_state(cpu: bool = False, state: Any = None) -> Any:
-    """accelerate's PartialState; a single-process one is rebuilt when `cpu` differs from how it was made
-    (accelerate keeps one per process; `accelerate launch` runs are left as launched)."""
-    from accelerate.state import AcceleratorState, PartialState
+def partial_state(state: Any = None) -> Any:
+    """accelerate's PartialState of this process (`state` when given): its device and rank. A named device
+    ("cpu", "cuda:1") is chosen per entry point by `resolve_runtime`, never by changing the process-wide state."""
+    from accelerate.state import PartialState
 
-    if state is not None:
-        return state
-    shared = PartialState._shared_state
-    if shared and shared.get("num_processes", 1) == 1 and bool(shared.get("_cpu", False)) != cpu:
-        AcceleratorState._reset_state(reset_partial_state=True)
-    return PartialState(cpu=cpu)
+    return state if state is not None else PartialState()
 
 
 def resolve_runtime(device: str | None = "auto", mixed_precision: str = "no", state: Any = None) -> Runtime:
@@ -91,7 +86,7 @@ def resolve_runtime(device: str | None = "auto", mixed_precision: str = "no", st
     name ("cuda", "cuda:1", "mps") is checked to exist. TF32 matmuls are enabled on CUDA."""
     check_mixed_precision(mixed_precision)
     name = "auto" if device is None else str(device)
-    state = partial_state(cpu=name == "cpu", state=state)
+    state = partial_state(state)
     chosen = state.device if name == "auto" else _named_device(name)
     if chosen.type == state.device.type and chosen.index is None:
         chosen = state.device  # "cuda" under accelerate launch: this process's GPU
