@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -56,12 +56,6 @@ def lr_at(step: int, total: int, base_lr: float, warmup: int = 0, schedule: Sche
     if schedule == "poly":
         return base_lr * (1.0 - progress) ** power
     return base_lr * (0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
-
-
-def set_lr(optimizer: Any, lr: float) -> None:
-    """Set the learning rate of every parameter group."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,24 +324,6 @@ class Progress:
 # The fit loop
 
 
-class Task(Protocol):
-    """What a trainer plugs into `fit`."""
-
-    optimizer: Any
-
-    def train_step(self, step: int) -> Tensor:
-        """One optimizer step (data, forward, backward, update) of the 0-based `step`; returns its loss."""
-
-    def validate(self, step: int) -> dict[str, float]:
-        """Validation after `step` (the values logged as val/<name>)."""
-
-    def after_step(self, step: int) -> None:
-        """Anything else after `step` (e.g. model snapshots)."""
-
-    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """The tensors and JSON info of a resumable state."""
-
-
 @dataclass
 class Loop:
     """Steps `start`..`end` of a `total`-step run: its learning rate per step, samples per step, and how often
@@ -364,16 +340,19 @@ class Loop:
     save_every: int = 0
 
 
-def fit(task: Task, loop: Loop, metrics: Metrics, accelerator: Any, run: RunFolder | None = None,
+def fit(task: Any, loop: Loop, metrics: Metrics, accelerator: Any, run: RunFolder | None = None,
         progress: Progress | None = None, on_step: StepCallback | None = None, scaler: Any = None) -> None:
     """Train `task` over the loop's steps: LR set, step, log, validate, save, `on_step(step, loss)` at log steps.
 
-    Validation runs with the torch RNG forked, so it never changes what training draws."""
+    The task plugs in with `optimizer`, `train_step(step)` (one update of the 0-based step; returns its loss),
+    `validate(step)` (values logged as val/<name>; run with the torch RNG forked, so it never changes what training
+    draws), `after_step(step)` (e.g. model snapshots) and `state()` (tensors and JSON info to save)."""
     progress = progress or Progress("", 0, enabled=False)
     clock, since = time.perf_counter(), loop.start
     for step in range(loop.start, loop.end):
         lr = loop.lr(step)
-        set_lr(task.optimizer, lr)
+        for group in task.optimizer.param_groups:
+            group["lr"] = lr
         loss = task.train_step(step)
         done = step + 1
         logged = done % loop.log_every == 0 or done == loop.total

@@ -211,10 +211,11 @@ class OutputFolder:
     """images/, masks/, classes.yaml (and data.yaml for multi-band images), manifest.jsonl, and per-sample records
     and claims under one root; images are written as `normalisation` says (None: 8-bit RGB PNG)."""
 
-    def __init__(self, root: Path, classes, normalisation=None, settings: dict | None = None):
+    def __init__(self, root: Path, classes, normalisation=None, settings: dict | None = None,
+                 record_settings: bool = True):
         from todsynth.data.bands import Normalisation
 
-        self.root = root
+        self.root, self.record_settings = root, record_settings
         self.classes = classes
         self.normalisation = normalisation or Normalisation.rgb8()
         self._manifest_key: tuple[int, int, int] | None = None
@@ -275,24 +276,16 @@ class OutputFolder:
 
         return to_uint8(image) if self.normalisation.is_rgb8 else to_raw(image, self.normalisation)
 
-    def check_run(self, settings: dict) -> None:
-        """Record the run's settings; a rerun with other settings (batching aside) is refused."""
-        from todsynth.io import write_json
-
-        path = self.root / SETTINGS_FILE
-        if path.exists():
-            self._check_settings(settings)
-        else:
-            write_json(path, settings)
-
     def _check_settings(self, settings: dict) -> None:
-        """Refuse a folder synthesized with other settings (batching aside)."""
-        from todsynth.io import read_json
+        """Refuse a folder synthesized with other settings (batching aside); record them in a new one."""
+        from todsynth.io import read_json, write_json
         from todsynth.runs import check_settings
 
         path = self.root / SETTINGS_FILE
         if path.exists():
             check_settings(read_json(path), settings, resume_free_names(SynthesizeConfig), path, "this folder")
+        elif self.record_settings:
+            write_json(path, settings)
 
     def done(self, item: WorkItem) -> bool:
         """Whether the item is finished: it has a record, or (records go once all are done) the manifest lists it."""
@@ -482,9 +475,7 @@ def synthesize(cfg: SynthesizeConfig, accelerator=None, progress: bool = True,
     copies = (hardness_copies(labels, stats["class_mean_loss"], cfg.copies, classes.ignore_index)
               if cfg.hard_resample else None)
     settings = json.loads(json.dumps(config_dict(cfg)))
-    out = OutputFolder(Path(cfg.out), classes, pipe.normalisation, settings)
-    if rank == 0:
-        out.check_run(settings)
+    out = OutputFolder(Path(cfg.out), classes, pipe.normalisation, settings, record_settings=rank == 0)
     runtime.wait_for_everyone()
     out.release_stale_claims()
     items = plan(ids, cfg, copies)

@@ -1,4 +1,5 @@
-"""Kill anywhere: SIGKILLed `generator train`, `segment train` and `synthesize` resume to the uninterrupted result.
+"""Kill anywhere, one suite over the tasks: SIGKILLed `generator train`, `segment train` and `synthesize` resume
+to the uninterrupted result.
 
 Each CLI run is killed a seeded random time after it made progress (a checkpoint or a sample written), the
 output folder is checked for half-written files, and the final resumed output is compared with an
@@ -78,21 +79,15 @@ def reference_run(train, cls: type, settings: dict[str, str], data: Path, out: P
 
 
 @pytest.fixture(scope="module")
-def generator_reference(toy_masks_16: Path, tmp_path_factory) -> Path:
-    """An uninterrupted generator training run."""
+def references(toy_masks_16: Path, synth_reference: dict[str, bytes], tmp_path_factory) -> dict[str, object]:
+    """The uninterrupted in-process runs: generator and segmenter run folders, the synthesized files."""
     from todsynth.generator.train import GeneratorTrainConfig, train_generator
-
-    return reference_run(train_generator, GeneratorTrainConfig, GEN_SETTINGS, toy_masks_16,
-                         tmp_path_factory.mktemp("gen_ref") / "run")
-
-
-@pytest.fixture(scope="module")
-def segment_reference(toy_masks_16: Path, tmp_path_factory) -> Path:
-    """An uninterrupted segmenter training run."""
     from todsynth.segment.train import SegmentTrainConfig, train_segmenter
 
-    return reference_run(train_segmenter, SegmentTrainConfig, SEG_SETTINGS, toy_masks_16,
-                         tmp_path_factory.mktemp("seg_ref") / "run")
+    root = tmp_path_factory.mktemp("refs")
+    return {"generator": reference_run(train_generator, GeneratorTrainConfig, GEN_SETTINGS, toy_masks_16, root / "gen"),
+            "segmenter": reference_run(train_segmenter, SegmentTrainConfig, SEG_SETTINGS, toy_masks_16, root / "seg"),
+            "synthesis": synth_reference}
 
 
 def model_files(rel: Path) -> bool:
@@ -108,82 +103,81 @@ def metadata(path: Path) -> dict[str, str]:
         return f.metadata()
 
 
-def test_generator_train_survives_kills(cli_app, toy_masks_16: Path, generator_reference: Path,
-                                        tmp_path: Path) -> None:
-    """Two SIGKILLs mid-training, then --resume: byte-equal model, equal checkpoint tensors and loss trace."""
-    out = tmp_path / "run"
-    runs = [gen_args(toy_masks_16, out), gen_args(toy_masks_16, out, "--resume")]
-    log = kill_sequence(runs, out, lambda: json_step(out / "checkpoint" / "state.json"), [0.8, 0.8], seed=11)
-    assert log.kills >= 1, log.outputs
-    finish(cli_app, gen_args(toy_masks_16, out, "--resume"))
-    reference, resumed = file_bytes(generator_reference, model_files), file_bytes(out, model_files)
-    lost = bytes_lost(reference, resumed)
-    assert len(reference) == 3 and lost == 0 and resumed.keys() == reference.keys()
-    cache, ref_cache = out / "prompt_cache.safetensors", generator_reference / "prompt_cache.safetensors"
-    assert_equal_tensors(load_weights(ref_cache), load_weights(cache))
-    assert metadata(cache) == metadata(ref_cache)
-    assert_equal_tensors(load_weights(generator_reference / "checkpoint" / "state.safetensors"),
+def metric_lines(run: Path) -> list[dict]:
+    """metrics.jsonl without what differs between runs (throughput)."""
+    return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in map(json.loads, (run / "metrics.jsonl")
+                                                                                .read_text().splitlines())]
+
+
+def check_trainer(reference: Path, out: Path) -> int:
+    """A resumed training run equals the uninterrupted one: model bytes, state tensors, metrics; returns bytes lost."""
+    ref_files, files = file_bytes(reference, model_files), file_bytes(out, model_files)
+    assert files.keys() == ref_files.keys() and ref_files
+    assert_equal_tensors(load_weights(reference / "checkpoint" / "state.safetensors"),
                          load_weights(out / "checkpoint" / "state.safetensors"))
-    ref_info = json.loads((generator_reference / "checkpoint" / "state.json").read_text())
-    info = json.loads((out / "checkpoint" / "state.json").read_text())
-    assert info["step"] == ref_info["step"] == 40 and info["history"] == ref_info["history"]
+    ref_info, info = (json.loads((r / "checkpoint" / "state.json").read_text()) for r in (reference, out))
+    assert info["step"] == ref_info["step"] and metric_lines(out) == metric_lines(reference)
+    results = [json.loads((r / "results.json").read_text()) for r in (reference, out)]
+    for r in results:
+        r.pop("wall_time_s"), r.pop("model"), r.get("config", {}).pop("out", None)
+    assert results[0] == results[1]
     assert not (out / "checkpoint.tmp").exists() and not (out / "checkpoint.old").exists()
-    check_visible_files(out)
-    report("generator train", log, lost)
+    return bytes_lost(ref_files, files)
 
 
-def test_segment_train_survives_kills(cli_app, toy_masks_16: Path, segment_reference: Path, tmp_path: Path) -> None:
-    """Two SIGKILLs mid-training, then --resume: byte-equal model, equal checkpoint tensors and results."""
+TASKS = {  # task: (CLI arguments (data, out, *extra), progress probe of the out folder, kill windows, seed)
+    "generator": (gen_args, lambda out: json_step(out / "checkpoint" / "state.json"), [0.8, 0.8], 11),
+    "segmenter": (seg_args, lambda out: json_step(out / "checkpoint" / "state.json"), [1.5, 1.5], 12),
+    "synthesis": (None, lambda out: len(list((out / ".records").glob("*.json"))), [1.0, 1.0], 13),
+}
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_survives_kills(task: str, cli_app, toy_masks_16: Path, tiny_generator_dir: Path, references: dict,
+                        tmp_path: Path) -> None:
+    """Two SIGKILLs mid-run, then a resume: the output equals one uninterrupted run's, 0 bytes lost."""
+    make_args, probe, windows, seed = TASKS[task]
     out = tmp_path / "run"
-    runs = [seg_args(toy_masks_16, out), seg_args(toy_masks_16, out, "--resume")]
-    log = kill_sequence(runs, out, lambda: json_step(out / "checkpoint" / "step.json"), [1.5, 1.5], seed=12)
+    if task == "synthesis":
+        args = synth_args(tiny_generator_dir, toy_masks_16, out)
+        runs = [args, args]
+    else:
+        args = make_args(toy_masks_16, out, "--resume")
+        runs = [make_args(toy_masks_16, out), args]
+    log = kill_sequence(runs, out, lambda: probe(out), windows, seed=seed)
     assert log.kills >= 1, log.outputs
-    finish(cli_app, seg_args(toy_masks_16, out, "--resume"))
-    reference, resumed = file_bytes(segment_reference / "model"), file_bytes(out / "model")
-    lost = bytes_lost(reference, resumed)
-    assert set(reference) == {"config.json", "model.safetensors"} and lost == 0
-    assert_equal_tensors(load_weights(segment_reference / "checkpoint" / "state.safetensors"),
-                         load_weights(out / "checkpoint" / "state.safetensors"))
+    if task == "synthesis":
+        done_before = synthesized_before(out)
+        output = finish(cli_app, args)
+        assert f"synthesized {SYNTH_SAMPLES - done_before} pairs" in output  # only what was missing
+        resumed = file_bytes(out, synth_keep)
+        lost = bytes_lost(references[task], resumed)
+        assert lost == 0 and resumed.keys() == references[task].keys()
+        from todsynth.data.check import validate_dataset
 
-    def comparable(path: Path) -> dict:
-        """results.json without what differs between runs (timing, paths)."""
-        results = json.loads(path.read_text())
-        results["config"].pop("out")
-        return {k: v for k, v in results.items() if k not in ("wall_time_s", "model")}
-
-    assert comparable(out / "results.json") == comparable(segment_reference / "results.json")
-    assert comparable(out / "results.json")["steps"] == 24
+        assert validate_dataset(out).n_images == SYNTH_SAMPLES  # temp files are invisible to the readers
+    else:
+        finish(cli_app, args)
+        lost = check_trainer(references[task], out)
+        assert lost == 0
+    if task == "generator":
+        cache, ref_cache = out / "prompt_cache.safetensors", references[task] / "prompt_cache.safetensors"
+        assert_equal_tensors(load_weights(ref_cache), load_weights(cache))
+        assert metadata(cache) == metadata(ref_cache)
     check_visible_files(out)
-    report("segment train", log, lost)
+    report(task, log, lost)
 
 
-def test_synthesize_survives_kills(cli_app, tiny_generator_dir: Path, toy_masks_16: Path,
-                                   synth_reference: dict[str, bytes], tmp_path: Path) -> None:
-    """Two SIGKILLs mid-synthesis, then a rerun: every file byte-equal to one uninterrupted run."""
-    out = tmp_path / "synth"
-    args = synth_args(tiny_generator_dir, toy_masks_16, out)
+def synthesized_before(out: Path) -> int:
+    """Samples done before the last run (records or manifest lines); leaves what a kill inside a write leaves."""
     records = out / ".records"
-    log = kill_sequence([args, args], out, lambda: len(list(records.glob("*.json"))), [1.0, 1.0], seed=13)
-    assert log.kills >= 1, log.outputs
     manifest_path = out / "manifest.jsonl"  # a run that completed the folder moved its records there
     lines = manifest_path.read_text().splitlines() if manifest_path.exists() else []
-    listed = [json.loads(line)["id"] for line in lines]
-    done_before = len({p.stem for p in records.glob("*.json")} | set(listed))
+    done = len({p.stem for p in records.glob("*.json")} | {json.loads(line)["id"] for line in lines})
     for sub in ("images", "masks", ".records"):  # what a kill inside a write leaves: readers must skip it
         (out / sub).mkdir(exist_ok=True)  # .records is gone if a run completed the folder before its kill
         (out / sub / ".half_written.png.k1ll3d.tmp").write_bytes(b"\x89PNG\r\n\x1a\n cut")
-    output = finish(cli_app, args)
-    assert f"synthesized {SYNTH_SAMPLES - done_before} pairs" in output  # only what was missing
-    resumed = file_bytes(out, synth_keep)
-    lost = bytes_lost(synth_reference, resumed)
-    assert lost == 0 and resumed.keys() == synth_reference.keys()
-    manifest = (out / "manifest.jsonl").read_text().splitlines()
-    assert len(manifest) == len({json.loads(line)["id"] for line in manifest}) == SYNTH_SAMPLES
-    from todsynth.data.check import validate_dataset
-
-    assert validate_dataset(out).n_images == SYNTH_SAMPLES  # temp files are invisible to the readers
-    check_visible_files(out)
-    report("synthesize", log, lost)
+    return done
 
 
 def test_segment_resume_never_uses_the_state_of_an_earlier_run(toy_masks_16: Path, tmp_path: Path) -> None:
@@ -208,33 +202,6 @@ def test_segment_resume_never_uses_the_state_of_an_earlier_run(toy_masks_16: Pat
             train_segmenter(second, on_step=killed)
         with pytest.raises(CheckpointError):
             train_segmenter(dataclasses.replace(second, overwrite=False), resume=True)
-
-
-def test_generator_resume_after_a_kill_between_the_checkpoint_renames(toy_masks_16: Path, tmp_path: Path) -> None:
-    """Killed after `checkpoint` became `checkpoint.old` but before the new one was renamed in: --resume uses .old."""
-    from todsynth.generator import train as gtrain
-
-    out = tmp_path / "run"
-    settings = {**GEN_SETTINGS, "steps": "4", "checkpoint_every": "2"}
-    with torch_threads(1):
-        gtrain.train_generator(in_process(gtrain.GeneratorTrainConfig, {**settings, "stop_after": "2"},
-                                          data=str(toy_masks_16), out=str(out)))
-        (out / "checkpoint").rename(out / "checkpoint.old")
-        restored: list[int] = []
-        original = gtrain._restore
-
-        def spy(*args: object, **kw: object) -> tuple[int, dict]:
-            """The real _restore, recording the step it restored."""
-            step, history = original(*args, **kw)
-            restored.append(step)
-            return step, history
-
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(gtrain, "_restore", spy)
-            gtrain.train_generator(in_process(gtrain.GeneratorTrainConfig, {**settings, "resume": "true"},
-                                              data=str(toy_masks_16), out=str(out)))
-    assert restored == [2]
-    assert json_step(out / "checkpoint" / "state.json") == 4 and not (out / "checkpoint.old").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,42 +231,31 @@ def garbage(path: Path) -> bytes:
     return data
 
 
-def test_generator_resume_refuses_a_garbage_checkpoint(cli_app, toy_masks_16: Path, generator_reference: Path,
-                                                        tmp_path: Path) -> None:
-    """A corrupt state.safetensors is named and left as it is."""
-    out = copy_run(generator_reference, tmp_path / "run")
+
+
+@pytest.mark.parametrize("task", ["generator", "segmenter"])
+def test_resume_refuses_foreign_and_garbage_checkpoints(task: str, cli_app, toy_masks_16: Path, references: dict,
+                                                       tmp_path: Path) -> None:
+    """Other settings, a state.json that is no checkpoint, a garbage state.safetensors and a missing checkpoint are
+    refused naming the file, which is left as it is."""
+    make_args = TASKS[task][0]
+    out = copy_run(references[task], tmp_path / "run")
+    info = out / "checkpoint" / "state.json"
+    invoke_refused(cli_app, make_args(toy_masks_16, out, "--resume", "--set", "lr=0.01"), str(info), "other settings",
+                   "lr: 0.001 -> 0.01")
+    for text, words in (('{"step": 4, "hist', "not valid JSON"), ("[1, 2]", "not a todsynth checkpoint")):
+        original = info.read_text()
+        info.write_text(text)
+        invoke_refused(cli_app, make_args(toy_masks_16, out, "--resume"), str(info), words)
+        assert info.read_text() == text
+        info.write_text(original)
     data = garbage(out / "checkpoint" / "state.safetensors")
-    invoke_refused(cli_app, gen_args(toy_masks_16, out, "--resume"), str(out / "checkpoint" / "state.safetensors"),
+    invoke_refused(cli_app, make_args(toy_masks_16, out, "--resume"), str(out / "checkpoint" / "state.safetensors"),
                    "safetensors")
     assert (out / "checkpoint" / "state.safetensors").read_bytes() == data
-
-
-@pytest.mark.parametrize("state", ["other-config", "not-json", "no-step"])
-def test_generator_resume_refuses_a_foreign_state_json(cli_app, toy_masks_16: Path, generator_reference: Path,
-                                                        tmp_path: Path, state: str) -> None:
-    """A state.json of another configuration (or not a checkpoint at all) is named with what to do."""
-    out = copy_run(generator_reference, tmp_path / "run")
-    path = out / "checkpoint" / "state.json"
-    info = json.loads(path.read_text())
-    info["config"]["num_layers"] = 3
-    text = {"other-config": json.dumps(info), "not-json": '{"step": 4, "hist', "no-step": "[1, 2]"}[state]
-    path.write_text(text)
-    words = {"other-config": "num_layers", "not-json": "not valid JSON", "no-step": "not a todsynth checkpoint"}
-    output = invoke_refused(cli_app, gen_args(toy_masks_16, out, "--resume"), str(path), words[state])
-    assert "(" in output and path.read_text() == text
-
-
-def test_segment_resume_refuses_foreign_and_garbage_checkpoints(cli_app, toy_masks_16: Path,
-                                                                 segment_reference: Path, tmp_path: Path) -> None:
-    """Resuming with other settings names run.json; a garbage state.safetensors is named."""
-    out = copy_run(segment_reference, tmp_path / "run")
-    invoke_refused(cli_app, seg_args(toy_masks_16, out, "--resume", "--set", "lr=0.01"),
-                   str(out / "checkpoint" / "run.json"), "lr")
-    garbage(out / "checkpoint" / "state.safetensors")
-    invoke_refused(cli_app, seg_args(toy_masks_16, out, "--resume"), str(out / "checkpoint" / "state.safetensors"))
     empty = tmp_path / "empty"
-    invoke_refused(cli_app, seg_args(toy_masks_16, empty, "--resume"), "no checkpoint", "without resume")
-    assert not (empty / "checkpoint" / "state.safetensors").exists()
+    invoke_refused(cli_app, make_args(toy_masks_16, empty, "--resume"), "no checkpoint", "without resume")
+    assert not empty.exists()
 
 
 def test_synthesize_refuses_a_foreign_or_corrupt_folder(cli_app, tiny_generator_dir: Path, toy_masks_16: Path,
@@ -309,7 +265,7 @@ def test_synthesize_refuses_a_foreign_or_corrupt_folder(cli_app, tiny_generator_
     args = ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(out), "--crfm-steps", "0",
             "--num-steps", "1", "--set", "limit=1"]
     assert invoke(cli_app, args).exit_code == 0
-    invoke_refused(cli_app, [*args, "--seed", "3"], str(out / "synthesize.json"), "other settings")
+    invoke_refused(cli_app, [*args, "--seed", "3"], str(out / "synthesize.json"), "other settings", "seed: 0 -> 3")
     record = out / ".records" / "cut.json"  # records go once the folder is complete: a leftover one is read
     record.parent.mkdir(exist_ok=True)
     record.write_text('{"id": "cut sho')

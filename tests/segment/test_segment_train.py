@@ -81,6 +81,31 @@ def test_resume_continues_exactly(straight, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_validation_during_training_is_logged_and_changes_nothing(straight, tmp_path):
+    """val_every: val/ records in metrics.jsonl at those steps; validation never touches what training draws."""
+    from todsynth.runs import read_metrics
+
+    real, synthetic, val = train_data()
+    outcome = train_on_samples(real, CLASSES, tiny_cfg(**RESUME_CFG, val_every=1), val_samples=val,
+                               synthetic=synthetic, run=RunFolder(tmp_path))
+    a, b = straight.model.state_dict(), outcome.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if "val/mIoU" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert all({"lr", "samples_per_s"} <= set(r) for r in records if "loss" in r)
+    assert records[-1]["val/mIoU"] == straight.val.miou
+
+
+def test_tensorboard_tracker_writes_event_files(tmp_path):
+    pytest.importorskip("tensorboard")
+    from todsynth.runs import read_metrics
+
+    train_on_samples(make_samples(4), CLASSES, tiny_cfg(steps=2, log_with="tensorboard"), run=RunFolder(tmp_path))
+    assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
 def test_resume_refuses_other_settings_and_missing_checkpoint(tmp_path):
     samples = make_samples(4)
     with pytest.raises(CheckpointError, match="no checkpoint") as e:

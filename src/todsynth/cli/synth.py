@@ -50,9 +50,9 @@ def synthesize(
     values.update({k: v for k, v in cli.items() if v is not None})
     values.update(parse_overrides(set_))
     cfg = build_synthesize_config(values)
-    from todsynth.generator.runtime import partial_state
+    from accelerate.state import PartialState
 
-    state = partial_state()  # one process too: its device is accelerate's choice
+    state = PartialState()  # one process too: its device is accelerate's choice
     summary = run(cfg, accelerator=state)
     if state.is_main_process:
         done = f", {summary.already_done} already done" if summary.already_done else ""

@@ -72,21 +72,16 @@ def check_mixed_precision(value: str) -> None:
                           fix="use no (fp32), bf16 (recommended on GPUs) or fp16")
 
 
-def partial_state(state: Any = None) -> Any:
-    """accelerate's PartialState of this process (`state` when given): its device and rank. A named device
-    ("cpu", "cuda:1") is chosen per entry point by `resolve_runtime`, never by changing the process-wide state."""
-    from accelerate.state import PartialState
-
-    return state if state is not None else PartialState()
-
-
 def resolve_runtime(device: str | None = "auto", mixed_precision: str = "no", state: Any = None) -> Runtime:
     """The Runtime of an entry point: "auto" (or None) takes accelerate's device for this process (its
     GPU under `accelerate launch`, the GPU with one process, else the CPU); "cpu" forces the CPU; another
     name ("cuda", "cuda:1", "mps") is checked to exist. TF32 matmuls are enabled on CUDA."""
     check_mixed_precision(mixed_precision)
     name = "auto" if device is None else str(device)
-    state = partial_state(state)
+    if state is None:
+        from accelerate.state import PartialState
+
+        state = PartialState()  # a named device is chosen here, never by changing the process-wide state
     chosen = state.device if name == "auto" else _named_device(name)
     if chosen.type == state.device.type and chosen.index is None:
         chosen = state.device  # "cuda" under accelerate launch: this process's GPU

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -371,7 +371,9 @@ def _train(cfg: GeneratorTrainConfig, run, resuming: bool, on_step: Callable[[in
         data, classes = open_train_stream(cfg.data, cfg.split, cfg.size, cfg.crop, cfg.seed, cfg.split_file)
     val_labels, val_prompts = _validation_masks(cfg, data)
     pipe = build_pipeline(cfg, classes, accelerator.device, data.normalisation)
-    _attach_prompt_cache(pipe, data.prompts + val_prompts, out, accelerator)
+    # every prompt encoded once into out/prompt_cache.safetensors, each process its share; training never re-encodes
+    pipe.use_prompt_cache(out / "prompt_cache.safetensors", sorted(set(data.prompts + val_prompts)), accelerator,
+                          offload_text=True)
     if cfg.cache_latents:
         data = _latent_cache(pipe, data, out, accelerator)
     model = pipe.transformer
@@ -553,18 +555,14 @@ def mask_fidelity(images: Tensor, labels: Tensor, segmenter_dir: str, classes, n
     return float(segmentation_metrics(pred, labels.cpu(), classes.num_classes, classes.ignore_index).miou)
 
 
-class _module_in:
+@contextlib.contextmanager
+def _module_in(pipe, module) -> Iterator[None]:
     """Context: `pipe.transformer` is `module` (the sharded FSDP model for validation), restored on exit."""
-
-    def __init__(self, pipe, module):
-        self.pipe, self.module, self.saved = pipe, module, pipe.transformer
-
-    def __enter__(self):
-        self.pipe.transformer = self.module
-
-    def __exit__(self, *exc):
-        self.pipe.transformer = self.saved
-        return False
+    saved, pipe.transformer = pipe.transformer, module
+    try:
+        yield
+    finally:
+        pipe.transformer = saved
 
 
 @dataclass
@@ -589,12 +587,6 @@ def _make_ema(params: list, cfg: GeneratorTrainConfig):
     from diffusers.training_utils import EMAModel
 
     return EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=False)
-
-
-def _attach_prompt_cache(pipe, prompts: list[str], out: Path, accelerator) -> None:
-    """Encode every prompt once into out/prompt_cache.safetensors, each process its share (no process waits
-    behind one encoding them all); training never re-encodes."""
-    pipe.use_prompt_cache(out / "prompt_cache.safetensors", sorted(set(prompts)), accelerator, offload_text=True)
 
 
 def _latent_cache(pipe, data, out: Path, accelerator):
