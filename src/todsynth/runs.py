@@ -341,13 +341,15 @@ class Loop:
 
 
 def fit(task: Any, loop: Loop, metrics: Metrics, accelerator: Any, run: RunFolder | None = None,
-        progress: Progress | None = None, on_step: StepCallback | None = None, scaler: Any = None) -> None:
+        progress: Progress | None = None, on_step: StepCallback | None = None, scaler: Any = None) -> float | None:
     """Train `task` over the loop's steps: LR set, step, log, validate, save, `on_step(step, loss)` at log steps.
 
     The task plugs in with `optimizer`, `train_step(step)` (one update of the 0-based step; returns its loss),
     `validate(step)` (values logged as val/<name>; run with the torch RNG forked, so it never changes what training
-    draws), `after_step(step)` (e.g. model snapshots) and `state()` (tensors and JSON info to save)."""
+    draws), `after_step(step)` (e.g. model snapshots) and `state()` (tensors and JSON info to save).
+    Returns the loss last read (that of the last step when it was logged or saved; None if no step ran)."""
     progress = progress or Progress("", 0, enabled=False)
+    value = None
     clock, since = time.perf_counter(), loop.start
     for step in range(loop.start, loop.end):
         lr = loop.lr(step)
@@ -384,6 +386,7 @@ def fit(task: Any, loop: Loop, metrics: Metrics, accelerator: Any, run: RunFolde
         if logged and on_step is not None and accelerator.is_main_process:
             on_step(done, value)
     progress.close()
+    return value
 
 
 def make_accelerator(log_with: str | None = None, logging_dir: str | Path | None = None) -> Any:

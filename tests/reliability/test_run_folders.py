@@ -116,7 +116,7 @@ def test_the_lock_is_held_during_the_run_and_released_on_ctrl_c(toy_masks_16: Pa
     out = tmp_path / "run"
     cfg = load_config(SegmentTrainConfig, None, {"data": str(toy_masks_16), "out": str(out), "arch": "segformer",
                                                  "encoder": "tu-mobilenetv3_small_050", "size": 16, "steps": 2,
-                                                 "batch_size": 2, "device": "cpu"})
+                                                 "batch_size": 2, "device": "cpu", "log_every": 1})
     seen: list[str] = []
 
     def interrupt(step: int, loss: float) -> None:

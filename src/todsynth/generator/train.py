@@ -410,11 +410,11 @@ def _train(cfg: GeneratorTrainConfig, run, resuming: bool, on_step: Callable[[in
                 cfg.batch_size * cfg.grad_accum, cfg.log_every, cfg.val_every, bool(cfg.val_every),
                 cfg.full_state_every)
     progress = Progress("generator", cfg.steps, start, cfg.progress and accelerator.is_main_process)
-    fit(task, loop, metrics, accelerator, run, progress, on_step, state.precision.scaler)
+    last = fit(task, loop, metrics, accelerator, run, progress, on_step, state.precision.scaler)
 
     history = metrics.history()
     val = metrics.last("val/")
-    result = GeneratorResult(str(out / "model"), end, history[-1][1] if history else None,
+    result = GeneratorResult(str(out / "model"), end, last if last is not None else history[-1][1] if history else None,
                              None if val is None else {k[4:] if k.startswith("val/") else k: v
                                                        for k, v in val.items()},
                              n_trainable, world, time.perf_counter() - t0)
