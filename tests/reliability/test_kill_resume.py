@@ -20,8 +20,8 @@ from reliability_helpers import (SYNTH_SAMPLES, KillLog, bytes_lost, check_visib
 
 from todsynth.io import load_weights
 
-GEN_SETTINGS: dict[str, str] = {"steps": "40", "batch_size": "2", "size": "16", "num_layers": "1", "num_heads": "2",
-                                "head_dim": "8", "val_every": "0", "text_max_length": "8", "progress": "false",
+GEN_SETTINGS: dict[str, str] = {"steps": "40", "batch_size": "2", "size": "16", "model.patch_size": "2",
+                                "model.num_layers": "1", "model.num_heads": "2", "model.head_dim": "8", "val_every": "0", "text_max_length": "8", "progress": "false",
                                 "warmup_steps": "2", "checkpoint_every": "1", "full_state_every": "1",
                                 "ema_decay": "0.9", "lr": "0.001"}
 SEG_SETTINGS: dict[str, str] = {"arch": "segformer", "encoder": "tu-mobilenetv3_small_050", "size": "16",
@@ -41,7 +41,7 @@ def gen_args(data: Path, out: Path, *extra: str) -> list[str]:
 
 def seg_args(data: Path, out: Path, *extra: str) -> list[str]:
     """`todsynth segment train` arguments for SEG_SETTINGS."""
-    return ["segment", "train", "--data", str(data), "--out", str(out), *sets(SEG_SETTINGS), *extra]
+    return ["segment", "train", str(data), "--out", str(out), *sets(SEG_SETTINGS), *extra]
 
 
 def in_process(cls: type, settings: dict[str, str], **paths: str):
@@ -281,7 +281,7 @@ def test_generator_resume_refuses_a_foreign_state_json(cli_app, toy_masks_16: Pa
     out = copy_run(generator_reference, tmp_path / "run")
     path = out / "checkpoint" / "state.json"
     info = json.loads(path.read_text())
-    info["config"]["num_layers"] = 3
+    info["config"]["model"]["num_layers"] = 3
     text = {"other-config": json.dumps(info), "not-json": '{"step": 4, "hist', "no-step": "[1, 2]"}[state]
     path.write_text(text)
     words = {"other-config": "num_layers", "not-json": "not valid JSON", "no-step": "not a todsynth checkpoint"}

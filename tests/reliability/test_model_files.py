@@ -64,10 +64,10 @@ def test_segment_train_refuses_an_unknown_encoder(cli_app, toy_masks_16: Path, t
     """`segment train --encoder resnet9000` names the encoder before writing anything (was a KeyError)."""
     out = tmp_path / "out"
     args = [a if a != "tu-mobilenetv3_small_050" else "resnet9000" for a in TINY_SEG]
-    refused(cli_app, ["segment", "train", "--data", str(toy_masks_16), "--out", str(out), *args], out,
+    refused(cli_app, ["segment", "train", str(toy_masks_16), "--out", str(out), *args], out,
             "unknown encoder 'resnet9000'", "tu-<model>")
     args = [a if a != "tu-mobilenetv3_small_050" else "tu-no_such_timm_model" for a in TINY_SEG]
-    refused(cli_app, ["segment", "train", "--data", str(toy_masks_16), "--out", str(out), *args], out,
+    refused(cli_app, ["segment", "train", str(toy_masks_16), "--out", str(out), *args], out,
             "unknown encoder 'tu-no_such_timm_model'")
 
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
 
 console = Console()
 err_console = Console(stderr=True)
+C = TypeVar("C")
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -29,3 +31,27 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+# The options every config-driven command shares: a settings file, single settings, and printing the result.
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", show_default=False, help="YAML file of settings, "
+                                                    "nested or dotted keys (as `todsynth config show` prints).")]
+Overrides = Annotated[Optional[list[str]], typer.Option("--set", show_default=False, help="Any setting as key=value, "
+                                                        "dotted for nested ones (model.num_layers=6); repeatable.")]
+PrintConfig = Annotated[bool, typer.Option("--print-config", help="Print the resolved settings as YAML (readable "
+                                           "by --config) and exit.")]
+
+
+def resolve_config(cls: type[C], config: Optional[Path], options: dict[str, Any], overrides: Optional[list[str]],
+                   print_config: bool, defaults: Optional[dict[str, Any]] = None) -> C:
+    """The command's config: `defaults`, then the --config file, the command's options (None: not given) and
+    --set; with --print-config, print it as `todsynth config show` does and exit."""
+    from todsynth.config import config_yaml, load_config, parse_overrides
+
+    values = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+    values.update(parse_overrides(overrides))
+    cfg = load_config(cls, config, values, defaults, check=not print_config)
+    if print_config:
+        typer.echo(config_yaml(cfg, load_config(cls, None, None, defaults, check=False)))
+        raise typer.Exit(0)
+    return cfg

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from todsynth.cli.common import console, friendly
+from todsynth.cli.common import ConfigFile, Overrides, PrintConfig, console, friendly, resolve_config
 
 app = typer.Typer(help="Stage (a): pretrain a base on unlabeled images, train the mask-controlled MM-DiT, sample "
                   "from it.", no_args_is_help=True)
@@ -20,31 +20,31 @@ def train(
                                          help="Dataset (LoveDA, folder or JSONL layout); required unless --config "
                                          "gives 'data'."),
     out: Optional[str] = typer.Option(None, show_default=False, help="Output folder (default runs/generator)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of GeneratorTrainConfig settings."),
-    control: Optional[str] = typer.Option(None, help="triple | siamese | adapter | none"),
-    steps: Optional[int] = typer.Option(None, help="Optimiser steps."),
-    batch_size: Optional[int] = typer.Option(None, help="Global batch size."),
-    size: Optional[int] = typer.Option(None, help="Training image size (pixels)."),
-    sd3_path: Optional[str] = typer.Option(None, help="Initialise from a local diffusers SD3 transformer."),
-    init: Optional[str] = typer.Option(None, help="Initialise text/image streams from a pretrained base "
-                                       "(the --out folder of `generator pretrain`); the mask stream starts as a "
-                                       "copy of its image stream."),
-    mixed_precision: Optional[str] = typer.Option(None, help="no | bf16 | fp16"),
+    control: Optional[str] = typer.Option(None, show_default=False, help="model.control: triple | siamese | "
+                                          "adapter | none (default triple)."),
+    steps: Optional[int] = typer.Option(None, show_default=False, help="Optimizer steps (default 400)."),
+    batch_size: Optional[int] = typer.Option(None, show_default=False, help="Global batch size (default 8)."),
+    size: Optional[int] = typer.Option(None, show_default=False, help="Training image size in pixels (default 32)."),
+    init: Optional[str] = typer.Option(None, show_default=False, help="Initialise text/image streams from a "
+                                       "pretrained base (the --out folder of `generator pretrain`); the mask stream "
+                                       "starts as a copy of its image stream."),
     resume: bool = typer.Option(False, "--resume", help="Continue from out/checkpoint; refused when there is none "
                                 "(--set resume=auto continues only if one exists)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in --out (its model, "
                                    "results and checkpoint are removed)."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Any setting as key=value (repeatable)."),
+    config: ConfigFile = None,
+    set_: Overrides = None,
+    print_config: PrintConfig = False,
 ) -> None:
-    """Train the generator with rectified-flow matching (multi-GPU: `accelerate launch -m todsynth.cli.main`)."""
-    from todsynth.config import load_config, parse_overrides
+    """Train the generator with rectified-flow matching (multi-GPU: `accelerate launch -m todsynth.cli.main`).
+
+    Every other setting (model size: --set model=sd3.5-medium, memory presets, ...): `todsynth config show
+    generator-train`."""
     from todsynth.generator.train import GeneratorTrainConfig, train_generator
 
-    overrides = dict(data=data, out=out, control=control, steps=steps, batch_size=batch_size, size=size,
-                     sd3_path=sd3_path, init=init, mixed_precision=mixed_precision, resume=resume or None,
-                     overwrite=overwrite or None)
-    overrides.update(parse_overrides(set_))
-    cfg = load_config(GeneratorTrainConfig, config, overrides)
+    options = {"data": data, "out": out, "model.control": control, "steps": steps, "batch_size": batch_size,
+               "size": size, "init": init, "resume": resume or None, "overwrite": overwrite or None}
+    cfg = resolve_config(GeneratorTrainConfig, config, options, set_, print_config)
     summary = train_generator(cfg)
     console.print(f"generator saved to {Path(cfg.out) / 'model'}; final loss {summary['final_loss']:.4f}, "
                   f"{summary['wall_time_s']:.1f} s")
@@ -59,34 +59,30 @@ def pretrain(
                                            "--config gives 'data'."),
     out: Optional[str] = typer.Option(None, show_default=False, help="Output folder; the base model is written to "
                                       "OUT/model (default runs/base)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of GeneratorTrainConfig settings."),
-    captions: Optional[str] = typer.Option(None, help="JSON object {image id: caption}; other images get --prompt."),
-    prompt: Optional[str] = typer.Option(None, help='Prompt of uncaptioned images (default "a satellite image").'),
-    steps: Optional[int] = typer.Option(None, help="Optimiser steps."),
-    batch_size: Optional[int] = typer.Option(None, help="Global batch size."),
-    size: Optional[int] = typer.Option(None, help="Training image size (pixels)."),
-    mixed_precision: Optional[str] = typer.Option(None, help="no | bf16 | fp16"),
+    captions: Optional[str] = typer.Option(None, show_default=False, help="JSON object {image id: caption}; other "
+                                           "images get --prompt."),
+    prompt: Optional[str] = typer.Option(None, show_default=False, help='Prompt of uncaptioned images (default "a '
+                                         'satellite image").'),
+    steps: Optional[int] = typer.Option(None, show_default=False, help="Optimizer steps (default 400)."),
+    batch_size: Optional[int] = typer.Option(None, show_default=False, help="Global batch size (default 8)."),
+    size: Optional[int] = typer.Option(None, show_default=False, help="Training image size in pixels (default 32)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from out/checkpoint; refused when there is none."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in --out (its model, results "
                                    "and checkpoint are removed)."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Any setting as key=value (repeatable)."),
+    config: ConfigFile = None,
+    set_: Overrides = None,
+    print_config: PrintConfig = False,
 ) -> None:
     """Pretrain a base (text + image streams, no masks) on unlabeled images; fine-tune with `train --init OUT`.
 
-    Rectified flow as `generator train` (resumable; multi-GPU: `accelerate launch -m todsynth.cli.main`)."""
-    from todsynth.config import load_config, parse_overrides
-    from todsynth.generator.pretrain import pretrain_config, pretrain_generator
+    Rectified flow as `generator train` (resumable; multi-GPU: `accelerate launch -m todsynth.cli.main`); every
+    setting: `todsynth config show generator-pretrain`."""
+    from todsynth.generator.pretrain import PRETRAIN_DEFAULTS, pretrain_generator
     from todsynth.generator.train import GeneratorTrainConfig
 
-    # pretraining's defaults (text and image streams trained, out runs/base) yield to the YAML file and --set
-    defaults = {k: v for k, v in vars(pretrain_config("", "runs/base")).items()
-                if k in ("out", "control", "unlabeled", "train_text", "train_image", "train_mask")
-                and k not in _yaml_keys(config)}
-    overrides = dict(data=images, out=out, captions=captions, prompt=prompt, steps=steps, batch_size=batch_size,
-                     size=size, mixed_precision=mixed_precision, resume=resume or None, overwrite=overwrite or None)
-    overrides.update(parse_overrides(set_))
-    cfg = load_config(GeneratorTrainConfig, config, {**defaults, **{k: v for k, v in overrides.items()
-                                                                    if v is not None}})
+    options = {"data": images, "out": out, "captions": captions, "prompt": prompt, "steps": steps,
+               "batch_size": batch_size, "size": size, "resume": resume or None, "overwrite": overwrite or None}
+    cfg = resolve_config(GeneratorTrainConfig, config, options, set_, print_config, defaults=PRETRAIN_DEFAULTS)
     summary = pretrain_generator(cfg)
     console.print(f"base saved to {Path(cfg.out) / 'model'} (fine-tune: generator train DATA --init {cfg.out}); "
                   f"final loss {summary['final_loss']:.4f}, {summary['wall_time_s']:.1f} s")
@@ -100,8 +96,8 @@ def sample(
     out: Path = typer.Argument(..., help="Output folder for grids."),
     split: str = typer.Option("Train", help="Split of a LoveDA layout."),
     n: int = typer.Option(8, help="How many masks."),
-    steps: int = typer.Option(20, help="Euler steps."),
-    guidance: float = typer.Option(1.0, help="Classifier-free guidance scale on the text."),
+    num_steps: int = typer.Option(20, help="Euler sampling steps."),
+    guidance_scale: float = typer.Option(1.0, help="Classifier-free guidance scale on the text."),
     shift: float = typer.Option(1.0, help="Sigma shift of the flow schedule (SD3 uses 3.0)."),
     seed: int = typer.Option(0, help="Global seed; each sample's seed derives from it and the mask id."),
     batch_size: int = typer.Option(8, help="Masks per forward pass (does not change the output)."),
@@ -111,19 +107,6 @@ def sample(
     """Plain Euler flow sampling for masks of a dataset; writes mask | image grids."""
     from todsynth.generator.sample import sample_grid
 
-    path = sample_grid(model, masks, out, split=split, n=n, steps=steps, guidance=guidance, shift=shift,
+    path = sample_grid(model, masks, out, split=split, n=n, steps=num_steps, guidance=guidance_scale, shift=shift,
                        seed=seed, batch_size=batch_size, device=device, mixed_precision=mixed_precision)
     console.print(f"wrote {path}")
-
-
-def _yaml_keys(config: Optional[Path]) -> set[str]:
-    """Top-level keys of a YAML config file (empty when unreadable: load_config then reports why)."""
-    if config is None:
-        return set()
-    import yaml
-
-    try:
-        loaded = yaml.safe_load(config.read_text())
-    except (OSError, ValueError, yaml.YAMLError, RecursionError):
-        return set()
-    return set(loaded) if isinstance(loaded, dict) else set()

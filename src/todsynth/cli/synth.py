@@ -7,49 +7,45 @@ from typing import Optional
 
 import typer
 
-from todsynth.cli.common import console, friendly
+from todsynth.cli.common import ConfigFile, Overrides, PrintConfig, console, friendly, resolve_config
 
 
 @friendly
 def synthesize(
-    generator: Optional[str] = typer.Argument(None, help="Generator folder (out/model of `generator train`)."),
-    masks: Optional[str] = typer.Argument(None, help="Masks to synthesize for: a dataset or a label-only folder."),
-    out: Optional[str] = typer.Argument(None, help="Output folder (generic layout + manifest.jsonl)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML of SynthesizeConfig settings."),
-    segmenter: Optional[str] = typer.Option(None, help="Guidance segmenter folder (needed for CRFM)."),
-    copies: Optional[int] = typer.Option(None, help="Images per mask (and transform)."),
-    crfm_steps: Optional[int] = typer.Option(None, help="CRFM rectified steps k (0 = plain sampling)."),
-    num_steps: Optional[int] = typer.Option(None, help="Euler steps."),
-    batch_size: Optional[int] = typer.Option(None, help="Samples per forward pass (output does not depend on it)."),
-    seed: Optional[int] = typer.Option(None, help="Global seed."),
-    device: Optional[str] = typer.Option(None, help="auto (accelerate's choice: the GPU when there is one) | cpu "
-                                         "| cuda:N."),
-    mixed_precision: Optional[str] = typer.Option(None, help="no | bf16 | fp16: autocast of transformer, "
-                                                  "decoder and CRFM's segmenter pass."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Any setting as key=value; crfm_* for CRFM."),
+    generator: Optional[str] = typer.Argument(None, show_default=False, help="Generator folder (out/model of "
+                                              "`generator train`)."),
+    masks: Optional[str] = typer.Argument(None, show_default=False, help="Masks to synthesize for: a dataset or a "
+                                          "label-only folder."),
+    out: Optional[str] = typer.Argument(None, show_default=False, help="Output folder (generic layout + "
+                                        "manifest.jsonl)."),
+    segmenter: Optional[str] = typer.Option(None, show_default=False, help="Guidance segmenter folder (needed for "
+                                            "CRFM)."),
+    copies: Optional[int] = typer.Option(None, show_default=False, help="Images per mask (and transform; default 1)."),
+    crfm_steps: Optional[int] = typer.Option(None, show_default=False, help="crfm.steps: CRFM rectified steps k (0 = "
+                                             "plain sampling; default 4)."),
+    num_steps: Optional[int] = typer.Option(None, show_default=False, help="Euler sampling steps (default 20)."),
+    guidance_scale: Optional[float] = typer.Option(None, show_default=False, help="Classifier-free guidance scale "
+                                                   "on the text (default 1)."),
+    batch_size: Optional[int] = typer.Option(None, show_default=False, help="Samples per forward pass (the output "
+                                             "does not depend on it; default 8)."),
+    seed: Optional[int] = typer.Option(None, show_default=False, help="Global seed (default 0)."),
+    device: Optional[str] = typer.Option(None, show_default=False, help="auto (accelerate's choice: the GPU when "
+                                         "there is one) | cpu | cuda:N."),
+    mixed_precision: Optional[str] = typer.Option(None, show_default=False, help="no | bf16 | fp16: autocast of "
+                                                  "transformer, decoder and CRFM's segmenter pass."),
+    config: ConfigFile = None,
+    set_: Overrides = None,
+    print_config: PrintConfig = False,
 ) -> None:
-    """Make synthetic image/label pairs with CRFM; resumable, and sharded under `accelerate launch`."""
-    import yaml
+    """Make synthetic image/label pairs with CRFM; resumable, and sharded under `accelerate launch`.
 
-    from todsynth.config import parse_overrides
-    from todsynth.errors import ConfigError
-    from todsynth.synthesize import build_synthesize_config, synthesize as run
+    Every setting: `todsynth config show synthesize` (CRFM's as crfm.*, e.g. --set crfm.alpha_max=0.3)."""
+    from todsynth.synthesize import SynthesizeConfig, synthesize as run
 
-    values: dict = {}
-    if config is not None:
-        try:
-            loaded = yaml.safe_load(config.read_text())
-        except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:
-            raise ConfigError(f"cannot read config: {e}", path=config, fix="give a readable YAML file") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError("expected a mapping of setting: value", path=config)
-        values.update(loaded or {})
-    cli = dict(generator=generator, masks=masks, out=out, segmenter=segmenter, copies=copies,
-               crfm_steps=crfm_steps, num_steps=num_steps, batch_size=batch_size, seed=seed, device=device,
-               mixed_precision=mixed_precision)
-    values.update({k: v for k, v in cli.items() if v is not None})
-    values.update(parse_overrides(set_))
-    cfg = build_synthesize_config(values)
+    options = {"generator": generator, "masks": masks, "out": out, "segmenter": segmenter, "copies": copies,
+               "crfm.steps": crfm_steps, "num_steps": num_steps, "guidance_scale": guidance_scale,
+               "batch_size": batch_size, "seed": seed, "device": device, "mixed_precision": mixed_precision}
+    cfg = resolve_config(SynthesizeConfig, config, options, set_, print_config)
     from todsynth.generator.runtime import partial_state
 
     state = partial_state(cpu=cfg.device == "cpu")  # one process too: its device is accelerate's choice
