@@ -277,24 +277,21 @@ def test_masks_of_a_labelled_dataset_are_ignored(toy, tmp_path):
 def test_toy_pool_is_disjoint_from_every_labelled_layout_and_test_tile(tmp_path):
     """The pool's tiles (indices from TOY_POOL_START) are none of the tiles the experiments and the demo draw."""
     from todsynth.demo import BUDGETS
-    from todsynth.experiment import CellSettings, stage_data
+    from todsynth.experiment import resolve_counts, settings_from, stage_data
     from todsynth.grid import expand, load_grid
 
-    s = CellSettings(**BUDGETS["tiny"])
-    paths = stage_data(s, tmp_path, log=lambda m: None)
+    paths = stage_data(settings_from(BUDGETS["tiny"]), tmp_path, log=lambda m: None)
     used = {int(p.stem.split("_")[1]) for key in ("real", "layouts", "test", "oracle")
             for p in Path(paths[key]).rglob("toy_*.png")}
     assert used and not used & set(toy_pool_indices(100))
     # the largest index any built-in grid (or the demo) can draw stays below the pool
+    cells: list[dict] = []
     for name in ("paper-tables", "foundation"):
         grid = load_grid(name)
-        for cells in expand(grid).values():
-            for over in cells.values():
-                v = {**grid["base"], **over}
-                assert max(v.get("n_real", 16), 100_000 + v.get("n_layouts", 200),
-                           500_000 + v.get("n_test", 64)) < TOY_POOL_START
-    assert max(BUDGETS["demo"]["n_real"], 100_000 + BUDGETS["demo"]["n_layouts"],
-               500_000 + BUDGETS["demo"]["n_test"]) < TOY_POOL_START
+        cells += [{**grid["base"], **over} for table in expand(grid).values() for over in table.values()]
+    for values in cells + [BUDGETS["demo"]]:
+        d = resolve_counts(settings_from(values)).data
+        assert max(d.n_real, 100_000 + d.n_layouts, 500_000 + d.n_test) < TOY_POOL_START
     data, _ = load_unlabeled(pretrain_config("toy:3:5", "o", size=16))
     assert data.ids == [f"toy_{i}" for i in range(TOY_POOL_START, TOY_POOL_START + 3)]
 

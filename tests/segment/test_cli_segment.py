@@ -40,7 +40,7 @@ def test_cli_train_then_eval(tmp_path):
     (tmp_path / "cfg.yaml").write_text(f"arch: segformer\nencoder: {TINY_ENCODER}\nsize: 32\nbatch_size: 2\n")
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["train", str(data), "--val", str(val), "--synthetic", str(syn),
-                                      "--synthetic-ratio", "1", "--split-file",
+                                      "--set", "synthetic_ratio=1", "--split-file",
                                       str(tmp_path / "split.json"), "--config", str(tmp_path / "cfg.yaml"),
                                       "--out", str(out), "--device", "cpu", "--set", "steps=2",
                                       "--set", "checkpoint_every=1"])
