@@ -47,7 +47,8 @@ def test_print_config_prints_the_resolved_settings_and_runs_nothing(tmp_path: Pa
 
 
 def test_nested_and_dotted_settings_mean_the_same() -> None:
-    nested = build_config(CellSettings, {"generator": {"model": {"num_layers": 2}}, "synthesis": {"crfm": {"steps": 1}}})
+    nested = build_config(CellSettings, {"generator": {"model": {"num_layers": 2}},
+                                         "synthesis": {"crfm": {"steps": 1}}})
     dotted = build_config(CellSettings, {"generator.model.num_layers": 2, "synthesis.crfm.steps": 1})
     assert nested == dotted and dotted.generator.model.num_layers == 2
     assert dotted.generator.model.num_heads == MMDiTArch().num_heads  # the rest keeps its defaults

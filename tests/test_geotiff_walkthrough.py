@@ -28,7 +28,7 @@ SPECTRA = np.array([[900, 1100, 1300, 2500], [1800, 1900, 2100, 2300], [1400, 14
 H, W, SIZE = 64, 96, 32
 CRS = "EPSG:32633"
 SEG_TINY = ["--arch", "segformer", "--encoder", "tu-mobilenetv3_small_050", "--steps", "4", "--batch-size", "4"]
-GEN_TINY = ["--steps", "2", "--batch-size", "4", "--set", "model.patch_size=2", "--set", "model.num_layers=1", "--set", "model.num_heads=2",
+GEN_TINY = ["--steps", "2", "--batch-size", "4", "--set", "model.num_layers=1", "--set", "model.num_heads=2",
             "--set", "model.head_dim=8", "--set", "text_max_length=8", "--set", "val_every=0"]
 
 

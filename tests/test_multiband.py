@@ -88,7 +88,7 @@ def generator(four_band: Path, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("gen") / "run"
     train_generator(GeneratorTrainConfig(data=str(four_band), out=str(out), size=16, steps=2, batch_size=2,
-                                         model=MMDiTArch(patch_size=2, num_layers=1, num_heads=2, head_dim=8),
+                                         model=MMDiTArch(num_layers=1, num_heads=2, head_dim=8),
                                          val_every=0, checkpoint_every=2,
                                          progress=False, warmup_steps=0, text_max_length=8))
     return out / "model"

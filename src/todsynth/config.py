@@ -147,7 +147,8 @@ def build_config(cls: type[C], values: dict[str, Any] | None = None, source: str
         elif head in fields and not rest:
             own[head] = value
         else:
-            raise ConfigError(f"unknown setting '{prefix}{key}'{_nearest(cls, str(key), prefix)}", path=source)
+            raise ConfigError(f"unknown setting '{prefix}{key}'{_nearest(cls, str(key), prefix)}", path=source,
+                              fix=None if strict else "use a setting `todsynth config show STAGE` lists")
     missing = [n for n, f in fields.items() if n not in own and n not in nested and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -207,7 +208,8 @@ def setting_names(cls: type, prefix: str = "") -> list[str]:
 
 
 def _nearest(cls: type, key: str, prefix: str) -> str:
-    """'; did you mean ...' naming the known settings nearest to the unknown `key` (same last part, or close)."""
+    """'; did you mean ...' naming the known settings nearest to the unknown `key` (same last part, or close),
+    or '; known: [...]' when none is near."""
     import difflib
 
     known = setting_names(cls)
@@ -215,7 +217,7 @@ def _nearest(cls: type, key: str, prefix: str) -> str:
     near = [n for n in known if n.rsplit(".", 1)[-1] == leaf] + difflib.get_close_matches(key, known, n=3)
     near = list(dict.fromkeys(near))[:3]
     if not near:
-        return f" (see `todsynth config show`: {len(known)} settings)"
+        return f"; known: {[prefix + n for n in known]}"
     return "; did you mean " + " or ".join(f"'{prefix}{n}'" for n in near) + "?"
 
 

@@ -92,7 +92,7 @@ class SegmenterSettings:
 class GeneratorSettings:
     """The GeneratorTrainConfig settings a cell chooses (the stage sets data, schedule and checkpoint intervals)."""
 
-    model: MMDiTArch = like(GeneratorTrainConfig, "model")
+    model: MMDiTArch = like(GeneratorTrainConfig, "model", MMDiTArch.PRESETS["demo"])
     steps: int = like(GeneratorTrainConfig, "steps", 600)
     batch_size: int = like(GeneratorTrainConfig, "batch_size", 16)
     lr: float = like(GeneratorTrainConfig, "lr", 5e-4)

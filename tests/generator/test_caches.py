@@ -180,8 +180,8 @@ def test_training_with_cached_latents_matches_encoding_each_step(tmp_path):
     from todsynth.generator.train import GeneratorTrainConfig, train_generator
 
     toy = write_toy_dataset(tmp_path / "toy", n=4, size=16, seed=3)
-    base = dict(data=str(toy), size=16, steps=3, batch_size=2, model=MMDiTArch(patch_size=2, num_layers=1, num_heads=2, head_dim=16), val_every=0,
-                checkpoint_every=3, progress=False, warmup_steps=1, text_max_length=8, crop="center")
+    base = dict(data=str(toy), size=16, steps=3, batch_size=2, model=MMDiTArch(num_layers=1, num_heads=2, head_dim=16),
+                val_every=0, checkpoint_every=3, progress=False, warmup_steps=1, text_max_length=8, crop="center")
     a = train_generator(GeneratorTrainConfig(out=str(tmp_path / "a"), **base))
     b = train_generator(GeneratorTrainConfig(out=str(tmp_path / "b"), cache_latents=True, **base))
     assert (tmp_path / "b" / "latent_cache.safetensors").is_file()

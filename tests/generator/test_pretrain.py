@@ -17,7 +17,7 @@ from todsynth.generator.pretrain import (PRETRAIN_PROMPT, TOY_POOL_START, load_u
 from todsynth.config import build_config
 from todsynth.generator.train import GeneratorTrainConfig, build_pipeline, train_generator
 
-TINY = {"size": 16, "model.patch_size": 2, "model.num_layers": 1, "model.num_heads": 2, "model.head_dim": 8,
+TINY = {"size": 16, "model.num_layers": 1, "model.num_heads": 2, "model.head_dim": 8,
         "batch_size": 4, "val_every": 0, "val_samples": 2, "val_steps": 2, "checkpoint_every": 2, "progress": False,
         "warmup_steps": 1, "text_max_length": 8}
 
@@ -61,7 +61,7 @@ def test_pretrain_then_load_then_fine_tune_from_the_base(base, toy, tmp_path):
     out = tmp_path / "ft"
     args = ["generator", "train", str(toy), "--out", str(out), "--init", str(base), "--steps", "2",
             "--batch-size", "4", "--size", "16", "--control", "triple"]
-    args += [a for k, v in (("model.patch_size", 2), ("model.num_layers", 1), ("model.num_heads", 2), ("model.head_dim", 8), ("val_every", 0),
+    args += [a for k, v in (("model.num_layers", 1), ("model.num_heads", 2), ("model.head_dim", 8), ("val_every", 0),
                             ("text_max_length", 8), ("progress", "false")) for a in ("--set", f"{k}={v}")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -81,7 +81,7 @@ def test_pretrain_cli_writes_a_base(tmp_path):
 
     args = ["generator", "pretrain", "toy:4", "--out", str(tmp_path / "b"), "--steps", "1", "--batch-size", "2",
             "--size", "16", "--prompt", "an aerial photo"]
-    args += [a for k, v in (("model.patch_size", 2), ("model.num_layers", 1), ("model.num_heads", 2), ("model.head_dim", 8), ("val_every", 0),
+    args += [a for k, v in (("model.num_layers", 1), ("model.num_heads", 2), ("model.head_dim", 8), ("val_every", 0),
                             ("text_max_length", 8), ("progress", "false")) for a in ("--set", f"{k}={v}")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -312,6 +312,6 @@ def test_checkpoints_written_before_the_pretraining_settings_still_resume(toy, t
 def test_two_processes_pretrain_like_one(tmp_path):
     """`accelerate launch --cpu --num_processes 2 ... generator pretrain` gives the base one process gives."""
     args = ["generator", "pretrain", "toy:8", "--steps", "3", "--batch-size", "4", "--size", "16",
-            "--set", "model.patch_size=2", "--set", "model.num_layers=1", "--set", "model.num_heads=2", "--set", "model.head_dim=8", "--set", "val_every=0",
-            "--set", "augment=false", "--set", "text_max_length=8", "--set", "progress=false"]
+            "--set", "model.num_layers=1", "--set", "model.num_heads=2", "--set", "model.head_dim=8",
+            "--set", "val_every=0", "--set", "augment=false", "--set", "text_max_length=8", "--set", "progress=false"]
     assert two_processes_vs_one(args, tmp_path) < 1e-4

@@ -55,7 +55,7 @@ def test_crops_do_not_depend_on_workers_processes_or_the_first_step(big_tiles: P
 def test_resume_with_random_crops_and_workers_is_exact(big_tiles: Path, tmp_path: Path) -> None:
     def cfg(out: str, **kw) -> GeneratorTrainConfig:
         return GeneratorTrainConfig(data=str(big_tiles), out=str(tmp_path / out), size=16, steps=4, batch_size=2,
-                                    model=MMDiTArch(patch_size=2, num_layers=1, num_heads=2, head_dim=16),
+                                    model=MMDiTArch(num_layers=1, num_heads=2, head_dim=16),
                                     val_every=0, val_samples=2,
                                     checkpoint_every=2, progress=False, warmup_steps=1, text_max_length=8, **kw)
 

@@ -25,7 +25,7 @@ def small(toy: Path, out: Path, **kw) -> GeneratorTrainConfig:
     from todsynth.generator.mmdit import MMDiTArch
 
     base = dict(data=str(toy), out=str(out), size=16, steps=6, batch_size=4,
-                model=MMDiTArch(patch_size=2, num_layers=2, num_heads=2, head_dim=16),
+                model=MMDiTArch(num_layers=2, num_heads=2, head_dim=16),
                 val_every=0, val_samples=2, val_steps=3, checkpoint_every=3, progress=False, warmup_steps=2,
                 text_max_length=8)
     base.update(kw)
@@ -99,6 +99,6 @@ def test_reloaded_model_reproduces_validation_sample(toy, tmp_path):
 def test_two_processes_match_one(toy, tmp_path):
     """`accelerate launch --cpu --num_processes 2` trains the same model as one process (same global batch)."""
     args = ["generator", "train", str(toy), "--steps", "3", "--batch-size", "4", "--size", "16",
-            "--set", "model.patch_size=2", "--set", "model.num_layers=2", "--set", "model.num_heads=2", "--set", "model.head_dim=16", "--set", "val_every=0",
-            "--set", "augment=false", "--set", "text_max_length=8", "--set", "progress=false"]
+            "--set", "model.num_layers=2", "--set", "model.num_heads=2", "--set", "model.head_dim=16",
+            "--set", "val_every=0", "--set", "augment=false", "--set", "text_max_length=8", "--set", "progress=false"]
     assert two_processes_vs_one(args, tmp_path) < 1e-4

@@ -20,8 +20,9 @@ from reliability_helpers import (SYNTH_SAMPLES, KillLog, bytes_lost, check_visib
 
 from todsynth.io import load_weights
 
-GEN_SETTINGS: dict[str, str] = {"steps": "40", "batch_size": "2", "size": "16", "model.patch_size": "2",
-                                "model.num_layers": "1", "model.num_heads": "2", "model.head_dim": "8", "val_every": "0", "text_max_length": "8", "progress": "false",
+GEN_SETTINGS: dict[str, str] = {"steps": "40", "batch_size": "2", "size": "16", "model.num_layers": "1",
+                                "model.num_heads": "2", "model.head_dim": "8", "val_every": "0", "text_max_length": "8",
+                                "progress": "false",
                                 "warmup_steps": "2", "checkpoint_every": "1", "full_state_every": "1",
                                 "ema_decay": "0.9", "lr": "0.001"}
 SEG_SETTINGS: dict[str, str] = {"arch": "segformer", "encoder": "tu-mobilenetv3_small_050", "size": "16",

@@ -23,8 +23,9 @@ from todsynth.locks import RUN_LOCK, owner_tag
 
 TINY_SEG = ["--arch", "segformer", "--encoder", "tu-mobilenetv3_small_050", "--size", "16", "--steps", "1",
             "--batch-size", "2", "--device", "cpu"]
-TINY_GEN = ["--steps", "1", "--batch-size", "2", "--size", "16", "--set", "model.patch_size=2", "--set", "model.num_layers=1", "--set", "model.num_heads=2",
-            "--set", "model.head_dim=8", "--set", "val_every=0", "--set", "text_max_length=8", "--set", "progress=false"]
+TINY_GEN = ["--steps", "1", "--batch-size", "2", "--size", "16", "--set", "model.num_layers=1",
+            "--set", "model.num_heads=2", "--set", "model.head_dim=8", "--set", "val_every=0",
+            "--set", "text_max_length=8", "--set", "progress=false"]
 
 
 def seg_train(data: Path, out: Path, *extra: str) -> list[str]:

@@ -246,14 +246,15 @@ def test_generator_sample_refuses_masks_of_other_classes(cli_app, tiny_generator
 
 @pytest.mark.parametrize("args, name", [
     (["--n", "0"], "n must"), (["--n", "-1"], "n must"), (["--batch-size", "0"], "batch_size must"),
-    (["--num-steps", "0"], "steps must"), (["--guidance-scale", "nan"], "guidance must"), (["--shift", "-1"], "shift must"),
+    (["--num-steps", "0"], "steps must"), (["--guidance-scale", "nan"], "guidance must"),
+    (["--shift", "-1"], "shift must"),
 ], ids=["n_zero", "n_negative", "batch_zero", "steps_zero", "guidance_nan", "shift_negative"])
 def test_generator_sample_refuses_bad_settings(cli_app, tiny_generator_dir: Path, toy_masks_16: Path,
                                                tmp_path: Path, args: list[str], name: str) -> None:
     """Counts below 1 and non-finite or negative guidance/shift are ConfigErrors (exit 2), before any write."""
     out = tmp_path / "grids"
-    refused_with(cli_app, ["generator", "sample", str(tiny_generator_dir), str(toy_masks_16), str(out), "--num-steps", "1",
-                       *args], name)
+    refused_with(cli_app, ["generator", "sample", str(tiny_generator_dir), str(toy_masks_16), str(out),
+                           "--num-steps", "1", *args], name)
     assert not out.exists()
 
 

@@ -35,10 +35,10 @@ WEIGHTS_NAME = "model.safetensors"
 @dataclass
 class MMDiTArch:
     """The generator's architecture as a run chooses it (MMDiTConfig adds what follows from the data and the
-    encoders); the defaults are the demo's size, `PRESETS` holds the named sizes (`model: sd3.5-medium`)."""
+    encoders); `PRESETS` holds the named sizes (`model: sd3.5-medium`)."""
 
     PRESETS: ClassVar[dict[str, "MMDiTArch"]]
-    patch_size: int = setting(4, help="latent cells per token side")
+    patch_size: int = setting(2, help="latent cells per token side")
     num_layers: int = setting(4, help="joint transformer blocks")
     num_heads: int = setting(4, help="attention heads (width = num_heads x head_dim)")
     head_dim: int = setting(32, help="width of one attention head (a multiple of 4)")
@@ -62,7 +62,7 @@ class MMDiTArch:
 
 # Generator sizes by name, in the style of DiT's model registry; SD3.5's are diffusers' transformer configs.
 MMDiTArch.PRESETS = {
-    "demo": MMDiTArch(),
+    "demo": MMDiTArch(patch_size=4),  # the experiment cells' default (the demo, paper-tables, foundation)
     "sd3.5-medium": MMDiTArch(patch_size=2, num_layers=24, num_heads=24, head_dim=64,
                               dual_attention_layers=tuple(range(13))),
     "sd3.5-large": MMDiTArch(patch_size=2, num_layers=38, num_heads=38, head_dim=64),
