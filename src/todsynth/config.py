@@ -61,26 +61,18 @@ def _coerce(name: str, value: Any, tp: Any, source: str, strict: bool = False) -
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"'{name}' must be true or false, got {value!r}", path=source)
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"'{name}' must be an integer, got {value!r}", path=source)
+    if tp in (int, float):
         try:
             f = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"'{name}' must be an integer, got {value!r}", path=source) from None
-        if not math.isfinite(f) or f != int(f):
-            raise ConfigError(f"'{name}' must be an integer, got {value!r}", path=source)
-        return int(f)
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"'{name}' must be a number, got {value!r}", path=source)
-        try:
-            f = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"'{name}' must be a number, got {value!r}", path=source) from None
-        if not math.isfinite(f):
-            raise ConfigError(f"'{name}' must be a finite number, got {value!r}", path=source)
-        return f
+            f = None
+        if f is None or isinstance(value, bool):
+            raise ConfigError(f"'{name}' must be {'an integer' if tp is int else 'a number'}, got {value!r}",
+                              path=source)
+        if not math.isfinite(f) or (tp is int and f != int(f)):
+            raise ConfigError(f"'{name}' must be {'an integer' if tp is int else 'a finite number'}, got {value!r}",
+                              path=source)
+        return int(f) if tp is int else f
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"'{name}' must be a string, got {value!r}", path=source)

@@ -33,7 +33,20 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-# The options every config-driven command shares: a settings file, single settings, and printing the result.
+# One option per concept, shared by the config-driven commands (defaults: `todsynth config show` or --print-config).
+Steps = Annotated[Optional[int], typer.Option(show_default=False, help="Optimizer steps.")]
+NumSteps = Annotated[Optional[int], typer.Option(show_default=False, help="Euler sampling steps.")]
+GuidanceScale = Annotated[Optional[float], typer.Option(show_default=False, help="Classifier-free guidance scale "
+                                                        "on the text.")]
+BatchSize = Annotated[Optional[int], typer.Option(show_default=False, help="Batch size (of all processes).")]
+Size = Annotated[Optional[int], typer.Option(show_default=False, help="Working image side in pixels.")]
+Seed = Annotated[Optional[int], typer.Option(show_default=False, help="Seed of the run.")]
+Device = Annotated[Optional[str], typer.Option(show_default=False, help="auto (the GPU when there is one), cpu or "
+                                               "cuda[:N].")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint; refused "
+                                      "when there is none.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an earlier run in --out (its model, results "
+                                         "and checkpoint are removed).")]
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", show_default=False, help="YAML file of settings, "
                                                     "nested or dotted keys (as `todsynth config show` prints).")]
 Overrides = Annotated[Optional[list[str]], typer.Option("--set", show_default=False, help="Any setting as key=value, "

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from todsynth.cli.common import ConfigFile, Overrides, PrintConfig, console, friendly, resolve_config
+from todsynth.cli.common import (BatchSize, ConfigFile, Overrides, Overwrite, PrintConfig, Resume, Size, Steps, console,
+                                 friendly, resolve_config)
 
 app = typer.Typer(help="Stage (a): pretrain a base on unlabeled images, train the mask-controlled MM-DiT, sample "
                   "from it.", no_args_is_help=True)
@@ -22,16 +23,14 @@ def train(
     out: Optional[str] = typer.Option(None, show_default=False, help="Output folder (default runs/generator)."),
     control: Optional[str] = typer.Option(None, show_default=False, help="model.control: triple | siamese | "
                                           "adapter | none (default triple)."),
-    steps: Optional[int] = typer.Option(None, show_default=False, help="Optimizer steps (default 400)."),
-    batch_size: Optional[int] = typer.Option(None, show_default=False, help="Global batch size (default 8)."),
-    size: Optional[int] = typer.Option(None, show_default=False, help="Training image size in pixels (default 32)."),
+    steps: Steps = None,
+    batch_size: BatchSize = None,
+    size: Size = None,
     init: Optional[str] = typer.Option(None, show_default=False, help="Initialise text/image streams from a "
                                        "pretrained base (the --out folder of `generator pretrain`); the mask stream "
                                        "starts as a copy of its image stream."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from out/checkpoint; refused when there is none "
-                                "(--set resume=auto continues only if one exists)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in --out (its model, "
-                                   "results and checkpoint are removed)."),
+    resume: Resume = False,
+    overwrite: Overwrite = False,
     config: ConfigFile = None,
     set_: Overrides = None,
     print_config: PrintConfig = False,
@@ -63,12 +62,11 @@ def pretrain(
                                            "images get --prompt."),
     prompt: Optional[str] = typer.Option(None, show_default=False, help='Prompt of uncaptioned images (default "a '
                                          'satellite image").'),
-    steps: Optional[int] = typer.Option(None, show_default=False, help="Optimizer steps (default 400)."),
-    batch_size: Optional[int] = typer.Option(None, show_default=False, help="Global batch size (default 8)."),
-    size: Optional[int] = typer.Option(None, show_default=False, help="Training image size in pixels (default 32)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from out/checkpoint; refused when there is none."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in --out (its model, results "
-                                   "and checkpoint are removed)."),
+    steps: Steps = None,
+    batch_size: BatchSize = None,
+    size: Size = None,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
     config: ConfigFile = None,
     set_: Overrides = None,
     print_config: PrintConfig = False,

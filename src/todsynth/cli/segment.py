@@ -9,7 +9,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from todsynth.cli.common import ConfigFile, Overrides, PrintConfig, console, friendly, resolve_config
+from todsynth.cli.common import (BatchSize, ConfigFile, Device, Overrides, Overwrite, PrintConfig, Resume, Seed, Size,
+                                 Steps, console, friendly, resolve_config)
 
 app = typer.Typer(help="Train and evaluate segmentation models (stage c).", no_args_is_help=True)
 
@@ -29,15 +30,14 @@ def train(
                                        "(default unet)."),
     encoder: Optional[str] = typer.Option(None, show_default=False, help="smp encoder name (default resnet18 / "
                                           "mit_b0)."),
-    size: Optional[int] = typer.Option(None, show_default=False, help="Training tile size in pixels (default 512)."),
-    steps: Optional[int] = typer.Option(None, show_default=False, help="Optimizer steps (default: 10 epochs)."),
-    batch_size: Optional[int] = typer.Option(None, show_default=False, help="Batch size (default 8)."),
-    lr: Optional[float] = typer.Option(None, show_default=False, help="AdamW learning rate (default 5e-4)."),
-    seed: Optional[int] = typer.Option(None, show_default=False, help="Random seed (default 0)."),
-    device: Optional[str] = typer.Option(None, show_default=False, help="auto, cpu or cuda (default auto)."),
-    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
-    overwrite: bool = typer.Option(False, help="Replace an earlier run in --out (its model, results and "
-                                               "checkpoint are removed)."),
+    size: Size = None,
+    steps: Steps = None,
+    batch_size: BatchSize = None,
+    lr: Optional[float] = typer.Option(None, show_default=False, help="AdamW learning rate."),
+    seed: Seed = None,
+    device: Device = None,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
     config: ConfigFile = None,
     set_: Overrides = None,
     print_config: PrintConfig = False,

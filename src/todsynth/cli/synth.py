@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from todsynth.cli.common import ConfigFile, Overrides, PrintConfig, console, friendly, resolve_config
+from todsynth.cli.common import (BatchSize, ConfigFile, Device, GuidanceScale, NumSteps, Overrides, PrintConfig, Seed,
+                                 console, friendly, resolve_config)
 
 
 @friendly
@@ -22,14 +23,11 @@ def synthesize(
     copies: Optional[int] = typer.Option(None, show_default=False, help="Images per mask (and transform; default 1)."),
     crfm_steps: Optional[int] = typer.Option(None, show_default=False, help="crfm.steps: CRFM rectified steps k (0 = "
                                              "plain sampling; default 4)."),
-    num_steps: Optional[int] = typer.Option(None, show_default=False, help="Euler sampling steps (default 20)."),
-    guidance_scale: Optional[float] = typer.Option(None, show_default=False, help="Classifier-free guidance scale "
-                                                   "on the text (default 1)."),
-    batch_size: Optional[int] = typer.Option(None, show_default=False, help="Samples per forward pass (the output "
-                                             "does not depend on it; default 8)."),
-    seed: Optional[int] = typer.Option(None, show_default=False, help="Global seed (default 0)."),
-    device: Optional[str] = typer.Option(None, show_default=False, help="auto (accelerate's choice: the GPU when "
-                                         "there is one) | cpu | cuda:N."),
+    num_steps: NumSteps = None,
+    guidance_scale: GuidanceScale = None,
+    batch_size: BatchSize = None,
+    seed: Seed = None,
+    device: Device = None,
     mixed_precision: Optional[str] = typer.Option(None, show_default=False, help="no | bf16 | fp16: autocast of "
                                                   "transformer, decoder and CRFM's segmenter pass."),
     config: ConfigFile = None,
