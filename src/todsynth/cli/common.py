@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import inspect
+import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
@@ -53,18 +56,55 @@ Overrides = Annotated[Optional[list[str]], typer.Option("--set", show_default=Fa
                                                         "dotted for nested ones (model.num_layers=6); repeatable.")]
 PrintConfig = Annotated[bool, typer.Option("--print-config", help="Print the resolved settings as YAML (readable "
                                            "by --config) and exit.")]
+SHARED = {"steps": Steps, "num_steps": NumSteps, "guidance_scale": GuidanceScale, "batch_size": BatchSize,
+          "size": Size, "seed": Seed, "device": Device, "resume": Resume, "overwrite": Overwrite}
+FILE_OPTIONS = {"config": ConfigFile, "set_": Overrides, "print_config": PrintConfig}
 
 
-def resolve_config(cls: type[C], config: Optional[Path], options: dict[str, Any], overrides: Optional[list[str]],
-                   print_config: bool, defaults: Optional[dict[str, Any]] = None) -> C:
-    """The command's config: `defaults`, then the --config file, the command's options (None: not given) and
-    --set; with --print-config, print it as `todsynth config show` does and exit."""
-    from todsynth.config import config_yaml, load_config, parse_overrides
+@dataclass
+class Settings:
+    """What a config-driven command was given: its setting options (None: not given), --config, --set and
+    --print-config."""
 
-    values = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
-    values.update(parse_overrides(overrides))
-    cfg = load_config(cls, config, values, defaults, check=not print_config)
-    if print_config:
-        typer.echo(config_yaml(cfg, load_config(cls, None, None, defaults, check=False)))
-        raise typer.Exit(0)
-    return cfg
+    options: dict[str, Any]
+    config: Optional[Path]
+    overrides: Optional[list[str]]
+    print_config: bool
+
+    def resolve(self, cls: type[C], options: dict[str, Any], defaults: Optional[dict[str, Any]] = None) -> C:
+        """The config: `defaults`, the --config file, the options (the command's own `options` and the shared
+        ones; None: not given), then --set; with --print-config, print it as `config show` does and exit."""
+        from todsynth.config import config_yaml, load_config, parse_overrides
+
+        values = {k: str(v) if isinstance(v, Path) else v for k, v in {**self.options, **options}.items()}
+        values.update(parse_overrides(self.overrides))
+        cfg = load_config(cls, self.config, values, defaults, check=not self.print_config)
+        if self.print_config:
+            typer.echo(config_yaml(cfg, load_config(cls, None, None, defaults, check=False)))
+            raise typer.Exit(0)
+        return cfg
+
+
+def with_settings(*shared: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator of a config-driven command: it also takes the `shared` options (SHARED: one spelling per concept
+    across commands) and --config, --set, --print-config, and receives them as `settings` (a Settings)."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "settings"]
+        added = {**{n: SHARED[n] for n in shared}, **FILE_OPTIONS}
+        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=tp,
+                                   default=False if typing.get_args(tp)[0] is bool else None) for n, tp in added.items()]
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> Any:
+            given = {n: kwargs.pop(n) for n in added}
+            options = {n: (given[n] or None) if n in ("resume", "overwrite") else given[n] for n in shared}
+            settings = Settings(options, given["config"], given["set_"], given["print_config"])
+            return fn(settings=settings, **kwargs)
+
+        params = own + extra
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return wrap

@@ -7,8 +7,7 @@ from typing import Optional
 
 import typer
 
-from todsynth.cli.common import (BatchSize, ConfigFile, Overrides, Overwrite, PrintConfig, Resume, Size, Steps, console,
-                                 friendly, resolve_config)
+from todsynth.cli.common import Settings, console, friendly, with_settings
 
 app = typer.Typer(help="Stage (a): pretrain a base on unlabeled images, train the mask-controlled MM-DiT, sample "
                   "from it.", no_args_is_help=True)
@@ -16,6 +15,7 @@ app = typer.Typer(help="Stage (a): pretrain a base on unlabeled images, train th
 
 @app.command()
 @friendly
+@with_settings("steps", "batch_size", "size", "resume", "overwrite")
 def train(
     data: Optional[str] = typer.Argument(None, metavar="DATA", show_default=False,
                                          help="Dataset (LoveDA, folder or JSONL layout); required unless --config "
@@ -23,17 +23,11 @@ def train(
     out: Optional[str] = typer.Option(None, show_default=False, help="Output folder (default runs/generator)."),
     control: Optional[str] = typer.Option(None, show_default=False, help="model.control: triple | siamese | "
                                           "adapter | none (default triple)."),
-    steps: Steps = None,
-    batch_size: BatchSize = None,
-    size: Size = None,
     init: Optional[str] = typer.Option(None, show_default=False, help="Initialise text/image streams from a "
                                        "pretrained base (the --out folder of `generator pretrain`); the mask stream "
                                        "starts as a copy of its image stream."),
-    resume: Resume = False,
-    overwrite: Overwrite = False,
-    config: ConfigFile = None,
-    set_: Overrides = None,
-    print_config: PrintConfig = False,
+    *,
+    settings: Settings,
 ) -> None:
     """Train the generator with rectified-flow matching (multi-GPU: `accelerate launch -m todsynth.cli.main`).
 
@@ -41,9 +35,7 @@ def train(
     generator-train`."""
     from todsynth.generator.train import GeneratorTrainConfig, train_generator
 
-    options = {"data": data, "out": out, "model.control": control, "steps": steps, "batch_size": batch_size,
-               "size": size, "init": init, "resume": resume or None, "overwrite": overwrite or None}
-    cfg = resolve_config(GeneratorTrainConfig, config, options, set_, print_config)
+    cfg = settings.resolve(GeneratorTrainConfig, {"data": data, "out": out, "model.control": control, "init": init})
     summary = train_generator(cfg)
     console.print(f"generator saved to {Path(cfg.out) / 'model'}; final loss {summary['final_loss']:.4f}, "
                   f"{summary['wall_time_s']:.1f} s")
@@ -51,6 +43,7 @@ def train(
 
 @app.command()
 @friendly
+@with_settings("steps", "batch_size", "size", "resume", "overwrite")
 def pretrain(
     images: Optional[str] = typer.Argument(None, metavar="IMAGES", show_default=False,
                                            help="Unlabeled images: a folder of images, any dataset (masks ignored), "
@@ -62,14 +55,8 @@ def pretrain(
                                            "images get --prompt."),
     prompt: Optional[str] = typer.Option(None, show_default=False, help='Prompt of uncaptioned images (default "a '
                                          'satellite image").'),
-    steps: Steps = None,
-    batch_size: BatchSize = None,
-    size: Size = None,
-    resume: Resume = False,
-    overwrite: Overwrite = False,
-    config: ConfigFile = None,
-    set_: Overrides = None,
-    print_config: PrintConfig = False,
+    *,
+    settings: Settings,
 ) -> None:
     """Pretrain a base (text + image streams, no masks) on unlabeled images; fine-tune with `train --init OUT`.
 
@@ -78,9 +65,8 @@ def pretrain(
     from todsynth.generator.pretrain import PRETRAIN_DEFAULTS, pretrain_generator
     from todsynth.generator.train import GeneratorTrainConfig
 
-    options = {"data": images, "out": out, "captions": captions, "prompt": prompt, "steps": steps,
-               "batch_size": batch_size, "size": size, "resume": resume or None, "overwrite": overwrite or None}
-    cfg = resolve_config(GeneratorTrainConfig, config, options, set_, print_config, defaults=PRETRAIN_DEFAULTS)
+    options = {"data": images, "out": out, "captions": captions, "prompt": prompt}
+    cfg = settings.resolve(GeneratorTrainConfig, options, defaults=PRETRAIN_DEFAULTS)
     summary = pretrain_generator(cfg)
     console.print(f"base saved to {Path(cfg.out) / 'model'} (fine-tune: generator train DATA --init {cfg.out}); "
                   f"final loss {summary['final_loss']:.4f}, {summary['wall_time_s']:.1f} s")

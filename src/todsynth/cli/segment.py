@@ -9,14 +9,14 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from todsynth.cli.common import (BatchSize, ConfigFile, Device, Overrides, Overwrite, PrintConfig, Resume, Seed, Size,
-                                 Steps, console, friendly, resolve_config)
+from todsynth.cli.common import Resume, Settings, console, friendly, with_settings
 
 app = typer.Typer(help="Train and evaluate segmentation models (stage c).", no_args_is_help=True)
 
 
 @app.command()
 @friendly
+@with_settings("size", "steps", "batch_size", "seed", "device", "overwrite")
 def train(
     data: Optional[Path] = typer.Argument(None, metavar="DATA", show_default=False, help="Training dataset (LoveDA "
                                           "root, image/mask folder or .jsonl); required unless --config gives "
@@ -30,17 +30,10 @@ def train(
                                        "(default unet)."),
     encoder: Optional[str] = typer.Option(None, show_default=False, help="smp encoder name (default resnet18 / "
                                           "mit_b0)."),
-    size: Size = None,
-    steps: Steps = None,
-    batch_size: BatchSize = None,
     lr: Optional[float] = typer.Option(None, show_default=False, help="AdamW learning rate."),
-    seed: Seed = None,
-    device: Device = None,
     resume: Resume = False,
-    overwrite: Overwrite = False,
-    config: ConfigFile = None,
-    set_: Overrides = None,
-    print_config: PrintConfig = False,
+    *,
+    settings: Settings,
 ) -> None:
     """Train a segmenter; writes OUT/model/, OUT/results.json and OUT/checkpoint/.
 
@@ -49,9 +42,8 @@ def train(
     from todsynth.segment.train import SegmentTrainConfig, train_segmenter
 
     options = {"data": data, "out": out, "split_file": split_file, "synthetic": synthetic, "val": val, "arch": arch,
-               "encoder": encoder, "size": size, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-               "device": device, "overwrite": overwrite or None}
-    cfg = resolve_config(SegmentTrainConfig, config, options, set_, print_config)
+               "encoder": encoder, "lr": lr}
+    cfg = settings.resolve(SegmentTrainConfig, options)
     results = train_segmenter(cfg, resume=resume)
     if results["val"] is not None:
         console.print(_metrics_table(results["val"], "validation"))

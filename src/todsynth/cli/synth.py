@@ -6,11 +6,11 @@ from typing import Optional
 
 import typer
 
-from todsynth.cli.common import (BatchSize, ConfigFile, Device, GuidanceScale, NumSteps, Overrides, PrintConfig, Seed,
-                                 console, friendly, resolve_config)
+from todsynth.cli.common import Settings, console, friendly, with_settings
 
 
 @friendly
+@with_settings("num_steps", "guidance_scale", "batch_size", "seed", "device")
 def synthesize(
     generator: Optional[str] = typer.Argument(None, show_default=False, help="Generator folder (out/model of "
                                               "`generator train`)."),
@@ -23,16 +23,10 @@ def synthesize(
     copies: Optional[int] = typer.Option(None, show_default=False, help="Images per mask (and transform; default 1)."),
     crfm_steps: Optional[int] = typer.Option(None, show_default=False, help="crfm.steps: CRFM rectified steps k (0 = "
                                              "plain sampling; default 4)."),
-    num_steps: NumSteps = None,
-    guidance_scale: GuidanceScale = None,
-    batch_size: BatchSize = None,
-    seed: Seed = None,
-    device: Device = None,
     mixed_precision: Optional[str] = typer.Option(None, show_default=False, help="no | bf16 | fp16: autocast of "
                                                   "transformer, decoder and CRFM's segmenter pass."),
-    config: ConfigFile = None,
-    set_: Overrides = None,
-    print_config: PrintConfig = False,
+    *,
+    settings: Settings,
 ) -> None:
     """Make synthetic image/label pairs with CRFM; resumable, and sharded under `accelerate launch`.
 
@@ -40,9 +34,8 @@ def synthesize(
     from todsynth.synthesize import SynthesizeConfig, synthesize as run
 
     options = {"generator": generator, "masks": masks, "out": out, "segmenter": segmenter, "copies": copies,
-               "crfm.steps": crfm_steps, "num_steps": num_steps, "guidance_scale": guidance_scale,
-               "batch_size": batch_size, "seed": seed, "device": device, "mixed_precision": mixed_precision}
-    cfg = resolve_config(SynthesizeConfig, config, options, set_, print_config)
+               "crfm.steps": crfm_steps, "mixed_precision": mixed_precision}
+    cfg = settings.resolve(SynthesizeConfig, options)
     from todsynth.generator.runtime import partial_state
 
     state = partial_state(cpu=cfg.device == "cpu")  # one process too: its device is accelerate's choice
