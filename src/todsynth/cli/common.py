@@ -71,12 +71,12 @@ class Settings:
     overrides: Optional[list[str]]
     print_config: bool
 
-    def resolve(self, cls: type[C], options: dict[str, Any], defaults: Optional[dict[str, Any]] = None) -> C:
-        """The config: `defaults`, the --config file, the options (the command's own `options` and the shared
-        ones; None: not given), then --set; with --print-config, print it as `config show` does and exit."""
+    def resolve(self, cls: type[C], defaults: Optional[dict[str, Any]] = None) -> C:
+        """The config: `defaults`, the --config file, the options (None: not given), then --set; with
+        --print-config, print it as `config show` does and exit."""
         from todsynth.config import config_yaml, load_config, parse_overrides
 
-        values = {k: str(v) if isinstance(v, Path) else v for k, v in {**self.options, **options}.items()}
+        values = {k: str(v) if isinstance(v, Path) else v for k, v in self.options.items()}
         values.update(parse_overrides(self.overrides))
         cfg = load_config(cls, self.config, values, defaults, check=not self.print_config)
         if self.print_config:
@@ -85,22 +85,35 @@ class Settings:
         return cfg
 
 
-def with_settings(*shared: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator of a config-driven command: it also takes the `shared` options (SHARED: one spelling per concept
-    across commands) and --config, --set, --print-config, and receives them as `settings` (a Settings)."""
+def with_settings(*shared: str, arguments: Optional[dict[str, str]] = None,
+                  options: Optional[dict[str, tuple[type, str]]] = None,
+                  names: Optional[dict[str, str]] = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator of a config-driven command: its settings as CLI parameters, received as `settings` (a Settings).
+
+    `arguments` (name: help) are positional, `options` (name: (type, help)) the command's own options, `shared`
+    the options of SHARED (one spelling per concept across commands), then --config, --set, --print-config.
+    `names` maps a parameter to its dotted setting (control: model.control); others are the setting itself."""
+    arguments, options, names = arguments or {}, options or {}, names or {}
+    added: dict[str, Any] = {n: Annotated[Optional[str], typer.Argument(metavar=n.upper(), show_default=False,
+                                                                          help=text)] for n, text in arguments.items()}
+    added.update({n: Annotated[Optional[tp], typer.Option(show_default=False, help=text)]  # type: ignore[valid-type]
+                  for n, (tp, text) in options.items()})
+    added.update({n: SHARED[n] for n in shared})
+    settings = list(added)
+    added.update(FILE_OPTIONS)
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "settings"]
-        added = {**{n: SHARED[n] for n in shared}, **FILE_OPTIONS}
         extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=tp,
-                                   default=False if typing.get_args(tp)[0] is bool else None) for n, tp in added.items()]
+                                   default=False if typing.get_args(tp)[0] is bool else None)
+                 for n, tp in added.items()]
 
         @functools.wraps(fn)
         def command(**kwargs: Any) -> Any:
             given = {n: kwargs.pop(n) for n in added}
-            options = {n: (given[n] or None) if n in ("resume", "overwrite") else given[n] for n in shared}
-            settings = Settings(options, given["config"], given["set_"], given["print_config"])
-            return fn(settings=settings, **kwargs)
+            values = {names.get(n, n): (given[n] or None) if n in ("resume", "overwrite") else given[n]
+                      for n in settings}
+            return fn(settings=Settings(values, given["config"], given["set_"], given["print_config"]), **kwargs)
 
         params = own + extra
         command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -15,27 +14,20 @@ app = typer.Typer(help="Stage (a): pretrain a base on unlabeled images, train th
 
 @app.command()
 @friendly
-@with_settings("steps", "batch_size", "size", "resume", "overwrite")
-def train(
-    data: Optional[str] = typer.Argument(None, metavar="DATA", show_default=False,
-                                         help="Dataset (LoveDA, folder or JSONL layout); required unless --config "
-                                         "gives 'data'."),
-    out: Optional[str] = typer.Option(None, show_default=False, help="Output folder (default runs/generator)."),
-    control: Optional[str] = typer.Option(None, show_default=False, help="model.control: triple | siamese | "
-                                          "adapter | none (default triple)."),
-    init: Optional[str] = typer.Option(None, show_default=False, help="Initialise text/image streams from a "
-                                       "pretrained base (the --out folder of `generator pretrain`); the mask stream "
-                                       "starts as a copy of its image stream."),
-    *,
-    settings: Settings,
-) -> None:
+@with_settings("steps", "batch_size", "size", "resume", "overwrite", names={"control": "model.control"},
+               arguments={"data": "Dataset (LoveDA, folder or JSONL layout); required unless --config gives 'data'."},
+               options={"out": (str, "Output folder (default runs/generator)."),
+                        "control": (str, "model.control: triple | siamese | adapter | none (default triple)."),
+                        "init": (str, "Initialise text/image streams from a pretrained base (the --out folder of "
+                                      "`generator pretrain`); the mask stream starts as a copy of its image stream.")})
+def train(*, settings: Settings) -> None:
     """Train the generator with rectified-flow matching (multi-GPU: `accelerate launch -m todsynth.cli.main`).
 
     Every other setting (model size: --set model=sd3.5-medium, memory presets, ...): `todsynth config show
-    generator-train`."""
+    generator-train`; --set resume=auto continues only if a checkpoint exists."""
     from todsynth.generator.train import GeneratorTrainConfig, train_generator
 
-    cfg = settings.resolve(GeneratorTrainConfig, {"data": data, "out": out, "model.control": control, "init": init})
+    cfg = settings.resolve(GeneratorTrainConfig)
     summary = train_generator(cfg)
     console.print(f"generator saved to {Path(cfg.out) / 'model'}; final loss {summary['final_loss']:.4f}, "
                   f"{summary['wall_time_s']:.1f} s")
@@ -43,21 +35,14 @@ def train(
 
 @app.command()
 @friendly
-@with_settings("steps", "batch_size", "size", "resume", "overwrite")
-def pretrain(
-    images: Optional[str] = typer.Argument(None, metavar="IMAGES", show_default=False,
-                                           help="Unlabeled images: a folder of images, any dataset (masks ignored), "
-                                           "or toy:N[:SEED] for N tiles of the embedded toy pool; required unless "
-                                           "--config gives 'data'."),
-    out: Optional[str] = typer.Option(None, show_default=False, help="Output folder; the base model is written to "
-                                      "OUT/model (default runs/base)."),
-    captions: Optional[str] = typer.Option(None, show_default=False, help="JSON object {image id: caption}; other "
-                                           "images get --prompt."),
-    prompt: Optional[str] = typer.Option(None, show_default=False, help='Prompt of uncaptioned images (default "a '
-                                         'satellite image").'),
-    *,
-    settings: Settings,
-) -> None:
+@with_settings("steps", "batch_size", "size", "resume", "overwrite", names={"images": "data"},
+               arguments={"images": "Unlabeled images: a folder of images, any dataset (masks ignored), or "
+                                    "toy:N[:SEED] for N tiles of the embedded toy pool; required unless --config "
+                                    "gives 'data'."},
+               options={"out": (str, "Output folder; the base model is written to OUT/model (default runs/base)."),
+                        "captions": (str, "JSON object {image id: caption}; other images get --prompt."),
+                        "prompt": (str, 'Prompt of uncaptioned images (default "a satellite image").')})
+def pretrain(*, settings: Settings) -> None:
     """Pretrain a base (text + image streams, no masks) on unlabeled images; fine-tune with `train --init OUT`.
 
     Rectified flow as `generator train` (resumable; multi-GPU: `accelerate launch -m todsynth.cli.main`); every
@@ -65,8 +50,7 @@ def pretrain(
     from todsynth.generator.pretrain import PRETRAIN_DEFAULTS, pretrain_generator
     from todsynth.generator.train import GeneratorTrainConfig
 
-    options = {"data": images, "out": out, "captions": captions, "prompt": prompt}
-    cfg = settings.resolve(GeneratorTrainConfig, options, defaults=PRETRAIN_DEFAULTS)
+    cfg = settings.resolve(GeneratorTrainConfig, defaults=PRETRAIN_DEFAULTS)
     summary = pretrain_generator(cfg)
     console.print(f"base saved to {Path(cfg.out) / 'model'} (fine-tune: generator train DATA --init {cfg.out}); "
                   f"final loss {summary['final_loss']:.4f}, {summary['wall_time_s']:.1f} s")

@@ -16,34 +16,24 @@ app = typer.Typer(help="Train and evaluate segmentation models (stage c).", no_a
 
 @app.command()
 @friendly
-@with_settings("size", "steps", "batch_size", "seed", "device", "overwrite")
-def train(
-    data: Optional[Path] = typer.Argument(None, metavar="DATA", show_default=False, help="Training dataset (LoveDA "
-                                          "root, image/mask folder or .jsonl); required unless --config gives "
-                                          "'data'."),
-    out: Optional[Path] = typer.Option(None, show_default=False, help="Output folder (default runs/segment)."),
-    split_file: Optional[Path] = typer.Option(None, show_default=False, help="JSON split file ({\"ids\": [...]}) "
-                                              "restricting the data."),
-    synthetic: Optional[Path] = typer.Option(None, show_default=False, help="Synthetic dataset mixed into training."),
-    val: Optional[Path] = typer.Option(None, show_default=False, help="Validation dataset, scored after training."),
-    arch: Optional[str] = typer.Option(None, show_default=False, help="unet, deeplabv3plus, segformer or fpn "
-                                       "(default unet)."),
-    encoder: Optional[str] = typer.Option(None, show_default=False, help="smp encoder name (default resnet18 / "
-                                          "mit_b0)."),
-    lr: Optional[float] = typer.Option(None, show_default=False, help="AdamW learning rate."),
-    resume: Resume = False,
-    *,
-    settings: Settings,
-) -> None:
+@with_settings("size", "steps", "batch_size", "seed", "device", "overwrite",
+               arguments={"data": "Training dataset (LoveDA root, image/mask folder or .jsonl); required unless "
+                                  "--config gives 'data'."},
+               options={"out": (str, "Output folder (default runs/segment)."),
+                        "split_file": (str, 'JSON split file ({"ids": [...]}) restricting the data.'),
+                        "synthetic": (str, "Synthetic dataset mixed into training."),
+                        "val": (str, "Validation dataset, scored after training."),
+                        "arch": (str, "unet, deeplabv3plus, segformer or fpn (default unet)."),
+                        "encoder": (str, "smp encoder name (default resnet18 / mit_b0)."),
+                        "lr": (float, "AdamW learning rate (default 5e-4).")})
+def train(resume: Resume = False, *, settings: Settings) -> None:
     """Train a segmenter; writes OUT/model/, OUT/results.json and OUT/checkpoint/.
 
     Every other setting (epochs, schedule, class_weights, mixed_precision, ...) by --set or --config: `todsynth
     config show segment-train`."""
     from todsynth.segment.train import SegmentTrainConfig, train_segmenter
 
-    options = {"data": data, "out": out, "split_file": split_file, "synthetic": synthetic, "val": val, "arch": arch,
-               "encoder": encoder, "lr": lr}
-    cfg = settings.resolve(SegmentTrainConfig, options)
+    cfg = settings.resolve(SegmentTrainConfig)
     results = train_segmenter(cfg, resume=resume)
     if results["val"] is not None:
         console.print(_metrics_table(results["val"], "validation"))
