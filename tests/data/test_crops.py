@@ -101,10 +101,12 @@ def test_train_configs_default_to_random_crops_and_check_the_mode() -> None:
     from todsynth.segment.train import SegmentTrainConfig
 
     assert GeneratorTrainConfig().crop == "random" and SegmentTrainConfig().crop == "random"
-    with pytest.raises(ConfigError, match="crop must be one of"):
-        GeneratorTrainConfig(data="d", crop="squash").validate()
-    with pytest.raises(ConfigError, match="crop must be one of"):
-        SegmentTrainConfig(crop="squash").validate()
+    from todsynth.config import build_config
+
+    with pytest.raises(ConfigError, match="'crop' must be one of"):
+        build_config(GeneratorTrainConfig, {"data": "d", "crop": "squash"})
+    with pytest.raises(ConfigError, match="'crop' must be one of"):
+        build_config(SegmentTrainConfig, {"crop": "squash"})
 
 
 def label_only_dataset(root: Path, h: int, w: int) -> Path:
