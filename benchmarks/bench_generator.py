@@ -71,7 +71,7 @@ def ours_config(s: Sizes, control: str) -> MMDiTConfig:
     return MMDiTConfig(in_channels=s.channels, patch_size=s.patch, sample_size=s.latent,
                        pos_embed_max_size=max(64, s.latent // s.patch), num_layers=s.depth, num_heads=s.heads,
                        head_dim=s.head_dim, joint_attention_dim=s.cond_dim, pooled_projection_dim=s.cond_dim,
-                       control=control, num_classes=s.num_classes, mask_downscale=1)
+                       qk_norm=False, control=control, num_classes=s.num_classes, mask_downscale=1)
 
 
 def build_model(case: str, s: Sizes, seed: int = 0) -> nn.Module:

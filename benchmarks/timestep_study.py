@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 VARIANTS = {
-    "logit-normal (0, 1)": {"gen_timestep_mean": 0.0},
-    "logit-normal mean 1": {"gen_timestep_mean": 1.0},
-    "+ 20 % uniform in [0.8, 1)": {"gen_timestep_mean": 0.0, "gen_timestep_tail": 0.2},
-    "mean 0.5 + 20 % tail": {"gen_timestep_mean": 0.5, "gen_timestep_tail": 0.2},
+    "logit-normal (0, 1)": {"generator.timestep_mean": 0.0},
+    "logit-normal mean 1": {"generator.timestep_mean": 1.0},
+    "+ 20 % uniform in [0.8, 1)": {"generator.timestep_mean": 0.0, "generator.timestep_tail": 0.2},
+    "mean 0.5 + 20 % tail": {"generator.timestep_mean": 0.5, "generator.timestep_tail": 0.2},
 }
 SHIFTS = (1.0, 3.0)
 FIRST_STEPS = 6
@@ -81,8 +81,8 @@ def study_variant(name: str, settings, root: Path, judge, n: int, crfm_steps: in
     gen = stage_generator(settings, data, root, print)
     pipe = MaskToImagePipeline.from_pretrained(gen["model"])
     segmenter = Segmenter.from_pretrained(guide["model"])
-    real, _ = load_train_data(data["real"], "Train", settings.size)
-    labels, prompts, _, classes = load_masks(data["layouts"], "Train", settings.size)
+    real, _ = load_train_data(data["real"], "Train", settings.data.size)
+    labels, prompts, _, classes = load_masks(data["layouts"], "Train", settings.data.size)
     labels, prompts = labels[:n], prompts[:n]
     seeds = list(range(n))
     row = {"variant": name, "generator_wall_time_s": gen.get("wall_time_s"),
@@ -95,11 +95,12 @@ def study_variant(name: str, settings, root: Path, judge, n: int, crfm_steps: in
                 frames.append(pipe.preview(x_t, sigma, v))
 
         t0 = time.perf_counter()
-        plain = pipe(labels, prompts, seeds=seeds, num_steps=settings.num_steps, shift=shift, callback=grab)
+        plain = pipe(labels, prompts, seeds=seeds, num_steps=settings.synthesis.num_steps, shift=shift, callback=grab)
         t_plain = time.perf_counter() - t0
         t0 = time.perf_counter()
-        crfm = crfm_sample(pipe, segmenter, labels, CRFMConfig(steps=crfm_steps, alpha_max=settings.crfm_alpha),
-                           prompts=prompts, seeds=seeds, num_steps=settings.num_steps, shift=shift)
+        crfm_cfg = CRFMConfig(steps=crfm_steps, alpha_max=settings.synthesis.crfm.alpha_max)
+        crfm = crfm_sample(pipe, segmenter, labels, crfm_cfg, prompts=prompts, seeds=seeds,
+                           num_steps=settings.synthesis.num_steps, shift=shift)
         t_crfm = time.perf_counter() - t0
         row["shifts"][str(shift)] = {
             "x0_fidelity": [fidelity(judge, f, labels, classes) for f in frames],
@@ -141,7 +142,8 @@ def write_strips(rows: list[dict], classes, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    from todsynth.experiment import settings_from, stage_data, stage_judge
+    from todsynth.config import flatten
+    from todsynth.experiment import CellSettings, settings_from, stage_data, stage_judge
     from todsynth.grid import load_grid
     from todsynth.segment.model import Segmenter
 
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    base = {**load_grid(args.grid)["base"], "num_steps": 23, **parse_set(args.sets)}
+    base = {**flatten(CellSettings, load_grid(args.grid)["base"]), "synthesis.num_steps": 23, **parse_set(args.sets)}
     s0 = settings_from(base, "timestep study")
     data = stage_data(s0, args.out, print)
     judge = Segmenter.from_pretrained(stage_judge(s0, data, args.out, print)["model"]).eval()

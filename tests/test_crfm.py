@@ -94,8 +94,10 @@ def test_step_size_schedules():
 @pytest.mark.parametrize("bad", [dict(steps=-1), dict(alpha_max=float("nan")), dict(schedule="cosine"),
                                  dict(inner_iters=0), dict(clamp=0.0)])
 def test_bad_settings_are_refused(bad):
+    from todsynth.config import build_config
+
     with pytest.raises(ConfigError):
-        CRFMConfig(**bad).validate()
+        build_config(CRFMConfig, bad)
 
 
 def test_reference_preset_is_the_released_sampling_rule():

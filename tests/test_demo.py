@@ -78,7 +78,8 @@ def test_experiment_smoke_grid(tmp_path):
 
 
 def test_builtin_paper_tables_config_expands():
-    from todsynth.experiment import settings_from
+    from todsynth.config import flatten
+    from todsynth.experiment import CellSettings, settings_from
     from todsynth.grid import expand, load_grid
 
     from todsynth.demo import BUDGETS
@@ -88,24 +89,25 @@ def test_builtin_paper_tables_config_expands():
     tables = expand(grid)
     assert {"main", "control", "crfm_steps", "crfm_schedule", "ratio", "filtering", "few_shot", "protocol",
             "balance"} <= set(tables)
-    assert list(tables["crfm_steps"]) == ["crfm_steps=0", "crfm_steps=2", "crfm_steps=4", "crfm_steps=6"]
+    assert list(tables["crfm_steps"]) == [f"synthesis.crfm.steps={k}" for k in (0, 2, 4, 6)]
     for cells in tables.values():
         for over in cells.values():
-            settings_from({**grid["base"], **over}).validate()
+            settings_from({**flatten(CellSettings, grid["base"]), **over}).validate()
 
 
 def test_cache_made_from_a_relative_folder_works_from_another_directory(tmp_path, monkeypatch):
     import dataclasses
 
     from todsynth.demo import BUDGETS
-    from todsynth.experiment import CellSettings, run_cell
+    from todsynth.experiment import run_cell, settings_from
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    cell = CellSettings(**{**BUDGETS["tiny"], "synth": "oracle"})
+    cell = settings_from({**BUDGETS["tiny"], "synth": "oracle"})
     monkeypatch.chdir(tmp_path / "a")
     first = run_cell(cell, "exp", log=lambda m: None)
     assert Path(first["data"]["real"]).is_absolute()
     monkeypatch.chdir(tmp_path / "b")  # a new downstream stage opens the cached data from elsewhere
-    again = run_cell(dataclasses.replace(cell, real_share=0.25), tmp_path / "a" / "exp", log=lambda m: None)
+    again = run_cell(dataclasses.replace(cell, downstream=dataclasses.replace(cell.downstream, real_share=0.25)),
+                     tmp_path / "a" / "exp", log=lambda m: None)
     assert again["data"] == first["data"] and 0 <= again["metrics"]["mIoU"] <= 1

@@ -6,10 +6,28 @@ import dataclasses
 import json
 from pathlib import Path
 
+from todsynth.config import flatten
 from todsynth.demo import BUDGETS
-from todsynth.experiment import (BASE_KEYS, DATA_KEYS, GEN_KEYS, CellSettings, _gen_key, _key, run_cell,
-                                 settings_from)
+from todsynth.experiment import (CellSettings, base_config, generator_config, resolve_counts, run_cell, settings_from,
+                                 stage_key)
 from todsynth.grid import expand, load_grid
+
+ROOT = Path("exp")
+
+
+def base_key(s: CellSettings) -> str:
+    return stage_key(ROOT, base_config(s))
+
+
+def gen_key(s: CellSettings) -> str:
+    """The generator stage's key of cell `s` on a stand-in data stage (its base: the one `s` keys)."""
+    base = {"model": str(ROOT.absolute() / "cache" / f"base-{base_key(s)}" / "model")}
+    data = {"real": str(ROOT.absolute() / "cache" / "data-x" / "real")}
+    return stage_key(ROOT, generator_config(resolve_counts(s), data, base if s.init == "pretrained" else None))
+
+
+def cell(values: dict) -> CellSettings:
+    return settings_from(flatten(CellSettings, values))
 
 
 def test_foundation_config_expands_and_shares_one_base():
@@ -17,49 +35,53 @@ def test_foundation_config_expands_and_shares_one_base():
     tables = expand(grid)
     assert list(tables) == ["init", "main", "control", "crfm_steps"]
     assert list(tables["control"]) == ["adapter", "siamese", "triple"]
-    assert list(tables["crfm_steps"]) == [f"crfm_steps={k}" for k in (0, 2, 4, 6)]
+    assert list(tables["crfm_steps"]) == [f"synthesis.crfm.steps={k}" for k in (0, 2, 4, 6)]
     assert list(tables["main"]) == ["real only", "plain", "CRFM", "oracle"]
-    own = ("init", "control", "num_steps", "crfm_steps", "gen_timestep_mean")  # the paper's k = 4 of 23, study's t
-    labelled = {k: v for k, v in grid["base"].items() if not k.startswith("base_") and k not in own}
-    assert labelled == {k: v for k, v in BUDGETS["demo"].items() if k not in own}  # the demo's labelled side
-    assert (grid["base"]["num_steps"], grid["base"]["crfm_steps"]) == (23, 4)
+    own = ("init", "generator.model.control", "synthesis.num_steps", "synthesis.crfm.steps")  # the paper's k = 4 of 23
+    base = flatten(CellSettings, grid["base"])
+    labelled = {k: v for k, v in base.items() if not k.startswith("base.") and k not in own}
+    assert labelled == {k: v for k, v in flatten(CellSettings, BUDGETS["demo"]).items() if k not in own}
+    assert (base["synthesis.num_steps"], base["synthesis.crfm.steps"]) == (23, 4)
     bases, gens = set(), {}
     for table, cells in tables.items():
         for name, over in cells.items():
             for seed in grid["seeds"]:
-                s = settings_from({**grid["base"], **over, "seed": seed})
+                s = cell({**base, **over, "seed": seed})
                 if s.init == "pretrained":
-                    bases.add(_key(s, BASE_KEYS))
-                gens[(table, name, seed)] = _gen_key(s)
+                    bases.add(base_key(s))
+                gens[(table, name, seed)] = gen_key(s)
     assert len(bases) == 1  # one pretraining for every pretrained cell, control and seed
     init = {name: gens[("init", name, 0)] for name in tables["init"]}
     assert init["scratch, plain"] == init["scratch, CRFM"] != init["pretrained, plain"] == init["pretrained, CRFM"]
     assert gens[("main", "CRFM", 0)] == init["pretrained, CRFM"] == gens[("control", "triple", 0)]
 
 
-def test_scratch_cells_keep_their_cache_keys_and_base_settings_key_the_generator():
-    s = CellSettings(**BUDGETS["demo"])
-    assert _gen_key(s) == _key(s, GEN_KEYS, _key(s, DATA_KEYS))  # caches made before the base stage stay valid
+def test_generator_keys_follow_the_base_settings_only_when_pretrained():
+    s = cell(BUDGETS["demo"])
     p = dataclasses.replace(s, init="pretrained")
-    assert _gen_key(p) != _gen_key(s)
-    assert _gen_key(dataclasses.replace(p, base_steps=10)) != _gen_key(p)
-    assert _gen_key(dataclasses.replace(s, base_steps=10)) == _gen_key(s)  # scratch ignores base settings
-    assert _key(dataclasses.replace(p, seed=5, control="adapter"), BASE_KEYS) == _key(p, BASE_KEYS)
+    assert gen_key(p) != gen_key(s)
+    more = dataclasses.replace(p.base, steps=10)
+    assert gen_key(dataclasses.replace(p, base=more)) != gen_key(p)
+    assert gen_key(dataclasses.replace(s, base=more)) == gen_key(s)  # scratch ignores base settings
+    adapter = dataclasses.replace(p.generator, model=dataclasses.replace(p.generator.model, control="adapter"))
+    assert base_key(dataclasses.replace(p, seed=5, generator=adapter)) == base_key(p)
+    assert gen_key(dataclasses.replace(s, generator=dataclasses.replace(s.generator, lr=0.01))) != gen_key(s)
 
 
 def test_a_pretrained_cell_runs_end_to_end_and_reuses_its_base(tmp_path):
-    tiny = dict(BUDGETS["tiny"], init="pretrained", base_pool=8, base_steps=2, base_batch=4, synth="plain")
-    cell = CellSettings(**tiny)
+    tiny = {**flatten(CellSettings, BUDGETS["tiny"]), "init": "pretrained", "base.pool": 8, "base.steps": 2,
+            "base.batch_size": 4, "synth": "plain"}
+    s = cell(tiny)
     logs: list[str] = []
-    first = run_cell(cell, tmp_path, log=logs.append)
+    first = run_cell(s, tmp_path, log=logs.append)
     assert 0 <= first["metrics"]["mIoU"] <= 1
     base_dir = Path(first["base"]["model"])
     gen_cfg = json.loads((Path(first["generator"]["model"]).parent / "config.json").read_text())
-    assert gen_cfg["init"] == str(base_dir) and gen_cfg["control"] == "triple"
+    assert gen_cfg["init"] == str(base_dir) and gen_cfg["model"]["control"] == "triple"
     base_cfg = json.loads((base_dir.parent / "config.json").read_text())
-    assert base_cfg["data"] == "toy:8:0" and base_cfg["control"] == "none" and base_cfg["unlabeled"]
+    assert base_cfg["data"] == "toy:8:0" and base_cfg["model"]["control"] == "none" and base_cfg["unlabeled"]
     logs.clear()
-    again = run_cell(dataclasses.replace(cell, seed=1, control="adapter"), tmp_path, log=logs.append)
+    again = run_cell(cell({**tiny, "seed": 1, "generator.model.control": "adapter"}), tmp_path, log=logs.append)
     assert again["base"].dir == first["base"].dir and not any("stage base" in m for m in logs)
     assert any("stage generator" in m for m in logs)
 

@@ -28,8 +28,8 @@ SPECTRA = np.array([[900, 1100, 1300, 2500], [1800, 1900, 2100, 2300], [1400, 14
 H, W, SIZE = 64, 96, 32
 CRS = "EPSG:32633"
 SEG_TINY = ["--arch", "segformer", "--encoder", "tu-mobilenetv3_small_050", "--steps", "4", "--batch-size", "4"]
-GEN_TINY = ["--steps", "2", "--batch-size", "4", "--set", "num_layers=1", "--set", "num_heads=2",
-            "--set", "head_dim=8", "--set", "text_max_length=8", "--set", "val_every=0"]
+GEN_TINY = ["--steps", "2", "--batch-size", "4", "--set", "model.num_layers=1", "--set", "model.num_heads=2",
+            "--set", "model.head_dim=8", "--set", "text_max_length=8", "--set", "val_every=0"]
 
 
 @pytest.fixture(autouse=True)
@@ -103,7 +103,7 @@ def test_geotiff_scenes_to_synthetic_geotiffs_and_a_test_score(tmp_path: Path, m
     assert len(json.loads(Path("split.json").read_text())["ids"]) == 8
 
     # 3. guidance segmenter, generator, plain and CRFM synthesis
-    todsynth("segment", "train", "--data", "tiles", "--split-file", "split.json", "--out", "runs/seg",
+    todsynth("segment", "train", "tiles", "--split-file", "split.json", "--out", "runs/seg",
              "--size", SIZE, *SEG_TINY)
     todsynth("generator", "train", "tiles", "--out", "runs/gen", "--size", SIZE, "--control", "adapter",
              "--set", "split_file=split.json", *GEN_TINY)
@@ -137,7 +137,7 @@ def test_geotiff_scenes_to_synthetic_geotiffs_and_a_test_score(tmp_path: Path, m
         np.testing.assert_array_equal(sample.label, tiles[tiles.ids.index(sample.id.split("__")[0])].label)
 
     # 4. real + synthetic, scored on the held-out scene
-    todsynth("segment", "train", "--data", "tiles", "--split-file", "split.json", "--synthetic", "runs/syn",
+    todsynth("segment", "train", "tiles", "--split-file", "split.json", "--synthetic", "runs/syn",
              "--out", "runs/seg-syn", "--size", SIZE, *SEG_TINY)
     for model in ("runs/seg", "runs/seg-syn"):
         out = todsynth("segment", "eval", f"{model}/model", "tiles-test", "--json", f"{model}/test.json")

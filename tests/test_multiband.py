@@ -83,11 +83,13 @@ def segmenter(four_band: Path, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def generator(four_band: Path, tmp_path_factory) -> Path:
+    from todsynth.generator.mmdit import MMDiTArch
     from todsynth.generator.train import GeneratorTrainConfig, train_generator
 
     out = tmp_path_factory.mktemp("gen") / "run"
     train_generator(GeneratorTrainConfig(data=str(four_band), out=str(out), size=16, steps=2, batch_size=2,
-                                         num_layers=1, num_heads=2, head_dim=8, val_every=0, checkpoint_every=2,
+                                         model=MMDiTArch(num_layers=1, num_heads=2, head_dim=8),
+                                         val_every=0, checkpoint_every=2,
                                          progress=False, warmup_steps=0, text_max_length=8))
     return out / "model"
 
@@ -172,7 +174,7 @@ def test_generator_synthesizes_four_band_uint16_geotiffs(four_band: Path, genera
     for name, crfm in (("plain", 0), ("crfm", 1)):
         out = tmp_path / name
         values = dict(generator=str(generator), masks=str(four_band), out=str(out), num_steps=2, limit=2,
-                      crfm_steps=crfm)
+                      **{"crfm.steps": crfm})
         if crfm:
             values["segmenter"] = str(segmenter)
         result = synthesize(build_synthesize_config(values), progress=False)

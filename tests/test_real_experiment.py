@@ -3,6 +3,7 @@ size, progress lines) and the torchgeo adapter (a torchgeo-shaped dataset, and t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,9 +17,12 @@ from todsynth.data.split import read_split
 from todsynth.data.toy import write_toy_dataset
 from todsynth.demo import BUDGETS
 from todsynth.errors import ConfigError, DataError
-from todsynth.experiment import CellSettings, run_cell, settings_from, stage_data
+from todsynth.config import flatten
+from todsynth.experiment import CellSettings, DataSettings, run_cell, settings_from, stage_data
 
-TINY = {k: v for k, v in BUDGETS["tiny"].items() if k not in ("n_real", "n_layouts", "n_test")}
+TINY = {k: v for k, v in flatten(CellSettings, BUDGETS["tiny"]).items()
+        if k not in ("data.n_real", "data.n_layouts", "data.n_test")}
+DATA = {f.name for f in dataclasses.fields(DataSettings)} - {"seed"}
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +46,13 @@ def split_file(real, tmp_path_factory) -> Path:
 
 def cell(real: Path, **over) -> CellSettings:
     """A tiny cell on the real folder: trained and tested on disjoint tiles of it."""
-    return settings_from({**TINY, "real_data": str(real), "test_data": str(real), "n_test": 3, **over})
+    values = {**TINY, "data.real_data": str(real), "data.test_data": str(real), "data.n_test": 3}
+    return settings_from({**values, **{f"data.{k}" if k in DATA else k: v for k, v in over.items()}})
 
 
 def test_n_real_draws_what_data_split_draws_and_the_test_tiles_are_the_others(real, split_file, tmp_path):
     logs: list[str] = []
-    result = run_cell(cell(real, n_real=4, data_seed=5, synth="none"), tmp_path, log=logs.append)
+    result = run_cell(cell(real, n_real=4, synth="none", **{"data.seed": 5}), tmp_path, log=logs.append)
     real_ids = read_split(result["data"]["real_ids"])
     test_ids = read_split(result["data"]["test_ids"])
     assert real_ids == read_split(split_file)  # n_real = the few-shot subset `data split --n 4` writes
@@ -66,7 +71,7 @@ def test_n_real_draws_what_data_split_draws_and_the_test_tiles_are_the_others(re
 
 def test_layouts_and_test_tiles_are_seeded_random_draws(real, tmp_path):
     def draw(seed: int, root: str) -> tuple[list[str], list[str]]:
-        s = cell(real, n_real=3, layouts_data=str(real), n_layouts=4, data_seed=seed, synth="none")
+        s = cell(real, n_real=3, layouts_data=str(real), n_layouts=4, synth="none", **{"data.seed": seed})
         data = stage_data(s, tmp_path / root, log=lambda m: None)
         return read_split(data["layouts_ids"]), read_split(data["test_ids"])
 
@@ -91,9 +96,9 @@ def test_settings_that_do_not_apply_are_refused(real, split_file):
         with pytest.raises(ConfigError, match=words):
             cell(real, **over)
     with pytest.raises(ConfigError, match="test_data"):
-        settings_from({**TINY, "real_data": str(real)})
+        settings_from({**TINY, "data.real_data": str(real)})
     with pytest.raises(ConfigError, match="no real_data"):
-        settings_from({**TINY, "real_split_file": str(split_file)})
+        settings_from({**TINY, "data.real_split_file": str(split_file)})
 
 
 def test_a_count_larger_than_the_data_is_a_config_error(real, tmp_path):
@@ -105,10 +110,10 @@ def test_a_count_larger_than_the_data_is_a_config_error(real, tmp_path):
 def test_a_grid_checks_every_cell_before_running_the_first(real, tmp_path):
     from todsynth.grid import run_grid
 
-    grid = {"_source": "my-grid.yaml", "seeds": [0], "base": {**TINY, "real_data": str(real),
-                                                              "test_data": str(real), "n_test": 3},
+    grid = {"_source": "my-grid.yaml", "seeds": [0], "base": {**TINY, "data.real_data": str(real),
+                                                              "data.test_data": str(real), "data.n_test": 3},
             "tables": {"main": {"cells": {"real only": {"synth": "none"}, "oracle": {"synth": "oracle",
-                                                                                    "layouts_data": str(real)}}}}}
+                                                                                    "data.layouts_data": str(real)}}}}}
     with pytest.raises(ConfigError, match="oracle_data") as e:
         run_grid(grid, tmp_path / "exp", log=lambda m: None)
     assert str(e.value.path) == "my-grid.yaml: main/oracle" and not (tmp_path / "exp").exists()

@@ -16,7 +16,7 @@ from todsynth.synthesize import OutputFolder, build_synthesize_config, filter_ma
 
 def cfg_for(gen: Path, masks: Path, out: Path, seg: Path | None = None, **kw):
     values = dict(generator=str(gen), masks=str(masks), out=str(out), num_steps=4, copies=2, batch_size=3,
-                  transforms=["identity", "hflip"], crfm_steps=2 if seg else 0, limit=3)
+                  transforms=["identity", "hflip"], limit=3, **{"crfm.steps": 2 if seg else 0})
     if seg:
         values["segmenter"] = str(seg)
     values.update(kw)

@@ -1,4 +1,9 @@
-"""Typed stage configs: one dataclass per stage, filled from YAML and CLI overrides, validated up front."""
+"""Typed stage configs: one dataclass per stage, filled from YAML and CLI overrides, validated up front.
+
+Configs nest (a dataclass field holds another config) and are reached by dotted names (`model.num_layers`) in
+YAML (nested or dotted keys) and `--set`. Parsing is this module's small coercer over the type hints, not a
+library: pydantic or omegaconf would add a dependency and a second model of every config for no fewer lines.
+"""
 
 from __future__ import annotations
 
@@ -56,26 +61,18 @@ def _coerce(name: str, value: Any, tp: Any, source: str, strict: bool = False) -
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"'{name}' must be true or false, got {value!r}", path=source)
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"'{name}' must be an integer, got {value!r}", path=source)
+    if tp in (int, float):
         try:
             f = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"'{name}' must be an integer, got {value!r}", path=source) from None
-        if not math.isfinite(f) or f != int(f):
-            raise ConfigError(f"'{name}' must be an integer, got {value!r}", path=source)
-        return int(f)
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"'{name}' must be a number, got {value!r}", path=source)
-        try:
-            f = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"'{name}' must be a number, got {value!r}", path=source) from None
-        if not math.isfinite(f):
-            raise ConfigError(f"'{name}' must be a finite number, got {value!r}", path=source)
-        return f
+            f = None
+        if f is None or isinstance(value, bool):
+            raise ConfigError(f"'{name}' must be {'an integer' if tp is int else 'a number'}, got {value!r}",
+                              path=source)
+        if not math.isfinite(f) or (tp is int and f != int(f)):
+            raise ConfigError(f"'{name}' must be {'an integer' if tp is int else 'a finite number'}, got {value!r}",
+                              path=source)
+        return int(f) if tp is int else f
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"'{name}' must be a string, got {value!r}", path=source)
@@ -84,6 +81,8 @@ def _coerce(name: str, value: Any, tp: Any, source: str, strict: bool = False) -
         return Path(value)
     if origin is dict and not isinstance(value, dict):
         raise ConfigError(f"'{name}' must be a mapping, got {value!r}", path=source)
+    if dataclasses.is_dataclass(tp) and not isinstance(value, tp):
+        raise ConfigError(f"'{name}' must be a mapping of settings, got {value!r}", path=source)
     return value
 
 
@@ -119,35 +118,108 @@ def _check_exact(name: str, value: Any, tp: Any, source: str) -> Any:
 
 
 def build_config(cls: type[C], values: dict[str, Any] | None = None, source: str = "config",
-                 strict: bool = False) -> C:
-    """Create `cls` from a mapping: unknown or missing keys and wrongly typed values raise ConfigError.
+                 strict: bool = False, check: bool = True, prefix: str = "") -> C:
+    """Create `cls` from a mapping (nested mappings or dotted keys for nested configs): unknown or missing keys and
+    wrongly typed values raise ConfigError naming the dotted setting; `check` runs the configs' validate().
 
-    `strict` refuses values of another type instead of converting them (see `_coerce`).
+    A nested config starts from its field's default and takes the given keys over it; a string in its place names
+    a row of its class's `PRESETS`. `strict` refuses values of another type instead of converting them (`_coerce`).
     """
-    values = dict(values or {})
     hints = typing.get_type_hints(cls)
-    fields = dataclasses.fields(cls)
-    names = {f.name for f in fields}
-    unknown = sorted(str(k) for k in set(values) - names)
-    if unknown:
-        raise ConfigError(f"unknown setting(s) {unknown}; known: {sorted(names)}", path=source)
-    missing = [f.name for f in fields if f.name not in values and f.default is dataclasses.MISSING
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    flat = flatten(cls, values or {})
+    for name in [n for n in fields if dataclasses.is_dataclass(hints[n]) and isinstance(flat.get(n), str)]:
+        flat = {**flatten(cls, {name: _preset(hints[name], flat.pop(name), prefix + name, source)}), **flat}
+    own: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        head, _, rest = str(key).partition(".")
+        if head in fields and rest and dataclasses.is_dataclass(hints[head]):
+            nested.setdefault(head, {})[rest] = value
+        elif head in fields and not rest:
+            own[head] = value
+        else:
+            raise ConfigError(f"unknown setting '{prefix}{key}'{_nearest(cls, str(key), prefix)}", path=source,
+                              fix=None if strict else "use a setting `todsynth config show STAGE` lists")
+    missing = [n for n, f in fields.items() if n not in own and n not in nested and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise ConfigError(f"missing setting(s) {missing}", path=source)
-    kwargs = {k: _coerce(k, v, hints[k], source, strict) for k, v in values.items()}
+        raise ConfigError(f"missing setting(s) {[prefix + n for n in missing]}", path=source)
+    kwargs = {k: _coerce(prefix + k, v, hints[k], source, strict) for k, v in own.items()}
+    for name, sub in nested.items():
+        factory = fields[name].default_factory
+        start = {} if factory is dataclasses.MISSING else flatten(hints[name], factory())
+        kwargs[name] = build_config(hints[name], {**start, **sub}, source, strict, check, f"{prefix}{name}.")
     cfg = cls(**kwargs)
     validate = getattr(cfg, "validate", None)
-    if validate is not None:
+    if check and validate is not None:
         validate()
     return cfg
 
 
-def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> C:
-    """Read a YAML file (optional) into `cls`, then apply `overrides` (e.g. from the CLI)."""
+def flatten(cls: type, values: Any) -> dict[str, Any]:
+    """Settings of the config class `cls` as {dotted name: value}: nested mappings (and config instances) of its
+    nested configs flattened, mapping-valued settings of their own kept whole."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for key, value in _plain(values).items():
+        head, _, rest = str(key).partition(".")
+        tp = hints[head] if head in names else None
+        if dataclasses.is_dataclass(tp) and (rest or isinstance(value, dict)):
+            out.update({f"{head}.{k}": v for k, v in flatten(tp, {rest: value} if rest else value).items()})
+        else:
+            out[str(key)] = value
+    return out
+
+
+def _plain(values: Any) -> Any:
+    """`values` with config instances (at any depth) as mappings."""
+    if dataclasses.is_dataclass(values) and not isinstance(values, type):
+        return dataclasses.asdict(values)
+    return {k: _plain(v) for k, v in values.items()} if isinstance(values, dict) else values
+
+
+def _preset(cls: type, name: str, setting: str, source: str) -> dict[str, Any]:
+    """The settings of the preset `name` of the config class `cls` (its `PRESETS` registry)."""
+    presets = getattr(cls, "PRESETS", {})
+    if name not in presets:
+        raise ConfigError(f"'{setting}' must be a mapping of settings or one of {list(presets)}, got {name!r}",
+                          path=source)
+    return _plain(presets[name])
+
+
+def setting_names(cls: type, prefix: str = "") -> list[str]:
+    """Dotted names of every setting of the config class `cls`, nested configs' included."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        is_config = dataclasses.is_dataclass(hints[f.name])
+        out += setting_names(hints[f.name], f"{prefix}{f.name}.") if is_config else [prefix + f.name]
+    return out
+
+
+def _nearest(cls: type, key: str, prefix: str) -> str:
+    """'; did you mean ...' naming the known settings nearest to the unknown `key` (same last part, or close),
+    or '; known: [...]' when none is near."""
+    import difflib
+
+    known = setting_names(cls)
+    leaf = key.rsplit(".", 1)[-1]
+    near = [n for n in known if n.rsplit(".", 1)[-1] == leaf] + difflib.get_close_matches(key, known, n=3)
+    near = list(dict.fromkeys(near))[:3]
+    if not near:
+        return f"; known: {[prefix + n for n in known]}"
+    return "; did you mean " + " or ".join(f"'{prefix}{n}'" for n in near) + "?"
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                defaults: dict[str, Any] | None = None, check: bool = True) -> C:
+    """`cls` from `defaults`, then a YAML file (optional), then `overrides` (e.g. from the CLI; None values are
+    not given); keys are dotted names or nested mappings."""
     import yaml
 
-    values: dict[str, Any] = {}
+    values = flatten(cls, defaults or {})
     source = "config"
     if path is not None:
         path = Path(path)
@@ -163,9 +235,9 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[st
             raise ConfigError(f"not valid YAML: {e}", path=path, fix="fix the YAML syntax") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError("expected a mapping of setting: value", path=path)
-        values.update(loaded or {})
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return build_config(cls, values, source)
+        values.update(flatten(cls, loaded or {}))
+    values.update({k: v for k, v in flatten(cls, overrides or {}).items() if v is not None})
+    return build_config(cls, values, source, check=check)
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -175,7 +247,8 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value", fix="write e.g. --set lr=0.001")
+            raise ConfigError(f"override {item!r} is not key=value", fix="write e.g. --set lr=0.001 or "
+                              "--set model.num_layers=6")
         k, v = item.split("=", 1)
         try:
             out[k.strip()] = yaml.safe_load(v)
@@ -215,6 +288,17 @@ def setting(default: Any = dataclasses.MISSING, *, help: str = "", resume_free: 
                              metadata={"help": help, "resume_free": resume_free})
 
 
+def like(cls: type, name: str, default: Any = dataclasses.MISSING) -> Any:
+    """A field that is `cls`'s setting `name` (same help) with its own default: the part of a stage config
+    that an experiment cell chooses."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if default is dataclasses.MISSING:
+        return setting(f.default, default_factory=f.default_factory, help=f.metadata.get("help", ""))
+    if dataclasses.is_dataclass(default):
+        return setting(default_factory=lambda: dataclasses.replace(default), help=f.metadata.get("help", ""))
+    return setting(default, help=f.metadata.get("help", ""))
+
+
 def resume_free_names(cls: type) -> set[str]:
     """Dotted names of the fields of the config class `cls` (nested configs included) declared resume_free."""
     out: set[str] = set()
@@ -236,3 +320,44 @@ def flat_dict(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def config_yaml(cfg: Any, defaults: Any = None, indent: str = "") -> str:
+    """`cfg` as YAML that `load_config` reads back, each setting under a comment with its help, type and default
+    (the value in `defaults`, a config of the same class; `cfg` itself when None)."""
+    import yaml
+
+    defaults = cfg if defaults is None else defaults
+    hints = typing.get_type_hints(type(cfg))
+    lines = []
+    for f in dataclasses.fields(cfg):
+        value, default = getattr(cfg, f.name), getattr(defaults, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines += [f"{indent}# {f.metadata.get('help', '')}".rstrip(), f"{indent}{f.name}:",
+                      config_yaml(value, default, indent + "  ")]
+            continue
+        kind = _type_name(hints[f.name])
+        shown = yaml.safe_dump(_plain_value(default), default_flow_style=True, width=10**6).split("\n")[0]
+        lines.append(f"{indent}# {f.metadata.get('help', '')} [{kind}; default {shown}]".replace("#  [", "# ["))
+        text = yaml.safe_dump({f.name: _plain_value(value)}, default_flow_style=True, width=10**6, sort_keys=False)
+        lines.append(indent + text.strip()[1:-1])
+    return "\n".join(lines)
+
+
+def _plain_value(value: Any) -> Any:
+    """A setting's value as YAML writes it: tuples as lists, paths as strings."""
+    if isinstance(value, (tuple, list)):
+        return [_plain_value(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def _type_name(tp: Any) -> str:
+    """A type hint in words for `config show`: int, a | b | c, list of str, int or null."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is typing.Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (tuple, list):
+        return f"list of {_type_name(args[0]) if args else 'any'}"
+    return getattr(tp, "__name__", str(tp))

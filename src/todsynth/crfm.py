@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from todsynth.config import require
+from todsynth.config import require, setting
 from todsynth.generator.flow import predict_x0
 
 Schedule = Literal["constant", "linear_increasing", "linear_decreasing"]
@@ -29,25 +29,23 @@ Rule = Literal["relative", "reference"]
 class CRFMConfig:
     """Every knob of CRFM. Defaults: k = 4 rectified steps, linear-decreasing α (as the paper's code)."""
 
-    steps: int = 4  # k: rectified steps at the start of sampling
-    alpha_max: float = 0.5
-    schedule: Schedule = "linear_decreasing"
-    inner_iters: int = 1
-    rule: Rule = "relative"
-    normalize: bool = True  # per-sample L2 normalisation of g (reference rule only; relative always normalises)
-    shrink: bool = False  # v ← (1 − α)·v before the gradient step (reference option)
-    clamp: float | None = None  # clamp v to [−c, c] after the correction (reference: 1.0)
-    pixels: Literal["misclassified", "all"] = "misclassified"
+    steps: int = setting(4, help="k: rectified steps at the start of sampling (0: plain sampling)")
+    alpha_max: float = setting(0.5, help="largest correction step size α")
+    schedule: Schedule = setting("linear_decreasing", help="α over the k steps")
+    inner_iters: int = setting(1, help="corrections per rectified step")
+    rule: Rule = setting("relative", help="relative: α scales the normalised gradient relative to v; reference: the "
+                                          "released code's v − α·g")
+    normalize: bool = setting(True, help="per-sample L2 normalisation of g (reference rule only; relative always "
+                                         "normalises)")
+    shrink: bool = setting(False, help="v ← (1 − α)·v before the gradient step (reference option)")
+    clamp: float | None = setting(None, help="clamp v to [−c, c] after the correction (reference: 1.0)")
+    pixels: Literal["misclassified", "all"] = setting("misclassified", help="pixels the segmentation loss covers")
 
     def validate(self) -> None:
         require(self.steps >= 0, f"crfm steps must be >= 0, got {self.steps}")
         require(math.isfinite(self.alpha_max) and self.alpha_max >= 0, f"alpha_max must be >= 0, got {self.alpha_max}")
-        require(self.schedule in ("constant", "linear_increasing", "linear_decreasing"),
-                f"unknown schedule {self.schedule!r}")
-        require(self.rule in ("relative", "reference"), f"unknown rule {self.rule!r}")
         require(self.inner_iters >= 1, f"inner_iters must be >= 1, got {self.inner_iters}")
         require(self.clamp is None or (math.isfinite(self.clamp) and self.clamp > 0), "clamp must be > 0")
-        require(self.pixels in ("misclassified", "all"), "pixels must be misclassified or all")
 
     @classmethod
     def reference(cls, steps: int = 4) -> "CRFMConfig":

@@ -14,18 +14,22 @@ from typing import Any
 
 import numpy as np
 
-from todsynth.experiment import CellSettings, mask_fidelity, run_cell, stage_data, stage_judge
+from todsynth.config import flatten
+from todsynth.experiment import CellSettings, mask_fidelity, run_cell, settings_from, stage_data, stage_judge
 
 BUDGETS: dict[str, dict[str, Any]] = {
-    # the README demo: ≤ 10 minutes on 2 CPU cores
-    "demo": dict(size=32, n_real=16, n_layouts=200, n_test=64, seg_arch="segformer", judge_arch="unet",
-                 seg_steps=250, seg_batch=16, seg_class_weights="sqrt_inverse", gen_steps=600,
-                 gen_batch=16, gen_lr=1e-3, gen_patch=4, gen_layers=4, gen_heads=4, gen_head_dim=32, control="adapter",
-                 num_steps=12, crfm_steps=3),
+    # the README demo: ≤ 10 minutes on 2 CPU cores (the generator: the "demo" size, MMDiTArch's defaults)
+    "demo": {"data": {"size": 32, "n_real": 16, "n_layouts": 200, "n_test": 64}, "judge_arch": "unet",
+             "segmenter": {"arch": "segformer", "steps": 250, "batch_size": 16, "class_weights": "sqrt_inverse"},
+             "generator": {"steps": 600, "batch_size": 16, "lr": 1e-3, "model": {"control": "adapter"}},
+             "synthesis": {"num_steps": 12, "crfm": {"steps": 3}}},
     # seconds: for tests
-    "tiny": dict(size=16, n_real=4, n_layouts=6, n_test=4, seg_arch="segformer", seg_encoder="tu-mobilenetv3_small_050",
-                 judge_arch="unet", seg_steps=3, seg_batch=4, seg_class_weights="sqrt_inverse", gen_steps=3,
-                 gen_batch=4, gen_patch=2, gen_layers=1, gen_heads=2, gen_head_dim=8, num_steps=3, crfm_steps=1),
+    "tiny": {"data": {"size": 16, "n_real": 4, "n_layouts": 6, "n_test": 4}, "judge_arch": "unet",
+             "segmenter": {"arch": "segformer", "encoder": "tu-mobilenetv3_small_050", "steps": 3, "batch_size": 4,
+                           "class_weights": "sqrt_inverse"},
+             "generator": {"steps": 3, "batch_size": 4,
+                           "model": {"patch_size": 2, "num_layers": 1, "num_heads": 2, "head_dim": 8}},
+             "synthesis": {"num_steps": 3, "crfm": {"steps": 1}}},
 }
 METHODS = (("real only", "none"), ("+ synthetic (plain)", "plain"), ("+ synthetic (CRFM)", "crfm"),
            ("+ oracle renders", "oracle"))
@@ -37,12 +41,13 @@ def run_demo(out: str | Path, budget: str = "demo", seed: int = 0, log=print, **
 
     out = Path(out)
     t0 = time.perf_counter()
-    base = CellSettings(**{**BUDGETS[budget], "seed": seed, **overrides})
+    values = {**flatten(CellSettings, BUDGETS[budget]), "seed": seed, **flatten(CellSettings, overrides)}
+    base = settings_from(values, f"demo {budget}")
     cells = {name: run_cell(dataclasses.replace(base, synth=kind), out, log, progress=budget != "tiny")
              for name, kind in METHODS}
     data = stage_data(base, out, log)
     judge = stage_judge(base, data, out, log)
-    fidelity = {name: mask_fidelity(cells[name]["synthesis"]["path"], judge["model"], limit=base.n_layouts)
+    fidelity = {name: mask_fidelity(cells[name]["synthesis"]["path"], judge["model"], limit=base.data.n_layouts)
                 for name in ("+ synthetic (plain)", "+ synthetic (CRFM)", "+ oracle renders")}
     results = {
         "protocol": "(ii) one synthetic image per new label-only layout",
@@ -113,7 +118,7 @@ def _generator_history(model_dir: str) -> tuple[list, list] | None:
 
 def sample_grid(path: Path, s: CellSettings, cells: dict, n: int = 4, frames: int = 6) -> None:
     """Rows: oracle image | mask | plain | CRFM | CRFM's decoded x̂0 over the steps (pre-synth strip)."""
-    from todsynth.crfm import CRFMConfig, presynth_strip
+    from todsynth.crfm import presynth_strip
     from todsynth.generator.pipeline import MaskToImagePipeline, sample_seeds
     from todsynth.generator.sample import load_masks
     from todsynth.segment.model import Segmenter
@@ -122,19 +127,19 @@ def sample_grid(path: Path, s: CellSettings, cells: dict, n: int = 4, frames: in
     crfm_cell = cells["+ synthetic (CRFM)"]
     pipe = MaskToImagePipeline.from_pretrained(crfm_cell["generator"]["model"])
     seg = Segmenter.from_pretrained(crfm_cell["guidance"]["model"])
-    labels, prompts, ids, classes = load_masks(crfm_cell["data"]["layouts"], "Train", s.size, n)
-    oracle = _oracle_images(crfm_cell["data"]["oracle"], ids, s.size)
+    size, num_steps = s.data.size, s.synthesis.num_steps
+    labels, prompts, ids, classes = load_masks(crfm_cell["data"]["layouts"], "Train", size, n)
+    oracle = _oracle_images(crfm_cell["data"]["oracle"], ids, size)
     seeds = sample_seeds(s.seed, ids)
-    cfg = CRFMConfig(steps=s.crfm_steps, alpha_max=s.crfm_alpha, schedule=s.crfm_schedule, rule=s.crfm_rule)
-    plain = pipe(labels, prompts, seeds=seeds, num_steps=s.num_steps)
-    crfm, strip = presynth_strip(pipe, seg, labels, cfg, seeds, num_steps=s.num_steps)
+    plain = pipe(labels, prompts, seeds=seeds, num_steps=num_steps)
+    crfm, strip = presynth_strip(pipe, seg, labels, s.synthesis.crfm, seeds, num_steps=num_steps)
     keep = np.linspace(0, len(strip) - 1, min(frames, len(strip))).round().astype(int)
     rows = []
     for j in range(len(ids)):
         row = [oracle[j], colorize(labels[j].numpy(), classes), to_uint8(plain[j]), to_uint8(crfm[j])]
         row += [to_uint8(strip[k][j]) for k in keep]
         rows.append(row)
-    save_png(path, tile_rows(rows, scale=max(1, 96 // s.size)))
+    save_png(path, tile_rows(rows, scale=max(1, 96 // size)))
 
 
 def _oracle_images(root: str | None, ids: list[str], size: int) -> list[np.ndarray]:
@@ -160,13 +165,15 @@ def write_demo_report(out: Path, results: dict, figures: dict[str, Path]) -> Non
         gain_rows.append([name, f"{g['miou_gain']:+.3f}", "–" if share is None else f"{100 * share:.0f} %",
                           fmt(results["mask_fidelity"].get(name))])
     s = results["settings"]
+    d, seg, gen, syn = s["data"], s["segmenter"], s["generator"], s["synthesis"]
+    crfm = syn["crfm"]
     sections = [
-        ("Protocol", f"Protocol {results['protocol']}. {s['n_real']} real tiles of {s['size']} px, "
-                     f"{s['n_layouts']} label-only layouts, {s['n_test']} test tiles; every segmenter trains "
-                     f"{s['seg_steps']} steps ({s['seg_arch']}), seed {s['seed']}. Generator: control "
-                     f"{s['control']}, {s['gen_steps']} steps; sampling {s['num_steps']} Euler steps, CRFM on the "
-                     f"first {s['crfm_steps']} (α {s['crfm_alpha']}, {s['crfm_schedule']}, rule {s['crfm_rule']}). "
-                     f"Total wall time {results['wall_time_s']} s."),
+        ("Protocol", f"Protocol {results['protocol']}. {d['n_real']} real tiles of {d['size']} px, "
+                     f"{d['n_layouts']} label-only layouts, {d['n_test']} test tiles; every segmenter trains "
+                     f"{seg['steps']} steps ({seg['arch']}), seed {s['seed']}. Generator: control "
+                     f"{gen['model']['control']}, {gen['steps']} steps; sampling {syn['num_steps']} Euler steps, CRFM "
+                     f"on the first {crfm['steps']} (α {crfm['alpha_max']}, {crfm['schedule']}, rule "
+                     f"{crfm['rule']}). Total wall time {results['wall_time_s']} s."),
         ("mIoU on the test set", metrics_table(results["metrics"], names)),
         ("Gains", gain_rows),
         ("Per-class IoU", figures["bars"]),

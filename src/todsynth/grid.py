@@ -1,15 +1,15 @@
 """`todsynth experiment`: a YAML-driven grid of cells × seeds over the cached stage pipeline, with
 mean ± std tables (CSV + JSON) and bar plots. Any cell can be run alone; finished cells are reused.
 
-Config shape::
+Config shape (settings as in `todsynth config show experiment-cell`, nested or dotted)::
 
-    base: {size: 32, n_real: 16, ...}        # CellSettings shared by every cell
+    base: {data: {size: 32, n_real: 16}, ...}   # CellSettings shared by every cell
     seeds: [0, 1, 2]
     tables:
-      main:                                  # one table = named cells (overrides of base)
+      main:                                     # one table = named cells (overrides of base)
         cells: {real only: {synth: none}, plain: {synth: plain}, CRFM: {synth: crfm}}
       crfm_steps:
-        sweep: {crfm_steps: [0, 2, 4, 6]}    # or a one-key sweep (cell name = value)
+        sweep: {synthesis.crfm.steps: [0, 2, 4, 6]}   # or a one-key sweep (cell name = key=value)
         fixed: {synth: crfm}
 """
 
@@ -24,6 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from todsynth.config import flatten
 from todsynth.errors import ConfigError
 
 BUILTIN = ("paper-tables", "foundation", "smoke")
@@ -62,15 +63,22 @@ def expand(grid: dict) -> dict[str, dict[str, dict]]:
     for table, spec in grid["tables"].items():
         if not isinstance(spec, dict):
             raise ConfigError(f"table {table!r} must be a mapping", path=grid["_source"])
-        fixed = dict(spec.get("fixed") or {})
+        fixed = _flat(spec.get("fixed") or {})
         if "cells" in spec:
-            out[table] = {str(name): {**fixed, **(over or {})} for name, over in spec["cells"].items()}
+            out[table] = {str(name): {**fixed, **_flat(over or {})} for name, over in spec["cells"].items()}
         elif "sweep" in spec and isinstance(spec["sweep"], dict) and len(spec["sweep"]) == 1:
             (key, values), = spec["sweep"].items()
             out[table] = {f"{key}={v}": {**fixed, key: v} for v in values}
         else:
             raise ConfigError(f"table {table!r} needs 'cells' or a one-key 'sweep'", path=grid["_source"])
     return out
+
+
+def _flat(values: dict) -> dict:
+    """Cell settings (nested or dotted) as {dotted name: value}, so that merging keeps the other nested ones."""
+    from todsynth.experiment import CellSettings
+
+    return flatten(CellSettings, values)
 
 
 def run_grid(grid: dict, out: str | Path, only: list[str] | None = None, seeds: list[int] | None = None,
@@ -91,7 +99,7 @@ def run_grid(grid: dict, out: str | Path, only: list[str] | None = None, seeds: 
             if only and not any(sel in (table, f"{table}/{name}") for sel in only):
                 continue
             for seed in seeds:
-                values = {**grid["base"], **over, **(overrides or {}), "seed": seed}
+                values = {**_flat(grid["base"]), **over, **_flat(overrides or {}), "seed": seed}
                 todo.append((table, name, seed, settings_from(values, f"{grid['_source']}: {table}/{name}")))
     for table, name, seed, s in todo:
         log(f"cell {table}/{name} seed {seed}")
@@ -185,7 +193,7 @@ def write_markdown(path: Path, summary: dict, rows: list[dict]) -> None:
                          f"{format_metric(m['std'])} | {' / '.join(per_seed[(table, c['cell'])])} | "
                          f"{format_metric(fid.get('mean'))} | {minutes} | {ious} |")
         lines.append("")
-    sizes = sorted({r["settings"]["size"] for r in rows if "settings" in r})
+    sizes = sorted({r["settings"]["data"]["size"] for r in rows if "settings" in r})
     if sizes:
         lines.append("Mask fidelity: an independent judge segmenter's mIoU on the cell's synthetic images against "
                      "their conditioning masks; compute: the wall time of the stages the cell used (pretraining "

@@ -19,8 +19,9 @@ import math
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from todsynth.crfm import CRFMConfig
 from todsynth.errors import CheckpointError, DataError
 from todsynth.filenames import file_stem
 
-TRANSFORMS = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270", "crop")
+Transform = Literal["identity", "hflip", "vflip", "rot90", "rot180", "rot270", "crop"]
 RECORDS = ".records"
 CLAIMS = ".claims"
 MANIFEST = "manifest.jsonl"
@@ -42,39 +43,43 @@ PROMPT_CACHE = "prompt_cache.safetensors"  # every prompt of the run (and "") en
 class SynthesizeConfig:
     """Settings of `todsynth synthesize`."""
 
-    generator: str = ""
-    masks: str = ""
-    out: str = setting("", resume_free=True)
-    split: str = "Train"
-    split_file: str | None = None
-    copies: int = 1  # K images per (mask, transform)
-    transforms: tuple[str, ...] = ("identity",)
-    num_steps: int = 20
-    guidance_scale: float = 1.0
-    shift: float = 1.0
-    segmenter: str | None = None  # guidance segmenter (trained on the real set); required when crfm.steps > 0
-    crfm: CRFMConfig = field(default_factory=CRFMConfig)
-    batch_size: int = setting(8, resume_free=True)
-    seed: int = 0
-    limit: int | None = setting(None, resume_free=True)  # only the first N masks
-    # how masks reach the generator's size: resize (short side, nearest; the whole layout at a new scale,
-    # the long side center-cropped) or center (a window at the masks' own scale); tile large masks first
-    # with `todsynth data tile` to synthesize for all of them
-    crop: str = "resize"
-    filter_stats: str | None = None  # per-class loss JSON (see class_loss_stats); enables pixel filtering
-    filter_pixels: bool = True  # with filter_stats: pixels above margin × class loss become ignore
-    filter_margin: float = 1.25
-    reject_ignored_fraction: float | None = None  # image-level rejection above this ignored share
-    hard_resample: bool = False  # copies ∝ mask hardness (needs filter_stats)
-    device: str = setting("auto", resume_free=True)  # auto: accelerate's device for this process (its GPU when there is one); cpu; cuda:1
-    mixed_precision: str = "no"  # autocast of transformer, decoder and segmenter: no | bf16 | fp16
+    generator: str = setting("", help="GENERATOR: generator folder (out/model of `generator train`)")
+    masks: str = setting("", help="MASKS: the masks to synthesize for (a dataset or a label-only folder)")
+    out: str = setting("", resume_free=True, help="OUT: output folder (generic layout + manifest.jsonl)")
+    split: str = setting("Train", help="split of a LoveDA root")
+    split_file: str | None = setting(None, help="JSON split file of the mask ids to use")
+    copies: int = setting(1, help="K images per (mask, transform)")
+    transforms: tuple[Transform, ...] = setting(("identity",), help="mask transforms, each giving its own images")
+    num_steps: int = setting(20, help="Euler sampling steps")
+    guidance_scale: float = setting(1.0, help="classifier-free guidance scale on the text")
+    shift: float = setting(1.0, help="sigma shift of the sampling schedule (SD3: 3.0)")
+    segmenter: str | None = setting(None, help="guidance segmenter (trained on the real set); required when "
+                                               "crfm.steps > 0")
+    crfm: CRFMConfig = setting(default_factory=CRFMConfig, help="control-rectify flow matching")
+    batch_size: int = setting(8, resume_free=True, help="samples per forward pass (the output does not depend on "
+                                                        "it)")
+    seed: int = setting(0, help="global seed: each sample's seed derives from it, the mask id, transform and copy")
+    limit: int | None = setting(None, resume_free=True, help="only the first N masks")
+    crop: Literal["resize", "center"] = setting("resize", help="how masks reach the generator's size: resize (short "
+                                                "side, nearest; the long side center-cropped) or center (a window at "
+                                                "the masks' own scale; tile large masks first with `data tile`)")
+    filter_stats: str | None = setting(None, help="per-class loss JSON (see class_loss_stats); enables pixel "
+                                                  "filtering")
+    filter_pixels: bool = setting(True, help="with filter_stats: pixels above margin × class loss become ignore")
+    filter_margin: float = setting(1.25, help="the filter's margin over the class loss")
+    reject_ignored_fraction: float | None = setting(None, help="image-level rejection above this ignored share")
+    hard_resample: bool = setting(False, help="copies ∝ mask hardness (needs filter_stats)")
+    device: str = setting("auto", resume_free=True, help="auto: accelerate's device for this process (its GPU when "
+                                                         "there is one); cpu; cuda:1")
+    mixed_precision: Literal["no", "bf16", "fp16"] = setting("no", help="autocast of transformer, decoder and "
+                                                                        "segmenter")
 
     def validate(self) -> None:
-        require(bool(self.generator) and bool(self.masks) and bool(self.out), "generator, masks and out are required")
+        require(bool(self.generator) and bool(self.masks) and bool(self.out), "generator, masks and out are required",
+                fix="give GENERATOR MASKS OUT (see `todsynth synthesize --help`)")
         require(self.copies >= 1, f"copies must be >= 1, got {self.copies}")
         require(self.num_steps >= 1, f"num_steps must be >= 1, got {self.num_steps}")
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        require(all(t in TRANSFORMS for t in self.transforms), f"transforms must be among {TRANSFORMS}")
         require(len(self.transforms) > 0, "give at least one transform (identity = the mask as is)")
         require(math.isfinite(self.guidance_scale) and math.isfinite(self.shift) and self.shift > 0,
                 "guidance_scale and shift must be finite, shift > 0")
@@ -83,11 +88,7 @@ class SynthesizeConfig:
                 "reject_ignored_fraction must be in [0, 1]")
         require(not self.hard_resample or self.filter_stats is not None, "hard_resample needs filter_stats")
         require(self.limit is None or self.limit >= 1, "limit must be >= 1")
-        from todsynth.data.crops import check_crop_mode
-
-        check_crop_mode(self.crop, ("resize", "center"))
-        require(self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision must be no, bf16 or fp16")
-        require(isinstance(self.device, str) and bool(self.device), "device must be auto, cpu or a device name")
+        require(bool(self.device), "device must be auto, cpu or a device name")
         self.crfm.validate()
         require(self.crfm.steps == 0 or self.segmenter is not None,
                 "CRFM (crfm.steps > 0) needs a guidance segmenter",
@@ -96,13 +97,9 @@ class SynthesizeConfig:
 
 
 def build_synthesize_config(values: dict) -> SynthesizeConfig:
-    """SynthesizeConfig from flat settings; `crfm_*` keys (or a `crfm` mapping) fill the CRFM settings."""
+    """SynthesizeConfig from settings (dotted names such as `crfm.steps`, or a nested `crfm` mapping)."""
     from todsynth.config import build_config
 
-    values = dict(values)
-    crfm = dict(values.pop("crfm", None) or {})
-    crfm.update({k[5:]: values.pop(k) for k in list(values) if k.startswith("crfm_")})
-    values["crfm"] = build_config(CRFMConfig, crfm, "crfm settings")
     return build_config(SynthesizeConfig, values, "synthesize settings")
 
 

@@ -101,10 +101,12 @@ def test_train_configs_default_to_random_crops_and_check_the_mode() -> None:
     from todsynth.segment.train import SegmentTrainConfig
 
     assert GeneratorTrainConfig().crop == "random" and SegmentTrainConfig().crop == "random"
-    with pytest.raises(ConfigError, match="crop must be one of"):
-        GeneratorTrainConfig(data="d", crop="squash").validate()
-    with pytest.raises(ConfigError, match="crop must be one of"):
-        SegmentTrainConfig(crop="squash").validate()
+    from todsynth.config import build_config
+
+    with pytest.raises(ConfigError, match="'crop' must be one of"):
+        build_config(GeneratorTrainConfig, {"data": "d", "crop": "squash"})
+    with pytest.raises(ConfigError, match="'crop' must be one of"):
+        build_config(SegmentTrainConfig, {"crop": "squash"})
 
 
 def label_only_dataset(root: Path, h: int, w: int) -> Path:
@@ -126,11 +128,11 @@ def test_in_memory_masks_keep_the_aspect_ratio(tmp_path: Path) -> None:
 
 def test_synthesis_masks_center_crop_or_resize_and_refuse_random(tmp_path: Path) -> None:
     from todsynth.generator.sample import load_masks
-    from todsynth.synthesize import SynthesizeConfig
+    from todsynth.synthesize import build_synthesize_config
 
     root = label_only_dataset(tmp_path / "ds", 40, 20)
     resized, _, _, _ = load_masks(root, "Train", 16)
     centred, _, _, _ = load_masks(root, "Train", 16, crop="center")
     assert block_extent(resized[0]) == (8, 8) and block_extent(centred[0]) == (10, 10)
-    with pytest.raises(ConfigError, match="crop must be one of"):
-        SynthesizeConfig(generator="g", masks="m", out="o", crop="random").validate()
+    with pytest.raises(ConfigError, match="'crop' must be one of"):
+        build_synthesize_config({"generator": "g", "masks": "m", "out": "o", "crop": "random"})

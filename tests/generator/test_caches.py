@@ -34,7 +34,7 @@ def test_synthesis_encodes_each_prompt_and_the_empty_prompt_once(tiny_generator_
 
     cfg = build_synthesize_config(dict(generator=str(tiny_generator_dir), masks=str(toy_masks_16),
                                        out=str(tmp_path / "s"), num_steps=2, batch_size=2, limit=4, copies=2,
-                                       guidance_scale=2.0, transforms=["identity", "hflip"], crfm_steps=0,
+                                       guidance_scale=2.0, transforms=["identity", "hflip"], **{"crfm.steps": 0},
                                        device="cpu"))
     synthesize(cfg, progress=False)  # 16 samples in 8 batches, each with guidance (its "" branch)
     assert encoded and max(encoded.values()) == 1 and encoded[""] == 1, encoded
@@ -176,11 +176,12 @@ def test_latent_cache_file_is_reused_and_rebuilt_when_images_change(tmp_path):
 def test_training_with_cached_latents_matches_encoding_each_step(tmp_path):
     """Pixel space (where flips and rotations commute exactly): the same loss trace, and the cache file."""
     from todsynth.data.toy import write_toy_dataset
+    from todsynth.generator.mmdit import MMDiTArch
     from todsynth.generator.train import GeneratorTrainConfig, train_generator
 
     toy = write_toy_dataset(tmp_path / "toy", n=4, size=16, seed=3)
-    base = dict(data=str(toy), size=16, steps=3, batch_size=2, num_layers=1, num_heads=2, head_dim=16, val_every=0,
-                checkpoint_every=3, progress=False, warmup_steps=1, text_max_length=8, crop="center")
+    base = dict(data=str(toy), size=16, steps=3, batch_size=2, model=MMDiTArch(num_layers=1, num_heads=2, head_dim=16),
+                val_every=0, checkpoint_every=3, progress=False, warmup_steps=1, text_max_length=8, crop="center")
     a = train_generator(GeneratorTrainConfig(out=str(tmp_path / "a"), **base))
     b = train_generator(GeneratorTrainConfig(out=str(tmp_path / "b"), cache_latents=True, **base))
     assert (tmp_path / "b" / "latent_cache.safetensors").is_file()

@@ -37,8 +37,8 @@ def test_snapshots_are_model_only_limited_and_loadable(toy, tmp_path):  # noqa: 
 def launch(config: str, data: Path, out: Path, *extra: str) -> None:
     """`accelerate launch --config_file <config> --num_processes 2` of `generator train` on the CPU (gloo)."""
     args = ["generator", "train", str(data), "--out", str(out), "--steps", "4", "--batch-size", "4", "--size", "16",
-            *[x for s in ("num_layers=2", "num_heads=2", "head_dim=16", "val_every=0", "text_max_length=8",
-                          "progress=false", "ema_decay=0.9", "checkpoint_every=1", "full_state_every=2",
+            *[x for s in ("model.num_layers=2", "model.num_heads=2", "model.head_dim=16", "val_every=0",
+                          "text_max_length=8", "progress=false", "ema_decay=0.9", "checkpoint_every=1", "full_state_every=2",
                           *extra) for x in ("--set", s)]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / config),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from todsynth.config import build_config
 from todsynth.errors import ConfigError
 from todsynth.generator.memory import (count_parameters, estimate, prepared_model, saved_activation_bytes,
                                        sd35_medium_config)
@@ -100,7 +101,7 @@ def test_presets_apply_in_one_place_and_explicit_settings_win():
         "bf16", True, "adamw8bit", "bf16")
     assert preset_config("lowmem-48gb", optimizer="paged_adamw8bit").optimizer == "paged_adamw8bit"
     with pytest.raises(ConfigError, match="preset"):
-        GeneratorTrainConfig(data="d", preset="huge").validate()
+        build_config(GeneratorTrainConfig, {"data": "d", "preset": "huge"})
     with pytest.raises(ConfigError, match="mixed_precision=bf16"):
         GeneratorTrainConfig(data="d", frozen_dtype="bf16").validate()
 

@@ -14,10 +14,12 @@ from gentest_helpers import two_processes_vs_one, weights
 from todsynth.errors import CheckpointError, ConfigError, DataError
 from todsynth.generator.pretrain import (PRETRAIN_PROMPT, TOY_POOL_START, load_unlabeled, pretrain_config,
                                          pretrain_generator, toy_pool_indices)
+from todsynth.config import build_config
 from todsynth.generator.train import GeneratorTrainConfig, build_pipeline, train_generator
 
-TINY = dict(size=16, num_layers=1, num_heads=2, head_dim=8, batch_size=4, val_every=0, val_samples=2, val_steps=2,
-            checkpoint_every=2, progress=False, warmup_steps=1, text_max_length=8)
+TINY = {"size": 16, "model.num_layers": 1, "model.num_heads": 2, "model.head_dim": 8,
+        "batch_size": 4, "val_every": 0, "val_samples": 2, "val_steps": 2, "checkpoint_every": 2, "progress": False,
+        "warmup_steps": 1, "text_max_length": 8}
 
 
 def tiny_pretrain(data: str, out: Path, **kw) -> GeneratorTrainConfig:
@@ -25,7 +27,7 @@ def tiny_pretrain(data: str, out: Path, **kw) -> GeneratorTrainConfig:
 
 
 def tiny_train(data: Path, out: Path, **kw) -> GeneratorTrainConfig:
-    return GeneratorTrainConfig(**{**TINY, "data": str(data), "out": str(out), "steps": 2, **kw})
+    return build_config(GeneratorTrainConfig, {**TINY, "data": str(data), "out": str(out), "steps": 2, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def test_pretrain_then_load_then_fine_tune_from_the_base(base, toy, tmp_path):
     out = tmp_path / "ft"
     args = ["generator", "train", str(toy), "--out", str(out), "--init", str(base), "--steps", "2",
             "--batch-size", "4", "--size", "16", "--control", "triple"]
-    args += [a for k, v in (("num_layers", 1), ("num_heads", 2), ("head_dim", 8), ("val_every", 0),
+    args += [a for k, v in (("model.num_layers", 1), ("model.num_heads", 2), ("model.head_dim", 8), ("val_every", 0),
                             ("text_max_length", 8), ("progress", "false")) for a in ("--set", f"{k}={v}")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -79,12 +81,12 @@ def test_pretrain_cli_writes_a_base(tmp_path):
 
     args = ["generator", "pretrain", "toy:4", "--out", str(tmp_path / "b"), "--steps", "1", "--batch-size", "2",
             "--size", "16", "--prompt", "an aerial photo"]
-    args += [a for k, v in (("num_layers", 1), ("num_heads", 2), ("head_dim", 8), ("val_every", 0),
+    args += [a for k, v in (("model.num_layers", 1), ("model.num_heads", 2), ("model.head_dim", 8), ("val_every", 0),
                             ("text_max_length", 8), ("progress", "false")) for a in ("--set", f"{k}={v}")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     cfg = json.loads((tmp_path / "b" / "config.json").read_text())
-    assert (cfg["control"], cfg["unlabeled"], cfg["train_text"]) == ("none", True, True)
+    assert (cfg["model"]["control"], cfg["unlabeled"], cfg["train_text"]) == ("none", True, True)
     assert cfg["prompt"] == "an aerial photo"
     assert (tmp_path / "b" / "model" / "pipeline.json").is_file()
 
@@ -92,7 +94,8 @@ def test_pretrain_cli_writes_a_base(tmp_path):
 def _init_model(base: Path, control: str):
     from todsynth.data.classes import LOVEDA
 
-    return build_pipeline(GeneratorTrainConfig(**{**TINY, "data": "x", "control": control, "init": str(base)}),
+    return build_pipeline(build_config(GeneratorTrainConfig, {**TINY, "data": "x", "model.control": control,
+                                                              "init": str(base)}),
                           LOVEDA).transformer
 
 
@@ -155,7 +158,8 @@ def test_lora_on_the_pretrained_streams_keeps_fresh_mask_layers_trainable(base):
     from todsynth.data.classes import LOVEDA
     from todsynth.generator.train import apply_freezing
 
-    cfg = GeneratorTrainConfig(**{**TINY, "data": "x", "control": "adapter", "init": str(base), "lora_rank": 2})
+    cfg = build_config(GeneratorTrainConfig, {**TINY, "data": "x", "model.control": "adapter", "init": str(base),
+                                              "lora_rank": 2})
     model = build_pipeline(cfg, LOVEDA).transformer
     apply_freezing(model, cfg)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -202,7 +206,7 @@ def test_a_base_of_another_image_size_or_a_missing_base_is_refused(base, toy, tm
 
 def test_config_checks():
     with pytest.raises(ConfigError, match="control none"):
-        GeneratorTrainConfig(data="toy:4", unlabeled=True, control="triple").validate()
+        build_config(GeneratorTrainConfig, {"data": "toy:4", "unlabeled": True, "model.control": "triple"})
     with pytest.raises(ConfigError, match="give one"):
         GeneratorTrainConfig(data="d", init="b", sd3_path="s").validate()
     with pytest.raises(ConfigError, match="unlabeled pretraining"):
@@ -273,24 +277,21 @@ def test_masks_of_a_labelled_dataset_are_ignored(toy, tmp_path):
 def test_toy_pool_is_disjoint_from_every_labelled_layout_and_test_tile(tmp_path):
     """The pool's tiles (indices from TOY_POOL_START) are none of the tiles the experiments and the demo draw."""
     from todsynth.demo import BUDGETS
-    from todsynth.experiment import CellSettings, stage_data
+    from todsynth.experiment import resolve_counts, settings_from, stage_data
     from todsynth.grid import expand, load_grid
 
-    s = CellSettings(**BUDGETS["tiny"])
-    paths = stage_data(s, tmp_path, log=lambda m: None)
+    paths = stage_data(settings_from(BUDGETS["tiny"]), tmp_path, log=lambda m: None)
     used = {int(p.stem.split("_")[1]) for key in ("real", "layouts", "test", "oracle")
             for p in Path(paths[key]).rglob("toy_*.png")}
     assert used and not used & set(toy_pool_indices(100))
     # the largest index any built-in grid (or the demo) can draw stays below the pool
+    cells: list[dict] = []
     for name in ("paper-tables", "foundation"):
         grid = load_grid(name)
-        for cells in expand(grid).values():
-            for over in cells.values():
-                v = {**grid["base"], **over}
-                assert max(v.get("n_real", 16), 100_000 + v.get("n_layouts", 200),
-                           500_000 + v.get("n_test", 64)) < TOY_POOL_START
-    assert max(BUDGETS["demo"]["n_real"], 100_000 + BUDGETS["demo"]["n_layouts"],
-               500_000 + BUDGETS["demo"]["n_test"]) < TOY_POOL_START
+        cells += [{**grid["base"], **over} for table in expand(grid).values() for over in table.values()]
+    for values in cells + [BUDGETS["demo"]]:
+        d = resolve_counts(settings_from(values)).data
+        assert max(d.n_real, 100_000 + d.n_layouts, 500_000 + d.n_test) < TOY_POOL_START
     data, _ = load_unlabeled(pretrain_config("toy:3:5", "o", size=16))
     assert data.ids == [f"toy_{i}" for i in range(TOY_POOL_START, TOY_POOL_START + 3)]
 
@@ -298,6 +299,6 @@ def test_toy_pool_is_disjoint_from_every_labelled_layout_and_test_tile(tmp_path)
 def test_two_processes_pretrain_like_one(tmp_path):
     """`accelerate launch --cpu --num_processes 2 ... generator pretrain` gives the base one process gives."""
     args = ["generator", "pretrain", "toy:8", "--steps", "3", "--batch-size", "4", "--size", "16",
-            "--set", "num_layers=1", "--set", "num_heads=2", "--set", "head_dim=8", "--set", "val_every=0",
-            "--set", "augment=false", "--set", "text_max_length=8", "--set", "progress=false"]
+            "--set", "model.num_layers=1", "--set", "model.num_heads=2", "--set", "model.head_dim=8",
+            "--set", "val_every=0", "--set", "augment=false", "--set", "text_max_length=8", "--set", "progress=false"]
     assert two_processes_vs_one(args, tmp_path) < 1e-4

@@ -10,6 +10,7 @@ import torch
 
 from todsynth.errors import CheckpointError
 from todsynth.generator.stream import StepBatches, TrainSamples, batch_loader, open_train_stream
+from todsynth.generator.mmdit import MMDiTArch
 from todsynth.generator.train import GeneratorTrainConfig, batch_indices, train_generator
 from todsynth.io import load_weights
 
@@ -54,7 +55,8 @@ def test_crops_do_not_depend_on_workers_processes_or_the_first_step(big_tiles: P
 def test_resume_with_random_crops_and_workers_is_exact(big_tiles: Path, tmp_path: Path) -> None:
     def cfg(out: str, **kw) -> GeneratorTrainConfig:
         return GeneratorTrainConfig(data=str(big_tiles), out=str(tmp_path / out), size=16, steps=4, batch_size=2,
-                                    num_layers=1, num_heads=2, head_dim=16, val_every=0, val_samples=2,
+                                    model=MMDiTArch(num_layers=1, num_heads=2, head_dim=16),
+                                    val_every=0, val_samples=2,
                                     checkpoint_every=2, progress=False, warmup_steps=1, text_max_length=8, **kw)
 
     train_generator(cfg("straight"))

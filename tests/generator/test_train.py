@@ -22,7 +22,10 @@ def toy(tmp_path_factory) -> Path:
 
 
 def small(toy: Path, out: Path, **kw) -> GeneratorTrainConfig:
-    base = dict(data=str(toy), out=str(out), size=16, steps=6, batch_size=4, num_layers=2, num_heads=2, head_dim=16,
+    from todsynth.generator.mmdit import MMDiTArch
+
+    base = dict(data=str(toy), out=str(out), size=16, steps=6, batch_size=4,
+                model=MMDiTArch(num_layers=2, num_heads=2, head_dim=16),
                 val_every=0, val_samples=2, val_steps=3, checkpoint_every=3, progress=False, warmup_steps=2,
                 text_max_length=8)
     base.update(kw)
@@ -84,8 +87,6 @@ def test_resume_refuses_without_checkpoint(toy, tmp_path):
     assert load_config(GeneratorTrainConfig, None, {"data": "d", "resume": "true"}).resume is True
     with pytest.raises(ConfigError, match="resume"):
         load_config(GeneratorTrainConfig, None, {"data": "d", "resume": "maybe"})
-    with pytest.raises(ConfigError, match="resume"):
-        GeneratorTrainConfig(data="d", resume="always").validate()
 
 
 def test_resume_refuses_other_settings(toy, tmp_path):
@@ -115,6 +116,6 @@ def test_reloaded_model_reproduces_validation_sample(toy, tmp_path):
 def test_two_processes_match_one(toy, tmp_path):
     """`accelerate launch --cpu --num_processes 2` trains the same model as one process (same global batch)."""
     args = ["generator", "train", str(toy), "--steps", "3", "--batch-size", "4", "--size", "16",
-            "--set", "num_layers=2", "--set", "num_heads=2", "--set", "head_dim=16", "--set", "val_every=0",
-            "--set", "augment=false", "--set", "text_max_length=8", "--set", "progress=false"]
+            "--set", "model.num_layers=2", "--set", "model.num_heads=2", "--set", "model.head_dim=16",
+            "--set", "val_every=0", "--set", "augment=false", "--set", "text_max_length=8", "--set", "progress=false"]
     assert two_processes_vs_one(args, tmp_path) < 1e-4

@@ -151,7 +151,7 @@ def kill_sequence(runs: list[list[str]], out: Path, progress: Callable[[], int],
 
 # 6 masks x 3 transforms x 2 copies = 36 samples of 16 px, 4 Euler steps each: a few seconds of work.
 SYNTH_SETTINGS: dict[str, str] = {"num_steps": "4", "copies": "2", "transforms": "identity,hflip,vflip",
-                                  "batch_size": "2", "crfm_steps": "0"}
+                                  "batch_size": "2", "crfm.steps": "0"}
 SYNTH_SAMPLES = 36
 
 

@@ -25,8 +25,9 @@ HINTS = ("must", "expected", "valid", "known:", "choose", "give", "use ", "check
          "convert", "re-", "write", "point", "start", "save", "accepted layouts", "resize", "set ")
 TINY_SEG = ["--arch", "segformer", "--encoder", "tu-mobilenetv3_small_050", "--size", "16", "--steps", "1",
             "--batch-size", "2", "--device", "cpu"]
-TINY_GEN = ["--steps", "1", "--batch-size", "2", "--size", "16", "--set", "num_layers=1", "--set", "num_heads=2",
-            "--set", "head_dim=8", "--set", "val_every=0", "--set", "text_max_length=8", "--set", "progress=false"]
+TINY_GEN = ["--steps", "1", "--batch-size", "2", "--size", "16", "--set", "model.num_layers=1",
+            "--set", "model.num_heads=2", "--set", "model.head_dim=8", "--set", "val_every=0",
+            "--set", "text_max_length=8", "--set", "progress=false"]
 
 
 def says_what_to_do(text: str) -> bool:
@@ -314,7 +315,7 @@ def test_bad_dataset_is_refused_naming_the_file(cli_app, folder_dataset: Path, t
     raises(DataError, lambda: validate_dataset(data), str(bad))
     refused(cli_app, ["data", "check", str(data)], None, str(bad), *words, lead="problem(s)")
     out = tmp_path / "seg_out"
-    refused(cli_app, ["segment", "train", "--data", str(data), "--out", str(out), *TINY_SEG], out, str(bad))
+    refused(cli_app, ["segment", "train", str(data), "--out", str(out), *TINY_SEG], out, str(bad))
 
 
 @pytest.mark.parametrize("build", [png_random_bytes, label_not_a_class, index_escape("dotdot")],
@@ -382,8 +383,8 @@ def test_handled_modes_read_cleanly(folder_dataset: Path, kind: str) -> None:
     (["--steps", "-1"], ("steps", ">= 1")),
     (["--set", "lr=-0.1"], ("lr", ">= 0")),
     (["--set", "text_dropout=1.5"], ("text_dropout",)),
-    (["--size", "18", "--set", "patch_size=4"], ("size 18", "patch_size 4")),
-    (["--set", "stepz=3"], ("stepz", "known")),
+    (["--size", "18", "--set", "model.patch_size=4"], ("size 18", "patch_size 4")),
+    (["--set", "stepz=3"], ("stepz", "did you mean 'steps'")),
     (["--set", "steps"], ("steps", "key=value")),
     (["--set", "lr=[1"], ("lr=[1", "YAML")),
     (["--set", "batch_size=2.5"], ("batch_size", "integer")),
@@ -401,14 +402,14 @@ def test_generator_train_refuses_bad_settings(cli_app, toy_masks_16: Path, tmp_p
     (["--set", "lr=nan"], ("lr", "finite")),
     (["--batch-size", "0"], ("batch_size", ">= 1")),
     (["--set", "steps=-3"], ("steps", ">= 1")),
-    (["--arch", "transformer9000"], ("transformer9000", "choose")),
+    (["--arch", "transformer9000"], ("transformer9000", "must be one of")),
     (["--set", "weight_decay=inf"], ("weight_decay", "finite")),
 ], ids=["lr_nan", "batch_zero", "steps_negative", "unknown_arch", "weight_decay_inf"])
 def test_segment_train_refuses_bad_settings(cli_app, toy_masks_16: Path, tmp_path: Path, args: list[str],
                                             names: tuple[str, ...]) -> None:
     """Invalid segmenter settings are named before any file is written."""
     out = tmp_path / "out"
-    refused(cli_app, ["segment", "train", "--data", str(toy_masks_16), "--out", str(out), *args], out, *names)
+    refused(cli_app, ["segment", "train", str(toy_masks_16), "--out", str(out), *args], out, *names)
 
 
 @pytest.mark.parametrize("args, names", [
@@ -431,7 +432,7 @@ def test_synthesize_refuses_bad_settings(cli_app, tiny_generator_dir: Path, toy_
     ("segment", {"lr": float("inf")}, "lr"),
     ("segment", {"epochs": 0}, "epochs"),
     ("synthesize", {"generator": "g", "masks": "m", "out": "o", "filter_margin": -1.0}, "filter_margin"),
-    ("synthesize", {"generator": "g", "masks": "m", "out": "o", "crfm_alpha_max": float("nan")}, "alpha_max"),
+    ("synthesize", {"generator": "g", "masks": "m", "out": "o", "crfm.alpha_max": float("nan")}, "alpha_max"),
 ], ids=["gen_lr_nan", "gen_steps_negative", "seg_lr_inf", "seg_epochs_zero", "synth_margin_negative",
         "synth_crfm_alpha_nan"])
 def test_api_configs_refuse_bad_values(stage: str, values: dict, name: str) -> None:
@@ -529,7 +530,7 @@ def test_synthetic_data_with_other_classes(cli_app, folder_dataset: Path, tmp_pa
     other = Path(shutil.copytree(folder_dataset, tmp_path / "other"))
     (other / "classes.yaml").write_text("names: [background, building, lake]\n")
     out = tmp_path / "out"
-    refused(cli_app, ["segment", "train", "--data", str(folder_dataset), "--synthetic", str(other), "--out", str(out),
+    refused(cli_app, ["segment", "train", str(folder_dataset), "--synthetic", str(other), "--out", str(out),
                   *TINY_SEG], out, str(other), "lake")
 
 
@@ -561,7 +562,7 @@ def test_sd3_folder_with_missing_files(cli_app, toy_masks_16: Path, tmp_path: Pa
     words = {"empty": "no config.json", "foreign_config": "not an SD3Transformer2DModel config",
              "config_only": "no .safetensors weights", "pickle_only": "diffusion_pytorch_model.bin"}[layout]
     out = tmp_path / "out"
-    refused(cli_app, ["generator", "train", str(toy_masks_16), "--out", str(out), "--sd3-path", str(sd3), *TINY_GEN],
+    refused(cli_app, ["generator", "train", str(toy_masks_16), "--out", str(out), "--set", f"sd3_path={sd3}", *TINY_GEN],
             out, str(sd3), words)
 
 
@@ -569,7 +570,7 @@ def test_split_file_with_unknown_ids(cli_app, folder_dataset: Path, tmp_path: Pa
     """A split file made for another dataset names the split file."""
     split, out = tmp_path / "split.json", tmp_path / "out"
     split.write_text(json.dumps({"ids": ["tile0", "tile77"]}))
-    refused(cli_app, ["segment", "train", "--data", str(folder_dataset), "--split-file", str(split), "--out", str(out),
+    refused(cli_app, ["segment", "train", str(folder_dataset), "--split-file", str(split), "--out", str(out),
                   *TINY_SEG], out, str(split), "tile77")
 
 
@@ -592,7 +593,7 @@ def test_output_below_a_file_is_refused(cli_app, blocker: Path, folder_dataset: 
     refused(cli_app, ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(sub), "--crfm-steps", "0",
                   "--set", "limit=1"], None, str(sub), "writable")
     refused(cli_app, ["generator", "train", str(toy_masks_16), "--out", str(sub), *TINY_GEN], None, str(sub), "writable")
-    refused(cli_app, ["segment", "train", "--data", str(folder_dataset), "--out", str(sub), *TINY_SEG], None, str(sub),
+    refused(cli_app, ["segment", "train", str(folder_dataset), "--out", str(sub), *TINY_SEG], None, str(sub),
             "writable")
     refused(cli_app, ["data", "toy", str(sub), "--n", "1", "--size", "16"], None, str(sub), "writable")
     refused(cli_app, ["data", "split", str(folder_dataset), str(sub / "split.json"), "--n", "1"], None, str(blocker),

@@ -62,7 +62,7 @@ def test_manifest_is_never_partial(tiny_generator_dir: Path, toy_masks_16: Path,
 
     out = tmp_path / "o"
     cfg = build_synthesize_config({"generator": str(tiny_generator_dir), "masks": str(toy_masks_16), "out": str(out),
-                                   "num_steps": 1, "copies": 2, "crfm_steps": 0, "limit": 1})
+                                   "num_steps": 1, "copies": 2, "crfm.steps": 0, "limit": 1})
     (out / CLAIMS).mkdir(parents=True)
     with torch_threads(1):
         source = synthesize(cfg, progress=False)  # learn the item ids, then start over with one held by "another"

@@ -21,8 +21,9 @@ from reliability_helpers import (SYNTH_SAMPLES, KillLog, bytes_lost, check_visib
 
 from todsynth.io import load_weights
 
-GEN_SETTINGS: dict[str, str] = {"steps": "40", "batch_size": "2", "size": "16", "num_layers": "1", "num_heads": "2",
-                                "head_dim": "8", "val_every": "0", "text_max_length": "8", "progress": "false",
+GEN_SETTINGS: dict[str, str] = {"steps": "40", "batch_size": "2", "size": "16", "model.num_layers": "1",
+                                "model.num_heads": "2", "model.head_dim": "8", "val_every": "0", "text_max_length": "8",
+                                "progress": "false",
                                 "warmup_steps": "2", "checkpoint_every": "1", "full_state_every": "1",
                                 "ema_decay": "0.9", "lr": "0.001"}
 SEG_SETTINGS: dict[str, str] = {"arch": "segformer", "encoder": "tu-mobilenetv3_small_050", "size": "16",
@@ -42,7 +43,7 @@ def gen_args(data: Path, out: Path, *extra: str) -> list[str]:
 
 def seg_args(data: Path, out: Path, *extra: str) -> list[str]:
     """`todsynth segment train` arguments for SEG_SETTINGS."""
-    return ["segment", "train", "--data", str(data), "--out", str(out), *sets(SEG_SETTINGS), *extra]
+    return ["segment", "train", str(data), "--out", str(out), *sets(SEG_SETTINGS), *extra]
 
 
 def in_process(cls: type, settings: dict[str, str], **paths: str):

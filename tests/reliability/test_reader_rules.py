@@ -225,7 +225,7 @@ def test_segment_train_refuses_a_one_sample_dataset(cli_app, tmp_path: Path) -> 
     """One image: refused up front naming the dataset (exit 2), not a BatchNorm traceback."""
     root = folder(tmp_path / "ds", n=1)
     out = tmp_path / "out"
-    result = invoke(cli_app, ["segment", "train", "--data", str(root), "--out", str(out), "--arch", "segformer",
+    result = invoke(cli_app, ["segment", "train", str(root), "--out", str(out), "--arch", "segformer",
                               "--encoder", "tu-mobilenetv3_small_050", "--size", "16", "--steps", "1",
                               "--batch-size", "2", "--device", "cpu"])
     assert result.exit_code == 2, (result.exit_code, result.output[-2000:], result.exception)

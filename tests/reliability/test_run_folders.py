@@ -23,13 +23,14 @@ from todsynth.locks import RUN_LOCK, owner_tag
 
 TINY_SEG = ["--arch", "segformer", "--encoder", "tu-mobilenetv3_small_050", "--size", "16", "--steps", "1",
             "--batch-size", "2", "--device", "cpu"]
-TINY_GEN = ["--steps", "1", "--batch-size", "2", "--size", "16", "--set", "num_layers=1", "--set", "num_heads=2",
-            "--set", "head_dim=8", "--set", "val_every=0", "--set", "text_max_length=8", "--set", "progress=false"]
+TINY_GEN = ["--steps", "1", "--batch-size", "2", "--size", "16", "--set", "model.num_layers=1",
+            "--set", "model.num_heads=2", "--set", "model.head_dim=8", "--set", "val_every=0",
+            "--set", "text_max_length=8", "--set", "progress=false"]
 
 
 def seg_train(data: Path, out: Path, *extra: str) -> list[str]:
     """`todsynth segment train` arguments of a 1-step tiny run."""
-    return ["segment", "train", "--data", str(data), "--out", str(out), *TINY_SEG, *extra]
+    return ["segment", "train", str(data), "--out", str(out), *TINY_SEG, *extra]
 
 
 def gen_train(data: Path, out: Path, *extra: str) -> list[str]:
@@ -278,7 +279,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(cli_app, toy_masks_16: Path, tiny_s
     """segment eval / train --device cuda on a machine without a GPU: exit 2, 'use --device cpu', nothing written."""
     out = tmp_path / "out"
     evaluate = ["segment", "eval", str(tiny_segmenter_dir), str(toy_masks_16), "--split", "Train", "--json", str(out)]
-    train = ["segment", "train", "--data", str(toy_masks_16), "--out", str(out), *TINY_SEG[:-2]]
+    train = ["segment", "train", str(toy_masks_16), "--out", str(out), *TINY_SEG[:-2]]
     args = evaluate if command == "eval" else train
     refused_with(cli_app, [*args, "--device", "cuda"], "no CUDA device", "--device cpu")
     assert not out.exists()

@@ -62,7 +62,7 @@ def _synth(gen: Path, masks: Path, out: Path, **kw) -> dict:
     """Run synthesis in-process with tiny settings (1 Euler step, one copy, identity only, no CRFM)."""
     from todsynth.synthesize import build_synthesize_config, synthesize
 
-    values = dict(generator=str(gen), masks=str(masks), out=str(out), num_steps=1, copies=1, crfm_steps=0,
+    values = dict(generator=str(gen), masks=str(masks), out=str(out), num_steps=1, copies=1, **{"crfm.steps": 0},
                   batch_size=4)
     values.update(kw)
     with torch_threads(1):
@@ -137,7 +137,7 @@ def test_output_names_are_unique_stable_and_map_back(ids: list[str], copies: int
     from todsynth.synthesize import OutputFolder, build_synthesize_config, plan
 
     cfg = build_synthesize_config({"generator": "g", "masks": "m", "out": "o", "copies": copies,
-                                   "transforms": ["identity", "hflip"], "crfm_steps": 0})
+                                   "transforms": ["identity", "hflip"], "crfm.steps": 0})
     items = plan(ids, cfg)
     names = [it.id for it in items]
     assert len(items) == len(ids) * 2 * copies
@@ -240,20 +240,21 @@ def test_generator_sample_refuses_masks_of_other_classes(cli_app, tiny_generator
     """`generator sample` with 3-class masks for the 7-class generator names the masks; no grid is written."""
     out = tmp_path / "grids"
     refused_with(cli_app, ["generator", "sample", str(tiny_generator_dir), str(folder_dataset), str(out), "--n", "1",
-                       "--steps", "1"], str(folder_dataset), "differ from the generator's")
+                       "--num-steps", "1"], str(folder_dataset), "differ from the generator's")
     assert not (out / "samples.png").exists()
 
 
 @pytest.mark.parametrize("args, name", [
     (["--n", "0"], "n must"), (["--n", "-1"], "n must"), (["--batch-size", "0"], "batch_size must"),
-    (["--steps", "0"], "steps must"), (["--guidance", "nan"], "guidance must"), (["--shift", "-1"], "shift must"),
+    (["--num-steps", "0"], "steps must"), (["--guidance-scale", "nan"], "guidance must"),
+    (["--shift", "-1"], "shift must"),
 ], ids=["n_zero", "n_negative", "batch_zero", "steps_zero", "guidance_nan", "shift_negative"])
 def test_generator_sample_refuses_bad_settings(cli_app, tiny_generator_dir: Path, toy_masks_16: Path,
                                                tmp_path: Path, args: list[str], name: str) -> None:
     """Counts below 1 and non-finite or negative guidance/shift are ConfigErrors (exit 2), before any write."""
     out = tmp_path / "grids"
-    refused_with(cli_app, ["generator", "sample", str(tiny_generator_dir), str(toy_masks_16), str(out), "--steps", "1",
-                       *args], name)
+    refused_with(cli_app, ["generator", "sample", str(tiny_generator_dir), str(toy_masks_16), str(out),
+                           "--num-steps", "1", *args], name)
     assert not out.exists()
 
 

@@ -93,7 +93,7 @@ def test_segment_eval_refuses_an_unknown_device_like_segment_train(cli_app, tiny
     words = "'device' must be one of ['auto', 'cpu', 'cuda'], got 'tpu'"
     refused(cli_app, ["segment", "eval", str(tiny_segmenter_dir), str(toy_masks_16), "--device", "tpu"], None,
             words, "--device")
-    refused(cli_app, ["segment", "train", "--data", str(toy_masks_16), "--device", "tpu"], None, words)
+    refused(cli_app, ["segment", "train", str(toy_masks_16), "--device", "tpu"], None, words)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ def test_generator_sample_refuses_an_output_folder_inside_an_input(cli_app, gen:
     masks = Path(shutil.copytree(toy_masks_16, tmp_path / "masks"))
     for out, what in ((masks / "Train" / "Urban" / "images_png", "masks dataset"), (masks, "masks dataset"),
                       (gen / "grids", "generator folder")):
-        refused(cli_app, ["generator", "sample", str(gen), str(masks), str(out), "--n", "1", "--steps", "1"], None,
+        refused(cli_app, ["generator", "sample", str(gen), str(masks), str(out), "--n", "1", "--num-steps", "1"], None,
                 str(out), what, "outside every input")
     assert not list(tmp_path.rglob("samples.png"))
 

@@ -39,8 +39,8 @@ def test_cli_train_then_eval(tmp_path):
     (tmp_path / "split.json").write_text(json.dumps({"ids": ["t0_0", "t0_2", "t0_3"]}))
     (tmp_path / "cfg.yaml").write_text(f"arch: segformer\nencoder: {TINY_ENCODER}\nsize: 32\nbatch_size: 2\n")
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train", "--data", str(data), "--val", str(val), "--synthetic", str(syn),
-                                      "--synthetic-ratio", "1", "--split-file",
+    result = CliRunner().invoke(app, ["train", str(data), "--val", str(val), "--synthetic", str(syn),
+                                      "--set", "synthetic_ratio=1", "--split-file",
                                       str(tmp_path / "split.json"), "--config", str(tmp_path / "cfg.yaml"),
                                       "--out", str(out), "--device", "cpu", "--set", "steps=2",
                                       "--set", "checkpoint_every=1"])
@@ -58,9 +58,9 @@ def test_cli_train_then_eval(tmp_path):
 
 
 def test_cli_reports_errors_without_traceback(tmp_path):
-    result = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "error:" in result.output and "Traceback" not in result.output
-    result = CliRunner().invoke(app, ["train", "--data", str(tmp_path), "--set", "lr=-1"])
+    result = CliRunner().invoke(app, ["train", str(tmp_path), "--set", "lr=-1"])
     assert result.exit_code == 2 and "lr" in result.output
     result = CliRunner().invoke(app, ["eval", str(tmp_path), str(tmp_path)])
     assert result.exit_code == 2 and "config.json" in result.output

@@ -9,61 +9,31 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from todsynth.cli.common import console, friendly
+from todsynth.cli.common import Resume, Settings, console, friendly, with_settings
 
 app = typer.Typer(help="Train and evaluate segmentation models (stage c).", no_args_is_help=True)
 
 
 @app.command()
 @friendly
-def train(
-    data: Optional[Path] = typer.Option(None, help="Training dataset (LoveDA root, image/mask folder or .jsonl)."),
-    split: Optional[str] = typer.Option(None, help="Split of a LoveDA dataset (default Train)."),
-    split_file: Optional[Path] = typer.Option(None, help="JSON split file ({\"ids\": [...]}) restricting the data."),
-    synthetic: Optional[Path] = typer.Option(None, help="Synthetic dataset mixed into training."),
-    synthetic_ratio: Optional[float] = typer.Option(None, help="Synthetic samples per real one (default all)."),
-    val: Optional[Path] = typer.Option(None, help="Validation dataset, scored after training."),
-    val_split: Optional[str] = typer.Option(None, help="Split of the validation dataset (default Val)."),
-    arch: Optional[str] = typer.Option(None, help="unet, deeplabv3plus, segformer or fpn (default unet)."),
-    encoder: Optional[str] = typer.Option(None, help="smp encoder name (default resnet18 / mit_b0)."),
-    size: Optional[int] = typer.Option(None, help="Training tile size in pixels (default 512)."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs (default 10)."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides --epochs)."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size (default 8)."),
-    lr: Optional[float] = typer.Option(None, help="AdamW learning rate (default 5e-4)."),
-    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (default 0.01)."),
-    schedule: Optional[str] = typer.Option(None, help="poly or cosine (default poly)."),
-    seed: Optional[int] = typer.Option(None, help="Random seed (default 0)."),
-    num_workers: Optional[int] = typer.Option(None, help="Data loader workers (default 0)."),
-    out: Optional[Path] = typer.Option(None, help="Output folder (default runs/segment)."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (default auto)."),
-    log_every: Optional[int] = typer.Option(None, help="Record the loss every N steps (default 10)."),
-    checkpoint_every: Optional[int] = typer.Option(None, help="Save a resumable checkpoint every N steps "
-                                                               "(default 200)."),
-    mixed_precision: Optional[str] = typer.Option(None, help="no, fp16 or bf16 (default no)."),
-    class_weights: Optional[str] = typer.Option(None, help="Loss weights per class from the training mix's "
-                                                           "pixel counts: none, sqrt_inverse or inverse "
-                                                           "(default none)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a setting: key=value (repeatable)."),
-    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
-    overwrite: bool = typer.Option(False, help="Replace an earlier run in --out (its model, results and "
-                                               "checkpoint are removed)."),
-) -> None:
-    """Train a segmenter; writes OUT/model/, OUT/results.json and OUT/checkpoint/ (other settings: --set)."""
-    from todsynth.config import load_config, parse_overrides
+@with_settings("size", "steps", "batch_size", "seed", "device", "overwrite",
+               arguments={"data": "Training dataset (LoveDA root, image/mask folder or .jsonl); required unless "
+                                  "--config gives 'data'."},
+               options={"out": (str, "Output folder (default runs/segment)."),
+                        "split_file": (str, 'JSON split file ({"ids": [...]}) restricting the data.'),
+                        "synthetic": (str, "Synthetic dataset mixed into training."),
+                        "val": (str, "Validation dataset, scored after training."),
+                        "arch": (str, "unet, deeplabv3plus, segformer or fpn (default unet)."),
+                        "encoder": (str, "smp encoder name (default resnet18 / mit_b0)."),
+                        "lr": (float, "AdamW learning rate (default 5e-4).")})
+def train(resume: Resume = False, *, settings: Settings) -> None:
+    """Train a segmenter; writes OUT/model/, OUT/results.json and OUT/checkpoint/.
+
+    Every other setting (epochs, schedule, class_weights, mixed_precision, ...) by --set or --config: `todsynth
+    config show segment-train`."""
     from todsynth.segment.train import SegmentTrainConfig, train_segmenter
 
-    options = {"data": data, "split": split, "split_file": split_file, "synthetic": synthetic,
-               "synthetic_ratio": synthetic_ratio, "val": val, "val_split": val_split, "arch": arch,
-               "encoder": encoder, "size": size, "epochs": epochs, "steps": steps, "batch_size": batch_size,
-               "lr": lr, "weight_decay": weight_decay, "schedule": schedule, "seed": seed,
-               "num_workers": num_workers, "out": out, "device": device, "log_every": log_every,
-               "checkpoint_every": checkpoint_every, "mixed_precision": mixed_precision,
-               "class_weights": class_weights, "overwrite": overwrite or None}
-    overrides = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
-    overrides.update(parse_overrides(set_))
-    cfg = load_config(SegmentTrainConfig, config, overrides)
+    cfg = settings.resolve(SegmentTrainConfig)
     results = train_segmenter(cfg, resume=resume)
     if results.val is not None:
         console.print(_metrics_table(results.val, "validation"))

@@ -2,54 +2,28 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional
 
-import typer
 
-from todsynth.cli.common import console, friendly
+from todsynth.cli.common import Settings, console, friendly, with_settings
 
 
 @friendly
-def synthesize(
-    generator: Optional[str] = typer.Argument(None, help="Generator folder (out/model of `generator train`)."),
-    masks: Optional[str] = typer.Argument(None, help="Masks to synthesize for: a dataset or a label-only folder."),
-    out: Optional[str] = typer.Argument(None, help="Output folder (generic layout + manifest.jsonl)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML of SynthesizeConfig settings."),
-    segmenter: Optional[str] = typer.Option(None, help="Guidance segmenter folder (needed for CRFM)."),
-    copies: Optional[int] = typer.Option(None, help="Images per mask (and transform)."),
-    crfm_steps: Optional[int] = typer.Option(None, help="CRFM rectified steps k (0 = plain sampling)."),
-    num_steps: Optional[int] = typer.Option(None, help="Euler steps."),
-    batch_size: Optional[int] = typer.Option(None, help="Samples per forward pass (output does not depend on it)."),
-    seed: Optional[int] = typer.Option(None, help="Global seed."),
-    device: Optional[str] = typer.Option(None, help="auto (accelerate's choice: the GPU when there is one) | cpu "
-                                         "| cuda:N."),
-    mixed_precision: Optional[str] = typer.Option(None, help="no | bf16 | fp16: autocast of transformer, "
-                                                  "decoder and CRFM's segmenter pass."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Any setting as key=value; crfm_* for CRFM."),
-) -> None:
-    """Make synthetic image/label pairs with CRFM; resumable, and sharded under `accelerate launch`."""
-    import yaml
+@with_settings("num_steps", "guidance_scale", "batch_size", "seed", "device", names={"crfm_steps": "crfm.steps"},
+               arguments={"generator": "Generator folder (out/model of `generator train`).",
+                          "masks": "Masks to synthesize for: a dataset or a label-only folder.",
+                          "out": "Output folder (generic layout + manifest.jsonl)."},
+               options={"segmenter": (str, "Guidance segmenter folder (needed for CRFM)."),
+                        "copies": (int, "Images per mask (and transform; default 1)."),
+                        "crfm_steps": (int, "crfm.steps: CRFM rectified steps k (0 = plain sampling; default 4)."),
+                        "mixed_precision": (str, "no | bf16 | fp16: autocast of transformer, decoder and CRFM's "
+                                                 "segmenter pass.")})
+def synthesize(*, settings: Settings) -> None:
+    """Make synthetic image/label pairs with CRFM; resumable, and sharded under `accelerate launch`.
 
-    from todsynth.config import parse_overrides
-    from todsynth.errors import ConfigError
-    from todsynth.synthesize import build_synthesize_config, synthesize as run
+    Every setting: `todsynth config show synthesize` (CRFM's as crfm.*, e.g. --set crfm.alpha_max=0.3)."""
+    from todsynth.synthesize import SynthesizeConfig, synthesize as run
 
-    values: dict = {}
-    if config is not None:
-        try:
-            loaded = yaml.safe_load(config.read_text())
-        except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:
-            raise ConfigError(f"cannot read config: {e}", path=config, fix="give a readable YAML file") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError("expected a mapping of setting: value", path=config)
-        values.update(loaded or {})
-    cli = dict(generator=generator, masks=masks, out=out, segmenter=segmenter, copies=copies,
-               crfm_steps=crfm_steps, num_steps=num_steps, batch_size=batch_size, seed=seed, device=device,
-               mixed_precision=mixed_precision)
-    values.update({k: v for k, v in cli.items() if v is not None})
-    values.update(parse_overrides(set_))
-    cfg = build_synthesize_config(values)
+    cfg = settings.resolve(SynthesizeConfig)
     from accelerate.state import PartialState
 
     state = PartialState()  # one process too: its device is accelerate's choice

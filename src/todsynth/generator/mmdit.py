@@ -17,13 +17,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from todsynth.config import require
+from todsynth.config import require, setting
 from todsynth.errors import CheckpointError
 
 Control = Literal["triple", "siamese", "adapter", "none"]
@@ -33,26 +33,55 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 @dataclass
-class MMDiTConfig:
-    """Architecture of the generator. Sizes follow SD3's names where one exists."""
+class MMDiTArch:
+    """The generator's architecture as a run chooses it (MMDiTConfig adds what follows from the data and the
+    encoders); `PRESETS` holds the named sizes (`model: sd3.5-medium`)."""
+
+    PRESETS: ClassVar[dict[str, "MMDiTArch"]]
+    patch_size: int = setting(2, help="latent cells per token side")
+    num_layers: int = setting(4, help="joint transformer blocks")
+    num_heads: int = setting(4, help="attention heads (width = num_heads x head_dim)")
+    head_dim: int = setting(32, help="width of one attention head (a multiple of 4)")
+    mlp_ratio: float = setting(4.0, help="feed-forward width / model width")
+    qk_norm: bool = setting(True, help="RMSNorm on q and k (SD3.5)")
+    dual_attention_layers: tuple[int, ...] = setting((), help="blocks with SD3.5's extra per-stream self-attention "
+                                                              "(MMDiT-X)")
+    control: Control = setting("triple", help="how masks steer the image stream: a third stream (triple), the "
+                                              "image stream's weights (siamese), a side adapter, or none")
+    mask_encoding: MaskEncoding = setting("onehot", help="one-hot label map, or the reference's RGB-coded mask "
+                                                         "latent")
+
+    def validate(self) -> None:
+        for name in ("patch_size", "num_layers", "num_heads", "head_dim"):
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.head_dim % 4 == 0, "head_dim must be a multiple of 4 (2-D sin-cos positions)")
+        require(math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0, "mlp_ratio must be > 0")
+        require(all(0 <= i < self.num_layers for i in self.dual_attention_layers),
+                "dual_attention_layers must index existing layers")
+
+
+# Generator sizes by name, in the style of DiT's model registry; SD3.5's are diffusers' transformer configs.
+MMDiTArch.PRESETS = {
+    "demo": MMDiTArch(patch_size=4),  # the experiment cells' default (the demo, paper-tables, foundation)
+    "sd3.5-medium": MMDiTArch(patch_size=2, num_layers=24, num_heads=24, head_dim=64,
+                              dual_attention_layers=tuple(range(13))),
+    "sd3.5-large": MMDiTArch(patch_size=2, num_layers=38, num_heads=38, head_dim=64),
+}
+
+
+@dataclass
+class MMDiTConfig(MMDiTArch):
+    """Architecture of the generator: the chosen one and what the data and encoders fix. Sizes follow SD3's names
+    where one exists."""
 
     in_channels: int = 3  # latent channels (3 for the pixel autoencoder, 16 for SD3's VAE)
     out_channels: int | None = None
-    patch_size: int = 2
     sample_size: int = 32  # latent side used to scale the position grid (SD3: 128)
     pos_embed_max_size: int = 64  # position table side, cropped at the centre for smaller inputs
-    num_layers: int = 6
-    num_heads: int = 4
-    head_dim: int = 64
     joint_attention_dim: int = 384  # width of the text encoder's token embeddings
     pooled_projection_dim: int = 384  # width of the pooled text embedding
-    mlp_ratio: float = 4.0
-    qk_norm: bool = False  # RMSNorm on q and k (SD3.5)
-    dual_attention_layers: tuple[int, ...] = ()  # SD3.5's MMDiT-X: extra per-stream self-attention
-    control: Control = "triple"
     num_classes: int = 7
     ignore_index: int = 255
-    mask_encoding: MaskEncoding = "onehot"  # one-hot label map, or the reference's RGB-coded mask latent
     mask_downscale: int = 1  # pixels per latent cell (the autoencoder's downscale factor)
     mask_channels: int | None = None  # latent channels of an RGB-coded mask (defaults to in_channels)
 
@@ -61,20 +90,14 @@ class MMDiTConfig:
         return self.num_heads * self.head_dim
 
     def validate(self) -> None:
-        require(self.control in ("triple", "siamese", "adapter", "none"), f"unknown control {self.control!r}")
-        require(self.mask_encoding in ("onehot", "rgb"), f"unknown mask_encoding {self.mask_encoding!r}")
-        for name in ("in_channels", "patch_size", "sample_size", "pos_embed_max_size", "num_layers",
-                     "num_heads", "head_dim", "joint_attention_dim", "pooled_projection_dim",
-                     "num_classes", "mask_downscale"):
+        super().validate()
+        for name in ("in_channels", "sample_size", "pos_embed_max_size", "joint_attention_dim",
+                     "pooled_projection_dim", "num_classes", "mask_downscale"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.sample_size // self.patch_size <= self.pos_embed_max_size,
                 f"sample_size {self.sample_size} gives a {self.sample_size // self.patch_size}-token grid side, more "
                 f"than the position table holds (pos_embed_max_size {self.pos_embed_max_size})")
         require(self.ignore_index >= 0, f"ignore_index must be >= 0, got {self.ignore_index}")
-        require(self.head_dim % 4 == 0, "head_dim must be a multiple of 4 (2-D sin-cos positions)")
-        require(math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0, "mlp_ratio must be > 0")
-        require(all(0 <= i < self.num_layers for i in self.dual_attention_layers),
-                "dual_attention_layers must index existing layers")
 
     def to_dict(self) -> dict:
         d = asdict(self)

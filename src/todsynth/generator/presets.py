@@ -7,14 +7,16 @@ A preset is a set of training settings applied in one place (`apply_preset`); es
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
 from todsynth.errors import ConfigError
 
-PRESETS: dict[str, dict[str, Any]] = {
+MemoryPreset = Literal["full-80gb", "lowmem-48gb", "lora-24gb"]
+Optimizer = Literal["adamw", "adamw_fused", "adamw8bit", "paged_adamw8bit"]
+PRESETS: dict[MemoryPreset, dict[str, Any]] = {
     # full fine-tuning of image + mask streams: fp32 master weights, fused AdamW, bf16 autocast, checkpointing
     "full-80gb": {"mixed_precision": "bf16", "gradient_checkpointing": True, "optimizer": "adamw_fused",
                   "lora_rank": 0},
@@ -26,16 +28,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "lora-24gb": {"mixed_precision": "bf16", "gradient_checkpointing": True, "optimizer": "adamw_fused",
                   "lora_rank": 64, "frozen_dtype": "bf16", "ema_decay": 0.0, "train_text": False},
 }
-OPTIMIZERS = ("adamw", "adamw_fused", "adamw8bit", "paged_adamw8bit")
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 
 
 def apply_preset(cfg):
     """`cfg` with its preset's settings, except those given a non-default value (explicit settings win)."""
     if not cfg.preset:
         return cfg
-    if cfg.preset not in PRESETS:
-        raise ConfigError(f"unknown preset {cfg.preset!r}; choose {', '.join(PRESETS)}",
-                          fix="set preset to one of those, or leave it empty")
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     changes = {k: v for k, v in PRESETS[cfg.preset].items() if getattr(cfg, k) == defaults[k]}
     return dataclasses.replace(cfg, **changes)

@@ -39,20 +39,23 @@ UNLABELLED = ClassSpec(("unlabelled",))
 TOY_SPEC = re.compile(r"^toy:(\d+)(?::(\d+))?$")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 # MMDiTConfig fields a base must share with the model it initialises, with the train setting that sets each
-ARCHITECTURE = (("num_layers", "num_layers"), ("num_heads", "num_heads"), ("head_dim", "head_dim"),
-                ("patch_size", "patch_size"), ("in_channels", "autoencoder (latent channels)"),
+ARCHITECTURE = (("num_layers", "model.num_layers"), ("num_heads", "model.num_heads"), ("head_dim", "model.head_dim"),
+                ("patch_size", "model.patch_size"), ("in_channels", "autoencoder (latent channels)"),
                 ("out_channels", "autoencoder (latent channels)"), ("sample_size", "size (latent side)"),
                 ("pos_embed_max_size", "size (position table)"), ("joint_attention_dim", "text_encoder (token width)"),
-                ("pooled_projection_dim", "text_encoder (pooled width)"), ("mlp_ratio", "mlp_ratio"),
-                ("qk_norm", "qk_norm"), ("dual_attention_layers", "dual_attention_layers"))
+                ("pooled_projection_dim", "text_encoder (pooled width)"), ("mlp_ratio", "model.mlp_ratio"),
+                ("qk_norm", "model.qk_norm"), ("dual_attention_layers", "model.dual_attention_layers"))
+# What pretraining sets where `generator train` has other defaults: no mask stream, text and image streams trained
+PRETRAIN_DEFAULTS = {"out": "runs/base", "model.control": "none", "unlabeled": True, "train_text": True,
+                     "train_image": True, "train_mask": False}
 
 
 def pretrain_config(data: str, out: str = "runs/base", **settings) -> GeneratorTrainConfig:
-    """A GeneratorTrainConfig for pretraining: control none, image-only data, text and image streams trained."""
-    values = dict(data=data, out=out, control="none", unlabeled=True, train_text=True, train_image=True,
-                  train_mask=False)
-    values.update(settings)
-    return GeneratorTrainConfig(**values)
+    """A GeneratorTrainConfig for pretraining: PRETRAIN_DEFAULTS under `settings` (dotted names or nested)."""
+    from todsynth.config import build_config, flatten
+
+    return build_config(GeneratorTrainConfig, {**PRETRAIN_DEFAULTS, "data": data, "out": out,
+                                               **flatten(GeneratorTrainConfig, settings)})
 
 
 def pretrain_generator(cfg: GeneratorTrainConfig, on_step: Callable[[int, float], None] | None = None) -> dict:
@@ -60,7 +63,7 @@ def pretrain_generator(cfg: GeneratorTrainConfig, on_step: Callable[[int, float]
     `train_generator`."""
     from todsynth.generator.train import train_generator
 
-    if not cfg.unlabeled or cfg.control != "none":
+    if not cfg.unlabeled or cfg.model.control != "none":
         raise ConfigError("pretraining runs on unlabeled images with control none",
                           fix="build the config with todsynth.generator.pretrain.pretrain_config")
     return train_generator(cfg, on_step)

@@ -19,94 +19,101 @@ import torch
 from torch import Tensor
 
 from todsynth.config import require, resume_free_names, setting
+from todsynth.data.crops import CropMode
 from todsynth.generator.distributed import (ema_weights, is_fsdp, load_model_state, load_optimizer_state,
                                             model_state, optimizer_state, save_snapshot)
-from todsynth.generator.presets import cast_frozen, make_optimizer
+from todsynth.generator.mmdit import MMDiTArch
+from todsynth.generator.presets import MemoryPreset, Optimizer, cast_frozen, make_optimizer
 
 CHECKPOINT_DIR = "checkpoint"
 
 
 @dataclass
 class GeneratorTrainConfig:
-    """Settings of `todsynth generator train`."""
+    """Settings of `todsynth generator train` (and `generator pretrain`)."""
 
-    data: str = ""
-    out: str = setting("runs/generator", resume_free=True)
-    split: str = "Train"
-    split_file: str | None = None
-    val_data: str | None = None  # held-out masks for validation (default: the last masks of `data`)
-    size: int = 32
-    # random | center | resize (short side to size, never distorted): how samples reach size x size;
-    # random crops keep the ground sampling distance and are drawn per (seed, step, sample)
-    crop: str = "random"
-    num_workers: int = setting(0, resume_free=True)  # DataLoader processes reading samples from disk (0: in the training process)
-    # model
-    control: str = "triple"
-    mask_encoding: str = "onehot"
-    autoencoder: str = "pixel"
-    autoencoder_path: str | None = None
-    text_encoder: str = "minilm"
-    text_encoder_path: str | None = None
-    sd3_path: str | None = None  # initialise text/image streams from a diffusers SD3 transformer
-    init: str | None = None  # initialise text/image streams from a pretrained base (generator/pretrain.py)
-    patch_size: int = 2
-    num_layers: int = 4
-    num_heads: int = 4
-    head_dim: int = 32
-    qk_norm: bool = True
-    text_max_length: int = 16
-    # what trains
-    train_text: bool = False
-    train_image: bool = True
-    train_mask: bool = True
-    lora_rank: int = 0  # > 0: LoRA (peft) on the trained streams instead of full fine-tuning
-    # memory: full-80gb | lowmem-48gb | lora-24gb sets the settings below (presets.py); explicit values win
-    preset: str | None = None
-    optimizer: str = "adamw"  # adamw | adamw_fused | adamw8bit | paged_adamw8bit (the last two: bitsandbytes)
-    frozen_dtype: str = "fp32"  # bf16: parameters that do not train are stored in bf16 (needs bf16 autocast)
-    # optimisation
-    steps: int = 400
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 3e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 20
-    grad_clip: float = 1.0
-    timestep_sampling: str = "logit_normal"
-    timestep_mean: float = 0.0  # logit-normal mean (SD3's mode shift; > 0 trains more near noise)
-    timestep_std: float = 1.0
-    timestep_tail: float = 0.0  # share of t drawn uniform in [0.8, 1): the steps CRFM corrects
-    text_dropout: float = 0.1
-    augment: bool = True
-    cache_latents: bool = False  # VAE latents of every training image encoded once (out/latent_cache.safetensors)
-    mixed_precision: str = "no"
-    ema_decay: float = 0.0  # 0 = no EMA
-    gradient_checkpointing: bool = False
-    # validation, logging, checkpoints
-    val_every: int = setting(100, resume_free=True)
-    val_samples: int = 4
-    val_steps: int = 20
-    guidance_scale: float = 1.0
-    fidelity_segmenter: str | None = None  # segmenter folder: mask fidelity (mIoU of generated vs masks)
-    checkpoint_every: int = setting(100, resume_free=True)  # model-only snapshot checkpoints/step_N (EMA weights if any) every N steps
-    full_state_every: int = setting(500, resume_free=True)  # resumable state in checkpoint/ (model, optimizer, EMA) every N steps and at the end
-    checkpoints_total_limit: int = setting(3, resume_free=True)  # model-only snapshots kept, newest first (0: all)
-    log_every: int = setting(10, resume_free=True)
-    seed: int = 0
-    # True: continue from out/checkpoint, refusing when there is none; "auto": continue if one exists,
-    # else start (the experiment pipeline's stages); False: start from scratch
-    resume: bool | Literal["auto"] = setting(False, resume_free=True)
-    stop_after: int | None = setting(None, resume_free=True)  # end this invocation after this step (like a kill; resume continues)
-    progress: bool = setting(True, resume_free=True)
-    overwrite: bool = setting(False, resume_free=True)  # start afresh in an `out` that holds an earlier run (its outputs are removed)
-    # pretraining (generator/pretrain.py): images only (toy:N, an image folder or a dataset, masks ignored)
-    unlabeled: bool = False
-    captions: str | None = None  # JSON {image id: caption}; others get `prompt`
-    prompt: str | None = None  # the prompt of uncaptioned images (default "a satellite image")
+    data: str = setting("", help="DATA: the training dataset (LoveDA root, folder with images/ and masks/, .jsonl "
+                                 "index; pretraining: images or toy:N)")
+    out: str = setting("runs/generator", resume_free=True, help="output folder (model/, checkpoint/, results.json)")
+    split: str = setting("Train", help="split of a LoveDA root")
+    split_file: str | None = setting(None, help="JSON split file of the ids to train on (`todsynth data split`)")
+    val_data: str | None = setting(None, help="held-out masks for validation (default: the last masks of data)")
+    size: int = setting(32, help="training image side in pixels")
+    crop: CropMode = setting("random", help="how samples reach size x size: random crops (drawn per seed, step, "
+                                            "sample; keep the ground sampling distance), center, or resize (short "
+                                            "side to size, never distorted)")
+    num_workers: int = setting(0, resume_free=True, help="DataLoader processes reading samples from disk (0: in "
+                                                         "the training process)")
+    model: MMDiTArch = setting(default_factory=MMDiTArch, help="architecture: these settings, or a size preset "
+                               f"name ({', '.join(MMDiTArch.PRESETS)}) as the value of model")
+    autoencoder: Literal["pixel", "vae"] = setting("pixel", help="image space: pixels, or a diffusers VAE "
+                                                                 "(autoencoder_path)")
+    autoencoder_path: str | None = setting(None, help="local diffusers VAE or pipeline folder (autoencoder vae)")
+    text_encoder: Literal["minilm", "sd3"] = setting("minilm", help="prompt encoder: MiniLM, or SD3's encoders "
+                                                                    "(text_encoder_path)")
+    text_encoder_path: str | None = setting(None, help="local diffusers SD3 pipeline folder (text_encoder sd3)")
+    text_max_length: int = setting(16, help="prompt tokens kept (minilm)")
+    sd3_path: str | None = setting(None, help="initialise text/image streams from a diffusers SD3 transformer")
+    init: str | None = setting(None, help="initialise text/image streams from a pretrained base (the out folder "
+                                          "of `generator pretrain`)")
+    train_text: bool = setting(False, help="train the text stream")
+    train_image: bool = setting(True, help="train the image stream")
+    train_mask: bool = setting(True, help="train the mask stream")
+    lora_rank: int = setting(0, help="> 0: LoRA (peft) on the trained streams instead of full fine-tuning")
+    preset: MemoryPreset | None = setting(
+        None, help="memory preset (generator/presets.py): sets the settings below; explicit values win")
+    optimizer: Optimizer = setting(
+        "adamw", help="AdamW: torch's, its fused kernel, or bitsandbytes' 8-bit / paged 8-bit")
+    frozen_dtype: Literal["fp32", "bf16"] = setting("fp32", help="bf16: parameters that do not train are stored "
+                                                                 "in bf16 (needs mixed_precision bf16)")
+    steps: int = setting(400, help="optimizer steps")
+    batch_size: int = setting(8, help="global batch size (all processes)")
+    grad_accum: int = setting(1, help="micro-batches per optimizer step")
+    lr: float = setting(3e-4, help="peak AdamW learning rate")
+    weight_decay: float = setting(0.01, help="AdamW weight decay")
+    warmup_steps: int = setting(20, help="linear warm-up steps before the cosine decay")
+    grad_clip: float = setting(1.0, help="gradient norm clip (0: none)")
+    timestep_sampling: Literal["uniform", "logit_normal"] = setting("logit_normal", help="training t distribution")
+    timestep_mean: float = setting(0.0, help="logit-normal mean (SD3's mode shift; > 0 trains more near noise)")
+    timestep_std: float = setting(1.0, help="logit-normal standard deviation")
+    timestep_tail: float = setting(0.0, help="share of t drawn uniform in [0.8, 1): the steps CRFM corrects")
+    text_dropout: float = setting(0.1, help="share of prompts dropped (classifier-free guidance)")
+    augment: bool = setting(True, help="random flips and 90° rotations")
+    cache_latents: bool = setting(False, help="encode every training image's VAE latent once "
+                                              "(out/latent_cache.safetensors)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = setting("no", help="autocast precision")
+    ema_decay: float = setting(0.0, help="EMA of the weights (0: none)")
+    gradient_checkpointing: bool = setting(False, help="recompute activations in the backward pass (less memory)")
+    val_every: int = setting(100, resume_free=True, help="validation samples every N steps (0: never)")
+    val_samples: int = setting(4, help="validation masks")
+    val_steps: int = setting(20, help="Euler steps of the validation samples")
+    guidance_scale: float = setting(1.0, help="classifier-free guidance scale of the validation samples")
+    fidelity_segmenter: str | None = setting(None, help="segmenter folder: mask fidelity (mIoU of generated vs "
+                                                        "masks) at validation")
+    checkpoint_every: int = setting(100, resume_free=True, help="model-only snapshot checkpoints/step_N (EMA "
+                                                                "weights if any) every N steps")
+    full_state_every: int = setting(500, resume_free=True, help="resumable state in checkpoint/ (model, optimizer, "
+                                                                "EMA) every N steps and at the end")
+    checkpoints_total_limit: int = setting(3, resume_free=True, help="model-only snapshots kept, newest first "
+                                                                     "(0: all)")
+    log_every: int = setting(10, resume_free=True, help="loss log interval in steps")
+    seed: int = setting(0, help="seed of the weights, batches and noise")
+    resume: bool | Literal["auto"] = setting(False, resume_free=True, help="true: continue from out/checkpoint "
+                                             "(refused when there is none); auto: continue if one exists")
+    stop_after: int | None = setting(None, resume_free=True, help="end this invocation after this step (like a "
+                                                                  "kill; resume continues)")
+    progress: bool = setting(True, resume_free=True, help="show a progress bar")
+    overwrite: bool = setting(False, resume_free=True, help="start afresh in an out that holds an earlier run "
+                                                            "(its outputs are removed)")
+    unlabeled: bool = setting(False, help="pretraining: images only, masks ignored (control none)")
+    captions: str | None = setting(None, help="pretraining: JSON {image id: caption}; others get prompt")
+    prompt: str | None = setting(None, help='pretraining: the prompt of uncaptioned images (default "a satellite '
+                                            'image")')
     log_with: Literal["tensorboard"] | None = setting(
         None, resume_free=True, help="tracker besides out/metrics.jsonl: tensorboard (event files in out/logs)")
 
     def validate(self) -> None:
+        self.model.validate()
         require(bool(self.data), "data: no dataset given",
                 fix="give IMAGES (a folder of images, a dataset, or toy:N)" if self.unlabeled else
                 "give DATA (a LoveDA root, a folder with images/ and masks/, or a .jsonl index), "
@@ -114,14 +121,11 @@ class GeneratorTrainConfig:
         require(self.text_encoder != "sd3" or bool(self.text_encoder_path),
                 "the sd3 text encoder needs text_encoder_path (a local diffusers SD3 pipeline folder)",
                 fix="give --set text_encoder_path=<SD3 pipeline folder>")
-        require(isinstance(self.resume, bool) or self.resume == "auto",
-                f"resume must be true, false or 'auto', got {self.resume!r}")
         require(not (self.overwrite and self.resume is not False),
                 "overwrite and resume exclude each other: give --resume to continue the run in out, "
                 "or --overwrite to replace it")
-        for name in ("size", "steps", "batch_size", "grad_accum", "num_layers", "num_heads", "head_dim",
-                     "patch_size", "val_steps", "checkpoint_every", "full_state_every", "log_every",
-                     "text_max_length"):
+        for name in ("size", "steps", "batch_size", "grad_accum", "val_steps", "checkpoint_every", "full_state_every",
+                     "log_every", "text_max_length"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "weight_decay", "grad_clip", "warmup_steps", "val_every", "val_samples", "lora_rank",
                      "num_workers", "checkpoints_total_limit"):
@@ -131,28 +135,16 @@ class GeneratorTrainConfig:
                 "cache_latents needs crop center or resize: a random crop differs at every step, a cached latent does not")
         require(0 <= self.text_dropout < 1, f"text_dropout must be in [0, 1), got {self.text_dropout}")
         require(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        require(self.control in ("triple", "siamese", "adapter", "none"),
-                f"unknown control {self.control!r}; choose triple, siamese, adapter or none")
-        require(self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision must be no, bf16 or fp16")
-        from todsynth.generator.presets import OPTIMIZERS, PRESETS
-
-        require(not self.preset or self.preset in PRESETS, f"unknown preset {self.preset!r}; choose {', '.join(PRESETS)}")
-        require(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose {', '.join(OPTIMIZERS)}")
-        require(self.frozen_dtype in ("fp32", "bf16"), f"frozen_dtype must be fp32 or bf16, got {self.frozen_dtype!r}")
         require(self.frozen_dtype == "fp32" or self.mixed_precision == "bf16",
                 "frozen_dtype=bf16 needs mixed_precision=bf16 (the bf16 weights run under autocast)")
-        require(self.timestep_sampling in ("uniform", "logit_normal"), "timestep_sampling: uniform|logit_normal")
         require(math.isfinite(self.timestep_mean) and math.isfinite(self.timestep_std) and self.timestep_std > 0,
                 f"timestep_mean must be finite and timestep_std > 0, got {self.timestep_mean}, {self.timestep_std}")
         require(0 <= self.timestep_tail <= 1, f"timestep_tail must be in [0, 1], got {self.timestep_tail}")
-        from todsynth.data.crops import check_crop_mode
-
-        check_crop_mode(self.crop)
-        require(self.size % self.patch_size == 0,
-                f"size {self.size} must be a multiple of patch_size {self.patch_size}")
+        require(self.size % self.model.patch_size == 0,
+                f"size {self.size} must be a multiple of model.patch_size {self.model.patch_size}")
         require(not (self.init and self.sd3_path), "init and sd3_path both initialise the model: give one")
-        require(not self.unlabeled or self.control == "none",
-                f"unlabeled images have no masks: pretraining needs control none, got {self.control!r}")
+        require(not self.unlabeled or self.model.control == "none",
+                f"unlabeled images have no masks: pretraining needs control none, got {self.model.control!r}")
         require(not self.unlabeled or not (self.val_data or self.fidelity_segmenter),
                 "val_data and fidelity_segmenter need masks; unlabeled pretraining has none")
         require(self.unlabeled or not (self.captions or self.prompt or self.data.startswith("toy:")),
@@ -231,18 +223,17 @@ def build_pipeline(cfg: GeneratorTrainConfig, classes, device: str = "cpu", norm
     ae = load_autoencoder(cfg.autoencoder, path=cfg.autoencoder_path, channels=channels)
     te_kw = {"max_length": cfg.text_max_length} if cfg.text_encoder == "minilm" else {}
     te = load_text_encoder(cfg.text_encoder, path=cfg.text_encoder_path, **te_kw)
-    common = dict(control=cfg.control, num_classes=classes.num_classes, ignore_index=classes.ignore_index,
-                  mask_encoding=cfg.mask_encoding, mask_downscale=ae.downscale, mask_channels=ae.latent_channels)
+    common = dict(control=cfg.model.control, num_classes=classes.num_classes, ignore_index=classes.ignore_index,
+                  mask_encoding=cfg.model.mask_encoding, mask_downscale=ae.downscale, mask_channels=ae.latent_channels)
     if cfg.sd3_path:
         from todsynth.generator.sd3 import from_sd3
 
         model = from_sd3(cfg.sd3_path, **common)
     else:
         latent = cfg.size // ae.downscale
-        mcfg = MMDiTConfig(in_channels=ae.latent_channels, patch_size=cfg.patch_size, sample_size=latent,
-                           pos_embed_max_size=max(latent // cfg.patch_size, 8) * 2, num_layers=cfg.num_layers,
-                           num_heads=cfg.num_heads, head_dim=cfg.head_dim, joint_attention_dim=te.token_dim,
-                           pooled_projection_dim=te.pooled_dim, qk_norm=cfg.qk_norm, **common)
+        mcfg = MMDiTConfig(**{**asdict(cfg.model), **common}, in_channels=ae.latent_channels, sample_size=latent,
+                           pos_embed_max_size=max(latent // cfg.model.patch_size, 8) * 2,
+                           joint_attention_dim=te.token_dim, pooled_projection_dim=te.pooled_dim)
         torch.manual_seed(cfg.seed)
         model = MaskControlMMDiT(mcfg)
         if cfg.init:  # text/image streams from a pretrained base; mask stream a copy of its image stream

@@ -20,14 +20,14 @@ from todsynth.data.bands import Normalisation, check_normalisation, dataset_sett
 from todsynth.data.check import open_checked
 from todsynth.data.classes import ClassSpec
 from todsynth.data.sample import Sample
-from todsynth.data.crops import check_crop_mode
+from todsynth.data.crops import CropMode
 from todsynth.data.torchdata import SegTorchDataset, mix_real_synthetic, set_epoch
 from todsynth.errors import CheckpointError, ConfigError, DataError
 from todsynth.io import write_json
 from todsynth.runs import (METRICS_FILE, STATE_TENSORS, Loop, Metrics, Precision, Progress, RunFolder, fit, lr_at,
                            make_accelerator, open_run, start_trackers)
 from todsynth.segment.metrics import ConfusionAccumulator, SegMetrics
-from todsynth.segment.model import ARCHS, Segmenter, SegmenterConfig, check_encoder
+from todsynth.segment.model import Segmenter, SegmenterConfig, check_encoder
 
 MIN_TRAIN_SAMPLES = 2  # batches are cut full (drop_last) or hold all samples when fewer
 # What a run writes into its folder: removed before a run started with `overwrite`.
@@ -37,63 +37,57 @@ RUN_OUTPUTS = ("model", "results.json", "checkpoint", "checkpoint.old", "checkpo
 StepCallback = Callable[[int, float], None]
 ClassWeighting = Literal["none", "sqrt_inverse", "inverse"]
 CLASS_WEIGHTINGS: tuple[str, ...] = get_args(ClassWeighting)
+Arch = Literal["unet", "deeplabv3plus", "segformer", "fpn"]  # segment.model.ARCHS
 MAX_CLASS_WEIGHT = 10.0
 
 
 @dataclass
 class SegmentTrainConfig:
-    """Settings of one segmenter training run; `steps` (if set) overrides `epochs`."""
+    """Settings of one segmenter training run (`todsynth segment train`); `steps` (if set) overrides `epochs`."""
 
-    data: str | None = None
-    split: str = "Train"
-    split_file: str | None = None
-    synthetic: str | None = None
-    synthetic_split: str = "Train"
-    synthetic_ratio: float | None = None
-    repeat_real: int = 1
-    val: str | None = setting(None, resume_free=True)
-    val_split: str = setting("Val", resume_free=True)
-    arch: str = "unet"
-    encoder: str | None = None
-    encoder_weights_file: str | None = None
-    size: int | None = 512
-    crop: str = "random"  # random | center | resize (short side to size): how samples reach `size` x `size`
-    epochs: int = 10
-    steps: int | None = None
-    batch_size: int = 8
-    eval_batch_size: int = setting(8, resume_free=True)
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    optimizer: Literal["adamw"] = "adamw"
-    schedule: Literal["poly", "cosine"] = "poly"
-    poly_power: float = 0.9
-    warmup_steps: int = 0
-    augment: bool = True
-    class_weights: ClassWeighting = "none"
-    seed: int = 0
-    num_workers: int = setting(0, resume_free=True)
-    out: str = setting("runs/segment", resume_free=True)
-    device: Literal["auto", "cpu", "cuda"] = setting("auto", resume_free=True)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    log_every: int = setting(10, resume_free=True)
-    checkpoint_every: int = setting(200, resume_free=True)
-    overwrite: bool = setting(False, resume_free=True)  # start afresh in an `out` that holds an earlier run (its outputs are removed)
-    val_every: int = setting(0, resume_free=True, help="validate on `val` every N steps too (0: only at the end)")
+    data: str | None = setting(None, help="DATA: the training dataset (LoveDA root, image/mask folder or .jsonl)")
+    split: str = setting("Train", help="split of a LoveDA root")
+    split_file: str | None = setting(None, help='JSON split file ({"ids": [...]}) restricting the data')
+    synthetic: str | None = setting(None, help="synthetic dataset mixed into training")
+    synthetic_split: str = setting("Train", help="split of the synthetic dataset")
+    synthetic_ratio: float | None = setting(None, help="synthetic samples per real one (default: all)")
+    repeat_real: int = setting(1, help="times each real sample appears in the training mix")
+    val: str | None = setting(None, resume_free=True, help="validation dataset, scored after training")
+    val_split: str = setting("Val", resume_free=True, help="split of the validation dataset")
+    arch: Arch = setting("unet", help="segmentation architecture")
+    encoder: str | None = setting(None, help="smp encoder name (default resnet18 / mit_b0)")
+    encoder_weights_file: str | None = setting(None, help="local encoder weights (.safetensors or .pth)")
+    size: int | None = setting(512, help="training tile side in pixels (null: the tiles' own size)")
+    crop: CropMode = setting("random", help="how samples reach size x size: random, center, or resize (short side)")
+    epochs: int = setting(10, help="passes over the training mix (unless steps is set)")
+    steps: int | None = setting(None, help="optimizer steps (overrides epochs)")
+    batch_size: int = setting(8, help="batch size")
+    eval_batch_size: int = setting(8, resume_free=True, help="batch size of the validation pass")
+    lr: float = setting(5e-4, help="AdamW learning rate")
+    weight_decay: float = setting(0.01, help="AdamW weight decay")
+    optimizer: Literal["adamw"] = setting("adamw", help="optimizer")
+    schedule: Literal["poly", "cosine"] = setting("poly", help="learning-rate decay after the warm-up")
+    poly_power: float = setting(0.9, help="exponent of the poly schedule")
+    warmup_steps: int = setting(0, help="linear warm-up steps")
+    augment: bool = setting(True, help="random flips and 90° rotations")
+    class_weights: ClassWeighting = setting("none", help="loss weights per class from the training mix's pixel "
+                                                         "counts")
+    seed: int = setting(0, help="seed of the weights and batches")
+    num_workers: int = setting(0, resume_free=True, help="data loader workers")
+    out: str = setting("runs/segment", resume_free=True, help="output folder (model/, results.json, checkpoint/)")
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", resume_free=True, help="auto: the GPU when there is one")
+    mixed_precision: Literal["no", "fp16", "bf16"] = setting("no", help="autocast precision")
+    log_every: int = setting(10, resume_free=True, help="record the loss every N steps")
+    checkpoint_every: int = setting(200, resume_free=True, help="save a resumable checkpoint every N steps")
+    overwrite: bool = setting(False, resume_free=True, help="start afresh in an out that holds an earlier run (its "
+                                                            "outputs are removed)")
+    val_every: int = setting(0, resume_free=True, help="validate on val every N steps too (0: only at the end)")
     log_with: Literal["tensorboard"] | None = setting(
         None, resume_free=True, help="tracker besides out/metrics.jsonl: tensorboard (event files in out/logs)")
 
     def validate(self) -> None:
-        """Reject unknown choices, negative counts and non-finite numbers."""
-        require(self.arch in ARCHS, f"unknown arch {self.arch!r}; choose one of {list(ARCHS)}")
+        """Reject negative counts and non-finite numbers (choices are checked by their types when loaded)."""
         check_encoder(self.encoder)
-        require(self.optimizer == "adamw", f"optimizer must be 'adamw', got {self.optimizer!r}")
-        require(self.schedule in ("poly", "cosine"), f"schedule must be poly or cosine, got {self.schedule!r}")
-        check_crop_mode(self.crop)
-        require(self.class_weights in CLASS_WEIGHTINGS,
-                f"class_weights must be one of {CLASS_WEIGHTINGS}, got {self.class_weights!r}")
-        require(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
-        require(self.mixed_precision in ("no", "fp16", "bf16"),
-                f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         for name in ("lr", "poly_power"):
             value = getattr(self, name)
             require(_finite(value) and value > 0, f"'{name}' must be a finite number > 0, got {value!r}")
