@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from todsynth.data.rasters import DATA_FILE, RGB_BANDS, RasterSpec
+from todsynth.data.readers import BaseDataset, JsonlDataset
 from todsynth.errors import CheckpointError, DataError
 
 MODES = ("fixed", "stretch")
@@ -118,16 +119,16 @@ def _where(samples: Any) -> Path | None:
     root = getattr(samples, "root", None)
     if root is None:
         return None
-    index = getattr(samples, "index", None)  # a JsonlDataset's index file (Sequence.index is a method)
-    return (Path(index).parent if isinstance(index, (str, Path)) else Path(root)) / DATA_FILE
+    return (samples.index_file.parent if isinstance(samples, JsonlDataset) else Path(root)) / DATA_FILE
 
 
 def _image(samples: Sequence[Any], i: int) -> tuple[np.ndarray, np.ndarray | None, str]:
     """(raw image, nodata, id) of sample `i`, reading only the image file when the dataset allows."""
-    load = getattr(samples, "load_image_data", None)
-    if load is not None:
-        image, nodata, _ = load(i)
-        return image, nodata, samples.ids[i]
+    if isinstance(samples, BaseDataset):
+        data = samples.load_image_data(i)
+        if data is not None:  # None: a label-only item, refused below
+            image, nodata, _ = data
+            return image, nodata, samples.ids[i]
     sample = samples[i]
     if sample.image is None:
         raise DataError(f"sample '{sample.id}' has no image", fix="use a dataset with images")
@@ -170,7 +171,7 @@ def fit_normalisation(samples: Sequence[Any]) -> Normalisation:
     """The normalisation of a training set: data.yaml's settings, with a `stretch` computed over every valid pixel
     of every image (exact percentiles, numpy's 'linear' definition)."""
     settings = dataset_settings(samples)
-    if settings.mode != "stretch":
+    if settings.percentiles is None:  # mode "fixed": nothing to measure
         return settings
     gather = _Percentiles(settings.channels)
     for i in range(len(samples)):
@@ -255,7 +256,7 @@ def check_normalisation(samples: Sequence[Any], norm: Normalisation, model: str 
 def describe(norm: Normalisation) -> str:
     """The data.yaml-like words for a normalisation, e.g. '4 bands of uint16, scale [[0, 10000], ...]'."""
     what = f"{norm.channels} band{'s' if norm.channels != 1 else ''} of {norm.dtype}"
-    if norm.mode == "stretch":
+    if norm.percentiles is not None:  # mode "stretch"
         return f"{what}, stretch percentiles {list(norm.percentiles)}"
     if norm.is_rgb8 or (norm.dtype == RGB8 and set(norm.low) == {0.0} and set(norm.high) == {255.0}):
         return f"{what}, no scaling (/255)"
@@ -363,7 +364,7 @@ def data_yaml(norm: Normalisation) -> str | None:
     if norm.is_rgb8:
         return None
     settings: dict[str, Any] = {"bands": list(range(1, norm.channels + 1))}
-    if norm.mode == "stretch":
+    if norm.percentiles is not None:  # mode "stretch"
         settings["stretch"] = {"percentiles": list(norm.percentiles)}
     elif norm.dtype != RGB8 or set(norm.low) != {0.0} or set(norm.high) != {255.0}:
         settings["scale"] = [[a, b] for a, b in zip(norm.low, norm.high)]

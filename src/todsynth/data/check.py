@@ -136,7 +136,7 @@ def _check_item(ds: BaseDataset, i: int, report: CheckReport) -> None:
         return
     label, mask_info = read
     _describe(report, "mask", mask_info)
-    if image is not None and image[0].shape[:2] != label.shape:
+    if image is not None and image_path is not None and image[0].shape[:2] != label.shape:
         report.problems.append(size_mismatch(image_path, mask_path, image[0].shape, label.shape))
         return
     if image is not None:

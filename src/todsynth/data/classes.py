@@ -123,10 +123,9 @@ def _free_ignore_fix(num_classes: int) -> str:
 
 def _colour_list(value: object, key: str, path: str | Path | None) -> tuple[tuple[int, int, int], ...]:
     """A list of distinct [r, g, b] 0..255 triples from YAML, or a DataError naming `key`."""
-    ok = isinstance(value, list) and all(
-        isinstance(c, list) and len(c) == 3
-        and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in c) for c in value)
-    if not ok:
+    if not (isinstance(value, list) and all(
+            isinstance(c, list) and len(c) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in c) for c in value)):
         raise DataError(f"'{key}' must be a list of [r, g, b] integer triples (0..255), got {value!r}", path=path,
                         fix=f"e.g. '{key}: [[128, 128, 128], [0, 0, 0]]'")
     colours = tuple(tuple(c) for c in value)

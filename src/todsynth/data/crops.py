@@ -12,7 +12,7 @@ keeps its aspect ratio.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, TypeVar, get_args
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ CropMode = Literal["random", "center", "resize"]
 CROP_MODES: tuple[str, ...] = get_args(CropMode)
 TRAIN_CROP = "random"  # the training default: keeps the ground sampling distance of every scene
 CROP_STREAM = 0x63726F70  # 'crop': keeps crop draws apart from every other seeded stream
+ImageOrNone = TypeVar("ImageOrNone", torch.Tensor, None)  # an image goes with its label; label-only data has none
 SMALL_FIX = ("use crop: resize (scales the short side to the working size), a smaller size, "
              "or remove the sample")
 
@@ -49,8 +50,7 @@ def crop_offsets(h: int, w: int, size: int, mode: str, rng: np.random.Generator 
     return (h - size) // 2, (w - size) // 2
 
 
-def _resize_short_side(image: torch.Tensor | None, label: torch.Tensor,
-                       size: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+def _resize_short_side(image: ImageOrNone, label: torch.Tensor, size: int) -> tuple[ImageOrNone, torch.Tensor]:
     """Scale so the short side is `size` (bilinear image, nearest labels); the aspect ratio is kept."""
     h, w = label.shape[-2:]
     scale = size / min(h, w)
@@ -64,9 +64,9 @@ def _resize_short_side(image: torch.Tensor | None, label: torch.Tensor,
     return image, label
 
 
-def fit_pair(image: torch.Tensor | None, label: torch.Tensor, size: int, mode: str,
+def fit_pair(image: ImageOrNone, label: torch.Tensor, size: int, mode: str,
              rng: np.random.Generator | None = None, name: str = "sample",
-             path: str | Path | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+             path: str | Path | None = None) -> tuple[ImageOrNone, torch.Tensor]:
     """A 3xHxW float image (or None) and its HxW label map brought to size x size by `mode` (see the module).
 
     `name` and `path` identify the sample in the error for one smaller than `size` in crop mode.

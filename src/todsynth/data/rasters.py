@@ -145,10 +145,10 @@ def _parse_rgb(value: Any, bands: tuple[int, ...] | None, path: Path) -> tuple[i
     if not _band_numbers(value) or len(value) not in (1, RGB_BANDS):
         raise DataError(f"'rgb' must list 1 or 3 band numbers counted from 1, got {value!r}", path=path,
                         fix="e.g. 'rgb: [3, 2, 1]' (red, green, blue bands of the file)")
-    missing = [b for b in value if bands is not None and b not in bands]
+    missing = [] if bands is None else [b for b in value if b not in bands]
     if missing:
-        raise DataError(f"'rgb' shows band(s) {missing} that 'bands' {list(bands)} does not select", path=path,
-                        fix="list in 'rgb' only bands that 'bands' selects")
+        raise DataError(f"'rgb' shows band(s) {missing} that 'bands' {list(bands or ())} does not select",
+                        path=path, fix="list in 'rgb' only bands that 'bands' selects")
     return tuple(value)
 
 
@@ -294,13 +294,13 @@ def read_raster(path: Path, what: str) -> Raster:
     return Raster(array, nodata, colormap, colour_names, info)
 
 
-def colormap_rgba(raster: Raster, path: Path) -> np.ndarray:
-    """HxWx4 uint8 colours of a paletted raster through its colour map; an index beyond the map is refused."""
-    indices = raster.array[..., 0].astype(np.int64)
-    if indices.size and (indices.min() < 0 or indices.max() >= len(raster.colormap)):
+def colormap_rgba(array: np.ndarray, colormap: np.ndarray, path: Path) -> np.ndarray:
+    """HxWx4 uint8 colours of a paletted raster's samples through its colour map; an index beyond it is refused."""
+    indices = array[..., 0].astype(np.int64)
+    if indices.size and (indices.min() < 0 or indices.max() >= len(colormap)):
         raise DataError(f"palette indices {int(indices.min())}..{int(indices.max())} go beyond the file's colour map "
-                        f"of {len(raster.colormap)} entries", path=path, fix="re-export the file with its full palette")
-    return raster.colormap[indices]
+                        f"of {len(colormap)} entries", path=path, fix="re-export the file with its full palette")
+    return colormap[indices]
 
 
 def _span(info: RasterInfo) -> str:
@@ -353,7 +353,7 @@ def select_bands(raster: Raster, spec: RasterSpec, path: Path) -> np.ndarray:
     """
     info = raster.info
     if raster.colormap is not None and spec.bands is None and spec.scale is None and spec.stretch is None:
-        return colormap_rgba(raster, path)[..., :RGB_BANDS].copy()
+        return colormap_rgba(raster.array, raster.colormap, path)[..., :RGB_BANDS].copy()
     array = _chosen(raster, spec, path)
     if spec.scale is None and spec.stretch is None and array.dtype != np.uint8:
         found = [r for r in info.ranges if r is not None]

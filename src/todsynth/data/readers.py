@@ -230,7 +230,7 @@ class MaskCodec:
         """Label map of a mask read with rasterio: one band of integers (or a paletted band); nodata is ignore."""
         info = raster.info
         if raster.colormap is not None and self.palette is not None:
-            return _colour_label(colormap_rgba(raster, path), self.classes, path)
+            return _colour_label(colormap_rgba(raster.array, raster.colormap, path), self.classes, path)
         rgba = info.bands == RGB_BANDS + 1 and raster.colour_names[-1] == "alpha"
         if (info.bands == RGB_BANDS or rgba) and self.palette is not None and info.dtype == "uint8":
             label = _colour_label(raster.array, self.classes, path)
@@ -522,8 +522,8 @@ class LoveDADataset(BaseDataset):
         root = Path(root)
         split_dir = root / split
         if not split_dir.is_dir():
-            found = [s for s in LOVEDA_SPLITS if (root / s).is_dir()]
-            raise DataError(f"no '{split}' split folder (found: {found or 'none'})", path=split_dir,
+            splits = [s for s in LOVEDA_SPLITS if (root / s).is_dir()]
+            raise DataError(f"no '{split}' split folder (found: {splits or 'none'})", path=split_dir,
                             fix=LAYOUTS)
         present = [d for d in domains if (split_dir / d).is_dir()]
         if not present:
@@ -666,7 +666,7 @@ class JsonlDataset(BaseDataset):
         super().__init__(root, classes, items, label_only=label_only, codec=MaskCodec(classes, encoding),
                          prompt_fn=prompt_fn, problems=problems, strict=strict,
                          raster=raster or load_raster_spec(index.parent / DATA_FILE))
-        self.index = index
+        self.index_file = index  # not `index`: that is Sequence.index, a method
 
 
 def _loveda_split_dir(path: Path) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 
 import numpy as np
 import torch
@@ -132,6 +132,8 @@ def mix_real_synthetic(real: Dataset, synthetic: Dataset | None, ratio: float | 
     """Training mix: `real` repeated `repeat_real` times plus `ratio` synthetic samples per real one (None: all)."""
     if repeat_real < 1:
         raise DataError(f"repeat_real must be >= 1, got {repeat_real}")
+    if not isinstance(real, Sized) or not isinstance(synthetic, (Sized, type(None))):
+        raise DataError("training datasets must have a length: give them a __len__")
     parts: list[Dataset] = [real] * repeat_real
     if synthetic is not None:
         indices = synthetic_indices(len(real), len(synthetic), ratio, seed)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from todsynth.errors import CheckpointError, ConfigError, DataError
 from todsynth.generator.text import check_pretrained_dir
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 VAE_LAYOUT = ("a diffusers AutoencoderKL folder holds config.json and diffusion_pytorch_model.safetensors "
               "(a pipeline folder holds them in vae/)")
@@ -104,7 +107,7 @@ class VAEAutoencoder(Autoencoder):
 
     name = "vae"
 
-    def __init__(self, vae: nn.Module, path: str | Path | None = None, subfolder: str | None = None):
+    def __init__(self, vae: AutoencoderKL, path: str | Path | None = None, subfolder: str | None = None):
         super().__init__()
         self.vae = vae
         self.path = None if path is None else str(path)

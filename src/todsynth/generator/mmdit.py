@@ -207,7 +207,7 @@ class Stream(nn.Module):
         """adaLN parameters from c: (scale, shift) if pre_only, else shift/scale/gate for msa and mlp (+msa2)."""
         return list(self.ada(F.silu(c)).chunk(self.ada.out_features // self.ada.in_features, dim=1))
 
-    def split_heads(self, qkv: Tensor, q_norm: nn.Module | None, k_norm: nn.Module | None) -> tuple[Tensor, ...]:
+    def split_heads(self, qkv: Tensor, q_norm: nn.RMSNorm | None, k_norm: nn.RMSNorm | None) -> tuple[Tensor, ...]:
         """[B, N, 3D] -> q, k, v each [B, H, N, D/H], with q/k RMSNorm when enabled.
 
         Unbinding the q|k|v axis before moving heads forward lets backward stack the three gradients
@@ -215,7 +215,7 @@ class Stream(nn.Module):
         """
         b, n, _ = qkv.shape
         q, k, v = (t.transpose(1, 2) for t in qkv.view(b, n, 3, self.heads, -1).unbind(2))
-        if q_norm is not None:
+        if q_norm is not None and k_norm is not None:  # both or neither (qk_norm)
             q, k = rms_norm(q, q_norm), rms_norm(k, k_norm)
         return q, k, v
 
@@ -242,7 +242,7 @@ class _Group:
     segments: int = 1
     queries: int = 0  # leading tokens that ask attention queries (those whose output is read)
     mod: list[Tensor] = field(default_factory=list)
-    normed: Tensor | None = None  # LN(x), shared by the joint and the dual attention
+    normed: Tensor = field(init=False)  # LN(x), shared by the joint and the dual attention; set before use
 
 
 class JointBlock(nn.Module):
@@ -259,7 +259,8 @@ class JointBlock(nn.Module):
         self.image = Stream(dim, heads, r, qk, dual=dual)
         self.mask = Stream(dim, heads, r, qk, pre_only=last, dual=dual) if cfg.control == "triple" else None
 
-    def forward(self, txt: Tensor, img: Tensor, msk: Tensor | None, c: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    def forward(self, txt: Tensor, img: Tensor, msk: Tensor | None,
+                c: Tensor) -> tuple[Tensor | None, Tensor, Tensor | None]:
         n_img, last = img.shape[1], self.text.pre_only
         groups = [_Group(self.text, txt)]
         if msk is None:
@@ -281,17 +282,22 @@ class JointBlock(nn.Module):
             q, k, v = s.split_heads(s.qkv(modulate(g.normed, shift, scale)), s.q_norm, s.k_norm)
             if g.queries:
                 qs.append(q[:, :, :g.queries])
-            ks.append(k), vs.append(v)
+            ks.append(k)
+            vs.append(v)
 
         o = attention(torch.cat(qs, 2), torch.cat(ks, 2), torch.cat(vs, 2))  # [B, H, N_queries, D/H]
         outs = iter(o.split([g.queries for g in groups if g.queries], dim=2))
-        attn = [next(outs).transpose(1, 2).flatten(2) if g.queries else None for g in groups]  # [B, N_g, D] each
-        res = [None if g.stream.pre_only else self._residual(g, a) for g, a in zip(groups, attn)]
+        res: list[Tensor | None] = []  # None for pre-only streams: their tokens end here
+        for g in groups:
+            attn = next(outs).transpose(1, 2).flatten(2) if g.queries else None  # [B, N_g, D]
+            res.append(None if attn is None or g.stream.pre_only else self._residual(g, attn))
+        img_res = res[1]
+        assert img_res is not None  # the image stream is never pre-only
         if msk is None:
-            return res[0], res[1], None
+            return res[0], img_res, None
         if self.mask is None:
-            return res[0], res[1][:, :n_img], None if last else res[1][:, n_img:]
-        return res[0], res[1], res[2]
+            return res[0], img_res[:, :n_img], None if last else img_res[:, n_img:]
+        return res[0], img_res, res[2]
 
     @staticmethod
     def _residual(g: _Group, attn: Tensor) -> Tensor:
@@ -372,7 +378,8 @@ class MaskControlMMDiT(nn.Module):
         for conv in (self.patch_embed, getattr(self, "mask_embed", None)):
             if conv is not None:
                 nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
-                nn.init.zeros_(conv.bias)
+                if conv.bias is not None:
+                    nn.init.zeros_(conv.bias)
         for m in self.modules():
             if isinstance(m, (Stream, AdapterBlock)):
                 nn.init.zeros_(m.ada.weight)
@@ -383,15 +390,16 @@ class MaskControlMMDiT(nn.Module):
         for layer in (self.norm_out, self.proj_out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-        for lin in (self.cond_embed.time[0], self.cond_embed.time[2]):
-            nn.init.normal_(lin.weight, std=0.02)
+        for lin in self.cond_embed.time:
+            if isinstance(lin, nn.Linear):
+                nn.init.normal_(lin.weight, std=0.02)
         self.copy_image_stream_to_mask_stream()
 
     @torch.no_grad()
     def copy_image_stream_to_mask_stream(self) -> None:
         """Triple: initialise each block's mask stream from its image stream (shared tensors excluded)."""
-        for blk in self.blocks:
-            if blk.mask is None:
+        for blk in self.modules():
+            if not isinstance(blk, JointBlock) or blk.mask is None:
                 continue
             src = blk.image.state_dict()
             for k, v in blk.mask.state_dict().items():

@@ -51,7 +51,9 @@ class Conditioning:
 
     def cat(self, other: "Conditioning") -> "Conditioning":
         """Stack two conditionings along the batch (CFG: conditional | unconditional)."""
-        mask = None if self.mask is None else torch.cat([self.mask, other.mask])
+        if (self.mask is None) != (other.mask is None):
+            raise ValueError("cannot stack a conditioning that has a mask with one that has none")
+        mask = None if self.mask is None or other.mask is None else torch.cat([self.mask, other.mask])
         return Conditioning(torch.cat([self.text, other.text]), torch.cat([self.pooled, other.pooled]), mask)
 
 

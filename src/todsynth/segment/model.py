@@ -105,14 +105,17 @@ class SegmenterConfig:
 class Segmenter(nn.Module):
     """smp segmentation model over [0,1] images: normalises, pads to a multiple of 32, crops logits back."""
 
+    mean: torch.Tensor  # per-band input normalisation (buffers, not saved)
+    std: torch.Tensor
+    source: Path  # the config.json `from_pretrained` read, named when data does not match; unset otherwise
+
     def __init__(self, config: SegmenterConfig):
         super().__init__()
         import segmentation_models_pytorch as smp
 
         config.validate()
-        encoder_state = None
-        if config.encoder_weights_file:
-            encoder_state = load_weights(config.encoder_weights_file)
+        encoder_file = config.encoder_weights_file
+        encoder_state = load_weights(encoder_file) if encoder_file else None
         self.config = config
         try:
             self.net = smp.create_model(config.arch, encoder_name=config.encoder_name, encoder_weights=None,
@@ -123,8 +126,8 @@ class Segmenter(nn.Module):
         mean, std = _normalisation(config.in_channels)
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
-        if encoder_state is not None:
-            self._load_encoder(encoder_state, Path(config.encoder_weights_file))
+        if encoder_file and encoder_state is not None:
+            self._load_encoder(encoder_state, Path(encoder_file))
 
     def _load_encoder(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
         """Initialise the encoder from safetensors tensors (keys with or without 'encoder.')."""
