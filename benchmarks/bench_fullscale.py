@@ -269,7 +269,7 @@ def bench_synthesis(model, ae, segmenter, s: Setting, dev: torch.device) -> dict
     crfm = CRFMConfig(steps=s.crfm_steps)
     out = {}
     for name in ("plain", "crfm"):
-        def one(i: int = 0) -> None:
+        def one(i: int = 0, name: str = name) -> None:  # binds this iteration's name
             if name == "plain":
                 pipe(labels, [prompt], seeds=[i], num_steps=s.sample_steps)
             else:

@@ -219,7 +219,7 @@ def time_cases(runners: dict[str, Runner], steps: int, warmup: int) -> dict:
 
     def paired(times: dict, entry: tuple[str, str], base: tuple[str, str]) -> float:
         """Median over rounds of entry time / base time."""
-        return statistics.median(a / b for a, b in zip(times[entry], times[base]))
+        return statistics.median(a / b for a, b in zip(times[entry], times[base], strict=True))
 
     return {p: {name: {"median_ms": statistics.median(wall[(p, name)]), "min_ms": min(wall[(p, name)]),
                        "times_ms": wall[(p, name)], "ratio": paired(wall, (p, name), (p, "diffusers")),
@@ -311,10 +311,10 @@ def loss_curves(s: Sizes, steps: int, lr: float = 1e-3, seed: int = 0) -> dict:
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
         curves[name] = losses
-    diff = [abs(a - b) for a, b in zip(curves["fp32"], curves["bf16"])]
+    diff = [abs(a - b) for a, b in zip(curves["fp32"], curves["bf16"], strict=True)]
     return {"sizes": asdict(s), "lr": lr, "steps": list(range(1, steps + 1)), **curves,
             "start": {k: curves[k][0] for k in PRECISIONS}, "end": {k: curves[k][-1] for k in PRECISIONS},
-            "max_abs_diff": max(diff), "max_rel_diff": max(d / a for d, a in zip(diff, curves["fp32"]))}
+            "max_abs_diff": max(diff), "max_rel_diff": max(d / a for d, a in zip(diff, curves["fp32"], strict=True))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,7 +363,8 @@ def report(res: dict) -> str:
     for case, target in GOALS.items():
         g = res["goals"]["bf16"][case]
         lines.append(f"goal bf16 {case:6} ≤ {target:.1f}× diffusers fp32 (its default):"
-                     f" {g['ratio_vs_fp32']:.2f}× wall, {g['cpu_ratio_vs_fp32']:.2f}× CPU -> {'met' if g['met_vs_fp32'] else 'missed'}")
+                     f" {g['ratio_vs_fp32']:.2f}× wall, {g['cpu_ratio_vs_fp32']:.2f}× CPU"
+                     f" -> {'met' if g['met_vs_fp32'] else 'missed'}")
     c = res["loss_curves"]
     lines += ["", f"loss curves, triple, {len(c['steps'])} steps, lr {c['lr']:g}:"
                   f" fp32 {c['start']['fp32']:.4f} -> {c['end']['fp32']:.4f},"

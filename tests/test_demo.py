@@ -78,10 +78,9 @@ def test_experiment_smoke_grid(tmp_path):
 
 
 def test_builtin_paper_tables_config_expands():
+    from todsynth.demo import BUDGETS
     from todsynth.experiment import settings_from
     from todsynth.grid import expand, load_grid
-
-    from todsynth.demo import BUDGETS
 
     grid = load_grid("paper-tables")
     assert grid["base"] == BUDGETS["demo"]  # the main table's seed 0 is the demo

@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 from todsynth.demo import BUDGETS
-from todsynth.experiment import (BASE_KEYS, DATA_KEYS, GEN_KEYS, CellSettings, _gen_key, _key, run_cell,
-                                 settings_from)
+from todsynth.experiment import BASE_KEYS, DATA_KEYS, GEN_KEYS, CellSettings, _gen_key, _key, run_cell, settings_from
 from todsynth.grid import expand, load_grid
 
 

@@ -67,7 +67,7 @@ def save_mask_image_grid(path: str | Path, labels, images, classes: ClassSpec, s
 
     show = to_uint8 if normalisation is None else (lambda img: preview_rgb(img, normalisation))
     rows = [[colorize(np.asarray(lab.cpu() if hasattr(lab, "cpu") else lab), classes), show(img)]
-            for lab, img in zip(labels, images)]
+            for lab, img in zip(labels, images, strict=True)]
     save_png(path, tile_rows(rows, scale=scale))
 
 

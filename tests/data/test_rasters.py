@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import torch
 
 from todsynth.data.bands import fit_normalisation, image_tensor

@@ -10,8 +10,7 @@ import pytest
 
 from todsynth.data.classes import LOVEDA, ClassSpec
 from todsynth.data.prompts import build_prompt, present_classes
-from todsynth.data.readers import (FolderDataset, JsonlDataset, LoveDADataset, SubsetDataset, load_classes,
-                                   open_dataset)
+from todsynth.data.readers import FolderDataset, JsonlDataset, LoveDADataset, SubsetDataset, load_classes, open_dataset
 from todsynth.errors import DataError, DatasetProblems
 
 RGB = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from gentest_helpers import weights
 from test_train import small, toy  # noqa: F401 - the toy fixture
 
 from todsynth.generator.mmdit import MaskControlMMDiT
 from todsynth.generator.train import train_generator
 from todsynth.io import load_weights
+
+from gentest_helpers import weights
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,8 +6,13 @@ import pytest
 import torch
 
 from todsynth.errors import ConfigError
-from todsynth.generator.memory import (count_parameters, estimate, prepared_model, saved_activation_bytes,
-                                       sd35_medium_config)
+from todsynth.generator.memory import (
+    count_parameters,
+    estimate,
+    prepared_model,
+    saved_activation_bytes,
+    sd35_medium_config,
+)
 from todsynth.generator.mmdit import MaskControlMMDiT
 from todsynth.generator.presets import PRESETS, apply_preset, cast_frozen, make_optimizer
 from todsynth.generator.train import GeneratorTrainConfig, apply_freezing

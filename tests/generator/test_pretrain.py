@@ -9,12 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from gentest_helpers import two_processes_vs_one, weights
-
 from todsynth.errors import CheckpointError, ConfigError, DataError
-from todsynth.generator.pretrain import (PRETRAIN_PROMPT, TOY_POOL_START, load_unlabeled, pretrain_config,
-                                         pretrain_generator, toy_pool_indices)
+from todsynth.generator.pretrain import (
+    PRETRAIN_PROMPT,
+    TOY_POOL_START,
+    load_unlabeled,
+    pretrain_config,
+    pretrain_generator,
+    toy_pool_indices,
+)
 from todsynth.generator.train import GeneratorTrainConfig, build_pipeline, train_generator
+
+from gentest_helpers import two_processes_vs_one, weights
 
 TINY = dict(size=16, num_layers=1, num_heads=2, head_dim=8, batch_size=4, val_every=0, val_samples=2, val_steps=2,
             checkpoint_every=2, progress=False, warmup_steps=1, text_max_length=8)

@@ -106,7 +106,7 @@ def test_minilm_shapes_padding_and_normalised_pool(minilm):
     assert tokens.shape == (4, 16, 384) and pooled.shape == (4, 384)
     assert (minilm.token_dim, minilm.pooled_dim, minilm.seq_len) == (384, 384, 16)
     lengths = [len(minilm.tokenizer(p).input_ids) for p in PROMPTS]
-    for row, n in zip(tokens, lengths):
+    for row, n in zip(tokens, lengths, strict=True):
         assert row[:n].abs().sum(-1).min() > 0
         assert torch.all(row[n:] == 0)
     torch.testing.assert_close(pooled.norm(dim=-1), torch.ones(4))

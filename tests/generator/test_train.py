@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gentest_helpers import two_processes_vs_one, weights
-
 from todsynth.errors import CheckpointError
 from todsynth.generator.train import GeneratorTrainConfig, train_generator
 from todsynth.io import load_weights
+
+from gentest_helpers import two_processes_vs_one, weights
 
 
 @pytest.fixture(scope="module")

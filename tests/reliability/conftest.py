@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
-import shutil
-
 import pytest
+
 from reliability_helpers import SYNTH_SAMPLES, SYNTH_SETTINGS, file_bytes, synth_keep, torch_threads
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from reliability_helpers import invoke, is_temp
 
 from todsynth.errors import CheckpointError, ConfigError, DataError, TodsynthError
+
+from reliability_helpers import invoke, is_temp
 
 HINTS = ("must", "expected", "valid", "known:", "choose", "give", "use ", "check", "add", "remove", "fix", "keep",
          "convert", "re-", "write", "point", "start", "save", "accepted layouts", "resize", "set ")
@@ -591,7 +592,8 @@ def test_output_below_a_file_is_refused(cli_app, blocker: Path, folder_dataset: 
     sub = blocker / "sub"
     refused(cli_app, ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(sub), "--crfm-steps", "0",
                   "--set", "limit=1"], None, str(sub), "writable")
-    refused(cli_app, ["generator", "train", str(toy_masks_16), "--out", str(sub), *TINY_GEN], None, str(sub), "writable")
+    refused(cli_app, ["generator", "train", str(toy_masks_16), "--out", str(sub), *TINY_GEN], None, str(sub),
+            "writable")
     refused(cli_app, ["segment", "train", "--data", str(folder_dataset), "--out", str(sub), *TINY_SEG], None, str(sub),
             "writable")
     refused(cli_app, ["data", "toy", str(sub), "--n", "1", "--size", "16"], None, str(sub), "writable")
@@ -638,9 +640,9 @@ def test_disk_full_mid_synthesis_loses_nothing(cli_app, tiny_generator_dir: Path
                                                synth_reference: dict[str, bytes], tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The disk fills after 20 files: exit 2 naming a file, no partial file; a rerun completes the reference."""
-    from reliability_helpers import check_visible_files, file_bytes, synth_args, synth_keep
-
     from todsynth import io
+
+    from reliability_helpers import check_visible_files, file_bytes, synth_args, synth_keep
 
     out = tmp_path / "synth"
     args = synth_args(tiny_generator_dir, toy_masks_16, out)

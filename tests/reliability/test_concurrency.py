@@ -10,11 +10,22 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from reliability_helpers import (CLI, PROCESS_TIMEOUT_S, SYNTH_SAMPLES, bytes_lost, check_visible_files, cli_env,
-                                 file_bytes, synth_args, synth_keep, torch_threads)
 
 from todsynth.data.classes import LOVEDA
 from todsynth.synthesize import CLAIMS, RECORDS, OutputFolder, WorkItem
+
+from reliability_helpers import (
+    CLI,
+    PROCESS_TIMEOUT_S,
+    SYNTH_SAMPLES,
+    bytes_lost,
+    check_visible_files,
+    cli_env,
+    file_bytes,
+    synth_args,
+    synth_keep,
+    torch_threads,
+)
 
 
 def test_two_processes_on_one_folder(tiny_generator_dir: Path, toy_masks_16: Path, synth_reference: dict[str, bytes],
@@ -25,7 +36,7 @@ def test_two_processes_on_one_folder(tiny_generator_dir: Path, toy_masks_16: Pat
     procs = [subprocess.Popen(CLI + args, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     results = [p.communicate(timeout=PROCESS_TIMEOUT_S) + (p.returncode,) for p in procs]
-    for stdout, stderr, code in results:
+    for _, stderr, code in results:
         assert code == 0, stderr[-3000:]
     made = [int(re.search(r"synthesized (\d+) pairs", stdout).group(1)) for stdout, _, _ in results]
     assert sum(made) == SYNTH_SAMPLES, made  # the claims split the work: nothing generated twice

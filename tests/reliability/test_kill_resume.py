@@ -15,10 +15,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability_helpers import (SYNTH_SAMPLES, KillLog, bytes_lost, check_visible_files, file_bytes, invoke,
-                                 is_temp, json_step, kill_sequence, synth_args, synth_keep, torch_threads)
 
 from todsynth.io import load_weights
+
+from reliability_helpers import (
+    SYNTH_SAMPLES,
+    KillLog,
+    bytes_lost,
+    check_visible_files,
+    file_bytes,
+    invoke,
+    is_temp,
+    json_step,
+    kill_sequence,
+    synth_args,
+    synth_keep,
+    torch_threads,
+)
 
 GEN_SETTINGS: dict[str, str] = {"steps": "40", "batch_size": "2", "size": "16", "num_layers": "1", "num_heads": "2",
                                 "head_dim": "8", "val_every": "0", "text_max_length": "8", "progress": "false",

@@ -169,7 +169,8 @@ def test_huge_segmenter_config_is_refused_before_allocating(guarded: None, seg: 
 
 
 @pytest.mark.parametrize("changes, words", [
-    ({"num_layers": 64, "num_heads": 64, "head_dim": 128}, ("do not match", "config [49152, 8192] vs weights [192, 32]")),
+    ({"num_layers": 64, "num_heads": 64, "head_dim": 128},
+     ("do not match", "config [49152, 8192] vs weights [192, 32]")),
     ({"num_layers": 1_000_000_000}, ("num_layers 1000000000",)),
     ({"num_classes": 50_000_000}, ("do not match", "mask_embed.weight")),
 ], ids=["64x64x128", "a_billion_layers", "huge_num_classes"])

@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from reliability_helpers import invoke
 
 from todsynth.data.check import check_dataset
 from todsynth.data.classes import ClassSpec
 from todsynth.data.readers import ROOT_FIX, MaskCodec, load_classes, open_dataset, read_image
 from todsynth.errors import DataError
+
+from reliability_helpers import invoke
 
 CLASSES = "names: [background, building, water]\n"
 

@@ -16,10 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from reliability_helpers import cli_env, invoke, refused_with
 
 from todsynth.errors import ConfigError, TodsynthError
 from todsynth.locks import RUN_LOCK, owner_tag
+
+from reliability_helpers import cli_env, invoke, refused_with
 
 TINY_SEG = ["--arch", "segformer", "--encoder", "tu-mobilenetv3_small_050", "--size", "16", "--steps", "1",
             "--batch-size", "2", "--device", "cpu"]

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from PIL import Image
-from reliability_helpers import invoke, refused_with, torch_threads
 
 from todsynth.data.classes import LOVEDA_NAMES, ClassSpec
 from todsynth.errors import ConfigError
+
+from reliability_helpers import invoke, refused_with, torch_threads
 
 WIDE_CLASSES = ClassSpec(tuple(f"c{i}" for i in range(300)), ignore_index=300)  # labels 0..299, ignore 300
 TRICKY_IDS = ["tile 1", "tile_1", "Tile_1", "TILE_1", "水田", "山林", "a b", "a_b", "a/b", "a\\b", ".hidden",

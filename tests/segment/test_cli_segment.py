@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from segtest_helpers import make_samples
 from typer.testing import CliRunner
 
 from todsynth.errors import CheckpointError, DataError
+
+from segtest_helpers import make_samples
 
 pytest.importorskip("todsynth.data.readers")
 

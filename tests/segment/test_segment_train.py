@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import pairwise
 
 import pytest
 import torch
-from segtest_helpers import CLASSES, make_samples
 
 from todsynth.config import build_config
 from todsynth.errors import CheckpointError, ConfigError
 from todsynth.segment.model import Segmenter, SegmenterConfig
-from todsynth.segment.train import (SegmentTrainConfig, TrainOutcome, class_pixel_counts,
-                                    class_weights_from_counts, cross_entropy, evaluate_segmenter, lr_at,
-                                    train_on_samples)
+from todsynth.segment.train import (
+    SegmentTrainConfig,
+    TrainOutcome,
+    class_pixel_counts,
+    class_weights_from_counts,
+    cross_entropy,
+    evaluate_segmenter,
+    lr_at,
+    train_on_samples,
+)
+
+from segtest_helpers import CLASSES, make_samples
 
 TINY_ENCODER = "tu-mobilenetv3_small_050"
 
@@ -129,7 +138,7 @@ def test_lr_schedules():
     poly = tiny_cfg(lr=1.0, warmup_steps=2)
     assert [lr_at(s, 10, poly) for s in (0, 1)] == [0.5, 1.0]
     values = [lr_at(s, 10, poly) for s in range(2, 10)]
-    assert values[0] == 1.0 and all(a > b for a, b in zip(values, values[1:])) and values[-1] > 0
+    assert values[0] == 1.0 and all(a > b for a, b in pairwise(values)) and values[-1] > 0
     cosine = tiny_cfg(lr=1.0, schedule="cosine")
     assert lr_at(0, 10, cosine) == 1.0 and lr_at(5, 10, cosine) == pytest.approx(0.5)
 

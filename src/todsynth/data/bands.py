@@ -62,7 +62,7 @@ class Normalisation:
 
     def settings(self) -> dict[str, Any]:
         """What data.yaml decides (statistics left out): compared between a dataset and a model."""
-        ranges = None if self.mode == "stretch" else [list(r) for r in zip(self.low, self.high)]
+        ranges = None if self.mode == "stretch" else [list(r) for r in zip(self.low, self.high, strict=True)]
         return {"bands": self.channels, "dtype": self.dtype, "mode": self.mode, "scale": ranges,
                 "percentiles": None if self.percentiles is None else list(self.percentiles)}
 
@@ -88,8 +88,9 @@ class Normalisation:
             raise bad(f"names a sample type that is not numeric: {dtype}")
         low, high = d["low"], d["high"]
         numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
-                      for v in [*(low if isinstance(low, list) else [None]), *(high if isinstance(high, list) else [None])])
-        if not (numbers and len(low) == len(high) >= 1 and all(a < b for a, b in zip(low, high))):
+                      for v in [*(low if isinstance(low, list) else [None]),
+                                *(high if isinstance(high, list) else [None])])
+        if not (numbers and len(low) == len(high) >= 1 and all(a < b for a, b in zip(low, high, strict=True))):
             raise bad(f"needs equally long lists of finite numbers low < high, got low={low!r}, high={high!r}")
         mode, percentiles, rgb = d.get("mode", "fixed"), d.get("percentiles"), d.get("rgb")
         if mode not in MODES or (mode == "stretch") != (percentiles is not None):
@@ -260,7 +261,7 @@ def describe(norm: Normalisation) -> str:
         return f"{what}, stretch percentiles {list(norm.percentiles)}"
     if norm.is_rgb8 or (norm.dtype == RGB8 and set(norm.low) == {0.0} and set(norm.high) == {255.0}):
         return f"{what}, no scaling (/255)"
-    return f"{what}, scale {[[a, b] for a, b in zip(norm.low, norm.high)]}"
+    return f"{what}, scale {[[a, b] for a, b in zip(norm.low, norm.high, strict=True)]}"
 
 
 def _check_channels(image: np.ndarray, norm: Normalisation, what: str) -> None:
@@ -367,7 +368,7 @@ def data_yaml(norm: Normalisation) -> str | None:
     if norm.percentiles is not None:  # mode "stretch"
         settings["stretch"] = {"percentiles": list(norm.percentiles)}
     elif norm.dtype != RGB8 or set(norm.low) != {0.0} or set(norm.high) != {255.0}:
-        settings["scale"] = [[a, b] for a, b in zip(norm.low, norm.high)]
+        settings["scale"] = [[a, b] for a, b in zip(norm.low, norm.high, strict=True)]
     if norm.rgb is not None:
         settings["rgb"] = list(norm.rgb)
     return yaml.safe_dump(settings, sort_keys=False, default_flow_style=None)

@@ -48,7 +48,7 @@ class RasterGroup:
         if not self.ranges:
             self.ranges = [None] * self.bands
         self.ranges = [b if a is None else a if b is None else (min(a[0], b[0]), max(a[1], b[1]))
-                       for a, b in zip(self.ranges, info.ranges)]
+                       for a, b in zip(self.ranges, info.ranges, strict=False)]  # a palette PNG: 1 band, 3 RGB ranges
         self.files += 1
         self.nodata_pixels += info.nodata_pixels
         self.pixels += info.height * info.width
@@ -110,8 +110,9 @@ def _count(label: np.ndarray, classes: ClassSpec, report: CheckReport) -> None:
     """Add one label map to the class statistics."""
     ignore = label == classes.ignore_index
     counts = np.bincount(label[~ignore].ravel(), minlength=classes.num_classes)
-    report.pixel_counts = [a + int(b) for a, b in zip(report.pixel_counts, counts)]
-    report.image_counts = [a + int(b > 0) for a, b in zip(report.image_counts, counts)]
+    counts = counts[:classes.num_classes]  # values past the classes are not class pixels
+    report.pixel_counts = [a + int(b) for a, b in zip(report.pixel_counts, counts, strict=True)]
+    report.image_counts = [a + int(b > 0) for a, b in zip(report.image_counts, counts, strict=True)]
     report.ignore_pixels += int(ignore.sum())
 
 

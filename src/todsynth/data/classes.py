@@ -64,7 +64,7 @@ class ClassSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict, path: str | Path | None = None) -> "ClassSpec":
+    def from_dict(cls, d: dict, path: str | Path | None = None) -> ClassSpec:
         """Build from a `classes.yaml`-style mapping; `path` names the file in errors.
 
         The class list is `names:` or, as mmseg and torchgeo users write it, `classes:` (one of the two).

@@ -362,7 +362,8 @@ def select_bands(raster: Raster, spec: RasterSpec, path: Path) -> np.ndarray:
             high = float(np.iinfo(array.dtype).max) if array.dtype.kind in "ui" else 1.0
         raise DataError(f"{info.bands}-band {info.dtype} image ({_span(info)}); todsynth scales samples other than "
                         "uint8 only as data.yaml says", path=path,
-                        fix=f"map values to 0..1 with 'scale: [low, high]' in {DATA_FILE}, e.g. 'scale: [0, {high:g}]', "
+                        fix=f"map values to 0..1 with 'scale: [low, high]' in {DATA_FILE}, "
+                            f"e.g. 'scale: [0, {high:g}]', "
                             "or with 'stretch: {percentiles: [2, 98]}' (computed over the training split), "
                             "or convert it to 8-bit RGB first")
     if spec.scale is not None:

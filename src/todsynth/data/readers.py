@@ -14,9 +14,22 @@ import numpy as np
 
 from todsynth.data.classes import LOVEDA, ClassSpec
 from todsynth.data.prompts import PromptFn, build_prompt
-from todsynth.data.rasters import (DATA_FILE, RGB_BANDS, Raster, RasterInfo, RasterSpec, band_ranges,
-                                   colormap_rgba, is_raster_file, load_raster_spec, pixel_limit, read_raster,
-                                   select_bands, too_many_pixels, unreadable)
+from todsynth.data.rasters import (
+    DATA_FILE,
+    RGB_BANDS,
+    Raster,
+    RasterInfo,
+    RasterSpec,
+    band_ranges,
+    colormap_rgba,
+    is_raster_file,
+    load_raster_spec,
+    pixel_limit,
+    read_raster,
+    select_bands,
+    too_many_pixels,
+    unreadable,
+)
 from todsynth.data.sample import Sample
 from todsynth.errors import DataError, DatasetProblems
 

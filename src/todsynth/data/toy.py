@@ -515,7 +515,7 @@ def render_image(label: np.ndarray, domain: str, rng: np.random.Generator) -> np
     s = _Scene(classes, yy, xx, float(np.sqrt(max(classes.shape) / 64)), domain, (np.sin(sun), np.cos(sun)))
     img = np.zeros(classes.shape + (3,))
     shadow_rng, light_rng, *painter_rngs = rng.spawn(2 + len(PAINTERS))
-    for (cls, paint), paint_rng in zip(PAINTERS.items(), painter_rngs):
+    for (cls, paint), paint_rng in zip(PAINTERS.items(), painter_rngs, strict=True):
         where = s.mask(cls)
         if where.any():
             img[where] = paint(paint_rng, s)[where]

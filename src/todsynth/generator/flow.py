@@ -58,7 +58,8 @@ def flow_sigmas(num_steps: int, shift: float = 1.0) -> Tensor:
 
 
 def euler_sample(velocity: Velocity, x: Tensor, sigmas: Tensor, corrector: Corrector | None = None,
-                 num_corrected: int = 0, callback: Callable[[int, Tensor, Tensor, Tensor], None] | None = None) -> Tensor:
+                 num_corrected: int = 0,
+                 callback: Callable[[int, Tensor, Tensor, Tensor], None] | None = None) -> Tensor:
     """Euler integration x ← x + (σ_{i+1} − σ_i)·v. Steps i < num_corrected pass v through `corrector`
     (CRFM) first; with num_corrected = 0 this is plain flow sampling, bit for bit."""
     for i in range(len(sigmas) - 1):

@@ -516,7 +516,7 @@ class MaskControlMMDiT(nn.Module):
         save_weights(directory / WEIGHTS_NAME, self.state_dict(), metadata={"format": "pt"})
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "MaskControlMMDiT":
+    def from_pretrained(cls, directory: str | Path) -> MaskControlMMDiT:
         """Load a model written by save_pretrained; a foreign or mismatching checkpoint is a CheckpointError.
 
         config.json is type-checked like any config and compared with the weights' header before the model

@@ -49,7 +49,7 @@ class Conditioning:
     pooled: Tensor  # [B, Dp]
     mask: Tensor | None  # long labels [B, H, W] (one-hot encoding) or a mask latent [B, C, h, w]
 
-    def cat(self, other: "Conditioning") -> "Conditioning":
+    def cat(self, other: Conditioning) -> Conditioning:
         """Stack two conditionings along the batch (CFG: conditional | unconditional)."""
         if (self.mask is None) != (other.mask is None):
             raise ValueError("cannot stack a conditioning that has a mask with one that has none")
@@ -103,7 +103,7 @@ class MaskToImagePipeline:
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
-    def to(self, device: torch.device | str, text_dtype: torch.dtype | None = None) -> "MaskToImagePipeline":
+    def to(self, device: torch.device | str, text_dtype: torch.dtype | None = None) -> MaskToImagePipeline:
         """Move transformer, autoencoder and text encoder to `device` (the text encoder to `text_dtype` too)."""
         self.transformer.to(device)
         if hasattr(self.autoencoder, "to"):
@@ -146,7 +146,7 @@ class MaskToImagePipeline:
     def condition(self, labels: Tensor, prompts: Sequence[str], drop_text: Tensor | None = None) -> Conditioning:
         """Build the transformer's conditioning; `drop_text` [B] bool swaps prompts for "" (CFG dropout)."""
         if drop_text is not None:
-            prompts = ["" if d else p for p, d in zip(prompts, drop_text.tolist())]
+            prompts = ["" if d else p for p, d in zip(prompts, drop_text.tolist(), strict=True)]
         text, pooled = self.encode_text(prompts)
         cfg = self.transformer.config
         mask: Tensor | None = None
@@ -241,7 +241,7 @@ class MaskToImagePipeline:
         })
 
     @classmethod
-    def for_runtime(cls, directory: str | Path, runtime: Any) -> "MaskToImagePipeline":
+    def for_runtime(cls, directory: str | Path, runtime: Any) -> MaskToImagePipeline:
         """A saved generator on `runtime`'s device (generator.runtime.Runtime): text encoder in the runtime's
         text dtype, sampling under its autocast precision."""
         pipe = cls.from_pretrained(directory, device=runtime.device, text_dtype=runtime.text_dtype)
@@ -250,7 +250,7 @@ class MaskToImagePipeline:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
-                        text_dtype: torch.dtype | None = None) -> "MaskToImagePipeline":
+                        text_dtype: torch.dtype | None = None) -> MaskToImagePipeline:
         """Load a saved generator onto `device`; the text encoder loads directly in `text_dtype` (e.g. bf16:
         T5-XXL then takes ~9 GiB instead of ~18 GiB)."""
         from todsynth.generator.autoencoder import load_autoencoder

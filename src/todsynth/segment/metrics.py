@@ -51,8 +51,8 @@ class SegMetrics:
             "mIoU": _json_float(self.miou),
             "OA": _json_float(self.oa),
             "mAcc": _json_float(self.macc),
-            "IoU": {n: _json_float(v) for n, v in zip(names, self.iou)},
-            "Acc": {n: _json_float(v) for n, v in zip(names, self.acc)},
+            "IoU": {n: _json_float(v) for n, v in zip(names, self.iou, strict=True)},
+            "Acc": {n: _json_float(v) for n, v in zip(names, self.acc, strict=True)},
             "pixels": int(self.confusion.sum()),
             "note": "dataset-level confusion matrix; classes absent from GT and prediction are null "
                     "and excluded from the means",
