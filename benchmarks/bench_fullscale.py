@@ -29,24 +29,61 @@ import torch.nn.functional as F
 # diffusers SD3Transformer2DModel config of stabilityai/stable-diffusion-3.5-medium (MMDiT-X: dual attention
 # in the first 13 layers, q/k RMSNorm); mapped onto ours by todsynth.generator.sd3.config_from_sd3.
 SD35_MEDIUM = {
-    "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
-    "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
-    "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 384,
-    "qk_norm": "rms_norm", "dual_attention_layers": list(range(13)),
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 384,
+    "qk_norm": "rms_norm",
+    "dual_attention_layers": list(range(13)),
 }
 # diffusers AutoencoderKL config of SD3 / SD3.5's VAE (16 latent channels, 8× downscale).
 SD3_VAE = {
-    "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4, "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
-    "latent_channels": 16, "norm_num_groups": 32, "sample_size": 1024, "scaling_factor": 1.5305,
-    "shift_factor": 0.0609, "use_quant_conv": False, "use_post_quant_conv": False, "act_fn": "silu",
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 16,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 1.5305,
+    "shift_factor": 0.0609,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "act_fn": "silu",
 }
-QUICK_MMDIT = {**SD35_MEDIUM, "sample_size": 4, "num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2,
-               "joint_attention_dim": 24, "caption_projection_dim": 16, "pooled_projection_dim": 12,
-               "pos_embed_max_size": 8, "in_channels": 4, "out_channels": 4, "dual_attention_layers": [0]}
-QUICK_VAE = {**SD3_VAE, "block_out_channels": [8, 16], "down_block_types": ["DownEncoderBlock2D"] * 2,
-             "up_block_types": ["UpDecoderBlock2D"] * 2, "layers_per_block": 1, "latent_channels": 4,
-             "norm_num_groups": 4, "sample_size": 16}
+QUICK_MMDIT = {
+    **SD35_MEDIUM,
+    "sample_size": 4,
+    "num_layers": 2,
+    "attention_head_dim": 8,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 24,
+    "caption_projection_dim": 16,
+    "pooled_projection_dim": 12,
+    "pos_embed_max_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "dual_attention_layers": [0],
+}
+QUICK_VAE = {
+    **SD3_VAE,
+    "block_out_channels": [8, 16],
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 4,
+    "sample_size": 16,
+}
 TEXT_TOKENS = 77 + 256  # CLIP-L/G tokens + T5 tokens, as SD3TextEncoder emits them
 NUM_CLASSES = 7
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}  # dense bf16
@@ -79,8 +116,9 @@ def parse(argv: list[str] | None) -> Setting:
     p.add_argument("--sample-steps", type=int, default=None, help="Euler steps (default 28 on cuda, 4 on cpu)")
     p.add_argument("--crfm-steps", type=int, default=None, help="CRFM k (default 4 on cuda, 2 on cpu)")
     p.add_argument("--images", type=int, default=None, help="images per synthesis timing (default 3 cuda, 1 cpu)")
-    p.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"],
-                   help="default bf16 on cuda, no on cpu")
+    p.add_argument(
+        "--mixed-precision", default=None, choices=["no", "bf16", "fp16"], help="default bf16 on cuda, no on cpu"
+    )
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: by GPU name)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
@@ -90,11 +128,20 @@ def parse(argv: list[str] | None) -> Setting:
     if a.threads:
         torch.set_num_threads(a.threads)
     gpu = a.device.startswith("cuda")
-    s = Setting(device=a.device, layers=a.layers or (24 if gpu else 2), size=a.size, steps=a.steps,
-                sample_steps=a.sample_steps or (28 if gpu else 4), crfm_steps=a.crfm_steps or (4 if gpu else 2),
-                images=a.images or (3 if gpu else 1), mixed_precision=a.mixed_precision or ("bf16" if gpu else "no"),
-                gradient_checkpointing=a.gradient_checkpointing, quick=a.quick, peak_tflops=a.peak_tflops,
-                json=a.json)
+    s = Setting(
+        device=a.device,
+        layers=a.layers or (24 if gpu else 2),
+        size=a.size,
+        steps=a.steps,
+        sample_steps=a.sample_steps or (28 if gpu else 4),
+        crfm_steps=a.crfm_steps or (4 if gpu else 2),
+        images=a.images or (3 if gpu else 1),
+        mixed_precision=a.mixed_precision or ("bf16" if gpu else "no"),
+        gradient_checkpointing=a.gradient_checkpointing,
+        quick=a.quick,
+        peak_tflops=a.peak_tflops,
+        json=a.json,
+    )
     if a.quick:
         s = replace(s, device="cpu", layers=2, size=32, steps=2, sample_steps=2, crfm_steps=1, images=1)
     return s
@@ -129,9 +176,15 @@ def build_models(s: Setting, dev: torch.device):
     sd3["dual_attention_layers"] = [i for i in sd3["dual_attention_layers"] if i < s.layers]
     vae_cfg = QUICK_VAE if s.quick else SD3_VAE
     down = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-    cfg = config_from_sd3(sd3, control="triple", mask_encoding="rgb", num_classes=NUM_CLASSES,
-                          mask_downscale=down, mask_channels=vae_cfg["latent_channels"],
-                          sample_size=s.size // down)
+    cfg = config_from_sd3(
+        sd3,
+        control="triple",
+        mask_encoding="rgb",
+        num_classes=NUM_CLASSES,
+        mask_downscale=down,
+        mask_channels=vae_cfg["latent_channels"],
+        sample_size=s.size // down,
+    )
     torch.manual_seed(0)
     with torch.device(dev):
         model = MaskControlMMDiT(cfg)
@@ -152,8 +205,10 @@ def text_inputs(model, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     cfg = model.config
     tokens = 8 if cfg.joint_attention_dim < 100 else TEXT_TOKENS
     g = torch.Generator().manual_seed(1)
-    return (torch.randn(1, tokens, cfg.joint_attention_dim, generator=g).to(dev),
-            torch.randn(1, cfg.pooled_projection_dim, generator=g).to(dev))
+    return (
+        torch.randn(1, tokens, cfg.joint_attention_dim, generator=g).to(dev),
+        torch.randn(1, cfg.pooled_projection_dim, generator=g).to(dev),
+    )
 
 
 def sync(dev: torch.device) -> None:
@@ -164,7 +219,7 @@ def sync(dev: torch.device) -> None:
 def peak_rss_mib() -> float:
     """Peak resident set size of this process so far (MiB)."""
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / 1024 if platform.system() != "Darwin" else kib / 2 ** 20
+    return kib / 1024 if platform.system() != "Darwin" else kib / 2**20
 
 
 def train_step_fn(model, ae, s: Setting, dev: torch.device):
@@ -229,17 +284,26 @@ def bench_train(model, ae, s: Setting, dev: torch.device) -> dict:
         torch.cuda.reset_peak_memory_stats(dev)
     step()  # warm-up (AdamW state allocated)
     times = timed(step, dev, s.steps)
-    peak_gpu = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None
+    peak_gpu = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
     flops = count_flops(forward_backward)
     opt.zero_grad(set_to_none=True)
     median = statistics.median(times)
     achieved = flops / median / 1e12
-    peak = s.peak_tflops or (next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(dev)), None)
-                             if dev.type == "cuda" else None)
-    return {"step_s": times, "step_s_median": median, "tflop_per_step": flops / 1e12,
-            "achieved_tflops": achieved, "peak_tflops": peak, "mfu": achieved / peak if peak else None,
-            "trainable_parameters": sum(p.numel() for p in params),
-            "peak_gpu_gib": peak_gpu}
+    peak = s.peak_tflops or (
+        next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(dev)), None)
+        if dev.type == "cuda"
+        else None
+    )
+    return {
+        "step_s": times,
+        "step_s_median": median,
+        "tflop_per_step": flops / 1e12,
+        "achieved_tflops": achieved,
+        "peak_tflops": peak,
+        "mfu": achieved / peak if peak else None,
+        "trainable_parameters": sum(p.numel() for p in params),
+        "peak_gpu_gib": peak_gpu,
+    }
 
 
 def bench_vae_encode(ae, s: Setting, dev: torch.device) -> dict:
@@ -260,16 +324,17 @@ def bench_synthesis(model, ae, segmenter, s: Setting, dev: torch.device) -> dict
 
     text, pooled = text_inputs(model, dev)
     prompt = "a satellite image of water"
-    cache = PromptCache({"name": "bench"}, [prompt, ""], torch.cat([text, text * 0]).cpu(),
-                        torch.cat([pooled, pooled * 0]).cpu())
-    pipe = MaskToImagePipeline(model, ae, None, LOVEDA, s.size, prompt_cache=cache,
-                               mixed_precision=s.mixed_precision)
+    cache = PromptCache(
+        {"name": "bench"}, [prompt, ""], torch.cat([text, text * 0]).cpu(), torch.cat([pooled, pooled * 0]).cpu()
+    )
+    pipe = MaskToImagePipeline(model, ae, None, LOVEDA, s.size, prompt_cache=cache, mixed_precision=s.mixed_precision)
     g = torch.Generator().manual_seed(3)
     labels = torch.randint(0, NUM_CLASSES, (1, s.size, s.size), generator=g)
     crfm = CRFMConfig(steps=s.crfm_steps)
     out = {}
     for name in ("plain", "crfm"):
-        def one(i: int = 0) -> None:
+
+        def one(i: int = 0, name: str = name) -> None:  # binds this iteration's name
             if name == "plain":
                 pipe(labels, [prompt], seeds=[i], num_steps=s.sample_steps)
             else:
@@ -279,8 +344,11 @@ def bench_synthesis(model, ae, segmenter, s: Setting, dev: torch.device) -> dict
             one()  # warm-up (kernels, allocator); the CPU run is too slow to afford one
             torch.cuda.reset_peak_memory_stats(dev)
         times = timed(one, dev, s.images)
-        out[name] = {"s_per_image": statistics.median(times), "images_per_s": 1 / statistics.median(times),
-                     "peak_gpu_gib": torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None}
+        out[name] = {
+            "s_per_image": statistics.median(times),
+            "images_per_s": 1 / statistics.median(times),
+            "peak_gpu_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+        }
     out["crfm_over_plain"] = out["crfm"]["s_per_image"] / out["plain"]["s_per_image"]
     return out
 
@@ -290,13 +358,22 @@ def main(argv: list[str] | None = None) -> dict:
     dev = check_device(s.device)
     t0 = time.perf_counter()
     model, ae, segmenter = build_models(s, dev)
-    result = {"setting": {k: v for k, v in vars(s).items() if k != "json"},
-              "model": {"config": model.config.to_dict(), "parameters": sum(p.numel() for p in model.parameters()),
-                        "image_tokens": (s.size // ae.downscale // model.config.patch_size) ** 2,
-                        "vae_parameters": sum(p.numel() for p in ae.parameters())},
-              "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor(),
-                          "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None},
-              "build_s": time.perf_counter() - t0}
+    result = {
+        "setting": {k: v for k, v in vars(s).items() if k != "json"},
+        "model": {
+            "config": model.config.to_dict(),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "image_tokens": (s.size // ae.downscale // model.config.patch_size) ** 2,
+            "vae_parameters": sum(p.numel() for p in ae.parameters()),
+        },
+        "machine": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu": platform.processor(),
+            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+        },
+        "build_s": time.perf_counter() - t0,
+    }
     result["train"] = bench_train(model, ae, s, dev)
     result["vae"] = bench_vae_encode(ae, s, dev)
     result["synthesis"] = bench_synthesis(model, ae, segmenter, s, dev)
@@ -315,14 +392,16 @@ def summary(r: dict) -> str:
     t, syn = r["train"], r["synthesis"]
     mfu = f", MFU {t['mfu']:.1%}" if t["mfu"] else ""
     gpu = f", peak GPU {t['peak_gpu_gib']:.1f} GiB" if t["peak_gpu_gib"] else ""
-    return (f"{r['model']['parameters'] / 1e9:.2f} B parameters ({r['setting']['layers']} layers), "
-            f"{r['setting']['size']} px, {r['setting']['mixed_precision']}\n"
-            f"train step {t['step_s_median']:.2f} s, {t['tflop_per_step']:.2f} TFLOP, "
-            f"{t['achieved_tflops']:.2f} TFLOP/s{mfu}{gpu}; peak RSS {r['peak_rss_mib']:.0f} MiB\n"
-            f"VAE encode {r['vae']['encode_s_per_image']:.2f} s/image (saved per step by the latent cache)\n"
-            f"synthesis ({r['setting']['sample_steps']} steps): plain {syn['plain']['s_per_image']:.2f} s/image, "
-            f"CRFM k={r['setting']['crfm_steps']} {syn['crfm']['s_per_image']:.2f} s/image "
-            f"(×{syn['crfm_over_plain']:.2f})")
+    return (
+        f"{r['model']['parameters'] / 1e9:.2f} B parameters ({r['setting']['layers']} layers), "
+        f"{r['setting']['size']} px, {r['setting']['mixed_precision']}\n"
+        f"train step {t['step_s_median']:.2f} s, {t['tflop_per_step']:.2f} TFLOP, "
+        f"{t['achieved_tflops']:.2f} TFLOP/s{mfu}{gpu}; peak RSS {r['peak_rss_mib']:.0f} MiB\n"
+        f"VAE encode {r['vae']['encode_s_per_image']:.2f} s/image (saved per step by the latent cache)\n"
+        f"synthesis ({r['setting']['sample_steps']} steps): plain {syn['plain']['s_per_image']:.2f} s/image, "
+        f"CRFM k={r['setting']['crfm_steps']} {syn['crfm']['s_per_image']:.2f} s/image "
+        f"(×{syn['crfm_over_plain']:.2f})"
+    )
 
 
 if __name__ == "__main__":

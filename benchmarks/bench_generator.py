@@ -58,8 +58,7 @@ class Sizes:
 
 
 REFERENCE = Sizes()
-QUICK = Sizes(batch=2, latent=8, channels=4, text_tokens=4, heads=2, head_dim=16, depth=2, cond_dim=24,
-              num_classes=4)
+QUICK = Sizes(batch=2, latent=8, channels=4, text_tokens=4, heads=2, head_dim=16, depth=2, cond_dim=24, num_classes=4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,10 +67,21 @@ QUICK = Sizes(batch=2, latent=8, channels=4, text_tokens=4, heads=2, head_dim=16
 
 def ours_config(s: Sizes, control: str) -> MMDiTConfig:
     """Our generator's config at size `s` (one-hot mask at the latent's resolution)."""
-    return MMDiTConfig(in_channels=s.channels, patch_size=s.patch, sample_size=s.latent,
-                       pos_embed_max_size=max(64, s.latent // s.patch), num_layers=s.depth, num_heads=s.heads,
-                       head_dim=s.head_dim, joint_attention_dim=s.cond_dim, pooled_projection_dim=s.cond_dim,
-                       qk_norm=False, control=control, num_classes=s.num_classes, mask_downscale=1)
+    return MMDiTConfig(
+        in_channels=s.channels,
+        patch_size=s.patch,
+        sample_size=s.latent,
+        pos_embed_max_size=max(64, s.latent // s.patch),
+        num_layers=s.depth,
+        num_heads=s.heads,
+        head_dim=s.head_dim,
+        joint_attention_dim=s.cond_dim,
+        pooled_projection_dim=s.cond_dim,
+        qk_norm=False,
+        control=control,
+        num_classes=s.num_classes,
+        mask_downscale=1,
+    )
 
 
 def build_model(case: str, s: Sizes, seed: int = 0) -> nn.Module:
@@ -81,29 +91,40 @@ def build_model(case: str, s: Sizes, seed: int = 0) -> nn.Module:
         from diffusers import SD3Transformer2DModel
 
         return SD3Transformer2DModel(
-            sample_size=s.latent, patch_size=s.patch, in_channels=s.channels, out_channels=s.channels,
-            num_layers=s.depth, attention_head_dim=s.head_dim, num_attention_heads=s.heads,
-            joint_attention_dim=s.cond_dim, caption_projection_dim=s.heads * s.head_dim,
-            pooled_projection_dim=s.cond_dim, pos_embed_max_size=max(64, s.latent // s.patch))
+            sample_size=s.latent,
+            patch_size=s.patch,
+            in_channels=s.channels,
+            out_channels=s.channels,
+            num_layers=s.depth,
+            attention_head_dim=s.head_dim,
+            num_attention_heads=s.heads,
+            joint_attention_dim=s.cond_dim,
+            caption_projection_dim=s.heads * s.head_dim,
+            pooled_projection_dim=s.cond_dim,
+            pos_embed_max_size=max(64, s.latent // s.patch),
+        )
     return MaskControlMMDiT(ours_config(s, case))
 
 
 def make_inputs(s: Sizes, seed: int = 1) -> dict[str, Tensor]:
     """A fixed random batch: latent, timestep, text tokens, pooled text, label map, regression target."""
     g = torch.Generator().manual_seed(seed)
-    return {"x": torch.randn(s.batch, s.channels, s.latent, s.latent, generator=g),
-            "t": torch.rand(s.batch, generator=g),
-            "text": torch.randn(s.batch, s.text_tokens, s.cond_dim, generator=g),
-            "pooled": torch.randn(s.batch, s.cond_dim, generator=g),
-            "mask": torch.randint(0, s.num_classes, (s.batch, s.latent, s.latent), generator=g),
-            "target": torch.randn(s.batch, s.channels, s.latent, s.latent, generator=g)}
+    return {
+        "x": torch.randn(s.batch, s.channels, s.latent, s.latent, generator=g),
+        "t": torch.rand(s.batch, generator=g),
+        "text": torch.randn(s.batch, s.text_tokens, s.cond_dim, generator=g),
+        "pooled": torch.randn(s.batch, s.cond_dim, generator=g),
+        "mask": torch.randint(0, s.num_classes, (s.batch, s.latent, s.latent), generator=g),
+        "target": torch.randn(s.batch, s.channels, s.latent, s.latent, generator=g),
+    }
 
 
 def predict(case: str, model: nn.Module, inp: dict[str, Tensor]) -> Tensor:
     """The model's velocity prediction for the batch, through each model's own call signature."""
     if case == "diffusers":
-        return model(inp["x"], encoder_hidden_states=inp["text"], pooled_projections=inp["pooled"],
-                     timestep=inp["t"] * 1000).sample
+        return model(
+            inp["x"], encoder_hidden_states=inp["text"], pooled_projections=inp["pooled"], timestep=inp["t"] * 1000
+        ).sample
     mask = None if case == "none" else inp["mask"]
     return model(inp["x"], inp["t"], inp["text"], inp["pooled"], mask)
 
@@ -162,9 +183,14 @@ def machine_info() -> dict:
         flags = set(re.search(r"flags\s*:\s*(.+)", text).group(1).split())
     except (OSError, AttributeError):
         pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(),
-            "bf16_flags": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16"}),
-            "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "bf16_flags": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16"}),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def matmul_peak(n: int, dtype: torch.dtype, reps: int) -> dict:
@@ -177,7 +203,7 @@ def matmul_peak(n: int, dtype: torch.dtype, reps: int) -> dict:
         t0 = time.perf_counter()
         a @ b
         times.append(time.perf_counter() - t0)
-    flops = 2 * n ** 3
+    flops = 2 * n**3
     return {"n": n, "best_gflops": flops / min(times) / 1e9, "median_gflops": flops / statistics.median(times) / 1e9}
 
 
@@ -219,15 +245,25 @@ def time_cases(runners: dict[str, Runner], steps: int, warmup: int) -> dict:
 
     def paired(times: dict, entry: tuple[str, str], base: tuple[str, str]) -> float:
         """Median over rounds of entry time / base time."""
-        return statistics.median(a / b for a, b in zip(times[entry], times[base]))
+        return statistics.median(a / b for a, b in zip(times[entry], times[base], strict=True))
 
-    return {p: {name: {"median_ms": statistics.median(wall[(p, name)]), "min_ms": min(wall[(p, name)]),
-                       "times_ms": wall[(p, name)], "ratio": paired(wall, (p, name), (p, "diffusers")),
-                       "ratio_vs_fp32": paired(wall, (p, name), ("fp32", "diffusers")),
-                       "cpu_median_ms": statistics.median(cpu[(p, name)]), "cpu_times_ms": cpu[(p, name)],
-                       "cpu_ratio": paired(cpu, (p, name), (p, "diffusers")),
-                       "cpu_ratio_vs_fp32": paired(cpu, (p, name), ("fp32", "diffusers"))}
-                for name in runners} for p in PRECISIONS}
+    return {
+        p: {
+            name: {
+                "median_ms": statistics.median(wall[(p, name)]),
+                "min_ms": min(wall[(p, name)]),
+                "times_ms": wall[(p, name)],
+                "ratio": paired(wall, (p, name), (p, "diffusers")),
+                "ratio_vs_fp32": paired(wall, (p, name), ("fp32", "diffusers")),
+                "cpu_median_ms": statistics.median(cpu[(p, name)]),
+                "cpu_times_ms": cpu[(p, name)],
+                "cpu_ratio": paired(cpu, (p, name), (p, "diffusers")),
+                "cpu_ratio_vs_fp32": paired(cpu, (p, name), ("fp32", "diffusers")),
+            }
+            for name in runners
+        }
+        for p in PRECISIONS
+    }
 
 
 def _rss_mib() -> tuple[float, float]:
@@ -260,7 +296,7 @@ def step_memory(case: str, s: Sizes, bf16: bool) -> dict | None:
     for _ in range(2):
         runner.step(bf16)
     _, peak = _rss_mib()
-    params = sum(p.numel() * p.element_size() for p in runner.model.parameters()) / 2 ** 20
+    params = sum(p.numel() * p.element_size() for p in runner.model.parameters()) / 2**20
     del runner
     return {"step_mib": peak - before, "params_mib": params}
 
@@ -311,10 +347,17 @@ def loss_curves(s: Sizes, steps: int, lr: float = 1e-3, seed: int = 0) -> dict:
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
         curves[name] = losses
-    diff = [abs(a - b) for a, b in zip(curves["fp32"], curves["bf16"])]
-    return {"sizes": asdict(s), "lr": lr, "steps": list(range(1, steps + 1)), **curves,
-            "start": {k: curves[k][0] for k in PRECISIONS}, "end": {k: curves[k][-1] for k in PRECISIONS},
-            "max_abs_diff": max(diff), "max_rel_diff": max(d / a for d, a in zip(diff, curves["fp32"]))}
+    diff = [abs(a - b) for a, b in zip(curves["fp32"], curves["bf16"], strict=True)]
+    return {
+        "sizes": asdict(s),
+        "lr": lr,
+        "steps": list(range(1, steps + 1)),
+        **curves,
+        "start": {k: curves[k][0] for k in PRECISIONS},
+        "end": {k: curves[k][-1] for k in PRECISIONS},
+        "max_abs_diff": max(diff),
+        "max_rel_diff": max(d / a for d, a in zip(diff, curves["fp32"], strict=True)),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,22 +372,33 @@ def _fmt(v: float | None, spec: str) -> str:
 def report(res: dict) -> str:
     """Human-readable tables of a results dict from `run`."""
     s, m = res["sizes"], res["machine"]
-    lines = [f"{m['cpu']}, {m['threads']} threads, bf16 flags: {' '.join(m['bf16_flags']) or 'none'};"
-             f" torch {m['torch']}, diffusers {m['diffusers']}",
-             f"train step = forward + MSE + backward + AdamW; batch {s['batch']}, {s['image_tokens']} image tokens"
-             f" (+{s['image_tokens']} mask tokens), {s['text_tokens']} text tokens, width {s['heads'] * s['head_dim']}"
-             f" ({s['heads']}×{s['head_dim']}), depth {s['depth']}; {res['steps']} timed steps per case after"
-             f" {res['warmup']} warm-up, interleaved",
-             "matmul peak (2·n³ / time): " + ", ".join(
-                 f"{p} {_fmt(res['peaks'][p]['best_gflops'], '.0f')} GFLOP/s best"
-                 f" ({_fmt(res['peaks'][p]['median_gflops'], '.0f')} median, n={res['peaks'][p]['n']})"
-                 for p in PRECISIONS),
-             f"FLOPs: {res['flops']['method']}", ""]
-    head = (f"{'prec':5} {'case':10} {'params':>7} {'wall ms':>8} {'min ms':>7} {'× diff.':>8} {'CPU ms':>7}"
-            f" {'× diff.':>8} {'GFLOP':>6} {'GFLOP/s':>8} {'% peak':>7} {'step MiB':>9}")
-    lines += ["wall ms: median wall-clock time of a step; × diff.: median over rounds of the ratio to diffusers'"
-              " step in the same round (wall, then process CPU time); GFLOP/s at the median wall time", "",
-              head, "-" * len(head)]
+    lines = [
+        f"{m['cpu']}, {m['threads']} threads, bf16 flags: {' '.join(m['bf16_flags']) or 'none'};"
+        f" torch {m['torch']}, diffusers {m['diffusers']}",
+        f"train step = forward + MSE + backward + AdamW; batch {s['batch']}, {s['image_tokens']} image tokens"
+        f" (+{s['image_tokens']} mask tokens), {s['text_tokens']} text tokens, width {s['heads'] * s['head_dim']}"
+        f" ({s['heads']}×{s['head_dim']}), depth {s['depth']}; {res['steps']} timed steps per case after"
+        f" {res['warmup']} warm-up, interleaved",
+        "matmul peak (2·n³ / time): "
+        + ", ".join(
+            f"{p} {_fmt(res['peaks'][p]['best_gflops'], '.0f')} GFLOP/s best"
+            f" ({_fmt(res['peaks'][p]['median_gflops'], '.0f')} median, n={res['peaks'][p]['n']})"
+            for p in PRECISIONS
+        ),
+        f"FLOPs: {res['flops']['method']}",
+        "",
+    ]
+    head = (
+        f"{'prec':5} {'case':10} {'params':>7} {'wall ms':>8} {'min ms':>7} {'× diff.':>8} {'CPU ms':>7}"
+        f" {'× diff.':>8} {'GFLOP':>6} {'GFLOP/s':>8} {'% peak':>7} {'step MiB':>9}"
+    )
+    lines += [
+        "wall ms: median wall-clock time of a step; × diff.: median over rounds of the ratio to diffusers'"
+        " step in the same round (wall, then process CPU time); GFLOP/s at the median wall time",
+        "",
+        head,
+        "-" * len(head),
+    ]
     for p in PRECISIONS:
         for case in CASES:
             tm, fl, mem = res["timing"][p][case], res["flops"]["per_step"][case], res["memory"][p].get(case)
@@ -353,41 +407,64 @@ def report(res: dict) -> str:
                 f"{p:5} {case:10} {res['params'][case] / 1e6:6.1f}M {tm['median_ms']:8.0f} {tm['min_ms']:7.0f}"
                 f" {tm['ratio']:7.2f}× {tm['cpu_median_ms']:7.0f} {tm['cpu_ratio']:7.2f}× {fl / 1e9:6.1f}"
                 f" {gflops:8.1f} {100 * gflops / res['peaks'][p]['best_gflops']:6.0f}%"
-                f" {_fmt(mem and mem['step_mib'], '9.0f'):>9}")
+                f" {_fmt(mem and mem['step_mib'], '9.0f'):>9}"
+            )
     lines.append("")
     for p in PRECISIONS:
         for case, target in GOALS.items():
             g = res["goals"][p][case]
-            lines.append(f"goal {p} {case:6} ≤ {target:.1f}× diffusers {p}: {g['ratio']:.2f}× wall,"
-                         f" {g['cpu_ratio']:.2f}× CPU -> {'met' if g['met'] else 'missed'}")
+            lines.append(
+                f"goal {p} {case:6} ≤ {target:.1f}× diffusers {p}: {g['ratio']:.2f}× wall,"
+                f" {g['cpu_ratio']:.2f}× CPU -> {'met' if g['met'] else 'missed'}"
+            )
     for case, target in GOALS.items():
         g = res["goals"]["bf16"][case]
-        lines.append(f"goal bf16 {case:6} ≤ {target:.1f}× diffusers fp32 (its default):"
-                     f" {g['ratio_vs_fp32']:.2f}× wall, {g['cpu_ratio_vs_fp32']:.2f}× CPU -> {'met' if g['met_vs_fp32'] else 'missed'}")
+        lines.append(
+            f"goal bf16 {case:6} ≤ {target:.1f}× diffusers fp32 (its default):"
+            f" {g['ratio_vs_fp32']:.2f}× wall, {g['cpu_ratio_vs_fp32']:.2f}× CPU"
+            f" -> {'met' if g['met_vs_fp32'] else 'missed'}"
+        )
     c = res["loss_curves"]
-    lines += ["", f"loss curves, triple, {len(c['steps'])} steps, lr {c['lr']:g}:"
-                  f" fp32 {c['start']['fp32']:.4f} -> {c['end']['fp32']:.4f},"
-                  f" bf16 {c['start']['bf16']:.4f} -> {c['end']['bf16']:.4f},"
-                  f" max |fp32 - bf16| {c['max_abs_diff']:.4f} ({100 * c['max_rel_diff']:.1f}%)"
-                  + (f"; plot {c['plot']}" if c.get("plot") else "")]
+    lines += [
+        "",
+        f"loss curves, triple, {len(c['steps'])} steps, lr {c['lr']:g}:"
+        f" fp32 {c['start']['fp32']:.4f} -> {c['end']['fp32']:.4f},"
+        f" bf16 {c['start']['bf16']:.4f} -> {c['end']['bf16']:.4f},"
+        f" max |fp32 - bf16| {c['max_abs_diff']:.4f} ({100 * c['max_rel_diff']:.1f}%)"
+        + (f"; plot {c['plot']}" if c.get("plot") else ""),
+    ]
     return "\n".join(lines)
 
 
-def run(s: Sizes, curve_sizes: Sizes, steps: int, warmup: int, curve_steps: int, peak_n: int,
-        log: Callable[[str], None] = print) -> dict:
+def run(
+    s: Sizes,
+    curve_sizes: Sizes,
+    steps: int,
+    warmup: int,
+    curve_steps: int,
+    peak_n: int,
+    log: Callable[[str], None] = print,
+) -> dict:
     """All measurements; returns the results dict (see `report`)."""
-    res: dict = {"sizes": {**asdict(s), "image_tokens": s.image_tokens}, "steps": steps, "warmup": warmup,
-                 "machine": machine_info()}
+    res: dict = {
+        "sizes": {**asdict(s), "image_tokens": s.image_tokens},
+        "steps": steps,
+        "warmup": warmup,
+        "machine": machine_info(),
+    }
     log("matmul peaks ...")
-    res["peaks"] = {p: matmul_peak(peak_n, torch.float32 if p == "fp32" else torch.bfloat16, reps=5)
-                    for p in PRECISIONS}
+    res["peaks"] = {
+        p: matmul_peak(peak_n, torch.float32 if p == "fp32" else torch.bfloat16, reps=5) for p in PRECISIONS
+    }
     runners = {case: Runner(case, s) for case in CASES}
     res["params"] = {case: count_parameters(r.model) for case, r in runners.items()}
     log("counting FLOPs ...")
-    res["flops"] = {"method": "torch.utils.flop_counter.FlopCounterMode on one fp32 forward+backward (mm, addmm,"
-                              " bmm, conv; attention via SDPA's math backend); optimizer and elementwise ops"
-                              " not counted",
-                    "per_step": {case: count_flops(r) for case, r in runners.items()}}
+    res["flops"] = {
+        "method": "torch.utils.flop_counter.FlopCounterMode on one fp32 forward+backward (mm, addmm,"
+        " bmm, conv; attention via SDPA's math backend); optimizer and elementwise ops"
+        " not counted",
+        "per_step": {case: count_flops(r) for case, r in runners.items()},
+    }
     log("timing fp32 and bf16, interleaved ...")
     res["timing"] = time_cases(runners, steps, warmup)
     del runners
@@ -396,11 +473,21 @@ def run(s: Sizes, curve_sizes: Sizes, steps: int, warmup: int, curve_steps: int,
     for p in PRECISIONS:
         for case in CASES:
             res["memory"][p][case] = step_memory(case, s, p == "bf16")
-    res["goals"] = {p: {case: {"ratio": (tm := res["timing"][p][case])["ratio"], "cpu_ratio": tm["cpu_ratio"],
-                               "ratio_vs_fp32": tm["ratio_vs_fp32"], "cpu_ratio_vs_fp32": tm["cpu_ratio_vs_fp32"],
-                               "target": target, "met": tm["ratio"] <= target,
-                               "met_vs_fp32": tm["ratio_vs_fp32"] <= target}
-                        for case, target in GOALS.items()} for p in PRECISIONS}
+    res["goals"] = {
+        p: {
+            case: {
+                "ratio": (tm := res["timing"][p][case])["ratio"],
+                "cpu_ratio": tm["cpu_ratio"],
+                "ratio_vs_fp32": tm["ratio_vs_fp32"],
+                "cpu_ratio_vs_fp32": tm["cpu_ratio_vs_fp32"],
+                "target": target,
+                "met": tm["ratio"] <= target,
+                "met_vs_fp32": tm["ratio_vs_fp32"] <= target,
+            }
+            for case, target in GOALS.items()
+        }
+        for p in PRECISIONS
+    }
     log("loss curves ...")
     res["loss_curves"] = loss_curves(curve_sizes, curve_steps)
     return res
@@ -412,13 +499,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=5, help="timed train steps per case and precision")
     ap.add_argument("--warmup", type=int, default=1, help="untimed train steps per case first")
     ap.add_argument("--curve-steps", type=int, default=30, help="training steps of the fp32/bf16 loss curves")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1: on a shared machine, threads that wait for each other at"
-                         " every op make multi-threaded timings swing several-fold)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared machine, threads that wait for each other at"
+        " every op make multi-threaded timings swing several-fold)",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of a few seconds")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
-    ap.add_argument("--plot", type=Path, default=None,
-                    help="loss-curve PNG (default: next to --json, else bench_generator_loss.png)")
+    ap.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="loss-curve PNG (default: next to --json, else bench_generator_loss.png)",
+    )
     args = ap.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.curve_steps < 1 or args.threads < 1:
         ap.error("--steps, --curve-steps and --threads must be >= 1, --warmup >= 0")

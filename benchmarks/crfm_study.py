@@ -53,14 +53,23 @@ def main(argv: list[str] | None = None) -> dict:
     guide = Segmenter.from_pretrained(find(root, "guidance")["model"]).eval()
     judge = Segmenter.from_pretrained(find(root, "judge")["model"]).eval()
     labels, prompts, ids, classes = load_masks(data["layouts"], "Train", pipe.image_size)
-    labels, prompts, ids = labels[:args.n], prompts[:args.n], ids[:args.n]  # layouts the generator never saw
+    labels, prompts, ids = labels[: args.n], prompts[: args.n], ids[: args.n]  # layouts the generator never saw
     seeds = sample_seeds(1234, ids)
 
     def run(cfg: CRFMConfig) -> tuple[torch.Tensor, float]:
         t0 = time.perf_counter()
-        out = [crfm_sample(pipe, guide, labels[s:s + args.batch], cfg, prompts=prompts[s:s + args.batch],
-                           seeds=seeds[s:s + args.batch], num_steps=args.num_steps)
-               for s in range(0, len(ids), args.batch)]
+        out = [
+            crfm_sample(
+                pipe,
+                guide,
+                labels[s : s + args.batch],
+                cfg,
+                prompts=prompts[s : s + args.batch],
+                seeds=seeds[s : s + args.batch],
+                num_steps=args.num_steps,
+            )
+            for s in range(0, len(ids), args.batch)
+        ]
         return torch.cat(out), time.perf_counter() - t0
 
     settings = {"plain": CRFMConfig(steps=0)}
@@ -74,15 +83,21 @@ def main(argv: list[str] | None = None) -> dict:
         _, plain_secs = run(settings["plain"])  # timed right before, side by side
         images, secs = run(cfg)
         with torch.no_grad():
-            pred = torch.cat([judge.predict(images[s:s + args.batch]) for s in range(0, len(ids), args.batch)])
+            pred = torch.cat([judge.predict(images[s : s + args.batch]) for s in range(0, len(ids), args.batch)])
         fid = segmentation_metrics(pred, labels, classes.num_classes, classes.ignore_index)
-        rows[name] = {"mean_abs_dx0": float((images - plain).abs().mean()), "fidelity_miou": fid.miou,
-                      "time_s": secs, "time_vs_plain": secs / plain_secs,
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        rows[name] = {
+            "mean_abs_dx0": float((images - plain).abs().mean()),
+            "fidelity_miou": fid.miou,
+            "time_s": secs,
+            "time_vs_plain": secs / plain_secs,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
     print(f"{'setting':<18} {'mean|Δx̂0|':>11} {'fidelity':>9} {'time×plain':>11} {'peak MiB':>9}")
     for name, r in rows.items():
-        print(f"{name:<18} {r['mean_abs_dx0']:>11.5f} {r['fidelity_miou']:>9.3f} {r['time_vs_plain']:>11.2f} "
-              f"{r['peak_rss_mib']:>9.0f}")
+        print(
+            f"{name:<18} {r['mean_abs_dx0']:>11.5f} {r['fidelity_miou']:>9.3f} {r['time_vs_plain']:>11.2f} "
+            f"{r['peak_rss_mib']:>9.0f}"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return rows

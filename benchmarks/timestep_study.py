@@ -64,7 +64,7 @@ def fidelity(judge, images: torch.Tensor, labels: torch.Tensor, classes) -> floa
     from todsynth.segment.metrics import segmentation_metrics
 
     with torch.no_grad():
-        pred = torch.cat([judge(images[i:i + 16]).argmax(1) for i in range(0, len(images), 16)])
+        pred = torch.cat([judge(images[i : i + 16]).argmax(1) for i in range(0, len(images), 16)])
     return float(segmentation_metrics(pred, labels, classes.num_classes, classes.ignore_index).miou)
 
 
@@ -85,8 +85,12 @@ def study_variant(name: str, settings, root: Path, judge, n: int, crfm_steps: in
     labels, prompts, _, classes = load_masks(data["layouts"], "Train", settings.data.size)
     labels, prompts = labels[:n], prompts[:n]
     seeds = list(range(n))
-    row = {"variant": name, "generator_wall_time_s": gen.get("wall_time_s"),
-           "loss_by_t": loss_by_timestep(pipe, real.images, real.labels, real.prompts), "shifts": {}}
+    row = {
+        "variant": name,
+        "generator_wall_time_s": gen.get("wall_time_s"),
+        "loss_by_t": loss_by_timestep(pipe, real.images, real.labels, real.prompts),
+        "shifts": {},
+    }
     for shift in SHIFTS:
         frames: list[torch.Tensor] = []
 
@@ -99,8 +103,16 @@ def study_variant(name: str, settings, root: Path, judge, n: int, crfm_steps: in
         t_plain = time.perf_counter() - t0
         t0 = time.perf_counter()
         crfm_cfg = CRFMConfig(steps=crfm_steps, alpha_max=settings.synthesis.crfm.alpha_max)
-        crfm = crfm_sample(pipe, segmenter, labels, crfm_cfg, prompts=prompts, seeds=seeds,
-                           num_steps=settings.synthesis.num_steps, shift=shift)
+        crfm = crfm_sample(
+            pipe,
+            segmenter,
+            labels,
+            crfm_cfg,
+            prompts=prompts,
+            seeds=seeds,
+            num_steps=settings.synthesis.num_steps,
+            shift=shift,
+        )
         t_crfm = time.perf_counter() - t0
         row["shifts"][str(shift)] = {
             "x0_fidelity": [fidelity(judge, f, labels, classes) for f in frames],
@@ -128,8 +140,11 @@ def write_strips(rows: list[dict], classes, path: Path) -> None:
         labels, frames, final = row.pop("_strip")
         for j in range(4):
             ax = axes[4 * r + j]
-            tiles = [colorize(labels[j].numpy(), classes)] + [to_uint8(f[j].cpu()) for f in frames] + [
-                to_uint8(final[j].cpu())]
+            tiles = (
+                [colorize(labels[j].numpy(), classes)]
+                + [to_uint8(f[j].cpu()) for f in frames]
+                + [to_uint8(final[j].cpu())]
+            )
             for c, tile in enumerate(tiles):
                 ax[c].imshow(tile)
                 ax[c].set_xticks([])
@@ -165,8 +180,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name, over in VARIANTS.items():
         if args.only and name not in args.only:
             continue
-        rows.append(study_variant(name, settings_from({**base, **over}, name), args.out, judge, args.n,
-                                  args.crfm_steps))
+        rows.append(
+            study_variant(name, settings_from({**base, **over}, name), args.out, judge, args.n, args.crfm_steps)
+        )
     from todsynth.data.classes import LOVEDA
 
     write_strips(rows, LOVEDA, args.out / "timestep_strips.png")
@@ -183,16 +199,25 @@ def report(rows: list[dict], k: int) -> None:
         print(f"  {row['variant']:<28} " + " ".join(f"{v:.3f}" for v in row["loss_by_t"]))
     for shift in SHIFTS:
         key = str(shift)
-        print(f"\nshift {shift}: judge mIoU of x̂0 at steps 0..{FIRST_STEPS - 1} | final plain | final CRFM k={k} "
-              f"| CRFM time × plain")
+        print(
+            f"\nshift {shift}: judge mIoU of x̂0 at steps 0..{FIRST_STEPS - 1} | final plain | final CRFM k={k} "
+            f"| CRFM time × plain"
+        )
         for row in rows:
             d = row["shifts"][key]
             x0 = " ".join(f"{v:.3f}" for v in d["x0_fidelity"])
-            print(f"  {row['variant']:<28} {x0} | {d['plain_fidelity']:.3f} | {d['crfm_fidelity']:.3f} | "
-                  f"{d['crfm_time_ratio']:.2f}")
-    print("(gain of CRFM over plain per variant, shift 1: " + ", ".join(
-        f"{r['variant']}: {r['shifts']['1.0']['crfm_fidelity'] - r['shifts']['1.0']['plain_fidelity']:+.3f}"
-        for r in rows) + ")")
+            print(
+                f"  {row['variant']:<28} {x0} | {d['plain_fidelity']:.3f} | {d['crfm_fidelity']:.3f} | "
+                f"{d['crfm_time_ratio']:.2f}"
+            )
+    print(
+        "(gain of CRFM over plain per variant, shift 1: "
+        + ", ".join(
+            f"{r['variant']}: {r['shifts']['1.0']['crfm_fidelity'] - r['shifts']['1.0']['plain_fidelity']:+.3f}"
+            for r in rows
+        )
+        + ")"
+    )
 
 
 if __name__ == "__main__":

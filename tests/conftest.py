@@ -63,9 +63,9 @@ def toy_masks_16(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_generator_dir(tmp_path_factory) -> Path:
     """A saved generator (random weights, pixel space, 16 px, bundled MiniLM text encoder)."""
-    from tiny_models import save_tiny_generator
-
     from todsynth.data.classes import LOVEDA
+
+    from tiny_models import save_tiny_generator
 
     return save_tiny_generator(tmp_path_factory.mktemp("gen") / "generator", LOVEDA, jitter=0.05)
 
@@ -79,5 +79,6 @@ def tiny_segmenter_dir(tmp_path_factory) -> Path:
 
     torch.manual_seed(1)
     path = tmp_path_factory.mktemp("seg") / "segmenter"
-    Segmenter(SegmenterConfig(arch="segformer", encoder="tu-mobilenetv3_small_050", num_classes=7)).save_pretrained(path)
+    config = SegmenterConfig(arch="segformer", encoder="tu-mobilenetv3_small_050", num_classes=7)
+    Segmenter(config).save_pretrained(path)
     return path

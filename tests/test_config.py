@@ -17,9 +17,13 @@ from todsynth.generator.train import GeneratorTrainConfig
 from todsynth.synthesize import SynthesizeConfig
 
 # what each stage needs before it validates (nothing for a cell)
-REQUIRED = {"generator-train": {"data": "d"}, "generator-pretrain": {"data": "toy:4"},
-            "segment-train": {}, "synthesize": {"generator": "g", "masks": "m", "out": "o", "segmenter": "s"},
-            "experiment-cell": {}}
+REQUIRED = {
+    "generator-train": {"data": "d"},
+    "generator-pretrain": {"data": "toy:4"},
+    "segment-train": {},
+    "synthesize": {"generator": "g", "masks": "m", "out": "o", "segmenter": "s"},
+    "experiment-cell": {},
+}
 
 
 @pytest.mark.parametrize("stage", [s.value for s in StageName])
@@ -35,8 +39,20 @@ def test_config_show_reads_back_as_the_default_config(stage: str, tmp_path: Path
 
 def test_print_config_prints_the_resolved_settings_and_runs_nothing(tmp_path: Path) -> None:
     (tmp_path / "cfg.yaml").write_text("model: {num_layers: 6}\nsteps: 7\n")
-    args = ["generator", "train", "data", "--out", str(tmp_path / "run"), "--config", str(tmp_path / "cfg.yaml"),
-            "--set", "model.num_heads=2", "--control", "adapter", "--print-config"]
+    args = [
+        "generator",
+        "train",
+        "data",
+        "--out",
+        str(tmp_path / "run"),
+        "--config",
+        str(tmp_path / "cfg.yaml"),
+        "--set",
+        "model.num_heads=2",
+        "--control",
+        "adapter",
+        "--print-config",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "run").exists()
@@ -47,8 +63,9 @@ def test_print_config_prints_the_resolved_settings_and_runs_nothing(tmp_path: Pa
 
 
 def test_nested_and_dotted_settings_mean_the_same() -> None:
-    nested = build_config(CellSettings, {"generator": {"model": {"num_layers": 2}},
-                                         "synthesis": {"crfm": {"steps": 1}}})
+    nested = build_config(
+        CellSettings, {"generator": {"model": {"num_layers": 2}}, "synthesis": {"crfm": {"steps": 1}}}
+    )
     dotted = build_config(CellSettings, {"generator.model.num_layers": 2, "synthesis.crfm.steps": 1})
     assert nested == dotted and dotted.generator.model.num_layers == 2
     assert dotted.generator.model.num_heads == MMDiTArch().num_heads  # the rest keeps its defaults
@@ -64,14 +81,17 @@ def test_a_size_preset_fills_the_model_and_given_settings_win() -> None:
         load_config(GeneratorTrainConfig, None, {"data": "d", "model": "huge"})
 
 
-@pytest.mark.parametrize("cls, values, words", [
-    (GeneratorTrainConfig, {"data": "d", "num_layers": 3}, "did you mean 'model.num_layers'"),
-    (SynthesizeConfig, {"generator": "g", "masks": "m", "out": "o", "crfm_steps": 2}, "'crfm.steps'"),
-    (CellSettings, {"gen_layers": 2}, "unknown setting 'gen_layers'"),
-    (GeneratorTrainConfig, {"data": "d", "model.control": "quad"}, "'model.control' must be one of"),
-    (CellSettings, {"synthesis.crfm.schedule": "cubic"}, "'synthesis.crfm.schedule' must be one of"),
-    (SynthesizeConfig, {"generator": "g", "masks": "m", "out": "o", "transforms": "identity,spin"}, "transforms"),
-])
+@pytest.mark.parametrize(
+    "cls, values, words",
+    [
+        (GeneratorTrainConfig, {"data": "d", "num_layers": 3}, "did you mean 'model.num_layers'"),
+        (SynthesizeConfig, {"generator": "g", "masks": "m", "out": "o", "crfm_steps": 2}, "'crfm.steps'"),
+        (CellSettings, {"gen_layers": 2}, "unknown setting 'gen_layers'"),
+        (GeneratorTrainConfig, {"data": "d", "model.control": "quad"}, "'model.control' must be one of"),
+        (CellSettings, {"synthesis.crfm.schedule": "cubic"}, "'synthesis.crfm.schedule' must be one of"),
+        (SynthesizeConfig, {"generator": "g", "masks": "m", "out": "o", "transforms": "identity,spin"}, "transforms"),
+    ],
+)
 def test_unknown_names_and_choices_are_refused_by_their_dotted_name(cls, values, words) -> None:
     with pytest.raises(ConfigError, match=words):
         build_config(cls, values)

@@ -60,8 +60,9 @@ def test_output_does_not_depend_on_batch(pipe, segmenter):
     labels, seeds = masks(4), [7, 8, 9, 10]
     cfg = CRFMConfig(steps=2)
     whole = crfm_sample(pipe, segmenter, labels, cfg, seeds=seeds, num_steps=4)
-    parts = torch.cat([crfm_sample(pipe, segmenter, labels[i:i + 2], cfg, seeds=seeds[i:i + 2], num_steps=4)
-                       for i in (0, 2)])
+    parts = torch.cat(
+        [crfm_sample(pipe, segmenter, labels[i : i + 2], cfg, seeds=seeds[i : i + 2], num_steps=4) for i in (0, 2)]
+    )
     torch.testing.assert_close(whole, parts, rtol=0, atol=1e-5)
 
 
@@ -91,8 +92,9 @@ def test_step_size_schedules():
     assert step_size(0, dec, 10) == pytest.approx(0.09) and step_size(9, dec, 10) == pytest.approx(0.0)
 
 
-@pytest.mark.parametrize("bad", [dict(steps=-1), dict(alpha_max=float("nan")), dict(schedule="cosine"),
-                                 dict(inner_iters=0), dict(clamp=0.0)])
+@pytest.mark.parametrize(
+    "bad", [dict(steps=-1), dict(alpha_max=float("nan")), dict(schedule="cosine"), dict(inner_iters=0), dict(clamp=0.0)]
+)
 def test_bad_settings_are_refused(bad):
     from todsynth.config import build_config
 
@@ -106,8 +108,15 @@ def test_reference_preset_is_the_released_sampling_rule():
     from todsynth.crfm import CRFMCorrector, step_size
 
     ref = CRFMConfig.reference()
-    assert (ref.rule, ref.alpha_max, ref.schedule, ref.normalize, ref.shrink, ref.clamp, ref.inner_iters) == \
-        ("reference", 0.1, "linear_decreasing", False, False, 1.0, 1)
+    assert (ref.rule, ref.alpha_max, ref.schedule, ref.normalize, ref.shrink, ref.clamp, ref.inner_iters) == (
+        "reference",
+        0.1,
+        "linear_decreasing",
+        False,
+        False,
+        1.0,
+        1,
+    )
     assert CRFMConfig().rule == "relative" and CRFMConfig.reference(steps=2).steps == 2
     corrector = CRFMCorrector.__new__(CRFMCorrector)
     corrector.cfg = ref

@@ -18,8 +18,14 @@ def demo_out(tmp_path_factory) -> tuple[Path, dict]:
 
 def test_report_files_exist(demo_out):
     out, _ = demo_out
-    for name in ("report.md", "report.html", "results.json", "figures/per_class_iou.png", "figures/losses.png",
-                 "figures/samples.png"):
+    for name in (
+        "report.md",
+        "report.html",
+        "results.json",
+        "figures/per_class_iou.png",
+        "figures/losses.png",
+        "figures/samples.png",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
 
 
@@ -71,7 +77,14 @@ def test_experiment_smoke_grid(tmp_path):
     compute = summary["compute"]  # every distinct stage once: data; per seed guidance, generator, synthesis,
     # downstream, and the judge with the fidelity of the synthetic pairs
     assert compute["stages"] == 2 * 6 + 1 and set(compute["by_kind"]) == {
-        "data", "guidance", "generator", "synthesis", "downstream", "judge", "fidelity"}
+        "data",
+        "guidance",
+        "generator",
+        "synthesis",
+        "downstream",
+        "judge",
+        "fidelity",
+    }
     assert compute["by_kind"]["guidance"]["stages"] == 2 and compute["seconds"] >= summary["wall_time_s"] * 0.5
     again = run_grid(grid, tmp_path / "exp", only=["main"], seeds=[0, 1], log=lambda m: None)
     assert again["compute"] == compute and again["wall_time_s"] < summary["wall_time_s"]
@@ -79,16 +92,24 @@ def test_experiment_smoke_grid(tmp_path):
 
 def test_builtin_paper_tables_config_expands():
     from todsynth.config import flatten
+    from todsynth.demo import BUDGETS
     from todsynth.experiment import CellSettings, settings_from
     from todsynth.grid import expand, load_grid
-
-    from todsynth.demo import BUDGETS
 
     grid = load_grid("paper-tables")
     assert grid["base"] == BUDGETS["demo"]  # the main table's seed 0 is the demo
     tables = expand(grid)
-    assert {"main", "control", "crfm_steps", "crfm_schedule", "ratio", "filtering", "few_shot", "protocol",
-            "balance"} <= set(tables)
+    assert {
+        "main",
+        "control",
+        "crfm_steps",
+        "crfm_schedule",
+        "ratio",
+        "filtering",
+        "few_shot",
+        "protocol",
+        "balance",
+    } <= set(tables)
     assert list(tables["crfm_steps"]) == [f"synthesis.crfm.steps={k}" for k in (0, 2, 4, 6)]
     for cells in tables.values():
         for over in cells.values():
@@ -108,6 +129,9 @@ def test_cache_made_from_a_relative_folder_works_from_another_directory(tmp_path
     first = run_cell(cell, "exp", log=lambda m: None)
     assert Path(first["data"]["real"]).is_absolute()
     monkeypatch.chdir(tmp_path / "b")  # a new downstream stage opens the cached data from elsewhere
-    again = run_cell(dataclasses.replace(cell, downstream=dataclasses.replace(cell.downstream, real_share=0.25)),
-                     tmp_path / "a" / "exp", log=lambda m: None)
+    again = run_cell(
+        dataclasses.replace(cell, downstream=dataclasses.replace(cell.downstream, real_share=0.25)),
+        tmp_path / "a" / "exp",
+        log=lambda m: None,
+    )
     assert again["data"] == first["data"] and 0 <= again["metrics"]["mIoU"] <= 1

@@ -8,8 +8,15 @@ from pathlib import Path
 
 from todsynth.config import flatten
 from todsynth.demo import BUDGETS
-from todsynth.experiment import (CellSettings, base_config, generator_config, resolve_counts, run_cell, settings_from,
-                                 stage_key)
+from todsynth.experiment import (
+    CellSettings,
+    base_config,
+    generator_config,
+    resolve_counts,
+    run_cell,
+    settings_from,
+    stage_key,
+)
 from todsynth.grid import expand, load_grid
 
 ROOT = Path("exp")
@@ -69,8 +76,14 @@ def test_generator_keys_follow_the_base_settings_only_when_pretrained():
 
 
 def test_a_pretrained_cell_runs_end_to_end_and_reuses_its_base(tmp_path):
-    tiny = {**flatten(CellSettings, BUDGETS["tiny"]), "init": "pretrained", "base.pool": 8, "base.steps": 2,
-            "base.batch_size": 4, "synth": "plain"}
+    tiny = {
+        **flatten(CellSettings, BUDGETS["tiny"]),
+        "init": "pretrained",
+        "base.pool": 8,
+        "base.steps": 2,
+        "base.batch_size": 4,
+        "synth": "plain",
+    }
     s = cell(tiny)
     logs: list[str] = []
     first = run_cell(s, tmp_path, log=logs.append)
@@ -90,8 +103,14 @@ def test_markdown_reports_pretraining_apart(tmp_path):
     from todsynth.grid import write_markdown
 
     cell = {"table": "t", "cell": "c", "n_seeds": 1, "mIoU": {"mean": 0.5, "std": 0.0}, "IoU": {"a": {"mean": 0.5}}}
-    summary = {"cells": [cell], "compute": {"seconds": 600.0, "stages": 3, "by_kind": {
-        "base": {"stages": 1, "seconds": 420.0}, "generator": {"stages": 2, "seconds": 180.0}}}}
+    summary = {
+        "cells": [cell],
+        "compute": {
+            "seconds": 600.0,
+            "stages": 3,
+            "by_kind": {"base": {"stages": 1, "seconds": 420.0}, "generator": {"stages": 2, "seconds": 180.0}},
+        },
+    }
     write_markdown(tmp_path / "r.md", summary, [{"table": "t", "cell": "c", "metrics": {"mIoU": 0.5}}])
     text = (tmp_path / "r.md").read_text()
     assert "pretraining (one-time" in text and "7.0 min over 1 base(s)" in text

@@ -29,19 +29,30 @@ def write_tif(path: Path, bands: np.ndarray, **profile) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     c, h, w = bands.shape
-    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=c, dtype=bands.dtype,
-                       crs="EPSG:32633", transform=from_origin(500000, 0, 10, 10), **profile) as dst:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=w,
+        height=h,
+        count=c,
+        dtype=bands.dtype,
+        crs="EPSG:32633",
+        transform=from_origin(500000, 0, 10, 10),
+        **profile,
+    ) as dst:
         dst.write(bands)
 
 
-def write_dataset(root: Path, dtype: str = "uint16", n: int = 6, nodata: float | None = None,
-                  data_yaml: str = DATA_YAML) -> Path:
+def write_dataset(
+    root: Path, dtype: str = "uint16", n: int = 6, nodata: float | None = None, data_yaml: str = DATA_YAML
+) -> Path:
     """n 16 px tiles of 4 bands whose values follow 3 classes (stripes), index masks, classes.yaml, data.yaml."""
     rng = np.random.default_rng(0)
     for i in range(n):
         label = np.zeros((16, 16), np.uint8)
-        label[:, 5 + i % 3:11] = 1
-        label[10 + i % 4:] = 2
+        label[:, 5 + i % 3 : 11] = 1
+        label[10 + i % 4 :] = 2
         base = np.array([[800, 1500, 2500, 6000], [3000, 2800, 2600, 1200], [500, 900, 400, 300]], np.float64)
         bands = base[label].transpose(2, 0, 1) + rng.normal(0, 150, (4, 16, 16))
         if dtype == "float32":
@@ -62,8 +73,18 @@ def write_dataset(root: Path, dtype: str = "uint16", n: int = 6, nodata: float |
 def seg_cfg(data: Path, out: Path, **kw):
     from todsynth.segment.train import SegmentTrainConfig
 
-    base = dict(data=str(data), out=str(out), arch="segformer", encoder=TINY_ENCODER, size=16, steps=2,
-                batch_size=2, device="cpu", log_every=1, checkpoint_every=10)
+    base = dict(
+        data=str(data),
+        out=str(out),
+        arch="segformer",
+        encoder=TINY_ENCODER,
+        size=16,
+        steps=2,
+        batch_size=2,
+        device="cpu",
+        log_every=1,
+        checkpoint_every=10,
+    )
     return SegmentTrainConfig(**{**base, **kw})
 
 
@@ -87,10 +108,21 @@ def generator(four_band: Path, tmp_path_factory) -> Path:
     from todsynth.generator.train import GeneratorTrainConfig, train_generator
 
     out = tmp_path_factory.mktemp("gen") / "run"
-    train_generator(GeneratorTrainConfig(data=str(four_band), out=str(out), size=16, steps=2, batch_size=2,
-                                         model=MMDiTArch(num_layers=1, num_heads=2, head_dim=8),
-                                         val_every=0, checkpoint_every=2,
-                                         progress=False, warmup_steps=0, text_max_length=8))
+    train_generator(
+        GeneratorTrainConfig(
+            data=str(four_band),
+            out=str(out),
+            size=16,
+            steps=2,
+            batch_size=2,
+            model=MMDiTArch(num_layers=1, num_heads=2, head_dim=8),
+            val_every=0,
+            checkpoint_every=2,
+            progress=False,
+            warmup_steps=0,
+            text_max_length=8,
+        )
+    )
     return out / "model"
 
 
@@ -130,13 +162,20 @@ def test_segmenter_trains_on_four_bands_and_stores_the_stretch(four_band: Path, 
     assert evaluate_segmenter(model, subset, batch_size=2).miou == evaluate_segmenter(model, direct, batch_size=2).miou
 
 
-@pytest.mark.parametrize(("data_yaml", "words"), [
-    ("bands: [3, 2, 1, 4]\nscale: [0, 10000]\n", "mode: data 'fixed' vs model 'stretch'"),
-    ("bands: [3, 2, 1, 4]\nstretch: {percentiles: [1, 99]}\n", "percentiles: data [1.0, 99.0] vs model [2.0, 98.0]"),
-    ("bands: [3, 2, 1]\nstretch: {percentiles: [2, 98]}\n", "bands: data 3 vs model 4"),
-])
+@pytest.mark.parametrize(
+    ("data_yaml", "words"),
+    [
+        ("bands: [3, 2, 1, 4]\nscale: [0, 10000]\n", "mode: data 'fixed' vs model 'stretch'"),
+        (
+            "bands: [3, 2, 1, 4]\nstretch: {percentiles: [1, 99]}\n",
+            "percentiles: data [1.0, 99.0] vs model [2.0, 98.0]",
+        ),
+        ("bands: [3, 2, 1]\nstretch: {percentiles: [2, 98]}\n", "bands: data 3 vs model 4"),
+    ],
+)
 def test_eval_refuses_data_whose_data_yaml_differs_from_the_stored_normalisation(
-        four_band: Path, segmenter: Path, tmp_path: Path, data_yaml: str, words: str) -> None:
+    four_band: Path, segmenter: Path, tmp_path: Path, data_yaml: str, words: str
+) -> None:
     """Changing data.yaml after training (scaling, percentiles, band count) is refused, naming data.yaml."""
     from todsynth.segment.model import Segmenter
     from todsynth.segment.train import evaluate_segmenter
@@ -159,8 +198,9 @@ def test_an_rgb_model_refuses_four_band_data(four_band: Path, tiny_segmenter_dir
         evaluate_segmenter(Segmenter.from_pretrained(tiny_segmenter_dir), four_band)
 
 
-def test_generator_synthesizes_four_band_uint16_geotiffs(four_band: Path, generator: Path, segmenter: Path,
-                                                          tmp_path: Path) -> None:
+def test_generator_synthesizes_four_band_uint16_geotiffs(
+    four_band: Path, generator: Path, segmenter: Path, tmp_path: Path
+) -> None:
     """Plain and CRFM synthesis write 4-band uint16 GeoTIFFs and a data.yaml; the same reader reads them with the
     source's dtype and band count, and the segmenter evaluates them with its stored normalisation."""
     from todsynth.generator.pipeline import MaskToImagePipeline
@@ -173,15 +213,19 @@ def test_generator_synthesizes_four_band_uint16_geotiffs(four_band: Path, genera
     assert pipe.normalisation == Segmenter.from_pretrained(segmenter).normalisation  # same split, same stretch
     for name, crfm in (("plain", 0), ("crfm", 1)):
         out = tmp_path / name
-        values = dict(generator=str(generator), masks=str(four_band), out=str(out), num_steps=2, limit=2,
-                      **{"crfm.steps": crfm})
+        values = dict(
+            generator=str(generator), masks=str(four_band), out=str(out), num_steps=2, limit=2, **{"crfm.steps": crfm}
+        )
         if crfm:
             values["segmenter"] = str(segmenter)
         result = synthesize(build_synthesize_config(values), progress=False)
         assert result.made == 2
         assert sorted(p.suffix for p in (out / "images").iterdir()) == [".tif", ".tif"]
         assert yaml.safe_load((out / "data.yaml").read_text()) == {
-            "bands": [1, 2, 3, 4], "stretch": {"percentiles": [2.0, 98.0]}, "rgb": [1, 2, 3]}
+            "bands": [1, 2, 3, 4],
+            "stretch": {"percentiles": [2.0, 98.0]},
+            "rgb": [1, 2, 3],
+        }
         assert check_dataset(out).ok
         ds = FolderDataset(out)
         sample = ds[0]

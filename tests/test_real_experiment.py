@@ -11,17 +11,20 @@ import numpy as np
 import pytest
 import torch
 
+from todsynth.config import flatten
 from todsynth.data.classes import LOVEDA
 from todsynth.data.readers import open_dataset
 from todsynth.data.split import read_split
 from todsynth.data.toy import write_toy_dataset
 from todsynth.demo import BUDGETS
 from todsynth.errors import ConfigError, DataError
-from todsynth.config import flatten
 from todsynth.experiment import CellSettings, DataSettings, run_cell, settings_from, stage_data
 
-TINY = {k: v for k, v in flatten(CellSettings, BUDGETS["tiny"]).items()
-        if k not in ("data.n_real", "data.n_layouts", "data.n_test")}
+TINY = {
+    k: v
+    for k, v in flatten(CellSettings, BUDGETS["tiny"]).items()
+    if k not in ("data.n_real", "data.n_layouts", "data.n_test")
+}
 DATA = {f.name for f in dataclasses.fields(DataSettings)} - {"seed"}
 
 
@@ -110,10 +113,16 @@ def test_a_count_larger_than_the_data_is_a_config_error(real, tmp_path):
 def test_a_grid_checks_every_cell_before_running_the_first(real, tmp_path):
     from todsynth.grid import run_grid
 
-    grid = {"_source": "my-grid.yaml", "seeds": [0], "base": {**TINY, "data.real_data": str(real),
-                                                              "data.test_data": str(real), "data.n_test": 3},
-            "tables": {"main": {"cells": {"real only": {"synth": "none"}, "oracle": {"synth": "oracle",
-                                                                                    "data.layouts_data": str(real)}}}}}
+    grid = {
+        "_source": "my-grid.yaml",
+        "seeds": [0],
+        "base": {**TINY, "data.real_data": str(real), "data.test_data": str(real), "data.n_test": 3},
+        "tables": {
+            "main": {
+                "cells": {"real only": {"synth": "none"}, "oracle": {"synth": "oracle", "data.layouts_data": str(real)}}
+            }
+        },
+    }
     with pytest.raises(ConfigError, match="oracle_data") as e:
         run_grid(grid, tmp_path / "exp", log=lambda m: None)
     assert str(e.value.path) == "my-grid.yaml: main/oracle" and not (tmp_path / "exp").exists()
@@ -129,8 +138,7 @@ def test_oracle_takes_the_layouts_real_images(real, tmp_path):
 
 
 def test_oracle_data_without_the_layout_ids_is_a_data_error(real, tmp_path):
-    other = write_toy_dataset(tmp_path / "layouts", n=4, size=16, seed=3, layout="folder", label_only=True,
-                              start=100)
+    other = write_toy_dataset(tmp_path / "layouts", n=4, size=16, seed=3, layout="folder", label_only=True, start=100)
     s = cell(real, n_real=4, layouts_data=str(other), oracle_data=str(real), synth="oracle")
     with pytest.raises(DataError, match="oracle_data has no image for 4 of the 4 layouts") as e:
         run_cell(s, tmp_path / "exp", log=lambda m: None)
@@ -154,8 +162,9 @@ def test_eval_predicts_at_the_recorded_size(tmp_path, monkeypatch):
 
     big = write_toy_dataset(tmp_path / "big", n=4, size=32, seed=1, layout="folder")
     ds = open_dataset(big)
-    cfg = seg_train.SegmentTrainConfig(arch="segformer", encoder="tu-mobilenetv3_small_050", size=16, steps=2,
-                                       batch_size=2, device="cpu")
+    cfg = seg_train.SegmentTrainConfig(
+        arch="segformer", encoder="tu-mobilenetv3_small_050", size=16, steps=2, batch_size=2, device="cpu"
+    )
     model = seg_train.train_on_samples(ds, ds.classes, cfg).model
     model.save_pretrained(tmp_path / "model")
     loaded = Segmenter.from_pretrained(tmp_path / "model")
@@ -178,8 +187,9 @@ class TorchGeoShaped(torch.utils.data.Dataset):
 
     def __init__(self, n: int = 6, size: int = 16, channels: int = 3):
         rng = np.random.default_rng(0)
-        self.images = [torch.from_numpy(rng.integers(0, 256, (channels, size, size)).astype(np.float32))
-                       for _ in range(n)]
+        self.images = [
+            torch.from_numpy(rng.integers(0, 256, (channels, size, size)).astype(np.float32)) for _ in range(n)
+        ]
         self.masks = [torch.from_numpy(rng.integers(0, 4, (size, size))).long() for _ in range(n)]
 
     def __len__(self) -> int:
@@ -194,8 +204,9 @@ def test_torchgeo_items_become_samples_and_train_a_segmenter():
     from todsynth.segment.train import SegmentTrainConfig, evaluate_segmenter, train_on_samples
 
     raw = TorchGeoShaped()
-    cfg = SegmentTrainConfig(arch="segformer", encoder="tu-mobilenetv3_small_050", size=16, steps=2, batch_size=2,
-                             device="cpu")
+    cfg = SegmentTrainConfig(
+        arch="segformer", encoder="tu-mobilenetv3_small_050", size=16, steps=2, batch_size=2, device="cpu"
+    )
     with pytest.raises(DataError, match="TorchGeoSamples"):  # not a raw KeyError('label')
         train_on_samples(raw, LOVEDA, cfg)
     samples = TorchGeoSamples(raw, ["grass", "road", "roof"])

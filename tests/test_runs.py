@@ -19,7 +19,7 @@ def test_cosine_ramp_equals_the_lambda_lr_it_replaced_float_for_float():
     """The generator's schedule: what LambdaLR(warm-up (s+1)/(w+1), then cosine) set, bit for bit."""
     for base, warmup, total in ((3e-4, 20, 400), (1e-3, 2, 40), (0.05, 0, 7), (3e-3, 5, 5)):
 
-        def factor(step: int) -> float:
+        def factor(step: int, warmup: int = warmup, total: int = total) -> float:
             if step < warmup:
                 return (step + 1) / (warmup + 1)
             return 0.5 * (1 + math.cos(math.pi * min((step - warmup) / max(total - warmup, 1), 1.0)))
@@ -41,8 +41,11 @@ def test_segmenter_schedules_keep_their_numbers(schedule: str):
             expected = base * (step + 1) / warmup
         else:
             progress = (step - warmup) / max(1, total - warmup)
-            expected = (base * 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine"
-                        else base * (1.0 - progress) ** power)
+            expected = (
+                base * 0.5 * (1.0 + math.cos(math.pi * progress))
+                if schedule == "cosine"
+                else base * (1.0 - progress) ** power
+            )
         assert lr_at(step, total, base, warmup, schedule, power) == expected
     assert lr_at(0, 10, 1.0, 2, "poly") == 0.5 and lr_at(1, 10, 1.0, 2, "poly") == 1.0
     assert lr_at(5, 10, 1.0, 0, "cosine") == pytest.approx(0.5)
@@ -66,8 +69,13 @@ def test_settings_check_skips_resume_free_fields_and_compares_nested_ones_flat(t
     saved = {"lr": 0.1, "out": "a", "inner": {"depth": 2, "every": 5}}
     check_settings(saved, {"lr": 0.1, "out": "b", "inner": {"depth": 2, "every": 9}}, free, tmp_path / "s.json", "x")
     with pytest.raises(CheckpointError, match=r"other settings \(inner.depth: 2 -> 3; lr: 0.1 -> 0.2\)") as info:
-        check_settings(saved, {"lr": 0.2, "out": "a", "inner": {"depth": 3, "every": 5}}, free, tmp_path / "s.json",
-                       "the checkpoint")
+        check_settings(
+            saved,
+            {"lr": 0.2, "out": "a", "inner": {"depth": 3, "every": 5}},
+            free,
+            tmp_path / "s.json",
+            "the checkpoint",
+        )
     assert info.value.path == tmp_path / "s.json" and info.value.fix
     with pytest.raises(CheckpointError, match="no settings record"):
         check_settings([1, 2], {}, free, tmp_path / "s.json", "the checkpoint")

@@ -15,8 +15,17 @@ from todsynth.synthesize import OutputFolder, build_synthesize_config, filter_ma
 
 
 def cfg_for(gen: Path, masks: Path, out: Path, seg: Path | None = None, **kw):
-    values = dict(generator=str(gen), masks=str(masks), out=str(out), num_steps=4, copies=2, batch_size=3,
-                  transforms=["identity", "hflip"], limit=3, **{"crfm.steps": 2 if seg else 0})
+    values = dict(
+        generator=str(gen),
+        masks=str(masks),
+        out=str(out),
+        num_steps=4,
+        copies=2,
+        batch_size=3,
+        transforms=["identity", "hflip"],
+        limit=3,
+        **{"crfm.steps": 2 if seg else 0},
+    )
     if seg:
         values["segmenter"] = str(seg)
     values.update(kw)
@@ -24,16 +33,18 @@ def cfg_for(gen: Path, masks: Path, out: Path, seg: Path | None = None, **kw):
 
 
 def files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.parent.name in ("images", "masks")}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.parent.name in ("images", "masks")
+    }
 
 
 def test_output_is_a_valid_dataset_with_manifest(tiny_generator_dir, tiny_segmenter_dir, toy_masks_16, tmp_path):
     from todsynth.data.check import validate_dataset
     from todsynth.data.readers import FolderDataset
 
-    summary = synthesize(cfg_for(tiny_generator_dir, toy_masks_16, tmp_path / "s", tiny_segmenter_dir),
-                         progress=False)
+    summary = synthesize(cfg_for(tiny_generator_dir, toy_masks_16, tmp_path / "s", tiny_segmenter_dir), progress=False)
     assert summary.made == 3 * 2 * 2 == summary.in_manifest
     ds = FolderDataset(tmp_path / "s")
     validate_dataset(ds)
@@ -98,8 +109,16 @@ def test_filtering_and_hard_resampling_write_records(tiny_generator_dir, tiny_se
 
     stats = tmp_path / "stats.json"
     write_json(stats, {"class_mean_loss": [0.5, 3.0, 0.5, 0.5, 0.5, 0.5, 0.5], "ignore_index": 255})
-    cfg = cfg_for(tiny_generator_dir, toy_masks_16, tmp_path / "f", tiny_segmenter_dir, filter_stats=str(stats),
-                  reject_ignored_fraction=0.99, hard_resample=True, transforms=["identity"])
+    cfg = cfg_for(
+        tiny_generator_dir,
+        toy_masks_16,
+        tmp_path / "f",
+        tiny_segmenter_dir,
+        filter_stats=str(stats),
+        reject_ignored_fraction=0.99,
+        hard_resample=True,
+        transforms=["identity"],
+    )
     summary = synthesize(cfg, progress=False)
     recs = [json.loads(x) for x in (tmp_path / "f" / "manifest.jsonl").read_text().splitlines()]
     assert len(recs) == summary.planned and all(r["filter"] is not None for r in recs)
@@ -107,16 +126,51 @@ def test_filtering_and_hard_resampling_write_records(tiny_generator_dir, tiny_se
 
 @pytest.mark.slow
 def test_two_processes_give_identical_files(tiny_generator_dir, tiny_segmenter_dir, toy_masks_16, tmp_path):
-    args = ["synthesize", str(tiny_generator_dir), str(toy_masks_16), "--num-steps", "3", "--copies", "1",
-            "--set", "limit=4", "--batch-size", "3", "--segmenter", str(tiny_segmenter_dir), "--crfm-steps", "1"]
+    args = [
+        "synthesize",
+        str(tiny_generator_dir),
+        str(toy_masks_16),
+        "--num-steps",
+        "3",
+        "--copies",
+        "1",
+        "--set",
+        "limit=4",
+        "--batch-size",
+        "3",
+        "--segmenter",
+        str(tiny_segmenter_dir),
+        "--crfm-steps",
+        "1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "todsynth.cli.main"]
-    two = subprocess.run(launch + args[:3] + [str(tmp_path / "two")] + args[3:], env=env, capture_output=True,
-                         text=True, timeout=600)
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "todsynth.cli.main",
+    ]
+    two = subprocess.run(
+        launch + args[:3] + [str(tmp_path / "two")] + args[3:], env=env, capture_output=True, text=True, timeout=600
+    )
     assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "todsynth.cli.main"] + args[:3] + [str(tmp_path / "one")] + args[3:],
-                         env=env, capture_output=True, text=True, timeout=600)
+    one = subprocess.run(
+        [sys.executable, "-m", "todsynth.cli.main"] + args[:3] + [str(tmp_path / "one")] + args[3:],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     assert files(tmp_path / "one") == files(tmp_path / "two") and len(files(tmp_path / "one")) == 8
     assert (tmp_path / "two" / "manifest.jsonl").read_text() == (tmp_path / "one" / "manifest.jsonl").read_text()

@@ -16,10 +16,21 @@ def save_tiny_generator(path: Path, classes, num_layers: int = 2, head_dim: int 
 
     torch.manual_seed(0)
     text = MiniLMTextEncoder(max_length=8)
-    model = MaskControlMMDiT(MMDiTConfig(in_channels=3, patch_size=2, sample_size=16, pos_embed_max_size=16,
-                                         num_layers=num_layers, num_heads=2, head_dim=head_dim,
-                                         joint_attention_dim=text.token_dim, pooled_projection_dim=text.pooled_dim,
-                                         num_classes=classes.num_classes, ignore_index=classes.ignore_index))
+    model = MaskControlMMDiT(
+        MMDiTConfig(
+            in_channels=3,
+            patch_size=2,
+            sample_size=16,
+            pos_embed_max_size=16,
+            num_layers=num_layers,
+            num_heads=2,
+            head_dim=head_dim,
+            joint_attention_dim=text.token_dim,
+            pooled_projection_dim=text.pooled_dim,
+            num_classes=classes.num_classes,
+            ignore_index=classes.ignore_index,
+        )
+    )
     if jitter:
         with torch.no_grad():
             for p in model.parameters():

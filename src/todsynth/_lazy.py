@@ -8,7 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 
-def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:
+def lazy_exports(
+    package: str, exports: dict[str, str]
+) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:
     """Module-level (__getattr__, __dir__, __all__) for `package`, exporting name -> submodule."""
 
     def __getattr__(name: str) -> Any:

@@ -27,13 +27,14 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optim.") 
     return out
 
 
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                           prefix: str = "optim.") -> None:
+def load_optimizer_tensors(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], prefix: str = "optim."
+) -> None:
     """Restore per-parameter optimizer state written by `optimizer_tensors`."""
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
         if name.startswith(prefix):
-            idx, key = name[len(prefix):].split(".", 1)
+            idx, key = name[len(prefix) :].split(".", 1)
             state.setdefault(int(idx), {})[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
@@ -45,11 +46,13 @@ class _ValuesOnCPU(TorchFunctionMode):
     tensors made from Python numbers stay on the CPU, every other factory (weights, buffers) makes meta tensors.
     """
 
-    VALUE_FACTORIES = frozenset({torch.linspace, torch.logspace, torch.tensor, torch.as_tensor, torch.asarray,
-                                 torch.scalar_tensor})
+    VALUE_FACTORIES = frozenset(
+        {torch.linspace, torch.logspace, torch.tensor, torch.as_tensor, torch.asarray, torch.scalar_tensor}
+    )
 
-    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         """Send the value factories to the CPU; the meta device context below handles the rest."""
         kwargs = dict(kwargs or {})
         if func in self.VALUE_FACTORIES and kwargs.get("device") is None:
@@ -74,21 +77,36 @@ def check_against_header(model: nn.Module, weights_path: str | Path, config_path
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
-    shapes = [f"{k}: config {list(expected[k])} vs weights {list(found[k])}"
-              for k in sorted(set(expected) & set(found)) if expected[k] != found[k]]
+    shapes = [
+        f"{k}: config {list(expected[k])} vs weights {list(found[k])}"
+        for k in sorted(set(expected) & set(found))
+        if expected[k] != found[k]
+    ]
     if missing or unexpected or shapes:
-        detail = "; ".join(f"{label}: {', '.join(items[:3])}{' …' if len(items) > 3 else ''}" for label, items in
-                           (("shape mismatch", shapes), ("not in the weights", missing),
-                            ("not in the config's model", unexpected)) if items)
-        raise CheckpointError(f"the sizes it gives do not match the weights in {weights_path} ({detail})",
-                              path=config_path, fix="use the config.json saved with these weights")
+        detail = "; ".join(
+            f"{label}: {', '.join(items[:3])}{' …' if len(items) > 3 else ''}"
+            for label, items in (
+                ("shape mismatch", shapes),
+                ("not in the weights", missing),
+                ("not in the config's model", unexpected),
+            )
+            if items
+        )
+        raise CheckpointError(
+            f"the sizes it gives do not match the weights in {weights_path} ({detail})",
+            path=config_path,
+            fix="use the config.json saved with these weights",
+        )
     unstored = {name: b.numel() * b.element_size() for name, b in model.named_buffers() if name not in expected}
     limit = max(weights_path.stat().st_size, UNSTORED_BUDGET)
     if sum(unstored.values()) > limit:
         biggest = max(unstored, key=unstored.__getitem__)
-        raise CheckpointError(f"the sizes it gives need {sum(unstored.values()) / 2**30:.1f} GiB of tensors the "
-                              f"weights do not hold (e.g. {biggest} {list(model.get_buffer(biggest).shape)})",
-                              path=config_path, fix="use the config.json saved with these weights")
+        raise CheckpointError(
+            f"the sizes it gives need {sum(unstored.values()) / 2**30:.1f} GiB of tensors the "
+            f"weights do not hold (e.g. {biggest} {list(model.get_buffer(biggest).shape)})",
+            path=config_path,
+            fix="use the config.json saved with these weights",
+        )
 
 
 def load_pretrained(build: Callable[[], M], weights_path: str | Path, config_path: str | Path) -> M:

@@ -38,8 +38,7 @@ def _coerce(name: str, value: Any, tp: Any, source: str, strict: bool = False) -
                 errors.append(e)
         if len(options) == 1:
             raise errors[0]
-        raise ConfigError(f"'{name}' must be {' or '.join(_describe(a) for a in options)}, got {value!r}",
-                          path=source)
+        raise ConfigError(f"'{name}' must be {' or '.join(_describe(a) for a in options)}, got {value!r}", path=source)
     if strict:
         return _check_exact(name, value, tp, source)
     if origin is typing.Literal:
@@ -67,11 +66,13 @@ def _coerce(name: str, value: Any, tp: Any, source: str, strict: bool = False) -
         except (TypeError, ValueError):
             f = None
         if f is None or isinstance(value, bool):
-            raise ConfigError(f"'{name}' must be {'an integer' if tp is int else 'a number'}, got {value!r}",
-                              path=source)
+            raise ConfigError(
+                f"'{name}' must be {'an integer' if tp is int else 'a number'}, got {value!r}", path=source
+            )
         if not math.isfinite(f) or (tp is int and f != int(f)):
-            raise ConfigError(f"'{name}' must be {'an integer' if tp is int else 'a finite number'}, got {value!r}",
-                              path=source)
+            raise ConfigError(
+                f"'{name}' must be {'an integer' if tp is int else 'a finite number'}, got {value!r}", path=source
+            )
         return int(f) if tp is int else f
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -97,8 +98,12 @@ def _describe(tp: Any) -> str:
 
 
 _EXACT_TYPES: dict[Any, tuple[tuple[type, ...], str]] = {
-    int: ((int,), "an integer"), float: ((int, float), "a number"), bool: ((bool,), "true or false"),
-    str: ((str,), "a string"), Path: ((str,), "a path string")}
+    int: ((int,), "an integer"),
+    float: ((int, float), "a number"),
+    bool: ((bool,), "true or false"),
+    str: ((str,), "a string"),
+    Path: ((str,), "a path string"),
+}
 
 
 def _check_exact(name: str, value: Any, tp: Any, source: str) -> Any:
@@ -117,8 +122,14 @@ def _check_exact(name: str, value: Any, tp: Any, source: str) -> Any:
     return _coerce(name, value, tp, source)
 
 
-def build_config(cls: type[C], values: dict[str, Any] | None = None, source: str = "config",
-                 strict: bool = False, check: bool = True, prefix: str = "") -> C:
+def build_config(
+    cls: type[C],
+    values: dict[str, Any] | None = None,
+    source: str = "config",
+    strict: bool = False,
+    check: bool = True,
+    prefix: str = "",
+) -> C:
     """Create `cls` from a mapping (nested mappings or dotted keys for nested configs): unknown or missing keys and
     wrongly typed values raise ConfigError naming the dotted setting; `check` runs the configs' validate().
 
@@ -139,10 +150,19 @@ def build_config(cls: type[C], values: dict[str, Any] | None = None, source: str
         elif head in fields and not rest:
             own[head] = value
         else:
-            raise ConfigError(f"unknown setting '{prefix}{key}'{_nearest(cls, str(key), prefix)}", path=source,
-                              fix=None if strict else "use a setting `todsynth config show STAGE` lists")
-    missing = [n for n, f in fields.items() if n not in own and n not in nested and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
+            raise ConfigError(
+                f"unknown setting '{prefix}{key}'{_nearest(cls, str(key), prefix)}",
+                path=source,
+                fix=None if strict else "use a setting `todsynth config show STAGE` lists",
+            )
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in own
+        and n not in nested
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ConfigError(f"missing setting(s) {[prefix + n for n in missing]}", path=source)
     kwargs = {k: _coerce(prefix + k, v, hints[k], source, strict) for k, v in own.items()}
@@ -184,8 +204,9 @@ def _preset(cls: type, name: str, setting: str, source: str) -> dict[str, Any]:
     """The settings of the preset `name` of the config class `cls` (its `PRESETS` registry)."""
     presets = getattr(cls, "PRESETS", {})
     if name not in presets:
-        raise ConfigError(f"'{setting}' must be a mapping of settings or one of {list(presets)}, got {name!r}",
-                          path=source)
+        raise ConfigError(
+            f"'{setting}' must be a mapping of settings or one of {list(presets)}, got {name!r}", path=source
+        )
     return _plain(presets[name])
 
 
@@ -213,8 +234,13 @@ def _nearest(cls: type, key: str, prefix: str) -> str:
     return "; did you mean " + " or ".join(f"'{prefix}{n}'" for n in near) + "?"
 
 
-def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                defaults: dict[str, Any] | None = None, check: bool = True) -> C:
+def load_config(
+    cls: type[C],
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    defaults: dict[str, Any] | None = None,
+    check: bool = True,
+) -> C:
     """`cls` from `defaults`, then a YAML file (optional), then `overrides` (e.g. from the CLI; None values are
     not given); keys are dotted names or nested mappings."""
     import yaml
@@ -229,8 +255,9 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[st
         except FileNotFoundError:
             raise ConfigError("config file not found", path=path, fix="check the --config path") from None
         except OSError as e:
-            raise ConfigError(f"cannot read the config file: {e.strerror}", path=path,
-                              fix="give a readable YAML file") from None
+            raise ConfigError(
+                f"cannot read the config file: {e.strerror}", path=path, fix="give a readable YAML file"
+            ) from None
         except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: e.g. a date like 2001-02-30
             raise ConfigError(f"not valid YAML: {e}", path=path, fix="fix the YAML syntax") from None
         if loaded is not None and not isinstance(loaded, dict):
@@ -247,14 +274,17 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value", fix="write e.g. --set lr=0.001 or "
-                              "--set model.num_layers=6")
+            raise ConfigError(
+                f"override {item!r} is not key=value", fix="write e.g. --set lr=0.001 or --set model.num_layers=6"
+            )
         k, v = item.split("=", 1)
         try:
             out[k.strip()] = yaml.safe_load(v)
         except (yaml.YAMLError, ValueError, RecursionError) as e:
-            raise ConfigError(f"override {item!r}: the value is not a YAML scalar or list ({e})",
-                              fix="quote strings, e.g. --set name='a b'") from None
+            raise ConfigError(
+                f"override {item!r}: the value is not a YAML scalar or list ({e})",
+                fix="quote strings, e.g. --set name='a b'",
+            ) from None
     return out
 
 
@@ -266,8 +296,9 @@ def config_from_file(cls: type[C], data: Any, path: str | Path, fix: str) -> C:
     naming `path`, with `fix` unless the check gave a more specific one.
     """
     if not isinstance(data, dict):
-        raise CheckpointError(f"expected a JSON object of setting: value, got {type(data).__name__}",
-                              path=path, fix=fix)
+        raise CheckpointError(
+            f"expected a JSON object of setting: value, got {type(data).__name__}", path=path, fix=fix
+        )
     try:
         return build_config(cls, data, str(path), strict=True)
     except TodsynthError as e:
@@ -280,12 +311,18 @@ def require(cond: bool, message: str, source: str = "config", fix: str | None = 
         raise ConfigError(message, path=source, fix=fix)
 
 
-def setting(default: Any = dataclasses.MISSING, *, help: str = "", resume_free: bool = False,
-            default_factory: Any = dataclasses.MISSING) -> Any:
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str = "",
+    resume_free: bool = False,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
     """A config field with its one-line `help` and whether a resumed run may change it (`resume_free`: the
     setting does not change the trajectory, e.g. logging intervals or the output folder)."""
-    return dataclasses.field(default=default, default_factory=default_factory,
-                             metadata={"help": help, "resume_free": resume_free})
+    return dataclasses.field(
+        default=default, default_factory=default_factory, metadata={"help": help, "resume_free": resume_free}
+    )
 
 
 def like(cls: type, name: str, default: Any = dataclasses.MISSING) -> Any:
@@ -333,8 +370,11 @@ def config_yaml(cfg: Any, defaults: Any = None, indent: str = "") -> str:
     for f in dataclasses.fields(cfg):
         value, default = getattr(cfg, f.name), getattr(defaults, f.name)
         if dataclasses.is_dataclass(hints[f.name]):
-            lines += [f"{indent}# {f.metadata.get('help', '')}".rstrip(), f"{indent}{f.name}:",
-                      config_yaml(value, default, indent + "  ")]
+            lines += [
+                f"{indent}# {f.metadata.get('help', '')}".rstrip(),
+                f"{indent}{f.name}:",
+                config_yaml(value, default, indent + "  "),
+            ]
             continue
         kind = _type_name(hints[f.name])
         shown = yaml.safe_dump(_plain_value(default), default_flow_style=True, width=10**6).split("\n")[0]

@@ -33,10 +33,13 @@ class CRFMConfig:
     alpha_max: float = setting(0.5, help="largest correction step size α")
     schedule: Schedule = setting("linear_decreasing", help="α over the k steps")
     inner_iters: int = setting(1, help="corrections per rectified step")
-    rule: Rule = setting("relative", help="relative: α scales the normalised gradient relative to v; reference: the "
-                                          "released code's v − α·g")
-    normalize: bool = setting(True, help="per-sample L2 normalisation of g (reference rule only; relative always "
-                                         "normalises)")
+    rule: Rule = setting(
+        "relative",
+        help="relative: α scales the normalised gradient relative to v; reference: the released code's v − α·g",
+    )
+    normalize: bool = setting(
+        True, help="per-sample L2 normalisation of g (reference rule only; relative always normalises)"
+    )
     shrink: bool = setting(False, help="v ← (1 − α)·v before the gradient step (reference option)")
     clamp: float | None = setting(None, help="clamp v to [−c, c] after the correction (reference: 1.0)")
     pixels: Literal["misclassified", "all"] = setting("misclassified", help="pixels the segmentation loss covers")
@@ -48,7 +51,7 @@ class CRFMConfig:
         require(self.clamp is None or (math.isfinite(self.clamp) and self.clamp > 0), "clamp must be > 0")
 
     @classmethod
-    def reference(cls, steps: int = 4) -> "CRFMConfig":
+    def reference(cls, steps: int = 4) -> CRFMConfig:
         """The released sampling path's rule: v ← clamp(v − α_i·g, −1, 1) with the raw (unnormalised)
         gradient g, α 0.1 linear-decreasing, no shrink, clamp 1, one inner iteration.
 
@@ -56,8 +59,15 @@ class CRFMConfig:
         does not override it; only the inner `control_rf_matching`'s own defaults (never used by the
         released path) normalise g. Set `normalize=True` / `shrink=True` for those variants.
         """
-        return cls(steps=steps, alpha_max=0.1, schedule="linear_decreasing", rule="reference", normalize=False,
-                   shrink=False, clamp=1.0)
+        return cls(
+            steps=steps,
+            alpha_max=0.1,
+            schedule="linear_decreasing",
+            rule="reference",
+            normalize=False,
+            shrink=False,
+            clamp=1.0,
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,8 +81,7 @@ def step_size(i: int, cfg: CRFMConfig, num_steps: int) -> float:
     return cfg.alpha_max * (frac if cfg.schedule == "linear_increasing" else 1 - frac)
 
 
-def segmentation_loss(logits: Tensor, labels: Tensor, ignore_index: int = 255,
-                      pixels: str = "misclassified") -> Tensor:
+def segmentation_loss(logits: Tensor, labels: Tensor, ignore_index: int = 255, pixels: str = "misclassified") -> Tensor:
     """Per-image mean CE over valid pixels that are (still) misclassified: [B]. 0 for a perfect image."""
     ce = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")  # [B, H, W]
     keep = labels != ignore_index
@@ -95,8 +104,16 @@ class CRFMCorrector:
     and its normalisation stay fp32.
     """
 
-    def __init__(self, decode, segmenter: torch.nn.Module, labels: Tensor, cfg: CRFMConfig, num_steps: int,
-                 ignore_index: int = 255, autocast: Callable[[], AbstractContextManager] = nullcontext):
+    def __init__(
+        self,
+        decode,
+        segmenter: torch.nn.Module,
+        labels: Tensor,
+        cfg: CRFMConfig,
+        num_steps: int,
+        ignore_index: int = 255,
+        autocast: Callable[[], AbstractContextManager] = nullcontext,
+    ):
         cfg.validate()
         self.decode, self.segmenter, self.labels = decode, segmenter.eval(), labels.long()
         self.autocast = autocast
@@ -146,16 +163,42 @@ class CRFMCorrector:
         return v
 
 
-def crfm_sample(pipe, segmenter: torch.nn.Module, labels: Tensor, cfg: CRFMConfig, prompts=None, seeds=None,
-                num_steps: int = 20, guidance_scale: float = 1.0, shift: float = 1.0, callback=None,
-                return_corrector: bool = False):
+def crfm_sample(
+    pipe,
+    segmenter: torch.nn.Module,
+    labels: Tensor,
+    cfg: CRFMConfig,
+    prompts=None,
+    seeds=None,
+    num_steps: int = 20,
+    guidance_scale: float = 1.0,
+    shift: float = 1.0,
+    callback=None,
+    return_corrector: bool = False,
+):
     """Sample images for `labels` with CRFM (cfg.steps = 0: plain sampling, bit for bit).
 
     The segmenter sees the decoded images in its own stored normalisation (`segmenter_input`)."""
-    corrector = CRFMCorrector(segmenter_input(pipe, segmenter), segmenter, labels.to(pipe.device), cfg, num_steps,
-                              pipe.classes.ignore_index, autocast=pipe.autocast)
-    images = pipe(labels, prompts, seeds=seeds, num_steps=num_steps, guidance_scale=guidance_scale, shift=shift,
-                  corrector=corrector if cfg.steps > 0 else None, num_corrected=cfg.steps, callback=callback)
+    corrector = CRFMCorrector(
+        segmenter_input(pipe, segmenter),
+        segmenter,
+        labels.to(pipe.device),
+        cfg,
+        num_steps,
+        pipe.classes.ignore_index,
+        autocast=pipe.autocast,
+    )
+    images = pipe(
+        labels,
+        prompts,
+        seeds=seeds,
+        num_steps=num_steps,
+        guidance_scale=guidance_scale,
+        shift=shift,
+        corrector=corrector if cfg.steps > 0 else None,
+        num_corrected=cfg.steps,
+        callback=callback,
+    )
     return (images, corrector) if return_corrector else images
 
 
@@ -173,8 +216,9 @@ def segmenter_input(pipe, segmenter: torch.nn.Module):
     return lambda latents: convert(pipe.autoencoder.decode(latents), source, target, what)
 
 
-def presynth_strip(pipe, segmenter, labels: Tensor, cfg: CRFMConfig, seeds, num_steps: int = 20,
-                   **kw) -> tuple[Tensor, list[Tensor]]:
+def presynth_strip(
+    pipe, segmenter, labels: Tensor, cfg: CRFMConfig, seeds, num_steps: int = 20, **kw
+) -> tuple[Tensor, list[Tensor]]:
     """Final images and the decoded x̂0 at every step (the 'pre-synth' previews), for figures."""
     frames: list[Tensor] = []
 

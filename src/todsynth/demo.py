@@ -19,20 +19,38 @@ from todsynth.experiment import CellSettings, mask_fidelity, run_cell, settings_
 
 BUDGETS: dict[str, dict[str, Any]] = {
     # the README demo: ≤ 10 minutes on 2 CPU cores (the generator: the "demo" size, MMDiTArch's defaults)
-    "demo": {"data": {"size": 32, "n_real": 16, "n_layouts": 200, "n_test": 64}, "judge_arch": "unet",
-             "segmenter": {"arch": "segformer", "steps": 250, "batch_size": 16, "class_weights": "sqrt_inverse"},
-             "generator": {"steps": 600, "batch_size": 16, "lr": 1e-3, "model": {"control": "adapter"}},
-             "synthesis": {"num_steps": 12, "crfm": {"steps": 3}}},
+    "demo": {
+        "data": {"size": 32, "n_real": 16, "n_layouts": 200, "n_test": 64},
+        "judge_arch": "unet",
+        "segmenter": {"arch": "segformer", "steps": 250, "batch_size": 16, "class_weights": "sqrt_inverse"},
+        "generator": {"steps": 600, "batch_size": 16, "lr": 1e-3, "model": {"control": "adapter"}},
+        "synthesis": {"num_steps": 12, "crfm": {"steps": 3}},
+    },
     # seconds: for tests
-    "tiny": {"data": {"size": 16, "n_real": 4, "n_layouts": 6, "n_test": 4}, "judge_arch": "unet",
-             "segmenter": {"arch": "segformer", "encoder": "tu-mobilenetv3_small_050", "steps": 3, "batch_size": 4,
-                           "class_weights": "sqrt_inverse"},
-             "generator": {"steps": 3, "batch_size": 4,
-                           "model": {"patch_size": 2, "num_layers": 1, "num_heads": 2, "head_dim": 8}},
-             "synthesis": {"num_steps": 3, "crfm": {"steps": 1}}},
+    "tiny": {
+        "data": {"size": 16, "n_real": 4, "n_layouts": 6, "n_test": 4},
+        "judge_arch": "unet",
+        "segmenter": {
+            "arch": "segformer",
+            "encoder": "tu-mobilenetv3_small_050",
+            "steps": 3,
+            "batch_size": 4,
+            "class_weights": "sqrt_inverse",
+        },
+        "generator": {
+            "steps": 3,
+            "batch_size": 4,
+            "model": {"patch_size": 2, "num_layers": 1, "num_heads": 2, "head_dim": 8},
+        },
+        "synthesis": {"num_steps": 3, "crfm": {"steps": 1}},
+    },
 }
-METHODS = (("real only", "none"), ("+ synthetic (plain)", "plain"), ("+ synthetic (CRFM)", "crfm"),
-           ("+ oracle renders", "oracle"))
+METHODS = (
+    ("real only", "none"),
+    ("+ synthetic (plain)", "plain"),
+    ("+ synthetic (CRFM)", "crfm"),
+    ("+ oracle renders", "oracle"),
+)
 
 
 def run_demo(out: str | Path, budget: str = "demo", seed: int = 0, log=print, **overrides) -> dict:
@@ -43,15 +61,20 @@ def run_demo(out: str | Path, budget: str = "demo", seed: int = 0, log=print, **
     t0 = time.perf_counter()
     values = {**flatten(CellSettings, BUDGETS[budget]), "seed": seed, **flatten(CellSettings, overrides)}
     base = settings_from(values, f"demo {budget}")
-    cells = {name: run_cell(dataclasses.replace(base, synth=kind), out, log, progress=budget != "tiny")
-             for name, kind in METHODS}
+    cells = {
+        name: run_cell(dataclasses.replace(base, synth=kind), out, log, progress=budget != "tiny")
+        for name, kind in METHODS
+    }
     data = stage_data(base, out, log)
     judge = stage_judge(base, data, out, log)
-    fidelity = {name: mask_fidelity(cells[name]["synthesis"]["path"], judge["model"], limit=base.data.n_layouts)
-                for name in ("+ synthetic (plain)", "+ synthetic (CRFM)", "+ oracle renders")}
+    fidelity = {
+        name: mask_fidelity(cells[name]["synthesis"]["path"], judge["model"], limit=base.data.n_layouts)
+        for name in ("+ synthetic (plain)", "+ synthetic (CRFM)", "+ oracle renders")
+    }
     results = {
         "protocol": "(ii) one synthetic image per new label-only layout",
-        "budget": budget, "settings": dataclasses.asdict(base),
+        "budget": budget,
+        "settings": dataclasses.asdict(base),
         "metrics": {name: c["metrics"] for name, c in cells.items()},
         "mask_fidelity": {name: f["mIoU"] for name, f in fidelity.items()},
         "judge": {"arch": base.judge_arch, "metrics_on_test": judge["metrics"]},
@@ -92,11 +115,16 @@ def make_figures(out: Path, s: CellSettings, cells: dict, results: dict) -> dict
     from todsynth.viz import plot_class_bars, plot_curves
 
     names = list(next(iter(results["metrics"].values()))["IoU"])
-    figs = {"bars": out / "figures" / "per_class_iou.png", "losses": out / "figures" / "losses.png",
-            "grid": out / "figures" / "samples.png"}
+    figs = {
+        "bars": out / "figures" / "per_class_iou.png",
+        "losses": out / "figures" / "losses.png",
+        "grid": out / "figures" / "samples.png",
+    }
     plot_class_bars(figs["bars"], names, {k: [m["IoU"][c] for c in names] for k, m in results["metrics"].items()})
-    curves = {f"segmenter: {k}": _xy(c["downstream"]["loss_history"] if "downstream" in c else c["guidance"]["loss_history"])
-              for k, c in cells.items()}
+    curves = {
+        f"segmenter: {k}": _xy(c["downstream"]["loss_history"] if "downstream" in c else c["guidance"]["loss_history"])
+        for k, c in cells.items()
+    }
     gen_hist = _generator_history(cells["+ synthetic (CRFM)"]["generator"]["model"])
     if gen_hist:
         curves["generator (flow matching)"] = gen_hist
@@ -162,18 +190,27 @@ def write_demo_report(out: Path, results: dict, figures: dict[str, Path]) -> Non
     gain_rows = [["method", "mIoU gain", "share of oracle gain", "mask fidelity (judge mIoU)"]]
     for name, g in gains.items():
         share = g["share_of_oracle_gain"]
-        gain_rows.append([name, f"{g['miou_gain']:+.3f}", "–" if share is None else f"{100 * share:.0f} %",
-                          fmt(results["mask_fidelity"].get(name))])
+        gain_rows.append(
+            [
+                name,
+                f"{g['miou_gain']:+.3f}",
+                "–" if share is None else f"{100 * share:.0f} %",
+                fmt(results["mask_fidelity"].get(name)),
+            ]
+        )
     s = results["settings"]
     d, seg, gen, syn = s["data"], s["segmenter"], s["generator"], s["synthesis"]
     crfm = syn["crfm"]
     sections = [
-        ("Protocol", f"Protocol {results['protocol']}. {d['n_real']} real tiles of {d['size']} px, "
-                     f"{d['n_layouts']} label-only layouts, {d['n_test']} test tiles; every segmenter trains "
-                     f"{seg['steps']} steps ({seg['arch']}), seed {s['seed']}. Generator: control "
-                     f"{gen['model']['control']}, {gen['steps']} steps; sampling {syn['num_steps']} Euler steps, CRFM "
-                     f"on the first {crfm['steps']} (α {crfm['alpha_max']}, {crfm['schedule']}, rule "
-                     f"{crfm['rule']}). Total wall time {results['wall_time_s']} s."),
+        (
+            "Protocol",
+            f"Protocol {results['protocol']}. {d['n_real']} real tiles of {d['size']} px, "
+            f"{d['n_layouts']} label-only layouts, {d['n_test']} test tiles; every segmenter trains "
+            f"{seg['steps']} steps ({seg['arch']}), seed {s['seed']}. Generator: control "
+            f"{gen['model']['control']}, {gen['steps']} steps; sampling {syn['num_steps']} Euler steps, CRFM "
+            f"on the first {crfm['steps']} (α {crfm['alpha_max']}, {crfm['schedule']}, rule "
+            f"{crfm['rule']}). Total wall time {results['wall_time_s']} s.",
+        ),
         ("mIoU on the test set", metrics_table(results["metrics"], names)),
         ("Gains", gain_rows),
         ("Per-class IoU", figures["bars"]),
@@ -181,5 +218,3 @@ def write_demo_report(out: Path, results: dict, figures: dict[str, Path]) -> Non
         ("Samples: oracle image | mask | plain | CRFM | CRFM pre-synth x̂0 over the steps", figures["grid"]),
     ]
     write_report(out, "todsynth demo", sections)
-
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -28,13 +29,16 @@ MAX_LISTED = 20
 class DatasetProblems(DataError):
     """Several data problems found by validation, reported together."""
 
-    def __init__(self, root: str | Path, problems: list[TodsynthError]):
+    def __init__(self, root: str | Path, problems: Sequence[TodsynthError]):
         self.problems = problems
         shown = problems[:MAX_LISTED]
         lines = "\n".join(f"  - {p}" for p in shown)
         more = f"\n  … and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
-        super().__init__(f"{len(problems)} problem(s) found:\n{lines}{more}", path=root,
-                         fix="run `todsynth data check` for the full list" if more else None)
+        super().__init__(
+            f"{len(problems)} problem(s) found:\n{lines}{more}",
+            path=root,
+            fix="run `todsynth data check` for the full list" if more else None,
+        )
 
 
 class ConfigError(TodsynthError):

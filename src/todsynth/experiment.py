@@ -38,17 +38,18 @@ class DataSettings:
     or all of a real dataset."""
 
     size: int = setting(64, help="the working size: every model trains at it, test tiles are predicted at it")
-    n_real: int | None = setting(None, help="real_data: a seeded few-shot subset (every class kept, as `data "
-                                            "split` draws)")
+    n_real: int | None = setting(
+        None, help="real_data: a seeded few-shot subset (every class kept, as `data split` draws)"
+    )
     n_layouts: int | None = setting(None, help="layouts_data: a seeded random draw")
     n_test: int | None = setting(None, help="test_data: a seeded random draw")
     seed: int = setting(0, help="seed of the draws and of the toy tiles")
     real_data: str | None = setting(None, help="a real dataset (LoveDA/folder/JSONL) instead of toy tiles")
-    real_split_file: str | None = setting(None, help="ids of real_data to train on (`todsynth data split`), "
-                                                     "instead of n_real")
+    real_split_file: str | None = setting(
+        None, help="ids of real_data to train on (`todsynth data split`), instead of n_real"
+    )
     layouts_data: str | None = setting(None, help="label-only masks for protocol layouts")
-    oracle_data: str | None = setting(None, help="real images of the layouts (ids as in layouts_data): the oracle "
-                                                 "row")
+    oracle_data: str | None = setting(None, help="real images of the layouts (ids as in layouts_data): the oracle row")
     test_data: str | None = setting(None, help="the test set (may be real_data: then the tiles not trained on)")
     test_split: str = setting("Val", help="split of test_data")
 
@@ -61,19 +62,33 @@ class DataSettings:
             value = getattr(self, name)
             require(value is None or value >= 1, f"{name} must be >= 1 (or unset: all), got {value}")
         require(self.n_layouts is None or self.n_layouts >= 0, f"n_layouts must be >= 0, got {self.n_layouts}")
-        require(real or self.real_split_file is None, "real_split_file selects ids of real_data, but no real_data "
-                "is set", fix="set data.real_data, or drop data.real_split_file")
-        require(self.real_split_file is None or self.n_real is None, "real_split_file and n_real both choose the "
-                "real training tiles", fix="give one: the split file's ids, or n_real for a seeded draw")
-        require(not real or self.test_data is not None, "real_data needs a test_data: the embedded toy test set "
-                "is not your data", fix="set data.test_data (it may be real_data itself: the test tiles are then "
-                "drawn from the tiles not used for training)")
-        require(self.n_layouts is None or self.layouts_data is not None or toy_layouts, "n_layouts is set but "
-                "there are no layouts to draw from (real_data without layouts_data)",
-                fix="set data.layouts_data (a label-only or labelled dataset of masks), or drop data.n_layouts")
-        require(self.oracle_data is None or self.layouts_data is not None, "oracle_data holds the real images of "
-                "the layouts, but layouts_data is not set (the embedded layouts bring their own renders)",
-                fix="set data.layouts_data, or drop data.oracle_data")
+        require(
+            real or self.real_split_file is None,
+            "real_split_file selects ids of real_data, but no real_data is set",
+            fix="set data.real_data, or drop data.real_split_file",
+        )
+        require(
+            self.real_split_file is None or self.n_real is None,
+            "real_split_file and n_real both choose the real training tiles",
+            fix="give one: the split file's ids, or n_real for a seeded draw",
+        )
+        require(
+            not real or self.test_data is not None,
+            "real_data needs a test_data: the embedded toy test set is not your data",
+            fix="set data.test_data (it may be real_data itself: the test tiles are then "
+            "drawn from the tiles not used for training)",
+        )
+        require(
+            self.n_layouts is None or self.layouts_data is not None or toy_layouts,
+            "n_layouts is set but there are no layouts to draw from (real_data without layouts_data)",
+            fix="set data.layouts_data (a label-only or labelled dataset of masks), or drop data.n_layouts",
+        )
+        require(
+            self.oracle_data is None or self.layouts_data is not None,
+            "oracle_data holds the real images of "
+            "the layouts, but layouts_data is not set (the embedded layouts bring their own renders)",
+            fix="set data.layouts_data, or drop data.oracle_data",
+        )
 
 
 @dataclass
@@ -142,13 +157,15 @@ class DownstreamSettings:
 class CellSettings:
     """Everything one cell depends on: what it compares, and the settings of each stage's config."""
 
-    synth: Literal["none", "plain", "crfm", "oracle"] = setting("crfm", help="synthetic pairs: none (real only), "
-                                                                "plain sampling, CRFM, or the oracle renders")
-    protocol: Literal["layouts", "masks"] = setting("layouts", help="layouts: one image per new label-only layout; "
-                                                                    "masks: copies per training mask")
-    init: Literal["scratch", "pretrained"] = setting("scratch", help="generator from scratch (or sd3_path), or "
-                                                                     "fine-tuned from a base pretrained on "
-                                                                     "unlabeled images")
+    synth: Literal["none", "plain", "crfm", "oracle"] = setting(
+        "crfm", help="synthetic pairs: none (real only), plain sampling, CRFM, or the oracle renders"
+    )
+    protocol: Literal["layouts", "masks"] = setting(
+        "layouts", help="layouts: one image per new label-only layout; masks: copies per training mask"
+    )
+    init: Literal["scratch", "pretrained"] = setting(
+        "scratch", help="generator from scratch (or sd3_path), or fine-tuned from a base pretrained on unlabeled images"
+    )
     judge_arch: Arch = setting("fpn", help="the independent judge segmenter's architecture (mask fidelity)")
     seed: int = setting(0, help="seed of the generator, synthesis and segmenters")
     data: DataSettings = setting(default_factory=DataSettings, help="data")
@@ -163,30 +180,49 @@ class CellSettings:
         self.synthesis.crfm.validate()
         d, g, syn = self.data, self.generator, self.synthesis
         require(0 < self.downstream.real_share < 1, f"real_share must be in (0, 1), got {self.downstream.real_share}")
-        for name, value in (("segmenter.steps", self.segmenter.steps), ("segmenter.batch_size",
-                            self.segmenter.batch_size), ("generator.steps", g.steps), ("generator.batch_size",
-                            g.batch_size), ("synthesis.copies", syn.copies), ("synthesis.num_steps", syn.num_steps),
-                            ("base.pool", self.base.pool), ("base.steps", self.base.steps),
-                            ("base.batch_size", self.base.batch_size)):
+        for name, value in (
+            ("segmenter.steps", self.segmenter.steps),
+            ("segmenter.batch_size", self.segmenter.batch_size),
+            ("generator.steps", g.steps),
+            ("generator.batch_size", g.batch_size),
+            ("synthesis.copies", syn.copies),
+            ("synthesis.num_steps", syn.num_steps),
+            ("base.pool", self.base.pool),
+            ("base.steps", self.base.steps),
+            ("base.batch_size", self.base.batch_size),
+        ):
             require(value >= 1, f"{name} must be >= 1, got {value}")
-        require(self.init == "scratch" or not g.sd3_path, "init: pretrained and generator.sd3_path both initialise "
-                "the generator: give one")
+        require(
+            self.init == "scratch" or not g.sd3_path,
+            "init: pretrained and generator.sd3_path both initialise the generator: give one",
+        )
         require(g.lora_rank >= 0, f"generator.lora_rank must be >= 0, got {g.lora_rank}")
-        for name, v in (("segmenter.lr", self.segmenter.lr), ("generator.lr", g.lr), ("base.lr", self.base.lr),
-                        ("synthesis.filter_margin", syn.filter_margin), ("synthesis.guidance_scale",
-                        syn.guidance_scale), ("generator.timestep_tail", g.timestep_tail)):
+        for name, v in (
+            ("segmenter.lr", self.segmenter.lr),
+            ("generator.lr", g.lr),
+            ("base.lr", self.base.lr),
+            ("synthesis.filter_margin", syn.filter_margin),
+            ("synthesis.guidance_scale", syn.guidance_scale),
+            ("generator.timestep_tail", g.timestep_tail),
+        ):
             require(math.isfinite(v) and v >= 0, f"{name} must be a finite number >= 0, got {v}")
-        require(math.isfinite(syn.shift) and syn.shift > 0, f"synthesis.shift must be a finite number > 0, got "
-                f"{syn.shift}")
+        require(
+            math.isfinite(syn.shift) and syn.shift > 0, f"synthesis.shift must be a finite number > 0, got {syn.shift}"
+        )
         require(g.timestep_tail <= 1, f"generator.timestep_tail must be in [0, 1], got {g.timestep_tail}")
         require(self.segmenter.arch != self.judge_arch, "the judge segmenter must use another architecture")
         toy_layouts = d.layouts_data is None and d.real_data is None
-        require(self.synth != "oracle" or toy_layouts or d.oracle_data is not None, "synth: oracle trains on "
-                "the real images of the layouts, and this cell has none", fix="set data.oracle_data to a dataset "
-                "holding the images of layouts_data's ids (e.g. the labelled folder the masks came from)")
-        require(self.synth in ("none", "oracle") or self.protocol == "masks" or d.layouts_data is not None
-                or toy_layouts, f"synth: {self.synth} with protocol: layouts draws one image per layout, and "
-                "this cell has no layouts", fix="set data.layouts_data, or protocol: masks (K images per real mask)")
+        require(
+            self.synth != "oracle" or toy_layouts or d.oracle_data is not None,
+            "synth: oracle trains on the real images of the layouts, and this cell has none",
+            fix="set data.oracle_data to a dataset "
+            "holding the images of layouts_data's ids (e.g. the labelled folder the masks came from)",
+        )
+        require(
+            self.synth in ("none", "oracle") or self.protocol == "masks" or d.layouts_data is not None or toy_layouts,
+            f"synth: {self.synth} with protocol: layouts draws one image per layout, and this cell has no layouts",
+            fix="set data.layouts_data, or protocol: masks (K images per real mask)",
+        )
 
 
 def settings_from(values: dict[str, Any], source: str = "settings") -> CellSettings:
@@ -206,8 +242,11 @@ def settings_from(values: dict[str, Any], source: str = "settings") -> CellSetti
 def resolve_counts(s: CellSettings) -> CellSettings:
     """The cell with the toy data's counts filled in where it uses the embedded data and leaves them unset."""
     d = s.data
-    toy = {"n_real": d.real_data is None, "n_layouts": d.layouts_data is None and d.real_data is None,
-           "n_test": d.test_data is None}
+    toy = {
+        "n_real": d.real_data is None,
+        "n_layouts": d.layouts_data is None and d.real_data is None,
+        "n_test": d.test_data is None,
+    }
     counts = {n: TOY_COUNTS[n] for n, used in toy.items() if used and getattr(d, n) is None}
     return replace(s, data=replace(d, **counts))
 
@@ -241,8 +280,11 @@ def _data_key(s: CellSettings, root: Path) -> str:
         except OSError as e:
             from todsynth.errors import ConfigError
 
-            raise ConfigError(f"cannot read the split file: {e.strerror}", path=s.data.real_split_file,
-                              fix="write it with 'todsynth data split DATASET FILE --n N'") from None
+            raise ConfigError(
+                f"cannot read the split file: {e.strerror}",
+                path=s.data.real_split_file,
+                fix="write it with 'todsynth data split DATASET FILE --n N'",
+            ) from None
     return stage_key(root, s.data, digest)
 
 
@@ -271,8 +313,11 @@ class Stage:
         from todsynth.io import read_json, write_json
 
         if not self.done:
-            self.log(f"stage {self.name}: {self.what} → {self.dir.name}" if self.what
-                     else f"stage {self.name} → {self.dir.name}")
+            self.log(
+                f"stage {self.name}: {self.what} → {self.dir.name}"
+                if self.what
+                else f"stage {self.name} → {self.dir.name}"
+            )
             self.dir.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
             result = fn(self.dir)
@@ -334,14 +379,20 @@ def _draw(ids: list[str], n: int | None, seed: list[int], count: str, source: st
     from todsynth.errors import ConfigError
 
     if not ids:
-        raise ConfigError(f"no tiles of {source} are left for {count.removeprefix('n_')} (the others are "
-                          "drawn for another part of the cell)", path=source,
-                          fix="lower data.n_real / data.n_test, or give another dataset")
+        raise ConfigError(
+            f"no tiles of {source} are left for {count.removeprefix('n_')} (the others are "
+            "drawn for another part of the cell)",
+            path=source,
+            fix="lower data.n_real / data.n_test, or give another dataset",
+        )
     if n is None:
         return ids
     if n > len(ids):
-        raise ConfigError(f"{count} = {n} but {source} has {len(ids)} tile(s) to draw from", path=source,
-                          fix=f"set data.{count} to at most {len(ids)}, or leave it unset to use them all")
+        raise ConfigError(
+            f"{count} = {n} but {source} has {len(ids)} tile(s) to draw from",
+            path=source,
+            fix=f"set data.{count} to at most {len(ids)}, or leave it unset to use them all",
+        )
     keep = set(np.random.default_rng(seed).permutation(len(ids))[:n].tolist())
     return [i for k, i in enumerate(ids) if k in keep]
 
@@ -357,8 +408,11 @@ def _real_ids(s: CellSettings, ds) -> list[str]:
     if d.n_real is None:
         return list(ds.ids)
     if d.n_real > len(ds):
-        raise ConfigError(f"n_real = {d.n_real} but {d.real_data} has {len(ds)} tile(s)", path=d.real_data,
-                          fix=f"set data.n_real to at most {len(ds)}, or leave it unset to use them all")
+        raise ConfigError(
+            f"n_real = {d.n_real} but {d.real_data} has {len(ds)} tile(s)",
+            path=d.real_data,
+            fix=f"set data.n_real to at most {len(ds)}, or leave it unset to use them all",
+        )
     return few_shot_split(ds, n=d.n_real, seed=d.seed)
 
 
@@ -374,8 +428,13 @@ def _draw_real_parts(s: CellSettings, log: Callable[[str], None]) -> dict[str, t
     if d.real_data is not None:
         real = open_dataset(d.real_data, "Train")
         ids = _real_ids(s, real)
-        how = (f"split file {d.real_split_file}" if d.real_split_file else "all" if d.n_real is None
-               else f"seeded few-shot draw, data.seed {d.seed}")
+        how = (
+            f"split file {d.real_split_file}"
+            if d.real_split_file
+            else "all"
+            if d.n_real is None
+            else f"seeded few-shot draw, data.seed {d.seed}"
+        )
         taken.append((real, ids))
         said.append(f"{len(ids)} real tiles of {len(real)} ({how})")
         out["real"] = (ids, {"source": d.real_data, "how": how})
@@ -410,13 +469,16 @@ def stage_data(s: CellSettings, root: Path, log) -> StageResult:
         if d.real_data is None:
             out["real"] = str(write_toy_dataset(folder / "real", d.n_real, d.size, d.seed, start=0))
         if d.layouts_data is None and d.real_data is None:
-            out["layouts"] = str(write_toy_dataset(folder / "layouts", max(d.n_layouts, 1), d.size, d.seed,
-                                                   start=100_000, label_only=True))
-            out["oracle"] = str(write_toy_dataset(folder / "oracle", max(d.n_layouts, 1), d.size, d.seed,
-                                                  start=100_000))
+            out["layouts"] = str(
+                write_toy_dataset(
+                    folder / "layouts", max(d.n_layouts, 1), d.size, d.seed, start=100_000, label_only=True
+                )
+            )
+            out["oracle"] = str(
+                write_toy_dataset(folder / "oracle", max(d.n_layouts, 1), d.size, d.seed, start=100_000)
+            )
         if d.test_data is None:
-            out["test"] = str(write_toy_dataset(folder / "test", d.n_test, d.size, d.seed, split="Val",
-                                                start=500_000))
+            out["test"] = str(write_toy_dataset(folder / "test", d.n_test, d.size, d.seed, split="Val", start=500_000))
         for part, (ids, meta) in drawn.items():
             write_split(folder / f"{part}_ids.json", ids, meta)
             out[f"{part}_ids"] = str(folder / f"{part}_ids.json")
@@ -451,12 +513,19 @@ def segmenter_config(s: CellSettings, seed: int, judge: bool = False) -> Segment
     architecture with its default encoder, unweighted loss)."""
     seg = s.segmenter
     own = {"arch": s.judge_arch, "encoder": None, "class_weights": "none"} if judge else {}
-    return replace(SegmentTrainConfig(**asdict(seg)), size=s.data.size, seed=seed, device="auto",
-                   warmup_steps=min(20, seg.steps // 10), **own)
+    return replace(
+        SegmentTrainConfig(**asdict(seg)),
+        size=s.data.size,
+        seed=seed,
+        device="auto",
+        warmup_steps=min(20, seg.steps // 10),
+        **own,
+    )
 
 
-def _train_eval(cfg: SegmentTrainConfig, d: Path, real, test, synthetic=None,
-                on_step: Callable[[int, float], None] | None = None) -> dict:
+def _train_eval(
+    cfg: SegmentTrainConfig, d: Path, real, test, synthetic=None, on_step: Callable[[int, float], None] | None = None
+) -> dict:
     """Train a segmenter on real (+ synthetic), save it (with its working size), evaluate it on the test set
     (each test tile predicted at the working size, scored at its own resolution)."""
     from todsynth.segment.train import evaluate_segmenter, train_on_samples
@@ -464,8 +533,12 @@ def _train_eval(cfg: SegmentTrainConfig, d: Path, real, test, synthetic=None,
     outcome = train_on_samples(real, real.classes, cfg, synthetic=synthetic, on_step=on_step)
     outcome.model.save_pretrained(d / "model")
     metrics = evaluate_segmenter(outcome.model, test, batch_size=16)
-    return {"model": str(d / "model"), "metrics": metrics.to_dict(list(real.classes.names)),
-            "loss_history": [list(h) for h in outcome.history], "train_wall_time_s": round(outcome.wall_time_s, 2)}
+    return {
+        "model": str(d / "model"),
+        "metrics": metrics.to_dict(list(real.classes.names)),
+        "loss_history": [list(h) for h in outcome.history],
+        "train_wall_time_s": round(outcome.wall_time_s, 2),
+    }
 
 
 def stage_guidance(s: CellSettings, data: StageResult, root: Path, log) -> StageResult:
@@ -480,18 +553,18 @@ def stage_guidance(s: CellSettings, data: StageResult, root: Path, log) -> Stage
         result["filter_stats"] = _filter_stats(result["model"], data, s.data.size, d / "filter_stats.json")
         return result
 
-    return Stage(root, "guidance", stage_key(root, cfg, data.dir.name), log,
-                 f"{what}: the real-only row and CRFM's guidance").run(make)
+    return Stage(
+        root, "guidance", stage_key(root, cfg, data.dir.name), log, f"{what}: the real-only row and CRFM's guidance"
+    ).run(make)
 
 
 def _filter_stats(model_dir: str, data: dict, size: int, path: Path) -> str:
     """Per-class mean CE of the guidance segmenter on the real set (FreeMask thresholds), as JSON."""
+    from todsynth.data.bands import convert
     from todsynth.generator.train import load_train_data
     from todsynth.io import write_json
     from todsynth.segment.model import Segmenter
     from todsynth.synthesize import class_loss_stats
-
-    from todsynth.data.bands import convert
 
     real, classes = load_train_data(str(data["real"]), "Train", size, data.get("real_ids"))
     segmenter = Segmenter.from_pretrained(model_dir)
@@ -515,9 +588,11 @@ def _oracle(s: CellSettings, data: dict):
     ds = open_dataset(oracle_data)
     missing = sorted(set(ids) - set(ds.ids))
     if missing:
-        raise DataError(f"oracle_data has no image for {len(missing)} of the {len(ids)} layouts, e.g. "
-                        f"{missing[:5]}", path=oracle_data,
-                        fix="oracle_data must hold the images of layouts_data's ids (the same file names)")
+        raise DataError(
+            f"oracle_data has no image for {len(missing)} of the {len(ids)} layouts, e.g. {missing[:5]}",
+            path=oracle_data,
+            fix="oracle_data must hold the images of layouts_data's ids (the same file names)",
+        )
     return _samples(oracle_data, split_file=data["layouts_ids"])
 
 
@@ -542,10 +617,22 @@ def base_config(s: CellSettings) -> GeneratorTrainConfig:
 
     b, g = s.base, s.generator
     return pretrain_config(
-        b.data or f"toy:{b.pool}:{s.data.seed}", size=s.data.size, autoencoder=g.autoencoder,
-        autoencoder_path=g.autoencoder_path, model=replace(g.model, control="none"), steps=b.steps,
-        batch_size=b.batch_size, lr=b.lr, warmup_steps=min(50, b.steps // 10), val_every=b.steps, val_samples=4,
-        val_steps=12, checkpoint_every=max(b.steps // 10, 1), seed=0, resume="auto")
+        b.data or f"toy:{b.pool}:{s.data.seed}",
+        size=s.data.size,
+        autoencoder=g.autoencoder,
+        autoencoder_path=g.autoencoder_path,
+        model=replace(g.model, control="none"),
+        steps=b.steps,
+        batch_size=b.batch_size,
+        lr=b.lr,
+        warmup_steps=min(50, b.steps // 10),
+        val_every=b.steps,
+        val_samples=4,
+        val_steps=12,
+        checkpoint_every=max(b.steps // 10, 1),
+        seed=0,
+        resume="auto",
+    )
 
 
 def stage_base(s: CellSettings, root: Path, log, progress: bool = False) -> StageResult:
@@ -557,8 +644,9 @@ def stage_base(s: CellSettings, root: Path, log, progress: bool = False) -> Stag
     def make(d: Path) -> dict:
         from todsynth.generator.pretrain import pretrain_generator
 
-        summary = pretrain_generator(replace(cfg, out=str(d), progress=progress),
-                                     on_step=step_logger(log, "generator base", cfg.steps))
+        summary = pretrain_generator(
+            replace(cfg, out=str(d), progress=progress), on_step=step_logger(log, "generator base", cfg.steps)
+        )
         return {"model": str(d / "model"), "summary": asdict(summary), "loss_png": str(d / "loss.png")}
 
     return Stage(root, "base", stage_key(root, cfg), log, what).run(make)
@@ -570,15 +658,28 @@ def generator_config(s: CellSettings, data: dict, base: dict | None = None) -> G
     from todsynth.config import build_config
 
     g = s.generator
-    return build_config(GeneratorTrainConfig, {
-        **asdict(g), "data": data["real"], "split_file": data.get("real_ids"), "size": s.data.size,
-        "warmup_steps": min(50, g.steps // 10), "val_every": g.steps, "val_samples": 4,
-        "val_steps": s.synthesis.num_steps, "checkpoint_every": max(g.steps // 4, 1), "seed": s.seed,
-        "resume": "auto", "init": base["model"] if base is not None else None})
+    return build_config(
+        GeneratorTrainConfig,
+        {
+            **asdict(g),
+            "data": data["real"],
+            "split_file": data.get("real_ids"),
+            "size": s.data.size,
+            "warmup_steps": min(50, g.steps // 10),
+            "val_every": g.steps,
+            "val_samples": 4,
+            "val_steps": s.synthesis.num_steps,
+            "checkpoint_every": max(g.steps // 4, 1),
+            "seed": s.seed,
+            "resume": "auto",
+            "init": base["model"] if base is not None else None,
+        },
+    )
 
 
-def stage_generator(s: CellSettings, data: StageResult, root: Path, log, progress: bool = False,
-                    base: dict | None = None) -> StageResult:
+def stage_generator(
+    s: CellSettings, data: StageResult, root: Path, log, progress: bool = False, base: dict | None = None
+) -> StageResult:
     """Train the mask-controlled MM-DiT on the real pairs (from scratch, SD3 or a pretrained `base`)."""
     s = resolve_counts(s)
     if s.init == "pretrained" and base is None:
@@ -589,12 +690,12 @@ def stage_generator(s: CellSettings, data: StageResult, root: Path, log, progres
     def make(d: Path) -> dict:
         from todsynth.generator.train import train_generator
 
-        summary = train_generator(replace(cfg, out=str(d), progress=progress),
-                                  on_step=step_logger(log, what, cfg.steps))
+        summary = train_generator(
+            replace(cfg, out=str(d), progress=progress), on_step=step_logger(log, what, cfg.steps)
+        )
         return {"model": str(d / "model"), "summary": asdict(summary), "loss_png": str(d / "loss.png")}
 
-    return Stage(root, "generator", stage_key(root, cfg), log,
-                 f"{what}, {cfg.steps} steps on the real pairs").run(make)
+    return Stage(root, "generator", stage_key(root, cfg), log, f"{what}, {cfg.steps} steps on the real pairs").run(make)
 
 
 def synthesize_config(s: CellSettings, data: dict, gen: dict, guide: dict) -> SynthesizeConfig:
@@ -605,34 +706,45 @@ def synthesize_config(s: CellSettings, data: dict, gen: dict, guide: dict) -> Sy
     syn = s.synthesis
     layouts = s.protocol == "layouts"
     split_file = data.get("layouts_ids") if layouts else data.get("real_ids")
-    values = {**asdict(syn), "generator": gen["model"], "masks": data["layouts"] if layouts else data["real"],
-              "out": "pairs", "segmenter": guide["model"], "seed": s.seed, "batch_size": 16,
-              "crfm.steps": syn.crfm.steps if s.synth == "crfm" else 0,
-              "limit": s.data.n_layouts if layouts and split_file is None else None,
-              "filter_stats": guide["filter_stats"] if (syn.filter_pixels or syn.hard_resample) else None}
+    values = {
+        **asdict(syn),
+        "generator": gen["model"],
+        "masks": data["layouts"] if layouts else data["real"],
+        "out": "pairs",
+        "segmenter": guide["model"],
+        "seed": s.seed,
+        "batch_size": 16,
+        "crfm.steps": syn.crfm.steps if s.synth == "crfm" else 0,
+        "limit": s.data.n_layouts if layouts and split_file is None else None,
+        "filter_stats": guide["filter_stats"] if (syn.filter_pixels or syn.hard_resample) else None,
+    }
     return build_synthesize_config({**values, **({"split_file": split_file} if split_file else {})})
 
 
-def stage_synthesis(s: CellSettings, data: StageResult, gen: dict | None, guide: dict, root: Path, log,
-                    progress: bool = False) -> StageResult:
+def stage_synthesis(
+    s: CellSettings, data: StageResult, gen: dict | None, guide: dict, root: Path, log, progress: bool = False
+) -> StageResult:
     """Synthetic pairs: generator (plain or CRFM) or the oracle renderer, for layouts or training masks."""
     s = resolve_counts(s)
     what = f"synthesis ({s.synth}, seed {s.seed})"
     if s.synth == "oracle":
+
         def oracle(d: Path) -> dict:
             if data.get("oracle"):
                 return {"path": data["oracle"], "made": s.data.n_layouts}
             return {"path": s.data.oracle_data, "ids": data["layouts_ids"], "made": len(_oracle(s, data))}
 
-        return Stage(root, "synthesis", stage_key(root, "oracle", data.dir.name), log,
-                     f"{what}: oracle images of the layouts").run(oracle)
+        return Stage(
+            root, "synthesis", stage_key(root, "oracle", data.dir.name), log, f"{what}: oracle images of the layouts"
+        ).run(oracle)
     cfg = synthesize_config(s, data, gen, guide)
 
     def make(d: Path) -> dict:
         from todsynth.synthesize import synthesize
 
-        summary = synthesize(replace(cfg, out=str(d / "pairs")), progress=progress,
-                             on_batch=count_logger(log, what, "images"))
+        summary = synthesize(
+            replace(cfg, out=str(d / "pairs")), progress=progress, on_batch=count_logger(log, what, "images")
+        )
         return {"path": str(d / "pairs"), **{k: v for k, v in asdict(summary).items() if k not in ("out", "generator")}}
 
     return Stage(root, "synthesis", stage_key(root, cfg), log, f"{what}: {s.protocol} → image/label pairs").run(make)
@@ -650,8 +762,14 @@ def stage_downstream(s: CellSettings, data: StageResult, syn: StageResult, root:
         synthetic = _samples(syn["path"], limit=s.data.n_layouts if toy_oracle else None, split_file=syn.get("ids"))
         share = s.downstream.real_share
         repeat = max(1, round(share / (1 - share) * len(synthetic) / len(real)))
-        return _train_eval(replace(cfg, repeat_real=repeat), d, real, test, synthetic=synthetic,
-                           on_step=step_logger(log, what, s.segmenter.steps))
+        return _train_eval(
+            replace(cfg, repeat_real=repeat),
+            d,
+            real,
+            test,
+            synthetic=synthetic,
+            on_step=step_logger(log, what, s.segmenter.steps),
+        )
 
     key = stage_key(root, cfg, s.downstream, data.dir.name, syn.dir.name)
     return Stage(root, "downstream", key, log, what).run(make)
@@ -693,8 +811,11 @@ def stage_fidelity(s: CellSettings, syn: dict, judge: dict, root: Path, log) -> 
     what = f"mask fidelity of the {s.synth} pairs (seed {s.seed})"
 
     def make(d: Path) -> dict:
-        return {"metrics": mask_fidelity(syn["path"], judge["model"], limit=s.data.n_layouts if s.synth == "oracle"
-                                         else None)}
+        return {
+            "metrics": mask_fidelity(
+                syn["path"], judge["model"], limit=s.data.n_layouts if s.synth == "oracle" else None
+            )
+        }
 
     key = hashlib.sha256(f"{syn.dir.name}/{judge.dir.name}".encode()).hexdigest()[:12]
     return Stage(root, "fidelity", key, log, what).run(make)
@@ -702,8 +823,9 @@ def stage_fidelity(s: CellSettings, syn: dict, judge: dict, root: Path, log) -> 
 
 def cell_compute_s(result: dict) -> float:
     """Measured wall time of the stages a cell used, the one-time pretraining (base) left out."""
-    return round(sum(sec for folder, sec in stage_times(result).items()
-                     if not Path(folder).name.startswith("base-")), 1)
+    return round(
+        sum(sec for folder, sec in stage_times(result).items() if not Path(folder).name.startswith("base-")), 1
+    )
 
 
 def mask_fidelity(images_dir: str | Path, judge_model: str, limit: int | None = None) -> dict:

@@ -35,9 +35,15 @@ def fold_key(name: str) -> str:
 
 def _is_plain(id_: str) -> bool:
     """Whether `id_` can be a file name as it is, distinct from every other id on any file system."""
-    return (bool(id_) and not any(_unsafe(ch) for ch in id_) and not id_.startswith(".")
-            and not id_.endswith((".", " ")) and len(id_.encode("utf-8")) <= MAX_NAME_BYTES
-            and unicodedata.normalize("NFC", id_) == id_ and fold_key(id_) == unicodedata.normalize("NFD", id_))
+    return (
+        bool(id_)
+        and not any(_unsafe(ch) for ch in id_)
+        and not id_.startswith(".")
+        and not id_.endswith((".", " "))
+        and len(id_.encode("utf-8")) <= MAX_NAME_BYTES
+        and unicodedata.normalize("NFC", id_) == id_
+        and fold_key(id_) == unicodedata.normalize("NFD", id_)
+    )
 
 
 def id_hash(id_: str) -> str:

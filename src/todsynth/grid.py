@@ -42,8 +42,11 @@ def load_grid(source: str | Path) -> dict:
         try:
             text = path.read_text()
         except OSError as e:
-            raise ConfigError(f"cannot read experiment config: {e.strerror}", path=path,
-                              fix=f"give a YAML file or one of {list(BUILTIN)}") from None
+            raise ConfigError(
+                f"cannot read experiment config: {e.strerror}",
+                path=path,
+                fix=f"give a YAML file or one of {list(BUILTIN)}",
+            ) from None
         where = str(path)
     try:
         grid = yaml.safe_load(text)
@@ -67,7 +70,7 @@ def expand(grid: dict) -> dict[str, dict[str, dict]]:
         if "cells" in spec:
             out[table] = {str(name): {**fixed, **_flat(over or {})} for name, over in spec["cells"].items()}
         elif "sweep" in spec and isinstance(spec["sweep"], dict) and len(spec["sweep"]) == 1:
-            (key, values), = spec["sweep"].items()
+            ((key, values),) = spec["sweep"].items()
             out[table] = {f"{key}={v}": {**fixed, key: v} for v in values}
         else:
             raise ConfigError(f"table {table!r} needs 'cells' or a one-key 'sweep'", path=grid["_source"])
@@ -81,8 +84,14 @@ def _flat(values: dict) -> dict:
     return flatten(CellSettings, values)
 
 
-def run_grid(grid: dict, out: str | Path, only: list[str] | None = None, seeds: list[int] | None = None,
-             log=print, overrides: dict | None = None) -> dict:
+def run_grid(
+    grid: dict,
+    out: str | Path,
+    only: list[str] | None = None,
+    seeds: list[int] | None = None,
+    log=print,
+    overrides: dict | None = None,
+) -> dict:
     """Run every (table, cell, seed) — or only `table` / `table/cell` entries — and write the summaries."""
     from todsynth.experiment import cell_compute_s, run_cell, settings_from, stage_times
     from todsynth.io import write_json
@@ -106,8 +115,17 @@ def run_grid(grid: dict, out: str | Path, only: list[str] | None = None, seeds: 
         result = run_cell(s, out, log)
         used.update(stage_times(result))
         fidelity = result["fidelity"]["metrics"]["mIoU"] if "fidelity" in result else None
-        rows.append({"table": table, "cell": name, "seed": seed, "settings": result["settings"],
-                     "metrics": result["metrics"], "mask_fidelity": fidelity, "compute_s": cell_compute_s(result)})
+        rows.append(
+            {
+                "table": table,
+                "cell": name,
+                "seed": seed,
+                "settings": result["settings"],
+                "metrics": result["metrics"],
+                "mask_fidelity": fidelity,
+                "compute_s": cell_compute_s(result),
+            }
+        )
     summary = summarise(rows)
     summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
     summary["compute"] = compute_summary(used)
@@ -163,11 +181,31 @@ def write_csv(path: Path, summary: dict) -> None:
     if summary["cells"]:
         classes = list(summary["cells"][0]["IoU"])
         w = csv.writer(buf)
-        w.writerow(["table", "cell", "n_seeds", "mIoU_mean", "mIoU_std", "OA_mean", "mAcc_mean",
-                    *[f"IoU_{c}" for c in classes]])
+        w.writerow(
+            [
+                "table",
+                "cell",
+                "n_seeds",
+                "mIoU_mean",
+                "mIoU_std",
+                "OA_mean",
+                "mAcc_mean",
+                *[f"IoU_{c}" for c in classes],
+            ]
+        )
         for c in summary["cells"]:
-            w.writerow([c["table"], c["cell"], c["n_seeds"], c["mIoU"]["mean"], c["mIoU"]["std"], c["OA"]["mean"],
-                        c["mAcc"]["mean"], *[c["IoU"][k]["mean"] for k in classes]])
+            w.writerow(
+                [
+                    c["table"],
+                    c["cell"],
+                    c["n_seeds"],
+                    c["mIoU"]["mean"],
+                    c["mIoU"]["std"],
+                    c["OA"]["mean"],
+                    c["mAcc"]["mean"],
+                    *[c["IoU"][k]["mean"] for k in classes],
+                ]
+            )
     write_text(path, buf.getvalue())
 
 
@@ -183,31 +221,45 @@ def write_markdown(path: Path, summary: dict, rows: list[dict]) -> None:
     for table in dict.fromkeys(c["table"] for c in summary["cells"]):
         cells = [c for c in summary["cells"] if c["table"] == table]
         classes = list(cells[0]["IoU"])
-        lines += [f"## {table}", "", "| cell | seeds | mIoU | per seed | mask fidelity | compute min | "
-                  + " | ".join(classes) + " |", "|---" * (6 + len(classes)) + "|"]
+        lines += [
+            f"## {table}",
+            "",
+            "| cell | seeds | mIoU | per seed | mask fidelity | compute min | " + " | ".join(classes) + " |",
+            "|---" * (6 + len(classes)) + "|",
+        ]
         for c in cells:
             m, fid, sec = c["mIoU"], c.get("mask_fidelity", {}), c.get("compute_s", {})
             ious = " | ".join(format_metric(c["IoU"][k]["mean"]) for k in classes)
             minutes = "n/a" if sec.get("mean") is None else f"{sec['mean'] / 60:.1f}"
-            lines.append(f"| {c['cell']} | {c['n_seeds']} | {format_metric(m['mean'])} ± "
-                         f"{format_metric(m['std'])} | {' / '.join(per_seed[(table, c['cell'])])} | "
-                         f"{format_metric(fid.get('mean'))} | {minutes} | {ious} |")
+            lines.append(
+                f"| {c['cell']} | {c['n_seeds']} | {format_metric(m['mean'])} ± "
+                f"{format_metric(m['std'])} | {' / '.join(per_seed[(table, c['cell'])])} | "
+                f"{format_metric(fid.get('mean'))} | {minutes} | {ious} |"
+            )
         lines.append("")
     sizes = sorted({r["settings"]["data"]["size"] for r in rows if "settings" in r})
     if sizes:
-        lines.append("Mask fidelity: an independent judge segmenter's mIoU on the cell's synthetic images against "
-                     "their conditioning masks; compute: the wall time of the stages the cell used (pretraining "
-                     "apart), as measured when each ran.")
-        lines.append(f"Working size {' / '.join(map(str, sizes))} px: every model trains at its cell's size, and "
-                     "each test tile is predicted at that size and scored at its own resolution.")
+        lines.append(
+            "Mask fidelity: an independent judge segmenter's mIoU on the cell's synthetic images against "
+            "their conditioning masks; compute: the wall time of the stages the cell used (pretraining "
+            "apart), as measured when each ran."
+        )
+        lines.append(
+            f"Working size {' / '.join(map(str, sizes))} px: every model trains at its cell's size, and "
+            "each test tile is predicted at that size and scored at its own resolution."
+        )
     if "compute" in summary:
         k = summary["compute"]
-        kinds = "; ".join(f"{name}: {v['stages']} stages, {v['seconds'] / 60:.1f} min" for name, v in k["by_kind"].items())
+        kinds = "; ".join(
+            f"{name}: {v['stages']} stages, {v['seconds'] / 60:.1f} min" for name, v in k["by_kind"].items()
+        )
         lines.append(f"Compute from scratch: {k['seconds'] / 60:.1f} min over {k['stages']} stages ({kinds}).")
         if "base" in k["by_kind"]:
             b = k["by_kind"]["base"]
-            lines.append(f"Of which pretraining (one-time: every `init: pretrained` cell with the same base settings "
-                         f"shares it): {b['seconds'] / 60:.1f} min over {b['stages']} base(s).")
+            lines.append(
+                f"Of which pretraining (one-time: every `init: pretrained` cell with the same base settings "
+                f"shares it): {b['seconds'] / 60:.1f} min over {b['stages']} base(s)."
+            )
     write_text(path, "\n".join(lines) + "\n")
 
 

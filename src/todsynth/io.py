@@ -27,8 +27,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise TodsynthError(f"cannot write here: {e.strerror}", path=path.parent,
-                            fix="choose a writable output folder") from e
+        raise TodsynthError(
+            f"cannot write here: {e.strerror}", path=path.parent, fix="choose a writable output folder"
+        ) from e
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -41,8 +42,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp_path, path)
     except OSError as e:
         tmp_path.unlink(missing_ok=True)
-        raise TodsynthError(f"writing failed: {e.strerror}", path=path,
-                            fix="check free disk space and permissions") from e
+        raise TodsynthError(
+            f"writing failed: {e.strerror}", path=path, fix="check free disk space and permissions"
+        ) from e
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -102,11 +104,15 @@ def _weights_file(path: str | Path) -> Path:
     """`path` as a Path, refusing pickle formats and missing files with a CheckpointError naming it."""
     path = Path(path)
     if path.suffix.lower() in REFUSED_WEIGHT_SUFFIXES:
-        raise CheckpointError(f"'{path.suffix}' is a pickle format, which todsynth never loads",
-                              path=path, fix="convert it to .safetensors")
+        raise CheckpointError(
+            f"'{path.suffix}' is a pickle format, which todsynth never loads",
+            path=path,
+            fix="convert it to .safetensors",
+        )
     if not path.is_file():
-        raise CheckpointError("weight file not found", path=path,
-                              fix="check the path (weights are read from .safetensors files only)")
+        raise CheckpointError(
+            "weight file not found", path=path, fix="check the path (weights are read from .safetensors files only)"
+        )
     return path
 
 
@@ -119,8 +125,9 @@ def load_weights(path: str | Path) -> dict:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"not a readable safetensors file: {e}", path=path,
-                              fix="re-save the weights with safetensors") from e
+        raise CheckpointError(
+            f"not a readable safetensors file: {e}", path=path, fix="re-save the weights with safetensors"
+        ) from e
 
 
 def weight_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
@@ -132,5 +139,6 @@ def weight_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
         with safe_open(str(path), framework="pt") as f:
             return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"not a readable safetensors file: {e}", path=path,
-                              fix="re-save the weights with safetensors") from e
+        raise CheckpointError(
+            f"not a readable safetensors file: {e}", path=path, fix="re-save the weights with safetensors"
+        ) from e

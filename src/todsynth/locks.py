@@ -86,21 +86,26 @@ def existing_run(folder: Path) -> list[str]:
     return [name for name in RUN_MARKERS if (folder / name).exists()]
 
 
-def check_run_folder(folder: Path, resume: bool | Literal["auto"], overwrite: bool, outputs: Iterable[str],
-                     remove: bool = True) -> None:
+def check_run_folder(
+    folder: Path, resume: bool | Literal["auto"], overwrite: bool, outputs: Iterable[str], remove: bool = True
+) -> None:
     """Refuse to start a new run over an earlier one unless asked: with `overwrite`, its `outputs` are removed.
 
     Called with the folder's run lock held. A folder holding a checkpoint or a finished model is continued
     (resume) or replaced (overwrite), never silently overwritten; `remove=False` only checks (non-main processes).
     """
     if overwrite and resume is not False:
-        raise ConfigError("overwrite and resume exclude each other",
-                          fix="give --resume to continue the run in --out, or --overwrite to replace it")
+        raise ConfigError(
+            "overwrite and resume exclude each other",
+            fix="give --resume to continue the run in --out, or --overwrite to replace it",
+        )
     found = existing_run(folder)
     if found and resume is False and not overwrite:
-        raise ConfigError(f"the folder holds an earlier run ({', '.join(found)}), which a new run would overwrite",
-                          path=folder, fix="continue it with --resume, replace it with --overwrite, "
-                                           "or choose another --out")
+        raise ConfigError(
+            f"the folder holds an earlier run ({', '.join(found)}), which a new run would overwrite",
+            path=folder,
+            fix="continue it with --resume, replace it with --overwrite, or choose another --out",
+        )
     if overwrite and remove:
         for name in outputs:
             path = folder / name
@@ -143,8 +148,9 @@ def _make_folder(folder: Path) -> list[Path]:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise TodsynthError(f"cannot create the output folder: {e.strerror}", path=folder,
-                            fix="choose a writable output folder") from None
+        raise TodsynthError(
+            f"cannot create the output folder: {e.strerror}", path=folder, fix="choose a writable output folder"
+        ) from None
     return missing
 
 
@@ -165,17 +171,20 @@ def _acquire(lock: Path) -> None:
             if create_exclusive(lock, owner):
                 return
         except OSError as e:
-            raise TodsynthError(f"cannot write here: {e.strerror}", path=lock.parent,
-                                fix="choose a writable output folder") from None
+            raise TodsynthError(
+                f"cannot write here: {e.strerror}", path=lock.parent, fix="choose a writable output folder"
+            ) from None
         holder = read_owner(lock)
         if process_alive(holder):
             break
         _take_over(lock, holder)
         time.sleep(0.05 * attempt)
     holder = read_owner(lock)
-    raise TodsynthError(f"another run is using this folder (lock held by process {holder})", path=lock,
-                        fix=f"wait for it to finish, or use another --out; if process {holder} no longer runs, "
-                            f"delete {lock}")
+    raise TodsynthError(
+        f"another run is using this folder (lock held by process {holder})",
+        path=lock,
+        fix=f"wait for it to finish, or use another --out; if process {holder} no longer runs, delete {lock}",
+    )
 
 
 def _take_over(lock: Path, stale: str) -> None:

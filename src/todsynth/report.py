@@ -16,8 +16,10 @@ def fmt(x: float | None, digits: int = 3) -> str:
 def metrics_table(rows: dict[str, dict], class_names: Sequence[str]) -> list[list[str]]:
     """Header + one row per method: mIoU, OA, mAcc, then per-class IoU (from metrics dicts)."""
     header = ["method", "mIoU", "OA", "mAcc", *class_names]
-    body = [[name, fmt(m["mIoU"]), fmt(m["OA"]), fmt(m["mAcc"]), *(fmt(m["IoU"].get(c)) for c in class_names)]
-            for name, m in rows.items()]
+    body = [
+        [name, fmt(m["mIoU"]), fmt(m["OA"]), fmt(m["mAcc"]), *(fmt(m["IoU"].get(c)) for c in class_names)]
+        for name, m in rows.items()
+    ]
     return [header, *body]
 
 
@@ -55,8 +57,13 @@ def write_report(folder: str | Path, title: str, sections: list[tuple[str, str |
         else:
             md += [content, ""]
             body.append("".join(f"<p>{html.escape(p)}</p>" for p in content.split("\n\n")))
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}img{max-width:100%}")
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}img{max-width:100%}"
+    )
     write_text(folder / "report.md", "\n".join(md) + "\n")
-    write_text(folder / "report.html", f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-                                       f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    write_text(
+        folder / "report.html",
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+        f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n",
+    )

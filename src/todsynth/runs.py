@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -42,8 +42,9 @@ StepCallback = Callable[[int, float], None]
 # Learning rate
 
 
-def lr_at(step: int, total: int, base_lr: float, warmup: int = 0, schedule: Schedule = "cosine",
-          power: float = 0.9) -> float:
+def lr_at(
+    step: int, total: int, base_lr: float, warmup: int = 0, schedule: Schedule = "cosine", power: float = 0.9
+) -> float:
     """Learning rate of the 0-based `step` of `total`: linear warm-up, then cosine or poly decay to 0.
 
     "cosine" and "poly" warm up as base·(step+1)/warmup (base reached at the last warm-up step, the
@@ -69,8 +70,11 @@ def check_settings(saved: Any, current: dict[str, Any], free: Iterable[str], pat
     if not isinstance(saved, dict):
         raise CheckpointError(f"{what} holds no settings record", path=path, fix=fix)
     saved, current, free = flat_dict(saved), flat_dict(json.loads(json.dumps(current))), set(free)
-    diffs = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
-             if k not in free and saved.get(k) != current.get(k)]
+    diffs = [
+        f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
+        for k in sorted(set(saved) | set(current))
+        if k not in free and saved.get(k) != current.get(k)
+    ]
     if diffs:
         raise CheckpointError(f"{what} was written with other settings ({'; '.join(diffs)})", path=path, fix=fix)
 
@@ -148,14 +152,15 @@ class Metrics:
     accelerate's trackers; kept in memory too, so a run without a folder still has its loss trace."""
 
     def __init__(self, path: Path | None = None, accelerator: Any = None):
-        self.path, self.accelerator, self.records = path, accelerator, []
+        self.path, self.accelerator = path, accelerator
+        self.records: list[dict[str, Any]] = []
 
     @property
     def main(self) -> bool:
         return self.accelerator is None or self.accelerator.is_main_process
 
     def log(self, record: dict[str, Any]) -> None:
-        """Add one record: a line of metrics.jsonl (one write, so a kill never leaves half a line) and tracker values."""
+        """Add one record: a metrics.jsonl line (one write: a kill never leaves half a line) and tracker values."""
         self.records.append(record)
         if self.path is not None and self.main:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -164,8 +169,9 @@ class Metrics:
             finally:
                 os.close(fd)
         if self.accelerator is not None and self.accelerator.trackers:
-            self.accelerator.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
-                                 step=record["step"])
+            self.accelerator.log(
+                {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=record["step"]
+            )
 
     def start(self) -> None:
         """A new run: no records."""
@@ -203,8 +209,11 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
             if n == len(lines):
                 break
-            raise CheckpointError(f"line {n} is not a metrics record", path=path,
-                                  fix="delete the line (or the file: only the logged values are lost)")
+            raise CheckpointError(
+                f"line {n} is not a metrics record",
+                path=path,
+                fix="delete the line (or the file: only the logged values are lost)",
+            )
         records.append(record)
     return records
 
@@ -219,8 +228,9 @@ class RunFolder:
     `settings` (a config's asdict, plus what else a resumption must match) is recorded with every state and
     compared on resume, the names in `free` aside."""
 
-    def __init__(self, root: str | Path, settings: dict[str, Any] | None = None, free: Iterable[str] = (),
-                 main: bool = True):
+    def __init__(
+        self, root: str | Path, settings: dict[str, Any] | None = None, free: Iterable[str] = (), main: bool = True
+    ):
         self.root, self.settings, self.free, self.main = Path(root), settings or {}, set(free), main
         self.checkpoint = self.root / CHECKPOINT
 
@@ -262,8 +272,11 @@ class RunFolder:
             raise CheckpointError("no checkpoint to resume from", path=self.checkpoint, fix="start without resume")
         info = read_json(path)
         if not isinstance(info, dict) or not isinstance(info.get("step"), int):
-            raise CheckpointError("not a todsynth checkpoint (no step recorded)", path=path,
-                                  fix="point the run at the folder of the run you want to resume")
+            raise CheckpointError(
+                "not a todsynth checkpoint (no step recorded)",
+                path=path,
+                fix="point the run at the folder of the run you want to resume",
+            )
         check_settings(info.get("settings"), self.settings, self.free, path, "the checkpoint")
         tensors = load_weights(self.checkpoint / STATE_TENSORS)
         restore_rng_and_scaler(tensors, scaler)
@@ -272,8 +285,9 @@ class RunFolder:
 
 
 @contextlib.contextmanager
-def open_run(root: str | Path, resume: bool | Literal["auto"], overwrite: bool, outputs: Iterable[str],
-             main: bool = True) -> Iterator[tuple[RunFolder, bool]]:
+def open_run(
+    root: str | Path, resume: bool | Literal["auto"], overwrite: bool, outputs: Iterable[str], main: bool = True
+) -> Iterator[tuple[RunFolder, bool]]:
     """Hold the folder's run lock; yield (the run folder, whether it resumes). An earlier run there is refused
     unless resumed or replaced (`overwrite` removes its `outputs`); `resume=True` without a state is refused.
     The trainer then sets the run's `settings` and `free` names before it loads or saves a state."""
@@ -282,8 +296,11 @@ def open_run(root: str | Path, resume: bool | Literal["auto"], overwrite: bool, 
         run = RunFolder(root, main=main)
         resuming = resume is not False and run.has_state()
         if resume is True and not resuming:  # refused before anything is loaded or written
-            raise CheckpointError("no checkpoint to resume from", path=run.checkpoint,
-                                  fix="start the run without resume, or with resume=auto to continue only if one exists")
+            raise CheckpointError(
+                "no checkpoint to resume from",
+                path=run.checkpoint,
+                fix="start the run without resume, or with resume=auto to continue only if one exists",
+            )
         yield run, resuming
 
 
@@ -301,15 +318,24 @@ class Progress:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
 
-        self.bar = Bar(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                       TimeRemainingColumn(), console=Console(stderr=True))
+        self.bar = Bar(
+            TextColumn(f"[bold]{label}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.description}"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
         self.bar.start()
         self.task = self.bar.add_task("", total=total, completed=done)
 
     def update(self, done: int, text: str | None = None) -> None:
         """Show `done` (and `text`)."""
         if self.bar is not None:
-            self.bar.update(self.task, completed=done, **({} if text is None else {"description": text}))
+            if text is None:
+                self.bar.update(self.task, completed=done)
+            else:
+                self.bar.update(self.task, completed=done, description=text)
 
     def advance(self, n: int) -> None:
         if self.bar is not None:
@@ -322,6 +348,24 @@ class Progress:
 
 # ---------------------------------------------------------------------------------------------
 # The fit loop
+
+
+class FitTask(Protocol):
+    """What a trainer plugs into `fit` (the generator and segmenter tasks)."""
+
+    optimizer: Any
+
+    def train_step(self, step: int) -> Tensor:
+        """One optimizer update of the 0-based `step`; returns its loss (on the device)."""
+
+    def validate(self, step: int) -> dict[str, float]:
+        """Validation values after `step`, logged as val/<name> (empty: nothing to log)."""
+
+    def after_step(self, step: int) -> None:
+        """Work after `step` that is not state (e.g. model-only snapshots)."""
+
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Tensors and JSON info a resumed run restores."""
 
 
 @dataclass
@@ -340,13 +384,19 @@ class Loop:
     save_every: int = 0
 
 
-def fit(task: Any, loop: Loop, metrics: Metrics, accelerator: Any, run: RunFolder | None = None,
-        progress: Progress | None = None, on_step: StepCallback | None = None, scaler: Any = None) -> float | None:
+def fit(
+    task: FitTask,
+    loop: Loop,
+    metrics: Metrics,
+    accelerator: Any,
+    run: RunFolder | None = None,
+    progress: Progress | None = None,
+    on_step: StepCallback | None = None,
+    scaler: Any = None,
+) -> float | None:
     """Train `task` over the loop's steps: LR set, step, log, validate, save, `on_step(step, loss)` at log steps.
 
-    The task plugs in with `optimizer`, `train_step(step)` (one update of the 0-based step; returns its loss),
-    `validate(step)` (values logged as val/<name>; run with the torch RNG forked, so it never changes what training
-    draws), `after_step(step)` (e.g. model snapshots) and `state()` (tensors and JSON info to save).
+    `task.validate` runs with the torch RNG forked, so it never changes what training draws.
     Returns the loss last read (that of the last step when it was logged or saved; None if no step ran)."""
     progress = progress or Progress("", 0, enabled=False)
     value = None
@@ -360,15 +410,24 @@ def fit(task: Any, loop: Loop, metrics: Metrics, accelerator: Any, run: RunFolde
         logged = done % loop.log_every == 0 or done == loop.total
         saved = run is not None and (done % loop.save_every == 0 or done in (loop.total, loop.end))
         if logged or saved:
-            value = float(accelerator.reduce(loss.detach(), reduction="mean") if accelerator.num_processes > 1
-                          else loss)
+            value = float(
+                accelerator.reduce(loss.detach(), reduction="mean") if accelerator.num_processes > 1 else loss
+            )
             if not math.isfinite(value):
-                raise TodsynthError(f"training diverged: loss is {value} at step {done}",
-                                    fix="lower the learning rate or check the labels")
+                raise TodsynthError(
+                    f"training diverged: loss is {value} at step {done}",
+                    fix="lower the learning rate or check the labels",
+                )
         if logged:
             now = time.perf_counter()
-            metrics.log({"step": done, "loss": value, "lr": lr,
-                         "samples_per_s": (done - since) * loop.samples_per_step / max(now - clock, 1e-9)})
+            metrics.log(
+                {
+                    "step": done,
+                    "loss": value,
+                    "lr": lr,
+                    "samples_per_s": (done - since) * loop.samples_per_step / max(now - clock, 1e-9),
+                }
+            )
             clock, since = now, done
             progress.update(done, f"loss {value:.4f}")
         else:
@@ -380,10 +439,11 @@ def fit(task: Any, loop: Loop, metrics: Metrics, accelerator: Any, run: RunFolde
             if values:
                 metrics.log({"step": done, **{f"val/{k}": v for k, v in values.items()}})
         task.after_step(done)
-        if saved:
-            run.save_state(done, *task.state(), scaler=scaler)
+        if saved and run is not None:
+            tensors, info = task.state()
+            run.save_state(done, tensors, info, scaler=scaler)
             accelerator.wait_for_everyone()
-        if logged and on_step is not None and accelerator.is_main_process:
+        if logged and value is not None and on_step is not None and accelerator.is_main_process:
             on_step(done, value)
     progress.close()
     return value

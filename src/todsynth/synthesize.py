@@ -53,46 +53,61 @@ class SynthesizeConfig:
     num_steps: int = setting(20, help="Euler sampling steps")
     guidance_scale: float = setting(1.0, help="classifier-free guidance scale on the text")
     shift: float = setting(1.0, help="sigma shift of the sampling schedule (SD3: 3.0)")
-    segmenter: str | None = setting(None, help="guidance segmenter (trained on the real set); required when "
-                                               "crfm.steps > 0")
+    segmenter: str | None = setting(
+        None, help="guidance segmenter (trained on the real set); required when crfm.steps > 0"
+    )
     crfm: CRFMConfig = setting(default_factory=CRFMConfig, help="control-rectify flow matching")
-    batch_size: int = setting(8, resume_free=True, help="samples per forward pass (the output does not depend on "
-                                                        "it)")
+    batch_size: int = setting(8, resume_free=True, help="samples per forward pass (the output does not depend on it)")
     seed: int = setting(0, help="global seed: each sample's seed derives from it, the mask id, transform and copy")
     limit: int | None = setting(None, resume_free=True, help="only the first N masks")
-    crop: Literal["resize", "center"] = setting("resize", help="how masks reach the generator's size: resize (short "
-                                                "side, nearest; the long side center-cropped) or center (a window at "
-                                                "the masks' own scale; tile large masks first with `data tile`)")
-    filter_stats: str | None = setting(None, help="per-class loss JSON (see class_loss_stats); enables pixel "
-                                                  "filtering")
+    crop: Literal["resize", "center"] = setting(
+        "resize",
+        help="how masks reach the generator's size: resize (short "
+        "side, nearest; the long side center-cropped) or center (a window at "
+        "the masks' own scale; tile large masks first with `data tile`)",
+    )
+    filter_stats: str | None = setting(None, help="per-class loss JSON (see class_loss_stats); enables pixel filtering")
     filter_pixels: bool = setting(True, help="with filter_stats: pixels above margin × class loss become ignore")
     filter_margin: float = setting(1.25, help="the filter's margin over the class loss")
     reject_ignored_fraction: float | None = setting(None, help="image-level rejection above this ignored share")
     hard_resample: bool = setting(False, help="copies ∝ mask hardness (needs filter_stats)")
-    device: str = setting("auto", resume_free=True, help="auto: accelerate's device for this process (its GPU when "
-                                                         "there is one); cpu; cuda:1")
-    mixed_precision: Literal["no", "bf16", "fp16"] = setting("no", help="autocast of transformer, decoder and "
-                                                                        "segmenter")
+    device: str = setting(
+        "auto",
+        resume_free=True,
+        help="auto: accelerate's device for this process (its GPU when there is one); cpu; cuda:1",
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] = setting(
+        "no", help="autocast of transformer, decoder and segmenter"
+    )
 
     def validate(self) -> None:
-        require(bool(self.generator) and bool(self.masks) and bool(self.out), "generator, masks and out are required",
-                fix="give GENERATOR MASKS OUT (see `todsynth synthesize --help`)")
+        require(
+            bool(self.generator) and bool(self.masks) and bool(self.out),
+            "generator, masks and out are required",
+            fix="give GENERATOR MASKS OUT (see `todsynth synthesize --help`)",
+        )
         require(self.copies >= 1, f"copies must be >= 1, got {self.copies}")
         require(self.num_steps >= 1, f"num_steps must be >= 1, got {self.num_steps}")
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         require(len(self.transforms) > 0, "give at least one transform (identity = the mask as is)")
-        require(math.isfinite(self.guidance_scale) and math.isfinite(self.shift) and self.shift > 0,
-                "guidance_scale and shift must be finite, shift > 0")
+        require(
+            math.isfinite(self.guidance_scale) and math.isfinite(self.shift) and self.shift > 0,
+            "guidance_scale and shift must be finite, shift > 0",
+        )
         require(math.isfinite(self.filter_margin) and self.filter_margin > 0, "filter_margin must be > 0")
-        require(self.reject_ignored_fraction is None or 0 <= self.reject_ignored_fraction <= 1,
-                "reject_ignored_fraction must be in [0, 1]")
+        require(
+            self.reject_ignored_fraction is None or 0 <= self.reject_ignored_fraction <= 1,
+            "reject_ignored_fraction must be in [0, 1]",
+        )
         require(not self.hard_resample or self.filter_stats is not None, "hard_resample needs filter_stats")
         require(self.limit is None or self.limit >= 1, "limit must be >= 1")
         require(bool(self.device), "device must be auto, cpu or a device name")
         self.crfm.validate()
-        require(self.crfm.steps == 0 or self.segmenter is not None,
-                "CRFM (crfm.steps > 0) needs a guidance segmenter",
-                fix="give --segmenter SEG (a segmenter trained on the real data), or --crfm-steps 0 for plain sampling")
+        require(
+            self.crfm.steps == 0 or self.segmenter is not None,
+            "CRFM (crfm.steps > 0) needs a guidance segmenter",
+            fix="give --segmenter SEG (a segmenter trained on the real data), or --crfm-steps 0 for plain sampling",
+        )
         require(self.crfm.steps <= self.num_steps, "crfm.steps cannot exceed num_steps")
 
 
@@ -136,7 +151,7 @@ def transform_label(label: torch.Tensor, name: str, seed_key: int = 0) -> torch.
     rng = np.random.default_rng(seed_key)
     ch, cw = max(h * 5 // 8, 1), max(w * 5 // 8, 1)
     y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-    crop = label[..., y:y + ch, x:x + cw].float()[None, None]
+    crop = label[..., y : y + ch, x : x + cw].float()[None, None]
     return torch.nn.functional.interpolate(crop, size=(h, w), mode="nearest")[0, 0].long()
 
 
@@ -155,28 +170,34 @@ def plan(ids: list[str], cfg: SynthesizeConfig, copies: list[int] | None = None)
 
 
 @torch.no_grad()
-def class_loss_stats(segmenter, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                     ignore_index: int = 255, batch_size: int = 16) -> dict:
+def class_loss_stats(
+    segmenter,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    ignore_index: int = 255,
+    batch_size: int = 16,
+) -> dict:
     """Per-class mean cross-entropy of a segmenter on a (real) set: the filtering thresholds' base."""
     sums, counts = np.zeros(num_classes), np.zeros(num_classes)
     segmenter.eval()
     for s in range(0, len(images), batch_size):
-        logits = segmenter(images[s:s + batch_size])
-        lab = labels[s:s + batch_size]
+        logits = segmenter(images[s : s + batch_size])
+        lab = labels[s : s + batch_size]
         ce = torch.nn.functional.cross_entropy(logits, lab, ignore_index=ignore_index, reduction="none")
         for c in range(num_classes):
             sel = lab == c
             sums[c] += ce[sel].sum().item()
             counts[c] += sel.sum().item()
-    means = [float(s / n) if n else None for s, n in zip(sums, counts)]
+    means = [float(s / n) if n else None for s, n in zip(sums, counts, strict=True)]
     return {"class_mean_loss": means, "pixels": counts.astype(int).tolist(), "ignore_index": ignore_index}
 
 
-def filter_mask(logits: torch.Tensor, label: torch.Tensor, class_means: list[float | None], margin: float,
-                ignore_index: int = 255) -> torch.Tensor:
+def filter_mask(
+    logits: torch.Tensor, label: torch.Tensor, class_means: list[float | None], margin: float, ignore_index: int = 255
+) -> torch.Tensor:
     """Pixels of class c whose loss exceeds margin × mean(c) become ignore; others stay as they are."""
-    ce = torch.nn.functional.cross_entropy(logits[None], label[None], ignore_index=ignore_index,
-                                           reduction="none")[0]
+    ce = torch.nn.functional.cross_entropy(logits[None], label[None], ignore_index=ignore_index, reduction="none")[0]
     means = torch.tensor([m if m is not None else float("inf") for m in class_means], dtype=ce.dtype)
     valid = label != ignore_index
     threshold = torch.full_like(ce, float("inf"))
@@ -208,8 +229,9 @@ class OutputFolder:
     """images/, masks/, classes.yaml (and data.yaml for multi-band images), manifest.jsonl, and per-sample records
     and claims under one root; images are written as `normalisation` says (None: 8-bit RGB PNG)."""
 
-    def __init__(self, root: Path, classes, normalisation=None, settings: dict | None = None,
-                 record_settings: bool = True):
+    def __init__(
+        self, root: Path, classes, normalisation=None, settings: dict | None = None, record_settings: bool = True
+    ):
         from todsynth.data.bands import Normalisation
 
         self.root, self.record_settings = root, record_settings
@@ -225,8 +247,11 @@ class OutputFolder:
             try:
                 (root / sub).mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise DataError(f"cannot create the output folder: {e.strerror}", path=root / sub,
-                                fix="choose a writable output folder") from None
+                raise DataError(
+                    f"cannot create the output folder: {e.strerror}",
+                    path=root / sub,
+                    fix="choose a writable output folder",
+                ) from None
         self._write_classes()
 
     def _check_classes_file(self) -> None:
@@ -235,9 +260,12 @@ class OutputFolder:
 
         path = self.root / "classes.yaml"
         if path.exists() and load_classes(path) != self.classes:
-            raise DataError(f"the output folder holds a dataset with other classes than "
-                            f"{list(self.classes.names)} (ignore {self.classes.ignore_index})", path=path,
-                            fix="choose an empty output folder")
+            raise DataError(
+                f"the output folder holds a dataset with other classes than "
+                f"{list(self.classes.names)} (ignore {self.classes.ignore_index})",
+                path=path,
+                fix="choose an empty output folder",
+            )
 
     def _data_yaml(self) -> str | None:
         """The data.yaml the images need to read back as their source (None: 8-bit RGB PNGs need none)."""
@@ -250,9 +278,12 @@ class OutputFolder:
         path = self.root / "data.yaml"
         wanted = self._data_yaml()
         if path.exists() and (wanted is None or path.read_text(encoding="utf-8") != wanted):
-            raise DataError("the output folder holds a data.yaml other than this generator's images need "
-                            f"({wanted.strip() if wanted else 'none: 8-bit RGB'})", path=path,
-                            fix="choose an empty output folder")
+            raise DataError(
+                "the output folder holds a data.yaml other than this generator's images need "
+                f"({wanted.strip() if wanted else 'none: 8-bit RGB'})",
+                path=path,
+                fix="choose an empty output folder",
+            )
 
     def _write_classes(self) -> None:
         import yaml
@@ -370,8 +401,11 @@ class OutputFolder:
         for p in sorted((self.root / RECORDS).glob("*.json")):
             record = read_json(p)
             if not isinstance(record, dict) or record.get("id") != p.stem:
-                raise DataError(f"not a record of sample '{p.stem}'", path=p,
-                                fix="delete it: its sample is made again on the next run")
+                raise DataError(
+                    f"not a record of sample '{p.stem}'",
+                    path=p,
+                    fix="delete it: its sample is made again on the next run",
+                )
             records[p.stem] = record
         write_text(path, "".join(json.dumps(records[k], sort_keys=True) + "\n" for k in sorted(records)))
         return len(records)
@@ -395,8 +429,11 @@ def _read_manifest(path: Path) -> dict[str, dict]:
     except FileNotFoundError:
         return {}
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read the manifest: {e}", path=path,
-                        fix="delete it and rerun: the samples it lists are made again, identically") from None
+        raise DataError(
+            f"cannot read the manifest: {e}",
+            path=path,
+            fix="delete it and rerun: the samples it lists are made again, identically",
+        ) from None
     records: dict[str, dict] = {}
     for n, line in enumerate(lines, 1):
         try:
@@ -406,8 +443,11 @@ def _read_manifest(path: Path) -> dict[str, dict]:
         else:
             reason = "expected an object with a string 'id'"
         if not isinstance(record, dict) or not isinstance(record.get("id"), str):
-            raise DataError(f"line {n}: {reason}", path=path,
-                            fix="delete it and rerun: the samples it lists are made again, identically")
+            raise DataError(
+                f"line {n}: {reason}",
+                path=path,
+                fix="delete it and rerun: the samples it lists are made again, identically",
+            )
         records[record["id"]] = record
     return records
 
@@ -420,8 +460,11 @@ def mask_dtype(classes, path: str | Path | None = None) -> type:
         return np.uint8
     if top <= 65535:
         return np.uint16
-    raise DataError(f"labels up to {top} do not fit a 16-bit PNG mask", path=path,
-                    fix="use at most 65536 classes and an ignore_index of at most 65535")
+    raise DataError(
+        f"labels up to {top} do not fit a 16-bit PNG mask",
+        path=path,
+        fix="use at most 65536 classes and an ignore_index of at most 65535",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,8 +486,9 @@ class SynthesisResult:
     wall_time_s: float
 
 
-def synthesize(cfg: SynthesizeConfig, accelerator=None, progress: bool = True,
-               on_batch: Callable[[int, int], None] | None = None) -> SynthesisResult:
+def synthesize(
+    cfg: SynthesizeConfig, accelerator=None, progress: bool = True, on_batch: Callable[[int, int], None] | None = None
+) -> SynthesisResult:
     """Run synthesis (resumable, shardable); returns counts and timing. `accelerator`: an accelerate
     PartialState/Accelerator when launched with `accelerate launch` (processes take items[rank::world]);
     `on_batch(done, total)` is called on rank 0 after every batch (the experiment runner logs with it)."""
@@ -456,9 +500,16 @@ def synthesize(cfg: SynthesizeConfig, accelerator=None, progress: bool = True,
     from todsynth.runs import Progress
 
     cfg.validate()
-    check_output_folder(cfg.out, {"masks dataset": cfg.masks, "generator folder": cfg.generator,
-                                  "segmenter folder": cfg.segmenter, "filter stats": cfg.filter_stats,
-                                  "split file": cfg.split_file})
+    check_output_folder(
+        cfg.out,
+        {
+            "masks dataset": cfg.masks,
+            "generator folder": cfg.generator,
+            "segmenter folder": cfg.segmenter,
+            "filter stats": cfg.filter_stats,
+            "split file": cfg.split_file,
+        },
+    )
     runtime = resolve_runtime(cfg.device, cfg.mixed_precision, state=accelerator)
     rank, world = runtime.process_index, runtime.num_processes
     pipe = MaskToImagePipeline.for_runtime(cfg.generator, runtime)
@@ -469,21 +520,28 @@ def synthesize(cfg: SynthesizeConfig, accelerator=None, progress: bool = True,
     if segmenter is not None:  # other bands or sample type than the generator's: refused before anything is made
         _segmenter_images(pipe, segmenter, torch.zeros(1, pipe.normalisation.channels, 1, 1))
     stats = _read_stats(cfg.filter_stats, classes.num_classes) if cfg.filter_stats else None
-    copies = (hardness_copies(labels, stats["class_mean_loss"], cfg.copies, classes.ignore_index)
-              if cfg.hard_resample else None)
+    copies = (
+        hardness_copies(labels, stats["class_mean_loss"], cfg.copies, classes.ignore_index)
+        if cfg.hard_resample
+        else None
+    )
     settings = json.loads(json.dumps(config_dict(cfg)))
     out = OutputFolder(Path(cfg.out), classes, pipe.normalisation, settings, record_settings=rank == 0)
     runtime.wait_for_everyone()
     out.release_stale_claims()
     items = plan(ids, cfg, copies)
-    pipe.use_prompt_cache(out.root / PROMPT_CACHE, sorted({item_input(it, labels, prompts, classes, pipe, cfg)[1]
-                                                           for it in items}), runtime, offload_text=True)
+    pipe.use_prompt_cache(
+        out.root / PROMPT_CACHE,
+        sorted({item_input(it, labels, prompts, classes, pipe, cfg)[1] for it in items}),
+        runtime,
+        offload_text=True,
+    )
     already = sum(out.done(it) for it in items)
     todo = [it for it in items[rank::world] if not out.done(it)]
     t0, made, rejected = time.perf_counter(), 0, 0
     bar = Progress("synthesize", len(todo), enabled=progress and rank == 0)
     for s in range(0, len(todo), cfg.batch_size):
-        batch = [it for it in todo[s:s + cfg.batch_size] if out.claim(it)]
+        batch = [it for it in todo[s : s + cfg.batch_size] if out.claim(it)]
         if not batch:
             continue
         try:
@@ -500,8 +558,9 @@ def synthesize(cfg: SynthesizeConfig, accelerator=None, progress: bool = True,
     # Only a process that sees every sample done writes the manifest: one still held by another live
     # process would be missing, and that process writes it when it finishes.
     total = out.finish() if rank == 0 and all(out.done(it) for it in items) else None
-    return SynthesisResult(str(out.root), cfg.generator, made, rejected, len(items), already, total,
-                           time.perf_counter() - t0)
+    return SynthesisResult(
+        str(out.root), cfg.generator, made, rejected, len(items), already, total, time.perf_counter() - t0
+    )
 
 
 def check_output_folder(out: str | Path, inputs: dict[str, str | Path | None]) -> None:
@@ -520,8 +579,11 @@ def check_output_folder(out: str | Path, inputs: dict[str, str | Path | None]) -
             relation = "is inside"
         else:
             continue
-        raise DataError(f"the output folder {relation} the {what} {source}", path=out,
-                        fix="choose an output folder outside every input (dataset, models, stats, split)")
+        raise DataError(
+            f"the output folder {relation} the {what} {source}",
+            path=out,
+            fix="choose an output folder outside every input (dataset, models, stats, split)",
+        )
 
 
 def _resolved(path: str | Path) -> Path:
@@ -539,7 +601,7 @@ def _masks(cfg: SynthesizeConfig, size: int):
 
     labels, prompts, ids, classes = load_masks(cfg.masks, cfg.split, size, split_file=cfg.split_file, crop=cfg.crop)
     if cfg.limit:
-        labels, prompts, ids = labels[:cfg.limit], prompts[:cfg.limit], ids[:cfg.limit]
+        labels, prompts, ids = labels[: cfg.limit], prompts[: cfg.limit], ids[: cfg.limit]
     return labels, prompts, ids, classes
 
 
@@ -549,12 +611,20 @@ def _read_stats(path: str, num_classes: int) -> dict:
 
     stats = read_json(path)
     means = stats.get("class_mean_loss") if isinstance(stats, dict) else None
-    ok = isinstance(means, list) and len(means) == num_classes and all(
-        m is None or (isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(m) and m >= 0)
-        for m in means)
+    ok = (
+        isinstance(means, list)
+        and len(means) == num_classes
+        and all(
+            m is None or (isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(m) and m >= 0)
+            for m in means
+        )
+    )
     if not ok:
-        raise DataError(f"expected {{\"class_mean_loss\": [...]}} with {num_classes} finite losses (or null)",
-                        path=path, fix="write it with class_loss_stats for this dataset's classes")
+        raise DataError(
+            f'expected {{"class_mean_loss": [...]}} with {num_classes} finite losses (or null)',
+            path=path,
+            fix="write it with class_loss_stats for this dataset's classes",
+        )
     return stats
 
 
@@ -571,8 +641,12 @@ def _segmenter_images(pipe, segmenter, images: torch.Tensor) -> torch.Tensor:
     """Generated images in the segmenter's stored normalisation (the same tensor when it is the generator's)."""
     from todsynth.data.bands import convert
 
-    return convert(images, pipe.normalisation, segmenter.normalisation,
-                   f"the segmenter {getattr(segmenter, 'source', '')}".rstrip())
+    return convert(
+        images,
+        pipe.normalisation,
+        segmenter.normalisation,
+        f"the segmenter {getattr(segmenter, 'source', '')}".rstrip(),
+    )
 
 
 def check_segmenter_classes(config, classes, path: str | Path) -> None:
@@ -584,8 +658,11 @@ def check_segmenter_classes(config, classes, path: str | Path) -> None:
         return
     guide = class_difference(names or config.num_classes, classes.names)
     used = class_difference(list(classes.names), names or config.num_classes)
-    raise CheckpointError(f"the guidance segmenter predicts {guide}, but the generator and masks use {used}", path=path,
-                          fix="use a segmenter trained on the masks' dataset (same classes, same order)")
+    raise CheckpointError(
+        f"the guidance segmenter predicts {guide}, but the generator and masks use {used}",
+        path=path,
+        fix="use a segmenter trained on the masks' dataset (same classes, same order)",
+    )
 
 
 def _item_key(item: WorkItem) -> str:
@@ -605,21 +682,33 @@ def item_input(item: WorkItem, labels, prompts: list[str], classes, pipe, cfg: S
     return lab, build_prompt(lab.numpy(), classes, pipe.prompt_template)
 
 
-def _run_batch(pipe, segmenter, batch: list[WorkItem], labels, prompts, classes, stats, cfg: SynthesizeConfig,
-               out: OutputFolder) -> tuple[int, int]:
+def _run_batch(
+    pipe, segmenter, batch: list[WorkItem], labels, prompts, classes, stats, cfg: SynthesizeConfig, out: OutputFolder
+) -> tuple[int, int]:
     """Generate, filter and write one batch of work items."""
     from todsynth.crfm import crfm_sample
     from todsynth.generator.pipeline import sample_seeds
+
     inputs = [item_input(it, labels, prompts, classes, pipe, cfg) for it in batch]
     labs = torch.stack([lab for lab, _ in inputs])
     texts = [text for _, text in inputs]
     seeds = [sample_seeds(cfg.seed, [_item_key(it)], it.copy)[0] for it in batch]
     if segmenter is not None and cfg.crfm.steps > 0:
-        images = crfm_sample(pipe, segmenter, labs, cfg.crfm, prompts=texts, seeds=seeds, num_steps=cfg.num_steps,
-                             guidance_scale=cfg.guidance_scale, shift=cfg.shift)
+        images = crfm_sample(
+            pipe,
+            segmenter,
+            labs,
+            cfg.crfm,
+            prompts=texts,
+            seeds=seeds,
+            num_steps=cfg.num_steps,
+            guidance_scale=cfg.guidance_scale,
+            shift=cfg.shift,
+        )
     else:
-        images = pipe(labs, texts, seeds=seeds, num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
-                      shift=cfg.shift)
+        images = pipe(
+            labs, texts, seeds=seeds, num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, shift=cfg.shift
+        )
     images = images.cpu()
     made = rejected = 0
     logits = None
@@ -628,9 +717,18 @@ def _run_batch(pipe, segmenter, batch: list[WorkItem], labels, prompts, classes,
             logits = segmenter(_segmenter_images(pipe, segmenter, images.to(pipe.device))).cpu()
     for j, it in enumerate(batch):
         lab = labs[j]
-        record = {"id": it.id, "source": it.source_id, "transform": it.transform, "copy": it.copy, "seed": seeds[j],
-                  "prompt": texts[j], "num_steps": cfg.num_steps, "guidance_scale": cfg.guidance_scale,
-                  "crfm": cfg.crfm.to_dict(), "filter": None}
+        record = {
+            "id": it.id,
+            "source": it.source_id,
+            "transform": it.transform,
+            "copy": it.copy,
+            "seed": seeds[j],
+            "prompt": texts[j],
+            "num_steps": cfg.num_steps,
+            "guidance_scale": cfg.guidance_scale,
+            "crfm": cfg.crfm.to_dict(),
+            "filter": None,
+        }
         if logits is not None:
             lab = filter_mask(logits[j], lab, stats["class_mean_loss"], cfg.filter_margin, classes.ignore_index)
             ignored = float((lab == classes.ignore_index).float().mean())

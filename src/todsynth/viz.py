@@ -54,20 +54,23 @@ def tile_rows(rows: Sequence[Sequence[np.ndarray]], pad: int = 2, scale: int = 1
     for i, row in enumerate(rows):
         for j, tile in enumerate(row):
             y, x = pad + i * (h + pad), pad + j * (w + pad)
-            grid[y:y + h, x:x + w] = tile
+            grid[y : y + h, x : x + w] = tile
     if scale > 1:
         grid = grid.repeat(scale, 0).repeat(scale, 1)
     return grid
 
 
-def save_mask_image_grid(path: str | Path, labels, images, classes: ClassSpec, scale: int = 2,
-                         normalisation=None) -> None:
+def save_mask_image_grid(
+    path: str | Path, labels, images, classes: ClassSpec, scale: int = 2, normalisation=None
+) -> None:
     """One row per sample: colourised mask | generated image (its `rgb:` bands when a normalisation is given)."""
     from todsynth.data.bands import preview_rgb
 
     show = to_uint8 if normalisation is None else (lambda img: preview_rgb(img, normalisation))
-    rows = [[colorize(np.asarray(lab.cpu() if hasattr(lab, "cpu") else lab), classes), show(img)]
-            for lab, img in zip(labels, images)]
+    rows = [
+        [colorize(np.asarray(lab.cpu() if hasattr(lab, "cpu") else lab), classes), show(img)]
+        for lab, img in zip(labels, images, strict=True)
+    ]
     save_png(path, tile_rows(rows, scale=scale))
 
 
@@ -78,8 +81,13 @@ def _save_figure(fig, path: str | Path) -> None:
         fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
 
 
-def plot_curves(path: str | Path, curves: dict[str, tuple[Sequence[float], Sequence[float]]],
-                xlabel: str = "step", ylabel: str = "", log_y: bool = False) -> None:
+def plot_curves(
+    path: str | Path,
+    curves: dict[str, tuple[Sequence[float], Sequence[float]]],
+    xlabel: str = "step",
+    ylabel: str = "",
+    log_y: bool = False,
+) -> None:
     """Line plot of named (x, y) curves."""
     import matplotlib
 
@@ -99,8 +107,9 @@ def plot_curves(path: str | Path, curves: dict[str, tuple[Sequence[float], Seque
     plt.close(fig)
 
 
-def plot_class_bars(path: str | Path, class_names: Sequence[str], series: dict[str, Sequence[float]],
-                    ylabel: str = "IoU") -> None:
+def plot_class_bars(
+    path: str | Path, class_names: Sequence[str], series: dict[str, Sequence[float]], ylabel: str = "IoU"
+) -> None:
     """Grouped bar chart: one group per class, one bar per series (e.g. real only vs + synthetic)."""
     import matplotlib
 

@@ -83,7 +83,8 @@ def test_float_mask(folder_dataset: Path, save_image) -> None:
 
 def test_palette_colour_mask_with_unknown_colour(folder_dataset: Path, save_image) -> None:
     (folder_dataset / "classes.yaml").write_text(
-        "names: [background, building, water]\npalette: [[0, 0, 0], [255, 0, 0], [0, 0, 255]]\n")
+        "names: [background, building, water]\npalette: [[0, 0, 0], [255, 0, 0], [0, 0, 255]]\n"
+    )
     for i in range(4):
         save_image(folder_dataset / "masks" / f"tile{i}.png", np.zeros((8, 8, 3), np.uint8))
     colour = np.zeros((8, 8, 3), np.uint8)
@@ -193,12 +194,15 @@ def test_unknown_key_in_classes_yaml(folder_dataset: Path) -> None:
     single_problem(check_dataset(folder_dataset), path, "unknown key", "colours")
 
 
-@pytest.mark.parametrize("text, words", [
-    ("names: [a, b, c]\nignore_index: 1\n", "collides"),
-    ("names: [a, b, c]\npalette: [[0, 0, 0]]\n", "1 colours for 3 classes"),
-    ("names: a\n", "'names' must be a list"),
-    ("names: [a, b, c]\nignore_index: [1\n", "cannot read classes file"),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("names: [a, b, c]\nignore_index: 1\n", "collides"),
+        ("names: [a, b, c]\npalette: [[0, 0, 0]]\n", "1 colours for 3 classes"),
+        ("names: a\n", "'names' must be a list"),
+        ("names: [a, b, c]\nignore_index: [1\n", "cannot read classes file"),
+    ],
+)
 def test_bad_values_in_classes_yaml(folder_dataset: Path, text: str, words: str) -> None:
     path = folder_dataset / "classes.yaml"
     path.write_text(text)

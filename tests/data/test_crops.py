@@ -20,7 +20,7 @@ def square_block(h: int, w: int, side: int) -> tuple[torch.Tensor, torch.Tensor]
     """A grey image and a label map, both with a side x side square of class 1 in the middle."""
     label = torch.zeros(h, w, dtype=torch.long)
     y, x = (h - side) // 2, (w - side) // 2
-    label[y:y + side, x:x + side] = 1
+    label[y : y + side, x : x + side] = 1
     return label[None].expand(3, -1, -1).float() * 0.5, label
 
 
@@ -48,7 +48,7 @@ def test_random_crops_are_a_function_of_seed_and_key() -> None:
     assert len(drawn) > 10  # different windows for different keys
     i, lab = fit_pair(image, label, 16, "random", crop_rng(0, 3, 1))
     y, x = divmod(int(lab[0, 0]), 56)
-    assert torch.equal(lab, label[y:y + 16, x:x + 16]) and torch.equal(i, image[:, y:y + 16, x:x + 16])
+    assert torch.equal(lab, label[y : y + 16, x : x + 16]) and torch.equal(i, image[:, y : y + 16, x : x + 16])
 
 
 def test_center_crop_and_resize_never_distort_a_non_square_image() -> None:
@@ -90,7 +90,7 @@ def test_segmenter_dataset_crops_at_random_per_seed_epoch_and_index(tmp_path: Pa
     others = [a[0]["label"]] + [SegTorchDataset(ds, size=16, crop="random", seed=s)[0]["label"] for s in (2, 3)]
     assert any(not torch.equal(first, o) for o in others)
     full = torch.from_numpy(ds[0].label)
-    windows = {(y, x) for y in range(9) for x in range(25) if torch.equal(full[y:y + 16, x:x + 16], first)}
+    windows = {(y, x) for y in range(9) for x in range(25) if torch.equal(full[y : y + 16, x : x + 16], first)}
     assert windows  # a crop, not a resize: labels are an exact window of the mask
     with pytest.raises(ConfigError):
         SegTorchDataset(ds, size=16, crop="squash")

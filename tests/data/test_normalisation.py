@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from todsynth.data.bands import (Normalisation, convert, data_yaml, fit_normalisation, image_tensor, preview_rgb,
-                                 to_raw)
+from todsynth.data.bands import Normalisation, convert, data_yaml, fit_normalisation, image_tensor, preview_rgb, to_raw
 from todsynth.data.rasters import load_raster_spec
 from todsynth.data.readers import FolderDataset
 from todsynth.data.sample import Sample
@@ -99,7 +98,8 @@ def test_synthetic_data_yaml_reads_back_as_the_source_settings(tmp_path: Path) -
 def test_previews_show_the_rgb_channels() -> None:
     """rgb (1-based channels) picks the preview bands; without it 4 bands show the first three."""
     image = torch.stack([torch.full((2, 2), v) for v in (0.0, 0.2, 0.6, 1.0)])
-    assert tuple(preview_rgb(image, Normalisation("uint16", (0.0,) * 4, (1.0,) * 4, rgb=(4, 3, 1)))[0, 0]) == (255, 153, 0)
+    four_bands = Normalisation("uint16", (0.0,) * 4, (1.0,) * 4, rgb=(4, 3, 1))
+    assert tuple(preview_rgb(image, four_bands)[0, 0]) == (255, 153, 0)
     assert tuple(preview_rgb(image)[0, 0]) == (0, 51, 153)
 
 
@@ -114,14 +114,17 @@ def test_convert_between_models_goes_through_raw_values() -> None:
         convert(x, a, None, "m")
 
 
-@pytest.mark.parametrize("stored", [
-    {"dtype": "uint16", "low": [0], "high": [0]},
-    {"dtype": "str", "low": [0], "high": [1]},
-    {"dtype": "uint16", "low": [0, 1], "high": [2]},
-    {"dtype": "uint16", "low": [0], "high": [1], "mode": "stretch"},
-    {"dtype": "uint16", "low": [0], "high": [1], "rgb": [2]},
-    {"dtype": "uint16", "low": [0], "high": [1], "gamma": 2},
-])
+@pytest.mark.parametrize(
+    "stored",
+    [
+        {"dtype": "uint16", "low": [0], "high": [0]},
+        {"dtype": "str", "low": [0], "high": [1]},
+        {"dtype": "uint16", "low": [0, 1], "high": [2]},
+        {"dtype": "uint16", "low": [0], "high": [1], "mode": "stretch"},
+        {"dtype": "uint16", "low": [0], "high": [1], "rgb": [2]},
+        {"dtype": "uint16", "low": [0], "high": [1], "gamma": 2},
+    ],
+)
 def test_malformed_stored_normalisations_name_the_file(stored: dict) -> None:
     """A config.json / pipeline.json normalisation that cannot be right is a CheckpointError naming the file."""
     with pytest.raises(CheckpointError) as info:

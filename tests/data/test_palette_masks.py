@@ -63,8 +63,9 @@ def test_ignore_colors_are_read_as_ignore(tmp_path: Path) -> None:
     root = dataset(tmp_path / "ds", "names: [building, water]\npalette: [[255, 0, 0], [0, 0, 255]]\n", indices)
     problems = check_dataset(root).problems
     assert len(problems) == 1 and "(128, 128, 128)" in str(problems[0]) and "'ignore_colors'" in str(problems[0])
-    (root / "classes.yaml").write_text("names: [building, water]\npalette: [[255, 0, 0], [0, 0, 255]]\n"
-                                       "ignore_colors: [[128, 128, 128], [0, 0, 0]]\n")
+    (root / "classes.yaml").write_text(
+        "names: [building, water]\npalette: [[255, 0, 0], [0, 0, 255]]\nignore_colors: [[128, 128, 128], [0, 0, 0]]\n"
+    )
     label = FolderDataset(root)[0].label
     assert np.array_equal(label, np.array([[1, 255, 0, 255]] * 4))
     assert check_dataset(root).ignore_share == pytest.approx(0.5)
@@ -88,8 +89,9 @@ def test_paletted_geotiff_mask_is_read_by_colour(tmp_path: Path) -> None:
     indices = np.array([[0, 2, 3, 3]] * 4, np.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with rasterio.open(root / "masks" / "t0.tif", "w", driver="GTiff", width=4, height=4, count=1,
-                           dtype="uint8") as dst:
+        with rasterio.open(
+            root / "masks" / "t0.tif", "w", driver="GTiff", width=4, height=4, count=1, dtype="uint8"
+        ) as dst:
             dst.write(indices[None])
             dst.write_colormap(1, {i: (*c, 255) for i, c in enumerate(FILE_PALETTE)})
     assert np.array_equal(FolderDataset(root)[0].label, np.array([[2, 1, 0, 0]] * 4))
@@ -113,12 +115,15 @@ def test_classes_key_is_accepted_beside_names(tmp_path: Path) -> None:
         load_classes(path)
 
 
-@pytest.mark.parametrize(("text", "words"), [
-    ("names: [a, b]\nignore_colors: [[1, 2, 3]]\n", "no 'palette'"),
-    ("names: [a, b]\npalette: [[0, 0, 0], [1, 1, 1]]\nignore_colors: [[1, 1, 1]]\n", "both in 'palette' and in"),
-    ("names: [a, b]\npalette: [[0, 0, 0], [1, 1, 1]]\nignore_colors: [[9, 9]]\n", "[r, g, b] integer triples"),
-    ("names: [a, b]\npalette: [[0, 0, 0], [1, 1, 1]]\nignore_colors: [[9, 9, 9], [9, 9, 9]]\n", "colour twice"),
-])
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("names: [a, b]\nignore_colors: [[1, 2, 3]]\n", "no 'palette'"),
+        ("names: [a, b]\npalette: [[0, 0, 0], [1, 1, 1]]\nignore_colors: [[1, 1, 1]]\n", "both in 'palette' and in"),
+        ("names: [a, b]\npalette: [[0, 0, 0], [1, 1, 1]]\nignore_colors: [[9, 9]]\n", "[r, g, b] integer triples"),
+        ("names: [a, b]\npalette: [[0, 0, 0], [1, 1, 1]]\nignore_colors: [[9, 9, 9], [9, 9, 9]]\n", "colour twice"),
+    ],
+)
 def test_bad_ignore_colors_name_the_file(tmp_path: Path, text: str, words: str) -> None:
     """ignore_colors without a palette, overlapping it, malformed or repeated: a DataError naming classes.yaml."""
     path = tmp_path / "classes.yaml"

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import torch
 
 from todsynth.data.bands import fit_normalisation, image_tensor
@@ -29,8 +28,9 @@ def write_tif(path: Path, bands: np.ndarray, driver: str = "GTiff", **profile) -
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PNGs carry no geotransform
         extra = {"crs": "EPSG:32633", "transform": from_origin(500000, 4000000, 0.5, 0.5)} if driver == "GTiff" else {}
-        with rasterio.open(path, "w", driver=driver, width=w, height=h, count=c, dtype=bands.dtype,
-                           **extra, **profile) as dst:
+        with rasterio.open(
+            path, "w", driver=driver, width=w, height=h, count=c, dtype=bands.dtype, **extra, **profile
+        ) as dst:
             dst.write(bands)
     return path
 
@@ -61,7 +61,8 @@ def test_sixteen_bit_rgb_tiff_is_refused_not_reduced_to_its_high_byte(tmp_path: 
     problem = report.problems[0]
     assert problem.path == root / "images" / "t0.tif"
     assert "3-band uint16 image (values 0..3999)" in str(problem) and "'scale: [low, high]' in data.yaml" in str(
-        problem)
+        problem
+    )
     with pytest.raises(DataError, match="uint16"):
         FolderDataset(root)[0]
 
@@ -183,20 +184,23 @@ def _classes(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("text", "words"), [
-    ("bands: []\n", "distinct band numbers counted from 1"),
-    ("bands: [0, 1, 2]\n", "distinct band numbers counted from 1"),
-    ("bands: [1, 1]\n", "distinct band numbers counted from 1"),
-    ("scale: [10, 10]\n", "low < high"),
-    ("bands: [1, 2, 3]\nscale: [[0, 1], [0, 1]]\n", "2 ranges for 3 bands"),
-    ("scale: high\n", "[low, high]"),
-    ("bands: [1, 2, 3]\nstretch: 2\n", "'stretch' must be {percentiles: [low, high]}"),
-    ("stretch: {percentiles: [98, 2]}\n", "0 <= low < high <= 100"),
-    ("scale: [0, 1]\nstretch: {percentiles: [2, 98]}\n", "'scale' and 'stretch' are both given"),
-    ("bands: [1, 2]\nrgb: [3, 2, 1]\n", "'rgb' shows band(s) [3]"),
-    ("rgb: [1, 2]\n", "'rgb' must list 1 or 3 band numbers"),
-    ("bands: [1, 2, 3]\nnormalize: 2\n", "unknown key(s) ['normalize']"),
-])
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("bands: []\n", "distinct band numbers counted from 1"),
+        ("bands: [0, 1, 2]\n", "distinct band numbers counted from 1"),
+        ("bands: [1, 1]\n", "distinct band numbers counted from 1"),
+        ("scale: [10, 10]\n", "low < high"),
+        ("bands: [1, 2, 3]\nscale: [[0, 1], [0, 1]]\n", "2 ranges for 3 bands"),
+        ("scale: high\n", "[low, high]"),
+        ("bands: [1, 2, 3]\nstretch: 2\n", "'stretch' must be {percentiles: [low, high]}"),
+        ("stretch: {percentiles: [98, 2]}\n", "0 <= low < high <= 100"),
+        ("scale: [0, 1]\nstretch: {percentiles: [2, 98]}\n", "'scale' and 'stretch' are both given"),
+        ("bands: [1, 2]\nrgb: [3, 2, 1]\n", "'rgb' shows band(s) [3]"),
+        ("rgb: [1, 2]\n", "'rgb' must list 1 or 3 band numbers"),
+        ("bands: [1, 2, 3]\nnormalize: 2\n", "unknown key(s) ['normalize']"),
+    ],
+)
 def test_bad_data_yaml_names_the_file(tmp_path: Path, text: str, words: str) -> None:
     """data.yaml problems are DataErrors naming data.yaml, raised when the dataset opens."""
     root = tif_dataset(tmp_path / "ds", [uint16_rgb()], text)

@@ -10,8 +10,7 @@ import pytest
 
 from todsynth.data.classes import LOVEDA, ClassSpec
 from todsynth.data.prompts import build_prompt, present_classes
-from todsynth.data.readers import (FolderDataset, JsonlDataset, LoveDADataset, SubsetDataset, load_classes,
-                                   open_dataset)
+from todsynth.data.readers import FolderDataset, JsonlDataset, LoveDADataset, SubsetDataset, load_classes, open_dataset
 from todsynth.errors import DataError, DatasetProblems
 
 RGB = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
@@ -85,7 +84,8 @@ def test_folder_with_masks_only_is_label_only(folder_dataset: Path) -> None:
 
 def test_folder_palette_masks_map_colours(folder_dataset: Path, save_image) -> None:
     (folder_dataset / "classes.yaml").write_text(
-        "names: [background, building, water]\npalette: [[0, 0, 0], [255, 0, 0], [0, 0, 255]]\n")
+        "names: [background, building, water]\npalette: [[0, 0, 0], [255, 0, 0], [0, 0, 255]]\n"
+    )
     colour = np.zeros((8, 8, 4), np.uint8)
     colour[..., 3] = 255
     colour[:4, :, 0] = 255
@@ -136,11 +136,14 @@ def make_jsonl(root: Path, save_image, with_classes: bool = True) -> Path:
         save_image(root / "lbl" / f"{i}.png", np.full((8, 8), i, np.uint8))
     if with_classes:
         (root / "classes.yaml").write_text("names: [field, forest_edge]\n")
-    return write_index(root / "index.jsonl", [
-        {"source": "lbl/0.png", "target": "img/0.jpg", "prompt": "a stored prompt"},
-        "",
-        {"source": "lbl/1.png", "target": "img/1.jpg"},
-    ])
+    return write_index(
+        root / "index.jsonl",
+        [
+            {"source": "lbl/0.png", "target": "img/0.jpg", "prompt": "a stored prompt"},
+            "",
+            {"source": "lbl/1.png", "target": "img/1.jpg"},
+        ],
+    )
 
 
 def test_jsonl_reader_uses_stored_or_built_prompts(tmp_path: Path, save_image) -> None:

@@ -47,8 +47,9 @@ def test_fraction_and_precomputed_presence(masks_only: FolderDataset) -> None:
     assert split_size(10, fraction=0.25) == 3 and split_size(10, fraction=0.01) == 1
 
 
-@pytest.mark.parametrize("kw", [{}, {"n": 2, "fraction": 0.5}, {"n": 0}, {"n": 13}, {"fraction": 1.5},
-                                {"n": 2, "seed": -1}])
+@pytest.mark.parametrize(
+    "kw", [{}, {"n": 2, "fraction": 0.5}, {"n": 0}, {"n": 13}, {"fraction": 1.5}, {"n": 2, "seed": -1}]
+)
 def test_bad_split_arguments(masks_only: FolderDataset, kw: dict) -> None:
     with pytest.raises(ConfigError):
         few_shot_split(masks_only, **kw)

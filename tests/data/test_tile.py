@@ -42,8 +42,7 @@ def geotiff_scene(root: Path, h: int = 40, w: int = 56, nodata_rows: int = 0) ->
     (root / "classes.yaml").write_text(yaml.safe_dump(CLASSES))
     transform = from_origin(500000.0, 4600000.0, 10.0, 10.0)
     common_profile = dict(driver="GTiff", height=h, width=w, crs="EPSG:32632", transform=transform)
-    with rasterio.open(root / "images" / "scene.tif", "w", count=4, dtype="uint16", nodata=0,
-                       **common_profile) as dst:
+    with rasterio.open(root / "images" / "scene.tif", "w", count=4, dtype="uint16", nodata=0, **common_profile) as dst:
         dst.write(image)
     with rasterio.open(root / "masks" / "scene.tif", "w", count=1, dtype="uint8", **common_profile) as dst:
         dst.write(label[None])
@@ -82,10 +81,10 @@ def test_geotiff_tiles_keep_transform_crs_dtype_and_bands(tmp_path: Path) -> Non
         with rasterio.open(tmp_path / "tiles" / "images" / f"{tile_id}.tif") as t:
             assert t.crs == crs and t.count == 4 and t.dtypes == ("uint16",) * 4 and t.nodata == 0
             assert t.transform == transform @ transform.translation(x, y)
-            assert np.array_equal(t.read(), image[:, y:y + 16, x:x + 16])
+            assert np.array_equal(t.read(), image[:, y : y + 16, x : x + 16])
         with rasterio.open(tmp_path / "tiles" / "masks" / f"{tile_id}.tif") as m:
             assert m.crs == crs and m.transform == transform @ transform.translation(x, y)
-            assert np.array_equal(m.read(1), label[y:y + 16, x:x + 16])
+            assert np.array_equal(m.read(1), label[y : y + 16, x : x + 16])
     edge = summary.tiles["scene_r2_c3"]
     assert (edge["y"], edge["x"]) == (24, 40)  # the last row and column meet the scene's edge
     # the georeference is where the pixels are: the edge tile's origin is 40 px east, 24 px south
@@ -109,8 +108,7 @@ def test_tiles_mostly_nodata_or_ignore_are_skipped_and_counted(tmp_path: Path) -
 
 def test_png_tiles_are_exact_windows_and_cli_prints_the_summary(tmp_path: Path) -> None:
     image, label = png_scene(tmp_path / "src", 20, 36)
-    result = runner.invoke(app, ["tile", str(tmp_path / "src"), str(tmp_path / "out"), "--size", "16",
-                                 "--stride", "8"])
+    result = runner.invoke(app, ["tile", str(tmp_path / "src"), str(tmp_path / "out"), "--size", "16", "--stride", "8"])
     assert result.exit_code == 0, result.output
     assert "wrote 8 tile(s) of 16x16 (stride 8) from 1 scene(s)" in result.output
     assert "skipped 0" in result.output
@@ -127,8 +125,10 @@ def test_loveda_source_becomes_index_masks(tmp_path: Path) -> None:
     assert summary.written == 8
     src, tiles = open_dataset(root), open_dataset(tmp_path / "tiles")
     where = summary.tiles[tiles.ids[0]]
-    assert np.array_equal(tiles[0].label, src.load_label(src.ids.index(where["scene"]))[
-        where["y"]:where["y"] + 16, where["x"]:where["x"] + 16])
+    assert np.array_equal(
+        tiles[0].label,
+        src.load_label(src.ids.index(where["scene"]))[where["y"] : where["y"] + 16, where["x"] : where["x"] + 16],
+    )
 
 
 def test_scene_smaller_than_the_tile_is_refused_before_writing(tmp_path: Path) -> None:

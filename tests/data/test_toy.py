@@ -62,8 +62,9 @@ def test_sample_does_not_depend_on_dataset_size(tmp_path) -> None:
     large = write_toy_dataset(tmp_path / "large", n=6, size=32, seed=3, layout="folder")
     for name in ("toy_00004.png", "toy_00005.png"):
         for sub in ("images", "masks"):
-            assert np.array_equal(np.asarray(Image.open(small / sub / name)),
-                                  np.asarray(Image.open(large / sub / name)))
+            assert np.array_equal(
+                np.asarray(Image.open(small / sub / name)), np.asarray(Image.open(large / sub / name))
+            )
     image, label, _ = toy_sample(5, size=32, seed=3)
     assert np.array_equal(np.asarray(Image.open(small / "images" / "toy_00005.png")), image)
     assert np.array_equal(np.asarray(Image.open(small / "masks" / "toy_00005.png")), label)
@@ -109,8 +110,14 @@ def test_class_colours_differ_but_overlap(tiles) -> None:
 def _side_means(img: np.ndarray, top: int, bottom: int, width: int) -> np.ndarray:
     """Mean brightness of the four strips of `width` px just inside [top, bottom) on each side."""
     inner = slice(top + width, bottom - width)
-    return np.array([img[top:top + width, inner].mean(), img[bottom - width:bottom, inner].mean(),
-                     img[inner, top:top + width].mean(), img[inner, bottom - width:bottom].mean()])
+    return np.array(
+        [
+            img[top : top + width, inner].mean(),
+            img[bottom - width : bottom, inner].mean(),
+            img[inner, top : top + width].mean(),
+            img[inner, bottom - width : bottom].mean(),
+        ]
+    )
 
 
 def test_roofs_are_lit_on_one_side_and_cast_shadows() -> None:
@@ -118,8 +125,9 @@ def test_roofs_are_lit_on_one_side_and_cast_shadows() -> None:
     house = empty.copy()
     house[26:38, 26:38] = BUILDING
     for seed in range(6):
-        with_house, without = (render_image(lab, "urban", np.random.default_rng(seed)).astype(float).mean(-1)
-                               for lab in (house, empty))
+        with_house, without = (
+            render_image(lab, "urban", np.random.default_rng(seed)).astype(float).mean(-1) for lab in (house, empty)
+        )
         roof = _side_means(with_house, 26, 38, 3)
         assert roof.max() > 1.2 * roof.min(), roof
         ring = np.zeros_like(empty, bool)
@@ -203,10 +211,22 @@ def test_label_only_writes_no_images(tmp_path, layout) -> None:
     assert not [p for p in root.rglob(".*.tmp")]
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"n": 0}, {"n": -1}, {"n": 2.5}, {"size": 8}, {"size": 10**5}, {"layout": "coco"},
-    {"seed": -1}, {"start": -3}, {"split": ""}, {"split": "a/b"}, {"nodata_fraction": 1.5},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"n": 0},
+        {"n": -1},
+        {"n": 2.5},
+        {"size": 8},
+        {"size": 10**5},
+        {"layout": "coco"},
+        {"seed": -1},
+        {"start": -3},
+        {"split": ""},
+        {"split": "a/b"},
+        {"nodata_fraction": 1.5},
+    ],
+)
 def test_bad_arguments_raise_config_error(tmp_path, kwargs) -> None:
     args = {"n": 1, "size": 16} | kwargs
     with pytest.raises(ConfigError):

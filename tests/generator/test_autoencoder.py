@@ -24,9 +24,18 @@ def _tiny_vae(shift: float | None = SHIFT):
 
     torch.manual_seed(0)
     blocks = {"down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2}
-    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-                         **blocks, latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=SCALE,
-                         shift_factor=shift).eval()
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        **blocks,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+        scaling_factor=SCALE,
+        shift_factor=shift,
+    ).eval()
 
 
 @pytest.fixture(scope="module")

@@ -39,8 +39,18 @@ def test_quick_run_writes_complete_results(tmp_path):
         for case in bench.CASES:
             t = res["timing"][p][case]
             assert len(t["times_ms"]) == res["steps"] and all(positive(x) for x in t["times_ms"])
-            assert all(positive(t[k]) for k in ("median_ms", "min_ms", "ratio", "cpu_median_ms", "cpu_ratio",
-                                                "ratio_vs_fp32", "cpu_ratio_vs_fp32"))
+            assert all(
+                positive(t[k])
+                for k in (
+                    "median_ms",
+                    "min_ms",
+                    "ratio",
+                    "cpu_median_ms",
+                    "cpu_ratio",
+                    "ratio_vs_fp32",
+                    "cpu_ratio_vs_fp32",
+                )
+            )
             assert len(t["cpu_times_ms"]) == res["steps"]
             mem = res["memory"][p][case]
             assert mem is None or (positive(mem["params_mib"]) and mem["step_mib"] >= 0)
@@ -83,7 +93,12 @@ def test_gpu_check_fails_fast_without_cuda(tmp_path):
     if torch.cuda.is_available():
         return
     script = SCRIPT.with_name("gpu_check.sh")
-    done = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True, timeout=60,
-                          env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+    done = subprocess.run(
+        ["bash", str(script), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
+    )
     assert done.returncode == 3 and "no CUDA device" in done.stderr
     assert not (tmp_path / "out").exists()

@@ -28,14 +28,24 @@ def encoded(monkeypatch) -> Counter:
     return seen
 
 
-def test_synthesis_encodes_each_prompt_and_the_empty_prompt_once(tiny_generator_dir, toy_masks_16, tmp_path,
-                                                                 encoded):
+def test_synthesis_encodes_each_prompt_and_the_empty_prompt_once(tiny_generator_dir, toy_masks_16, tmp_path, encoded):
     from todsynth.synthesize import PROMPT_CACHE, build_synthesize_config, synthesize
 
-    cfg = build_synthesize_config(dict(generator=str(tiny_generator_dir), masks=str(toy_masks_16),
-                                       out=str(tmp_path / "s"), num_steps=2, batch_size=2, limit=4, copies=2,
-                                       guidance_scale=2.0, transforms=["identity", "hflip"], **{"crfm.steps": 0},
-                                       device="cpu"))
+    cfg = build_synthesize_config(
+        dict(
+            generator=str(tiny_generator_dir),
+            masks=str(toy_masks_16),
+            out=str(tmp_path / "s"),
+            num_steps=2,
+            batch_size=2,
+            limit=4,
+            copies=2,
+            guidance_scale=2.0,
+            transforms=["identity", "hflip"],
+            **{"crfm.steps": 0},
+            device="cpu",
+        )
+    )
     synthesize(cfg, progress=False)  # 16 samples in 8 batches, each with guidance (its "" branch)
     assert encoded and max(encoded.values()) == 1 and encoded[""] == 1, encoded
     cache = PromptCache.load(tmp_path / "s" / PROMPT_CACHE)
@@ -48,8 +58,17 @@ def test_synthesis_encodes_each_prompt_and_the_empty_prompt_once(tiny_generator_
 def test_sample_grid_caches_prompts_in_its_output(tiny_generator_dir, toy_masks_16, tmp_path, encoded):
     from todsynth.generator.sample import sample_grid
 
-    sample_grid(tiny_generator_dir, toy_masks_16, tmp_path / "g", n=3, steps=2, guidance=2.0, batch_size=1,
-                device="cpu", mixed_precision="bf16")
+    sample_grid(
+        tiny_generator_dir,
+        toy_masks_16,
+        tmp_path / "g",
+        n=3,
+        steps=2,
+        guidance=2.0,
+        batch_size=1,
+        device="cpu",
+        mixed_precision="bf16",
+    )
     assert (tmp_path / "g" / "prompt_cache.safetensors").is_file()
     assert max(encoded.values()) == 1 and encoded[""] == 1
 
@@ -81,8 +100,9 @@ def test_ranks_build_one_prompt_cache_each_encoding_its_share(tmp_path, monkeypa
 
     def run(rank: int) -> None:
         try:
-            caches[rank] = build_prompt_cache(tmp_path / "pc.safetensors", encoder, prompts,
-                                              _ThreadRank(rank, 2, barrier))
+            caches[rank] = build_prompt_cache(
+                tmp_path / "pc.safetensors", encoder, prompts, _ThreadRank(rank, 2, barrier)
+            )
         except BaseException as e:  # surfaced below
             errors.append(e)
             barrier.abort()
@@ -111,8 +131,18 @@ def _tiny_vae():
 
     torch.manual_seed(0)
     blocks = {"down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2}
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1, **blocks,
-                        latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=1.5, shift_factor=0.1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        **blocks,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+        scaling_factor=1.5,
+        shift_factor=0.1,
+    )
     return VAEAutoencoder(vae.eval())
 
 
@@ -127,9 +157,19 @@ def _loss_pair(ae, augment: bool) -> tuple[float, float]:
     size = 16
     latent = size // ae.downscale
     torch.manual_seed(0)
-    model = MaskControlMMDiT(MMDiTConfig(in_channels=ae.latent_channels, sample_size=latent, pos_embed_max_size=8,
-                                         num_layers=1, num_heads=2, head_dim=8, joint_attention_dim=6,
-                                         pooled_projection_dim=6, mask_downscale=ae.downscale))
+    model = MaskControlMMDiT(
+        MMDiTConfig(
+            in_channels=ae.latent_channels,
+            sample_size=latent,
+            pos_embed_max_size=8,
+            num_layers=1,
+            num_heads=2,
+            head_dim=8,
+            joint_attention_dim=6,
+            pooled_projection_dim=6,
+            mask_downscale=ae.downscale,
+        )
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -180,8 +220,19 @@ def test_training_with_cached_latents_matches_encoding_each_step(tmp_path):
     from todsynth.generator.train import GeneratorTrainConfig, train_generator
 
     toy = write_toy_dataset(tmp_path / "toy", n=4, size=16, seed=3)
-    base = dict(data=str(toy), size=16, steps=3, batch_size=2, model=MMDiTArch(num_layers=1, num_heads=2, head_dim=16),
-                val_every=0, checkpoint_every=3, progress=False, warmup_steps=1, text_max_length=8, crop="center")
+    base = dict(
+        data=str(toy),
+        size=16,
+        steps=3,
+        batch_size=2,
+        model=MMDiTArch(num_layers=1, num_heads=2, head_dim=16),
+        val_every=0,
+        checkpoint_every=3,
+        progress=False,
+        warmup_steps=1,
+        text_max_length=8,
+        crop="center",
+    )
     a = train_generator(GeneratorTrainConfig(out=str(tmp_path / "a"), **base))
     b = train_generator(GeneratorTrainConfig(out=str(tmp_path / "b"), cache_latents=True, **base))
     assert (tmp_path / "b" / "latent_cache.safetensors").is_file()

@@ -84,8 +84,7 @@ def test_bf16_sampling_is_within_tolerance_of_fp32(tiny_generator_dir):
     assert 0 < diff.max() < 0.1 and diff.mean() < 0.01, (diff.max(), diff.mean())
 
 
-def test_crfm_under_bf16_keeps_fp32_gradient_and_stays_close(tiny_generator_dir, tiny_segmenter_dir,
-                                                               monkeypatch):
+def test_crfm_under_bf16_keeps_fp32_gradient_and_stays_close(tiny_generator_dir, tiny_segmenter_dir, monkeypatch):
     from todsynth.crfm import CRFMConfig, CRFMCorrector, crfm_sample
     from todsynth.segment.model import Segmenter
 
@@ -120,13 +119,44 @@ def test_cli_synthesize_takes_device_and_precision(tiny_generator_dir, toy_masks
     from todsynth.cli.main import app
 
     out = tmp_path / "syn"
-    result = CliRunner().invoke(app, ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(out),
-                                      "--num-steps", "2", "--crfm-steps", "0", "--set", "limit=1", "--device", "cpu",
-                                      "--mixed-precision", "bf16"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "synthesize",
+            str(tiny_generator_dir),
+            str(toy_masks_16),
+            str(out),
+            "--num-steps",
+            "2",
+            "--crfm-steps",
+            "0",
+            "--set",
+            "limit=1",
+            "--device",
+            "cpu",
+            "--mixed-precision",
+            "bf16",
+        ],
+    )
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "synthesize.json").read_text())
     assert saved["mixed_precision"] == "bf16" and saved["device"] == "cpu"
     assert len(list((out / "images").glob("*.png"))) == 1
-    refused = CliRunner().invoke(app, ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(out),
-                                       "--num-steps", "2", "--crfm-steps", "0", "--set", "limit=1", "--device", "cpu"])
+    refused = CliRunner().invoke(
+        app,
+        [
+            "synthesize",
+            str(tiny_generator_dir),
+            str(toy_masks_16),
+            str(out),
+            "--num-steps",
+            "2",
+            "--crfm-steps",
+            "0",
+            "--set",
+            "limit=1",
+            "--device",
+            "cpu",
+        ],
+    )
     assert refused.exit_code == 2 and "mixed_precision" in refused.output  # fp32 would mix into a bf16 folder

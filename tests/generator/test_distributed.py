@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from gentest_helpers import weights
 from test_train import small, toy  # noqa: F401 - the toy fixture
 
 from todsynth.generator.mmdit import MaskControlMMDiT
 from todsynth.generator.train import train_generator
 from todsynth.io import load_weights
+
+from gentest_helpers import weights
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,13 +37,50 @@ def test_snapshots_are_model_only_limited_and_loadable(toy, tmp_path):  # noqa: 
 
 def launch(config: str, data: Path, out: Path, *extra: str) -> None:
     """`accelerate launch --config_file <config> --num_processes 2` of `generator train` on the CPU (gloo)."""
-    args = ["generator", "train", str(data), "--out", str(out), "--steps", "4", "--batch-size", "4", "--size", "16",
-            *[x for s in ("model.num_layers=2", "model.num_heads=2", "model.head_dim=16", "val_every=0",
-                          "text_max_length=8", "progress=false", "ema_decay=0.9", "checkpoint_every=1", "full_state_every=2",
-                          *extra) for x in ("--set", s)]]
+    args = [
+        "generator",
+        "train",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--size",
+        "16",
+        *[
+            x
+            for s in (
+                "model.num_layers=2",
+                "model.num_heads=2",
+                "model.head_dim=16",
+                "val_every=0",
+                "text_max_length=8",
+                "progress=false",
+                "ema_decay=0.9",
+                "checkpoint_every=1",
+                "full_state_every=2",
+                *extra,
+            )
+            for x in ("--set", s)
+        ],
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / config),
-           "--num_processes", "2", "--mixed_precision", "no", "-m", "todsynth.cli.main", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / config),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "-m",
+        "todsynth.cli.main",
+        *args,
+    ]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
 

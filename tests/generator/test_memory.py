@@ -7,8 +7,13 @@ import torch
 
 from todsynth.config import build_config
 from todsynth.errors import ConfigError
-from todsynth.generator.memory import (count_parameters, estimate, prepared_model, saved_activation_bytes,
-                                       sd35_medium_config)
+from todsynth.generator.memory import (
+    count_parameters,
+    estimate,
+    prepared_model,
+    saved_activation_bytes,
+    sd35_medium_config,
+)
 from todsynth.generator.mmdit import MaskControlMMDiT
 from todsynth.generator.presets import PRESETS, apply_preset, cast_frozen, make_optimizer
 from todsynth.generator.train import GeneratorTrainConfig, apply_freezing
@@ -16,8 +21,15 @@ from todsynth.generator.train import GeneratorTrainConfig, apply_freezing
 
 def small_sd35(**kw):
     """SD3.5-medium's structure (dual attention in the first layers, q/k norm, RGB mask latent) at a CPU size."""
-    return sd35_medium_config(num_layers=3, num_heads=2, head_dim=16, joint_attention_dim=40,
-                              pooled_projection_dim=24, dual_attention_layers=(0, 1), **kw)
+    return sd35_medium_config(
+        num_layers=3,
+        num_heads=2,
+        head_dim=16,
+        joint_attention_dim=40,
+        pooled_projection_dim=24,
+        dual_attention_layers=(0, 1),
+        **kw,
+    )
 
 
 def preset_config(preset: str, **kw) -> GeneratorTrainConfig:
@@ -98,7 +110,11 @@ def estimate_without_checkpointing(size: int) -> float:
 def test_presets_apply_in_one_place_and_explicit_settings_win():
     cfg = preset_config("lowmem-48gb")
     assert (cfg.mixed_precision, cfg.gradient_checkpointing, cfg.optimizer, cfg.frozen_dtype) == (
-        "bf16", True, "adamw8bit", "bf16")
+        "bf16",
+        True,
+        "adamw8bit",
+        "bf16",
+    )
     assert preset_config("lowmem-48gb", optimizer="paged_adamw8bit").optimizer == "paged_adamw8bit"
     with pytest.raises(ConfigError, match="preset"):
         build_config(GeneratorTrainConfig, {"data": "d", "preset": "huge"})
@@ -109,6 +125,7 @@ def test_presets_apply_in_one_place_and_explicit_settings_win():
 def test_8bit_adamw_without_bitsandbytes_names_the_fix():
     try:
         import bitsandbytes  # noqa: F401
+
         pytest.skip("bitsandbytes is installed")
     except ImportError:
         pass

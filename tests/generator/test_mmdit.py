@@ -13,8 +13,18 @@ CONTROLS = ("triple", "siamese", "adapter", "none")
 
 
 def tiny_config(**kw) -> MMDiTConfig:
-    base = dict(in_channels=3, patch_size=2, sample_size=16, pos_embed_max_size=16, num_layers=2, num_heads=2,
-                head_dim=8, joint_attention_dim=12, pooled_projection_dim=10, num_classes=4)
+    base = dict(
+        in_channels=3,
+        patch_size=2,
+        sample_size=16,
+        pos_embed_max_size=16,
+        num_layers=2,
+        num_heads=2,
+        head_dim=8,
+        joint_attention_dim=12,
+        pooled_projection_dim=10,
+        num_classes=4,
+    )
     base.update(kw)
     return MMDiTConfig(**base)
 
@@ -100,10 +110,21 @@ def test_sd3_equivalence(tmp_path, qk_norm, dual):
     from todsynth.generator.sd3 import from_sd3
 
     torch.manual_seed(0)
-    ref = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
-                                num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
-                                pooled_projection_dim=24, out_channels=4, pos_embed_max_size=32,
-                                qk_norm="rms_norm" if qk_norm else None, dual_attention_layers=dual)
+    ref = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_layers=3,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        caption_projection_dim=32,
+        pooled_projection_dim=24,
+        out_channels=4,
+        pos_embed_max_size=32,
+        qk_norm="rms_norm" if qk_norm else None,
+        dual_attention_layers=dual,
+    )
     with torch.no_grad():
         for p in ref.parameters():
             p.normal_(0, 0.1)
@@ -140,9 +161,12 @@ def test_position_and_timestep_embeddings_match_diffusers():
     ref = get_2d_sincos_pos_embed(32, 12, base_size=4, output_type="pt").float()
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
     t = torch.tensor([0.0, 13.5, 999.0])
-    torch.testing.assert_close(timestep_embedding(t, 256),
-                               get_timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0),
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        timestep_embedding(t, 256),
+        get_timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0),
+        rtol=0,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("control", ["triple", "adapter"])
@@ -240,7 +264,7 @@ def test_positions_are_computed_per_grid_without_a_buffer():
     table = sincos_2d(model.config.hidden_size, 12, 8 // model.config.patch_size).view(12, 12, -1)
     for h, w in ((4, 4), (6, 2), (12, 12)):
         top, left = (12 - h) // 2, (12 - w) // 2
-        assert torch.equal(model.positions(h, w), table[top:top + h, left:left + w].reshape(1, h * w, -1))
+        assert torch.equal(model.positions(h, w), table[top : top + h, left : left + w].reshape(1, h * w, -1))
     assert model.positions(4, 4) is model.positions(4, 4)
     huge = build_on_meta(lambda: MaskControlMMDiT(tiny_config(pos_embed_max_size=200_000)))
     assert dict(huge.named_buffers()) == {}

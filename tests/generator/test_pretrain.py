@@ -9,17 +9,34 @@ from pathlib import Path
 import pytest
 import torch
 
-from gentest_helpers import two_processes_vs_one, weights
-
-from todsynth.errors import CheckpointError, ConfigError, DataError
-from todsynth.generator.pretrain import (PRETRAIN_PROMPT, TOY_POOL_START, load_unlabeled, pretrain_config,
-                                         pretrain_generator, toy_pool_indices)
 from todsynth.config import build_config
+from todsynth.errors import CheckpointError, ConfigError, DataError
+from todsynth.generator.pretrain import (
+    PRETRAIN_PROMPT,
+    TOY_POOL_START,
+    load_unlabeled,
+    pretrain_config,
+    pretrain_generator,
+    toy_pool_indices,
+)
 from todsynth.generator.train import GeneratorTrainConfig, build_pipeline, train_generator
 
-TINY = {"size": 16, "model.num_layers": 1, "model.num_heads": 2, "model.head_dim": 8,
-        "batch_size": 4, "val_every": 0, "val_samples": 2, "val_steps": 2, "checkpoint_every": 2, "progress": False,
-        "warmup_steps": 1, "text_max_length": 8}
+from gentest_helpers import two_processes_vs_one, weights
+
+TINY = {
+    "size": 16,
+    "model.num_layers": 1,
+    "model.num_heads": 2,
+    "model.head_dim": 8,
+    "batch_size": 4,
+    "val_every": 0,
+    "val_samples": 2,
+    "val_steps": 2,
+    "checkpoint_every": 2,
+    "progress": False,
+    "warmup_steps": 1,
+    "text_max_length": 8,
+}
 
 
 def tiny_pretrain(data: str, out: Path, **kw) -> GeneratorTrainConfig:
@@ -59,10 +76,35 @@ def test_pretrain_then_load_then_fine_tune_from_the_base(base, toy, tmp_path):
     assert json.loads((base / "config.json").read_text())["train_text"] is True  # text + image streams pretrain
 
     out = tmp_path / "ft"
-    args = ["generator", "train", str(toy), "--out", str(out), "--init", str(base), "--steps", "2",
-            "--batch-size", "4", "--size", "16", "--control", "triple"]
-    args += [a for k, v in (("model.num_layers", 1), ("model.num_heads", 2), ("model.head_dim", 8), ("val_every", 0),
-                            ("text_max_length", 8), ("progress", "false")) for a in ("--set", f"{k}={v}")]
+    args = [
+        "generator",
+        "train",
+        str(toy),
+        "--out",
+        str(out),
+        "--init",
+        str(base),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--size",
+        "16",
+        "--control",
+        "triple",
+    ]
+    args += [
+        a
+        for k, v in (
+            ("model.num_layers", 1),
+            ("model.num_heads", 2),
+            ("model.head_dim", 8),
+            ("val_every", 0),
+            ("text_max_length", 8),
+            ("progress", "false"),
+        )
+        for a in ("--set", f"{k}={v}")
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     tuned = MaskToImagePipeline.from_pretrained(out / "model")
@@ -79,10 +121,33 @@ def test_pretrain_cli_writes_a_base(tmp_path):
 
     from todsynth.cli.main import app
 
-    args = ["generator", "pretrain", "toy:4", "--out", str(tmp_path / "b"), "--steps", "1", "--batch-size", "2",
-            "--size", "16", "--prompt", "an aerial photo"]
-    args += [a for k, v in (("model.num_layers", 1), ("model.num_heads", 2), ("model.head_dim", 8), ("val_every", 0),
-                            ("text_max_length", 8), ("progress", "false")) for a in ("--set", f"{k}={v}")]
+    args = [
+        "generator",
+        "pretrain",
+        "toy:4",
+        "--out",
+        str(tmp_path / "b"),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--size",
+        "16",
+        "--prompt",
+        "an aerial photo",
+    ]
+    args += [
+        a
+        for k, v in (
+            ("model.num_layers", 1),
+            ("model.num_heads", 2),
+            ("model.head_dim", 8),
+            ("val_every", 0),
+            ("text_max_length", 8),
+            ("progress", "false"),
+        )
+        for a in ("--set", f"{k}={v}")
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     cfg = json.loads((tmp_path / "b" / "config.json").read_text())
@@ -94,14 +159,14 @@ def test_pretrain_cli_writes_a_base(tmp_path):
 def _init_model(base: Path, control: str):
     from todsynth.data.classes import LOVEDA
 
-    return build_pipeline(build_config(GeneratorTrainConfig, {**TINY, "data": "x", "model.control": control,
-                                                              "init": str(base)}),
-                          LOVEDA).transformer
+    return build_pipeline(
+        build_config(GeneratorTrainConfig, {**TINY, "data": "x", "model.control": control, "init": str(base)}), LOVEDA
+    ).transformer
 
 
 def _stream(state: dict, block: int, stream: str) -> dict:
     prefix = f"blocks.{block}.{stream}."
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _inputs(model, seed: int = 0):
@@ -131,7 +196,7 @@ def test_init_copies_the_pretrained_image_stream_into_the_mask_stream(base):
         for k, v in mask.items():
             if i == last and k.startswith("ada."):  # pre-only last block: (scale, shift) of the image's msa
                 dim = triple.config.hidden_size
-                assert torch.equal(v, torch.cat([image[k][dim:2 * dim], image[k][:dim]]))
+                assert torch.equal(v, torch.cat([image[k][dim : 2 * dim], image[k][:dim]]))
             else:
                 assert torch.equal(v, image[k]), (i, k)
         assert set(mask) <= set(image)
@@ -158,8 +223,9 @@ def test_lora_on_the_pretrained_streams_keeps_fresh_mask_layers_trainable(base):
     from todsynth.data.classes import LOVEDA
     from todsynth.generator.train import apply_freezing
 
-    cfg = build_config(GeneratorTrainConfig, {**TINY, "data": "x", "model.control": "adapter", "init": str(base),
-                                              "lora_rank": 2})
+    cfg = build_config(
+        GeneratorTrainConfig, {**TINY, "data": "x", "model.control": "adapter", "init": str(base), "lora_rank": 2}
+    )
     model = build_pipeline(cfg, LOVEDA).transformer
     apply_freezing(model, cfg)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -180,12 +246,15 @@ def _save_fake_base(base: Path, out: Path, **changes) -> Path:
     return out
 
 
-@pytest.mark.parametrize("changes, setting", [
-    ({"num_layers": 2}, "num_layers=2"),
-    ({"head_dim": 16}, "head_dim=16"),
-    ({"in_channels": 4}, "in_channels=4"),
-    ({"control": "triple"}, "control 'triple'"),
-])
+@pytest.mark.parametrize(
+    "changes, setting",
+    [
+        ({"num_layers": 2}, "num_layers=2"),
+        ({"head_dim": 16}, "head_dim=16"),
+        ({"in_channels": 4}, "in_channels=4"),
+        ({"control": "triple"}, "control 'triple'"),
+    ],
+)
 def test_a_base_of_another_architecture_is_refused_before_training(base, toy, tmp_path, changes, setting):
     other = _save_fake_base(base, tmp_path / "other", **changes)
     out = tmp_path / "ft"
@@ -281,8 +350,11 @@ def test_toy_pool_is_disjoint_from_every_labelled_layout_and_test_tile(tmp_path)
     from todsynth.grid import expand, load_grid
 
     paths = stage_data(settings_from(BUDGETS["tiny"]), tmp_path, log=lambda m: None)
-    used = {int(p.stem.split("_")[1]) for key in ("real", "layouts", "test", "oracle")
-            for p in Path(paths[key]).rglob("toy_*.png")}
+    used = {
+        int(p.stem.split("_")[1])
+        for key in ("real", "layouts", "test", "oracle")
+        for p in Path(paths[key]).rglob("toy_*.png")
+    }
     assert used and not used & set(toy_pool_indices(100))
     # the largest index any built-in grid (or the demo) can draw stays below the pool
     cells: list[dict] = []
@@ -298,7 +370,29 @@ def test_toy_pool_is_disjoint_from_every_labelled_layout_and_test_tile(tmp_path)
 
 def test_two_processes_pretrain_like_one(tmp_path):
     """`accelerate launch --cpu --num_processes 2 ... generator pretrain` gives the base one process gives."""
-    args = ["generator", "pretrain", "toy:8", "--steps", "3", "--batch-size", "4", "--size", "16",
-            "--set", "model.num_layers=1", "--set", "model.num_heads=2", "--set", "model.head_dim=8",
-            "--set", "val_every=0", "--set", "augment=false", "--set", "text_max_length=8", "--set", "progress=false"]
+    args = [
+        "generator",
+        "pretrain",
+        "toy:8",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--size",
+        "16",
+        "--set",
+        "model.num_layers=1",
+        "--set",
+        "model.num_heads=2",
+        "--set",
+        "model.head_dim=8",
+        "--set",
+        "val_every=0",
+        "--set",
+        "augment=false",
+        "--set",
+        "text_max_length=8",
+        "--set",
+        "progress=false",
+    ]
     assert two_processes_vs_one(args, tmp_path) < 1e-4

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from todsynth.errors import CheckpointError
-from todsynth.generator.stream import StepBatches, TrainSamples, batch_loader, open_train_stream
 from todsynth.generator.mmdit import MMDiTArch
+from todsynth.generator.stream import StepBatches, TrainSamples, batch_loader, open_train_stream
 from todsynth.generator.train import GeneratorTrainConfig, batch_indices, train_generator
 from todsynth.io import load_weights
 
@@ -29,8 +29,9 @@ def batches(samples, first: int, end: int, rank: int = 0, world: int = 1, worker
 
 def test_samples_are_read_lazily_and_batches_follow_batch_indices(big_tiles: Path) -> None:
     data, _ = open_train_stream(str(big_tiles), "Train", 16, "random", 7)
-    assert isinstance(data.samples, TrainSamples) and not any(isinstance(v, torch.Tensor)
-                                                             for v in vars(data.samples).values())
+    assert isinstance(data.samples, TrainSamples) and not any(
+        isinstance(v, torch.Tensor) for v in vars(data.samples).values()
+    )
     got = batches(data.samples, 0, 5)
     assert [idx for idx, _, _ in got] == [batch_indices(s, 6, 4, 7).tolist() for s in range(5)]
     assert all(im.shape == (4, 3, 16, 16) and lab.shape == (4, 16, 16) for _, im, lab in got)
@@ -54,10 +55,21 @@ def test_crops_do_not_depend_on_workers_processes_or_the_first_step(big_tiles: P
 
 def test_resume_with_random_crops_and_workers_is_exact(big_tiles: Path, tmp_path: Path) -> None:
     def cfg(out: str, **kw) -> GeneratorTrainConfig:
-        return GeneratorTrainConfig(data=str(big_tiles), out=str(tmp_path / out), size=16, steps=4, batch_size=2,
-                                    model=MMDiTArch(num_layers=1, num_heads=2, head_dim=16),
-                                    val_every=0, val_samples=2,
-                                    checkpoint_every=2, progress=False, warmup_steps=1, text_max_length=8, **kw)
+        return GeneratorTrainConfig(
+            data=str(big_tiles),
+            out=str(tmp_path / out),
+            size=16,
+            steps=4,
+            batch_size=2,
+            model=MMDiTArch(num_layers=1, num_heads=2, head_dim=16),
+            val_every=0,
+            val_samples=2,
+            checkpoint_every=2,
+            progress=False,
+            warmup_steps=1,
+            text_max_length=8,
+            **kw,
+        )
 
     train_generator(cfg("straight"))
     train_generator(cfg("resumed", stop_after=2, num_workers=2))

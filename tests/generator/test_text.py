@@ -49,36 +49,68 @@ def _t5_tokenizer():
 def _clip_model(tokenizer, hidden: int, projection: int):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=37,
-                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-                            projection_dim=projection, bos_token_id=tokenizer.bos_token_id,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=projection,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return CLIPTextModelWithProjection(config).eval()
 
 
 def _t5_model(tokenizer):
     from transformers import T5Config, T5EncoderModel
 
-    config = T5Config(vocab_size=len(tokenizer), d_model=80, d_kv=16, d_ff=64, num_layers=2, num_heads=4,
-                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=80,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
     return T5EncoderModel(config).eval()
 
 
 def _transformer():
     from diffusers import SD3Transformer2DModel
 
-    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
-                                 attention_head_dim=8, num_attention_heads=2, joint_attention_dim=80,
-                                 caption_projection_dim=16, pooled_projection_dim=80).eval()
+    return SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=80,
+        caption_projection_dim=16,
+        pooled_projection_dim=80,
+    ).eval()
 
 
 @pytest.fixture(scope="module")
 def sd3_parts() -> dict:
     torch.manual_seed(0)
     tok_l, tok_g, tok_t5 = _clip_tokenizer("<|endoftext|>"), _clip_tokenizer("!"), _t5_tokenizer()
-    return {"text_encoder": _clip_model(tok_l, 32, 32), "tokenizer": tok_l,
-            "text_encoder_2": _clip_model(tok_g, 40, 48), "tokenizer_2": tok_g,
-            "text_encoder_3": _t5_model(tok_t5), "tokenizer_3": tok_t5, "transformer": _transformer()}
+    return {
+        "text_encoder": _clip_model(tok_l, 32, 32),
+        "tokenizer": tok_l,
+        "text_encoder_2": _clip_model(tok_g, 40, 48),
+        "tokenizer_2": tok_g,
+        "text_encoder_3": _t5_model(tok_t5),
+        "tokenizer_3": tok_t5,
+        "transformer": _transformer(),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +138,7 @@ def test_minilm_shapes_padding_and_normalised_pool(minilm):
     assert tokens.shape == (4, 16, 384) and pooled.shape == (4, 384)
     assert (minilm.token_dim, minilm.pooled_dim, minilm.seq_len) == (384, 384, 16)
     lengths = [len(minilm.tokenizer(p).input_ids) for p in PROMPTS]
-    for row, n in zip(tokens, lengths):
+    for row, n in zip(tokens, lengths, strict=True):
         assert row[:n].abs().sum(-1).min() > 0
         assert torch.all(row[n:] == 0)
     torch.testing.assert_close(pooled.norm(dim=-1), torch.ones(4))
@@ -125,8 +157,12 @@ def test_minilm_is_deterministic_and_separates_prompts(minilm):
 
 def test_minilm_pooled_is_the_sentence_transformers_embedding(minilm):
     """Reference: SentenceTransformer(bundled folder).encode(..., normalize_embeddings=True), ST 6.2."""
-    expected_head = torch.tensor([[0.044298, 0.016633, -0.023878, 0.092955, 0.003678, -0.005121],
-                                  [0.049890, 0.047562, 0.028465, -0.001014, 0.056821, -0.030792]])
+    expected_head = torch.tensor(
+        [
+            [0.044298, 0.016633, -0.023878, 0.092955, 0.003678, -0.005121],
+            [0.049890, 0.047562, 0.028465, -0.001014, 0.056821, -0.030792],
+        ]
+    )
     tokens, pooled = minilm.encode([PROMPTS[0], LONG])
     assert len(minilm.tokenizer(LONG).input_ids) > 16 and tokens.shape[1] == 16
     torch.testing.assert_close(pooled[:, :6], expected_head, atol=2e-6, rtol=0)
@@ -151,8 +187,8 @@ def test_sd3_matches_diffusers_encode_prompt(sd3_parts, sd3_folder, use_t5):
     prompts = ["a road next to a tree", "", "tree road tree"]
     tokens, pooled = encoder.encode(prompts)
     expected, _, expected_pooled, _ = _pipeline(sd3_parts, use_t5).encode_prompt(
-        prompts, None, None, device=torch.device("cpu"), do_classifier_free_guidance=False,
-        max_sequence_length=24)
+        prompts, None, None, device=torch.device("cpu"), do_classifier_free_guidance=False, max_sequence_length=24
+    )
     assert tokens.shape == (3, 77 + 24, 80) and pooled.shape == (3, 80)
     assert (encoder.seq_len, encoder.token_dim, encoder.pooled_dim) == (101, 80, 80)
     assert (tokens - expected).abs().max() <= 1e-6
@@ -273,8 +309,11 @@ def test_cache_written_with_the_old_metadata_is_read(minilm, tmp_path):
 
     path = tmp_path / "prompts.safetensors"
     tokens, pooled = minilm.encode(["", "road"])
-    meta = {"format": "todsynth-prompt-cache/1", "encoder": json.dumps(minilm.identity),
-            "prompts": json.dumps(["", "road"])}
+    meta = {
+        "format": "todsynth-prompt-cache/1",
+        "encoder": json.dumps(minilm.identity),
+        "prompts": json.dumps(["", "road"]),
+    }
     save_weights(path, {"tokens": tokens, "pooled": pooled}, metadata=meta)
     assert PromptCache.load(path).prompts == ["", "road"]
     stamp = path.stat().st_mtime_ns

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gentest_helpers import two_processes_vs_one, weights
-
 from todsynth.errors import CheckpointError
 from todsynth.generator.train import GeneratorTrainConfig, train_generator
 from todsynth.io import load_weights
+
+from gentest_helpers import two_processes_vs_one, weights
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +24,21 @@ def toy(tmp_path_factory) -> Path:
 def small(toy: Path, out: Path, **kw) -> GeneratorTrainConfig:
     from todsynth.generator.mmdit import MMDiTArch
 
-    base = dict(data=str(toy), out=str(out), size=16, steps=6, batch_size=4,
-                model=MMDiTArch(num_layers=2, num_heads=2, head_dim=16),
-                val_every=0, val_samples=2, val_steps=3, checkpoint_every=3, progress=False, warmup_steps=2,
-                text_max_length=8)
+    base = dict(
+        data=str(toy),
+        out=str(out),
+        size=16,
+        steps=6,
+        batch_size=4,
+        model=MMDiTArch(num_layers=2, num_heads=2, head_dim=16),
+        val_every=0,
+        val_samples=2,
+        val_steps=3,
+        checkpoint_every=3,
+        progress=False,
+        warmup_steps=2,
+        text_max_length=8,
+    )
     base.update(kw)
     return GeneratorTrainConfig(**base)
 
@@ -39,7 +50,14 @@ def test_loss_decreases_and_outputs_exist(toy, tmp_path):
     hist = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     first, last = sum(v for _, v in hist[:5]) / 5, sum(v for _, v in hist[-5:]) / 5
     assert last < 0.85 * first, (first, last)
-    for name in ("loss.png", "results.json", "metrics.jsonl", "config.json", "model/pipeline.json", "val/step_000030.png"):
+    for name in (
+        "loss.png",
+        "results.json",
+        "metrics.jsonl",
+        "config.json",
+        "model/pipeline.json",
+        "val/step_000030.png",
+    ):
         assert (tmp_path / "run" / name).is_file(), name
     assert summary.steps == 30
 
@@ -68,8 +86,10 @@ def test_bf16_resume_is_exact(toy, tmp_path):
     train_generator(small(toy, tmp_path / "resumed", mixed_precision="bf16", log_every=1, resume=True))
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    lines = [[{k: v for k, v in r.items() if k != "samples_per_s"} for r in read_metrics(tmp_path / d / "metrics.jsonl")]
-             for d in ("straight", "resumed")]
+    lines = [
+        [{k: v for k, v in r.items() if k != "samples_per_s"} for r in read_metrics(tmp_path / d / "metrics.jsonl")]
+        for d in ("straight", "resumed")
+    ]
     assert lines[0] == lines[1] and [r["step"] for r in lines[0]] == [1, 2, 3, 4, 5, 6]
 
 
@@ -107,15 +127,42 @@ def test_reloaded_model_reproduces_validation_sample(toy, tmp_path):
     from todsynth.generator.train import load_train_data
 
     data, _ = load_train_data(str(toy), "Train", 16)
-    again = pipe(saved["labels"], data.prompts[:2], seeds=validation_seeds(2, cfg.seed), num_steps=cfg.val_steps,
-                 guidance_scale=cfg.guidance_scale)
+    again = pipe(
+        saved["labels"],
+        data.prompts[:2],
+        seeds=validation_seeds(2, cfg.seed),
+        num_steps=cfg.val_steps,
+        guidance_scale=cfg.guidance_scale,
+    )
     assert torch.equal(again, saved["images"])
 
 
 @pytest.mark.slow
 def test_two_processes_match_one(toy, tmp_path):
     """`accelerate launch --cpu --num_processes 2` trains the same model as one process (same global batch)."""
-    args = ["generator", "train", str(toy), "--steps", "3", "--batch-size", "4", "--size", "16",
-            "--set", "model.num_layers=2", "--set", "model.num_heads=2", "--set", "model.head_dim=16",
-            "--set", "val_every=0", "--set", "augment=false", "--set", "text_max_length=8", "--set", "progress=false"]
+    args = [
+        "generator",
+        "train",
+        str(toy),
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--size",
+        "16",
+        "--set",
+        "model.num_layers=2",
+        "--set",
+        "model.num_heads=2",
+        "--set",
+        "model.head_dim=16",
+        "--set",
+        "val_every=0",
+        "--set",
+        "augment=false",
+        "--set",
+        "text_max_length=8",
+        "--set",
+        "progress=false",
+    ]
     assert two_processes_vs_one(args, tmp_path) < 1e-4

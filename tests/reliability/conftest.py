@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
-import shutil
-
 import pytest
+
 from reliability_helpers import SYNTH_SAMPLES, SYNTH_SETTINGS, file_bytes, synth_keep, torch_threads
 
 
@@ -29,8 +29,12 @@ def synth_reference(tiny_generator_dir: Path, toy_masks_16: Path, tmp_path_facto
     from todsynth.synthesize import build_synthesize_config, synthesize
 
     out = tmp_path_factory.mktemp("synth_ref") / "out"
-    values = {"generator": str(tiny_generator_dir), "masks": str(toy_masks_16), "out": str(out),
-              **parse_overrides([f"{k}={v}" for k, v in SYNTH_SETTINGS.items()])}
+    values = {
+        "generator": str(tiny_generator_dir),
+        "masks": str(toy_masks_16),
+        "out": str(out),
+        **parse_overrides([f"{k}={v}" for k, v in SYNTH_SETTINGS.items()]),
+    }
     with torch_threads(1):
         summary = synthesize(build_synthesize_config(values), progress=False)
     assert summary.made == SYNTH_SAMPLES == summary.in_manifest

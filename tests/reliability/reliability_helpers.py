@@ -22,8 +22,16 @@ def cli_env() -> dict[str, str]:
     """Environment of a CLI subprocess: one thread (bit-equal to the in-process references), offline."""
     src = str(Path(__file__).resolve().parents[2] / "src")
     path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg", "PYTHONPATH": path, "COLUMNS": "2000"}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "MPLBACKEND": "Agg",
+        "PYTHONPATH": path,
+        "COLUMNS": "2000",
+    }
 
 
 @contextlib.contextmanager
@@ -98,8 +106,11 @@ def check_visible_files(root: Path) -> int:
 
 def file_bytes(root: Path, keep: Callable[[Path], bool] = lambda p: True) -> dict[str, bytes]:
     """Relative path → bytes of the non-temporary files under `root` that `keep` accepts."""
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not is_temp(p) and keep(p.relative_to(root))}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not is_temp(p) and keep(p.relative_to(root))
+    }
 
 
 def bytes_lost(reference: dict[str, bytes], final: dict[str, bytes]) -> int:
@@ -117,8 +128,14 @@ class KillLog:
     outputs: list[str] = field(default_factory=list)
 
 
-def run_and_kill(args: list[str], out: Path, progressed: Callable[[], bool], delay: float, log: KillLog,
-                 patience_s: float = PROCESS_TIMEOUT_S) -> None:
+def run_and_kill(
+    args: list[str],
+    out: Path,
+    progressed: Callable[[], bool],
+    delay: float,
+    log: KillLog,
+    patience_s: float = PROCESS_TIMEOUT_S,
+) -> None:
     """Start `todsynth <args>`; once `progressed()` holds, wait `delay` s and SIGKILL it; check `out`."""
     proc = subprocess.Popen(CLI + args, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + patience_s
@@ -138,8 +155,9 @@ def run_and_kill(args: list[str], out: Path, progressed: Callable[[], bool], del
         log.files_checked += check_visible_files(out)
 
 
-def kill_sequence(runs: list[list[str]], out: Path, progress: Callable[[], int], windows: list[float],
-                  seed: int) -> KillLog:
+def kill_sequence(
+    runs: list[list[str]], out: Path, progress: Callable[[], int], windows: list[float], seed: int
+) -> KillLog:
     """Start each run in turn and SIGKILL it a seeded random time (up to its window) after it made progress."""
     rng = random.Random(seed)
     log = KillLog()
@@ -150,8 +168,13 @@ def kill_sequence(runs: list[list[str]], out: Path, progress: Callable[[], int],
 
 
 # 6 masks x 3 transforms x 2 copies = 36 samples of 16 px, 4 Euler steps each: a few seconds of work.
-SYNTH_SETTINGS: dict[str, str] = {"num_steps": "4", "copies": "2", "transforms": "identity,hflip,vflip",
-                                  "batch_size": "2", "crfm.steps": "0"}
+SYNTH_SETTINGS: dict[str, str] = {
+    "num_steps": "4",
+    "copies": "2",
+    "transforms": "identity,hflip,vflip",
+    "batch_size": "2",
+    "crfm.steps": "0",
+}
 SYNTH_SAMPLES = 36
 
 

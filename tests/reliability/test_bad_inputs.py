@@ -17,17 +17,68 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from reliability_helpers import invoke, is_temp
 
 from todsynth.errors import CheckpointError, ConfigError, DataError, TodsynthError
 
-HINTS = ("must", "expected", "valid", "known:", "choose", "give", "use ", "check", "add", "remove", "fix", "keep",
-         "convert", "re-", "write", "point", "start", "save", "accepted layouts", "resize", "set ")
-TINY_SEG = ["--arch", "segformer", "--encoder", "tu-mobilenetv3_small_050", "--size", "16", "--steps", "1",
-            "--batch-size", "2", "--device", "cpu"]
-TINY_GEN = ["--steps", "1", "--batch-size", "2", "--size", "16", "--set", "model.num_layers=1",
-            "--set", "model.num_heads=2", "--set", "model.head_dim=8", "--set", "val_every=0",
-            "--set", "text_max_length=8", "--set", "progress=false"]
+from reliability_helpers import invoke, is_temp
+
+HINTS = (
+    "must",
+    "expected",
+    "valid",
+    "known:",
+    "choose",
+    "give",
+    "use ",
+    "check",
+    "add",
+    "remove",
+    "fix",
+    "keep",
+    "convert",
+    "re-",
+    "write",
+    "point",
+    "start",
+    "save",
+    "accepted layouts",
+    "resize",
+    "set ",
+)
+TINY_SEG = [
+    "--arch",
+    "segformer",
+    "--encoder",
+    "tu-mobilenetv3_small_050",
+    "--size",
+    "16",
+    "--steps",
+    "1",
+    "--batch-size",
+    "2",
+    "--device",
+    "cpu",
+]
+TINY_GEN = [
+    "--steps",
+    "1",
+    "--batch-size",
+    "2",
+    "--size",
+    "16",
+    "--set",
+    "model.num_layers=1",
+    "--set",
+    "model.num_heads=2",
+    "--set",
+    "model.head_dim=8",
+    "--set",
+    "val_every=0",
+    "--set",
+    "text_max_length=8",
+    "--set",
+    "progress=false",
+]
 
 
 def says_what_to_do(text: str) -> bool:
@@ -155,8 +206,9 @@ def two_channel_mask(root: Path) -> Case:
 
 def palette_colour_unknown(root: Path) -> Case:
     """A colour mask with a colour the palette lacks."""
-    (root / "classes.yaml").write_text("names: [background, building, water]\n"
-                                       "palette: [[0, 0, 0], [255, 0, 0], [0, 0, 255]]\n")
+    (root / "classes.yaml").write_text(
+        "names: [background, building, water]\npalette: [[0, 0, 0], [255, 0, 0], [0, 0, 255]]\n"
+    )
     for i in range(4):
         _write(root / "masks" / f"tile{i}.png", np.zeros((8, 8, 3), np.uint8))
     colour = np.zeros((8, 8, 3), np.uint8)
@@ -240,10 +292,19 @@ def index_escape(kind: str) -> Callable[[Path], Case]:
         outside = _write(root.parent / "outside.png", np.zeros((8, 8), np.uint8))
         if kind == "symlink":
             os.symlink(outside, root / "masks" / "link.png")
-        source = {"dotdot": "../outside.png", "absolute": str(outside), "symlink": "masks/link.png",
-                  "nul": "masks/a\x00.png"}[kind]
-        index = _index(root, [{"source": "masks/tile0.png", "target": "images/tile0.png"},
-                              {"source": source, "target": "images/tile1.png"}])
+        source = {
+            "dotdot": "../outside.png",
+            "absolute": str(outside),
+            "symlink": "masks/link.png",
+            "nul": "masks/a\x00.png",
+        }[kind]
+        index = _index(
+            root,
+            [
+                {"source": "masks/tile0.png", "target": "images/tile0.png"},
+                {"source": source, "target": "images/tile1.png"},
+            ],
+        )
         words = ("cannot be resolved",) if kind == "nul" else ("outside the dataset root",)
         return index, index, ("line 2", *words)
 
@@ -259,8 +320,13 @@ def index_not_json(root: Path) -> Case:
 
 def index_duplicate_id(root: Path) -> Case:
     """Two index lines with one id."""
-    index = _index(root, [{"source": "masks/tile0.png", "target": "images/tile0.png", "id": "a"},
-                          {"source": "masks/tile1.png", "target": "images/tile1.png", "id": "a"}])
+    index = _index(
+        root,
+        [
+            {"source": "masks/tile0.png", "target": "images/tile0.png", "id": "a"},
+            {"source": "masks/tile1.png", "target": "images/tile1.png", "id": "a"},
+        ],
+    )
     return index, index, ("line 2", "duplicate id 'a'")
 
 
@@ -291,54 +357,91 @@ def unknown_layout(root: Path) -> Case:
     return odd, odd, ("not a dataset in a known layout",)
 
 
-BAD_DATASETS = [png_random_bytes, png_truncated_mask, jpeg_truncated_image, jpeg_mask_with_artefacts,
-                rgba_mask_without_palette, palette_mask_index_too_big, sixteen_bit_mask_values, sixteen_bit_image,
-                label_not_a_class, float_mask, two_channel_mask, palette_colour_unknown, size_mismatch,
-                image_without_mask, mask_without_image, empty_dataset, duplicate_ids, classes_unknown_key,
-                classes_duplicate_names, classes_ignore_collides, classes_not_yaml, classes_missing,
-                index_escape("dotdot"), index_escape("absolute"), index_escape("symlink"), index_escape("nul"),
-                index_not_json, index_duplicate_id, index_missing_file, loveda_value_out_of_range,
-                dataset_not_found, unknown_layout]
+BAD_DATASETS = [
+    png_random_bytes,
+    png_truncated_mask,
+    jpeg_truncated_image,
+    jpeg_mask_with_artefacts,
+    rgba_mask_without_palette,
+    palette_mask_index_too_big,
+    sixteen_bit_mask_values,
+    sixteen_bit_image,
+    label_not_a_class,
+    float_mask,
+    two_channel_mask,
+    palette_colour_unknown,
+    size_mismatch,
+    image_without_mask,
+    mask_without_image,
+    empty_dataset,
+    duplicate_ids,
+    classes_unknown_key,
+    classes_duplicate_names,
+    classes_ignore_collides,
+    classes_not_yaml,
+    classes_missing,
+    index_escape("dotdot"),
+    index_escape("absolute"),
+    index_escape("symlink"),
+    index_escape("nul"),
+    index_not_json,
+    index_duplicate_id,
+    index_missing_file,
+    loveda_value_out_of_range,
+    dataset_not_found,
+    unknown_layout,
+]
 
 
 @pytest.mark.parametrize("build", BAD_DATASETS, ids=lambda f: f.__name__)
-def test_bad_dataset_is_refused_naming_the_file(cli_app, folder_dataset: Path, tmp_path: Path,
-                                                build: Callable[[Path], Case]) -> None:
+def test_bad_dataset_is_refused_naming_the_file(
+    cli_app, folder_dataset: Path, tmp_path: Path, build: Callable[[Path], Case]
+) -> None:
     """API: DataError naming the file with a hint; CLI `data check` and `segment train`: exit 2, nothing written."""
     from todsynth.data.check import check_dataset, validate_dataset
 
     data, bad, words = build(folder_dataset)
     problems = [p for p in check_dataset(data).problems if p.path == bad]
     assert problems, [str(p) for p in check_dataset(data).problems]
-    assert any(all(w in str(p) for w in words) and says_what_to_do(str(p)) for p in problems), \
-        [str(p) for p in problems]
+    assert any(all(w in str(p) for w in words) and says_what_to_do(str(p)) for p in problems), [
+        str(p) for p in problems
+    ]
     raises(DataError, lambda: validate_dataset(data), str(bad))
     refused(cli_app, ["data", "check", str(data)], None, str(bad), *words, lead="problem(s)")
     out = tmp_path / "seg_out"
     refused(cli_app, ["segment", "train", str(data), "--out", str(out), *TINY_SEG], out, str(bad))
 
 
-@pytest.mark.parametrize("build", [png_random_bytes, label_not_a_class, index_escape("dotdot")],
-                         ids=lambda f: f.__name__)
-def test_generator_train_refuses_bad_data_before_writing(cli_app, folder_dataset: Path, tmp_path: Path,
-                                                         build: Callable[[Path], Case]) -> None:
+@pytest.mark.parametrize(
+    "build", [png_random_bytes, label_not_a_class, index_escape("dotdot")], ids=lambda f: f.__name__
+)
+def test_generator_train_refuses_bad_data_before_writing(
+    cli_app, folder_dataset: Path, tmp_path: Path, build: Callable[[Path], Case]
+) -> None:
     """`generator train` validates every file before it writes anything."""
     data, bad, words = build(folder_dataset)
     out = tmp_path / "gen_out"
     refused(cli_app, ["generator", "train", str(data), "--out", str(out), *TINY_GEN], out, str(bad), *words)
 
 
-def test_synthesize_refuses_bad_masks_before_writing(cli_app, tiny_generator_dir: Path, folder_dataset: Path,
-                                                     tmp_path: Path) -> None:
+def test_synthesize_refuses_bad_masks_before_writing(
+    cli_app, tiny_generator_dir: Path, folder_dataset: Path, tmp_path: Path
+) -> None:
     """A mask value that is no class stops `synthesize` before the output folder exists."""
     data, bad, words = label_not_a_class(folder_dataset)
     out = tmp_path / "synth_out"
-    refused(cli_app, ["synthesize", str(tiny_generator_dir), str(data), str(out), "--crfm-steps", "0"], out, str(bad),
-            *words)
+    refused(
+        cli_app,
+        ["synthesize", str(tiny_generator_dir), str(data), str(out), "--crfm-steps", "0"],
+        out,
+        str(bad),
+        *words,
+    )
 
 
-@pytest.mark.parametrize("kind", ["rgba_image", "sixteen_bit_mask_small_values", "rgba_palette_mask_transparent",
-                                  "palette_mode_mask"])
+@pytest.mark.parametrize(
+    "kind", ["rgba_image", "sixteen_bit_mask_small_values", "rgba_palette_mask_transparent", "palette_mode_mask"]
+)
 def test_handled_modes_read_cleanly(folder_dataset: Path, kind: str) -> None:
     """Modes the readers accept: RGBA images lose alpha, 16-bit/palette masks keep values, transparent = ignore."""
     from todsynth.data.check import validate_dataset
@@ -355,8 +458,9 @@ def test_handled_modes_read_cleanly(folder_dataset: Path, kind: str) -> None:
         paletted = Image.fromarray(label, mode="L").convert("P")
         paletted.save(root / "masks" / "tile0.png")
     else:
-        (root / "classes.yaml").write_text("names: [background, building, water]\n"
-                                           "palette: [[0, 0, 0], [255, 0, 0], [0, 0, 255]]\n")
+        (root / "classes.yaml").write_text(
+            "names: [background, building, water]\npalette: [[0, 0, 0], [255, 0, 0], [0, 0, 255]]\n"
+        )
         colours = np.array([[0, 0, 0, 255], [255, 0, 0, 255], [0, 0, 255, 255]], np.uint8)
         for i in range(4):
             rgba = colours[label]
@@ -378,63 +482,98 @@ def test_handled_modes_read_cleanly(folder_dataset: Path, kind: str) -> None:
 # Bad settings
 
 
-@pytest.mark.parametrize("args, names", [
-    (["--set", "lr=nan"], ("lr", "finite")),
-    (["--steps", "-1"], ("steps", ">= 1")),
-    (["--set", "lr=-0.1"], ("lr", ">= 0")),
-    (["--set", "text_dropout=1.5"], ("text_dropout",)),
-    (["--size", "18", "--set", "model.patch_size=4"], ("size 18", "patch_size 4")),
-    (["--set", "stepz=3"], ("stepz", "did you mean 'steps'")),
-    (["--set", "steps"], ("steps", "key=value")),
-    (["--set", "lr=[1"], ("lr=[1", "YAML")),
-    (["--set", "batch_size=2.5"], ("batch_size", "integer")),
-    (["--control", "quadruple"], ("quadruple", "siamese")),
-], ids=["lr_nan", "steps_negative", "lr_negative", "dropout_above_1", "size_not_multiple_of_patch",
-        "unknown_setting", "set_without_value", "set_value_not_yaml", "batch_not_integer", "unknown_control"])
-def test_generator_train_refuses_bad_settings(cli_app, toy_masks_16: Path, tmp_path: Path, args: list[str],
-                                              names: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (["--set", "lr=nan"], ("lr", "finite")),
+        (["--steps", "-1"], ("steps", ">= 1")),
+        (["--set", "lr=-0.1"], ("lr", ">= 0")),
+        (["--set", "text_dropout=1.5"], ("text_dropout",)),
+        (["--size", "18", "--set", "model.patch_size=4"], ("size 18", "patch_size 4")),
+        (["--set", "stepz=3"], ("stepz", "did you mean 'steps'")),
+        (["--set", "steps"], ("steps", "key=value")),
+        (["--set", "lr=[1"], ("lr=[1", "YAML")),
+        (["--set", "batch_size=2.5"], ("batch_size", "integer")),
+        (["--control", "quadruple"], ("quadruple", "siamese")),
+    ],
+    ids=[
+        "lr_nan",
+        "steps_negative",
+        "lr_negative",
+        "dropout_above_1",
+        "size_not_multiple_of_patch",
+        "unknown_setting",
+        "set_without_value",
+        "set_value_not_yaml",
+        "batch_not_integer",
+        "unknown_control",
+    ],
+)
+def test_generator_train_refuses_bad_settings(
+    cli_app, toy_masks_16: Path, tmp_path: Path, args: list[str], names: tuple[str, ...]
+) -> None:
     """Invalid generator settings are named before any file is written."""
     out = tmp_path / "out"
     refused(cli_app, ["generator", "train", str(toy_masks_16), "--out", str(out), *args], out, *names)
 
 
-@pytest.mark.parametrize("args, names", [
-    (["--set", "lr=nan"], ("lr", "finite")),
-    (["--batch-size", "0"], ("batch_size", ">= 1")),
-    (["--set", "steps=-3"], ("steps", ">= 1")),
-    (["--arch", "transformer9000"], ("transformer9000", "must be one of")),
-    (["--set", "weight_decay=inf"], ("weight_decay", "finite")),
-], ids=["lr_nan", "batch_zero", "steps_negative", "unknown_arch", "weight_decay_inf"])
-def test_segment_train_refuses_bad_settings(cli_app, toy_masks_16: Path, tmp_path: Path, args: list[str],
-                                            names: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (["--set", "lr=nan"], ("lr", "finite")),
+        (["--batch-size", "0"], ("batch_size", ">= 1")),
+        (["--set", "steps=-3"], ("steps", ">= 1")),
+        (["--arch", "transformer9000"], ("transformer9000", "must be one of")),
+        (["--set", "weight_decay=inf"], ("weight_decay", "finite")),
+    ],
+    ids=["lr_nan", "batch_zero", "steps_negative", "unknown_arch", "weight_decay_inf"],
+)
+def test_segment_train_refuses_bad_settings(
+    cli_app, toy_masks_16: Path, tmp_path: Path, args: list[str], names: tuple[str, ...]
+) -> None:
     """Invalid segmenter settings are named before any file is written."""
     out = tmp_path / "out"
     refused(cli_app, ["segment", "train", str(toy_masks_16), "--out", str(out), *args], out, *names)
 
 
-@pytest.mark.parametrize("args, names", [
-    (["--num-steps", "0"], ("num_steps", ">= 1")),
-    (["--set", "guidance_scale=inf"], ("guidance_scale",)),
-    (["--copies", "-2"], ("copies", ">= 1")),
-    (["--set", "transforms=identity,shear"], ("transforms", "rot90")),
-    (["--crfm-steps", "2"], ("segmenter",)),
-], ids=["num_steps_zero", "guidance_inf", "copies_negative", "unknown_transform", "crfm_without_segmenter"])
-def test_synthesize_refuses_bad_settings(cli_app, tiny_generator_dir: Path, toy_masks_16: Path, tmp_path: Path,
-                                         args: list[str], names: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (["--num-steps", "0"], ("num_steps", ">= 1")),
+        (["--set", "guidance_scale=inf"], ("guidance_scale",)),
+        (["--copies", "-2"], ("copies", ">= 1")),
+        (["--set", "transforms=identity,shear"], ("transforms", "rot90")),
+        (["--crfm-steps", "2"], ("segmenter",)),
+    ],
+    ids=["num_steps_zero", "guidance_inf", "copies_negative", "unknown_transform", "crfm_without_segmenter"],
+)
+def test_synthesize_refuses_bad_settings(
+    cli_app, tiny_generator_dir: Path, toy_masks_16: Path, tmp_path: Path, args: list[str], names: tuple[str, ...]
+) -> None:
     """Invalid synthesis settings are named before any file is written."""
     out = tmp_path / "out"
     refused(cli_app, ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(out), *args], out, *names)
 
 
-@pytest.mark.parametrize("stage, values, name", [
-    ("generator", {"data": "d", "lr": float("nan")}, "lr"),
-    ("generator", {"data": "d", "steps": -1}, "steps"),
-    ("segment", {"lr": float("inf")}, "lr"),
-    ("segment", {"epochs": 0}, "epochs"),
-    ("synthesize", {"generator": "g", "masks": "m", "out": "o", "filter_margin": -1.0}, "filter_margin"),
-    ("synthesize", {"generator": "g", "masks": "m", "out": "o", "crfm.alpha_max": float("nan")}, "alpha_max"),
-], ids=["gen_lr_nan", "gen_steps_negative", "seg_lr_inf", "seg_epochs_zero", "synth_margin_negative",
-        "synth_crfm_alpha_nan"])
+@pytest.mark.parametrize(
+    "stage, values, name",
+    [
+        ("generator", {"data": "d", "lr": float("nan")}, "lr"),
+        ("generator", {"data": "d", "steps": -1}, "steps"),
+        ("segment", {"lr": float("inf")}, "lr"),
+        ("segment", {"epochs": 0}, "epochs"),
+        ("synthesize", {"generator": "g", "masks": "m", "out": "o", "filter_margin": -1.0}, "filter_margin"),
+        ("synthesize", {"generator": "g", "masks": "m", "out": "o", "crfm.alpha_max": float("nan")}, "alpha_max"),
+    ],
+    ids=[
+        "gen_lr_nan",
+        "gen_steps_negative",
+        "seg_lr_inf",
+        "seg_epochs_zero",
+        "synth_margin_negative",
+        "synth_crfm_alpha_nan",
+    ],
+)
 def test_api_configs_refuse_bad_values(stage: str, values: dict, name: str) -> None:
     """The Python API validates like the CLI: a ConfigError naming the setting."""
     from todsynth.config import build_config
@@ -442,26 +581,39 @@ def test_api_configs_refuse_bad_values(stage: str, values: dict, name: str) -> N
     from todsynth.segment.train import SegmentTrainConfig
     from todsynth.synthesize import build_synthesize_config
 
-    build = {"generator": lambda v: build_config(GeneratorTrainConfig, v),
-             "segment": lambda v: build_config(SegmentTrainConfig, v), "synthesize": build_synthesize_config}[stage]
+    build = {
+        "generator": lambda v: build_config(GeneratorTrainConfig, v),
+        "segment": lambda v: build_config(SegmentTrainConfig, v),
+        "synthesize": build_synthesize_config,
+    }[stage]
     error = raises(ConfigError, lambda: build(values), name)
     assert error.path is not None
 
 
-@pytest.mark.parametrize("text, words", [(None, "config file not found"), ("[1, 2]", "mapping"),
-                                         ("steps: [1\n", "not valid YAML"), ("steps: 2001-02-30\n", "not valid YAML"),
-                                         ("1: 2\nstepz: 3\n", "unknown setting"), ("/dir", "cannot read")],
-                         ids=["missing", "not_a_mapping", "not_yaml", "impossible_date", "unknown_keys", "a_folder"])
-def test_config_file_problems_name_the_file(cli_app, toy_masks_16: Path, tmp_path: Path, text: str | None,
-                                            words: str) -> None:
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        (None, "config file not found"),
+        ("[1, 2]", "mapping"),
+        ("steps: [1\n", "not valid YAML"),
+        ("steps: 2001-02-30\n", "not valid YAML"),
+        ("1: 2\nstepz: 3\n", "unknown setting"),
+        ("/dir", "cannot read"),
+    ],
+    ids=["missing", "not_a_mapping", "not_yaml", "impossible_date", "unknown_keys", "a_folder"],
+)
+def test_config_file_problems_name_the_file(
+    cli_app, toy_masks_16: Path, tmp_path: Path, text: str | None, words: str
+) -> None:
     """A missing, non-mapping or invalid --config YAML is named."""
     config, out = tmp_path / "cfg.yaml", tmp_path / "out"
     if text == "/dir":
         config.mkdir()
     elif text is not None:
         config.write_text(text)
-    output = refused(cli_app, ["generator", "train", str(toy_masks_16), "--out", str(out), "--config", str(config)],
-                     out, str(config))
+    output = refused(
+        cli_app, ["generator", "train", str(toy_masks_16), "--out", str(out), "--config", str(config)], out, str(config)
+    )
     assert words in output
 
 
@@ -479,8 +631,9 @@ def test_pickle_checkpoints_are_refused(tmp_path: Path, suffix: str) -> None:
     raises(CheckpointError, lambda: load_weights(path), str(path), "pickle", "safetensors")
 
 
-def test_generator_folder_with_pickle_weights_is_refused(cli_app, tiny_generator_dir: Path, toy_masks_16: Path,
-                                                         tmp_path: Path) -> None:
+def test_generator_folder_with_pickle_weights_is_refused(
+    cli_app, tiny_generator_dir: Path, toy_masks_16: Path, tmp_path: Path
+) -> None:
     """A generator whose transformer weights are a .bin (no safetensors) names the missing file."""
     gen = Path(shutil.copytree(tiny_generator_dir, tmp_path / "gen"))
     weights = gen / "transformer" / "model.safetensors"
@@ -489,8 +642,9 @@ def test_generator_folder_with_pickle_weights_is_refused(cli_app, tiny_generator
     refused(cli_app, ["synthesize", str(gen), str(toy_masks_16), str(out), "--crfm-steps", "0"], out, str(weights))
 
 
-def test_generator_of_another_config_is_refused(cli_app, tiny_generator_dir: Path, toy_masks_16: Path,
-                                                tmp_path: Path) -> None:
+def test_generator_of_another_config_is_refused(
+    cli_app, tiny_generator_dir: Path, toy_masks_16: Path, tmp_path: Path
+) -> None:
     """Weights that do not fit transformer/config.json are named (not a shape traceback)."""
     gen = Path(shutil.copytree(tiny_generator_dir, tmp_path / "gen"))
     config = gen / "transformer" / "config.json"
@@ -498,20 +652,48 @@ def test_generator_of_another_config_is_refused(cli_app, tiny_generator_dir: Pat
     raw["num_layers"] = raw["num_layers"] + 1
     config.write_text(json.dumps(raw))
     out = tmp_path / "out"
-    refused(cli_app, ["synthesize", str(gen), str(toy_masks_16), str(out), "--crfm-steps", "0"], out,
-            str(gen / "transformer" / "model.safetensors"), "do not match")
+    refused(
+        cli_app,
+        ["synthesize", str(gen), str(toy_masks_16), str(out), "--crfm-steps", "0"],
+        out,
+        str(gen / "transformer" / "model.safetensors"),
+        "do not match",
+    )
 
 
-def test_model_folders_swapped_are_refused(cli_app, tiny_generator_dir: Path, tiny_segmenter_dir: Path,
-                                           toy_masks_16: Path, tmp_path: Path) -> None:
+def test_model_folders_swapped_are_refused(
+    cli_app, tiny_generator_dir: Path, tiny_segmenter_dir: Path, toy_masks_16: Path, tmp_path: Path
+) -> None:
     """A segmenter given as generator, and a generator given as segmenter, are named."""
     out = tmp_path / "out"
-    refused(cli_app, ["synthesize", str(tiny_segmenter_dir), str(toy_masks_16), str(out), "--crfm-steps", "0"], out,
-            str(tiny_segmenter_dir / "pipeline.json"), "generator")
-    refused(cli_app, ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(out), "--segmenter",
-                  str(tiny_generator_dir), "--crfm-steps", "1"], out, str(tiny_generator_dir / "config.json"))
-    refused(cli_app, ["segment", "eval", str(tiny_generator_dir), str(toy_masks_16)], None,
-            str(tiny_generator_dir / "config.json"))
+    refused(
+        cli_app,
+        ["synthesize", str(tiny_segmenter_dir), str(toy_masks_16), str(out), "--crfm-steps", "0"],
+        out,
+        str(tiny_segmenter_dir / "pipeline.json"),
+        "generator",
+    )
+    refused(
+        cli_app,
+        [
+            "synthesize",
+            str(tiny_generator_dir),
+            str(toy_masks_16),
+            str(out),
+            "--segmenter",
+            str(tiny_generator_dir),
+            "--crfm-steps",
+            "1",
+        ],
+        out,
+        str(tiny_generator_dir / "config.json"),
+    )
+    refused(
+        cli_app,
+        ["segment", "eval", str(tiny_generator_dir), str(toy_masks_16)],
+        None,
+        str(tiny_generator_dir / "config.json"),
+    )
 
 
 def test_masks_with_other_classes_than_the_generator(cli_app, tiny_generator_dir: Path, tmp_path: Path) -> None:
@@ -521,8 +703,13 @@ def test_masks_with_other_classes_than_the_generator(cli_app, tiny_generator_dir
     (root / "classes.yaml").write_text("names: [a, b, c, d, e, f, g, h, i]\n")
     _write(root / "masks" / "x.png", np.full((16, 16), 8, np.uint8))
     out = tmp_path / "out"
-    refused(cli_app, ["synthesize", str(tiny_generator_dir), str(root), str(out), "--crfm-steps", "0"], out,
-            str(root), "differ from the generator's")
+    refused(
+        cli_app,
+        ["synthesize", str(tiny_generator_dir), str(root), str(out), "--crfm-steps", "0"],
+        out,
+        str(root),
+        "differ from the generator's",
+    )
 
 
 def test_synthetic_data_with_other_classes(cli_app, folder_dataset: Path, tmp_path: Path) -> None:
@@ -530,23 +717,54 @@ def test_synthetic_data_with_other_classes(cli_app, folder_dataset: Path, tmp_pa
     other = Path(shutil.copytree(folder_dataset, tmp_path / "other"))
     (other / "classes.yaml").write_text("names: [background, building, lake]\n")
     out = tmp_path / "out"
-    refused(cli_app, ["segment", "train", str(folder_dataset), "--synthetic", str(other), "--out", str(out),
-                  *TINY_SEG], out, str(other), "lake")
+    refused(
+        cli_app,
+        ["segment", "train", str(folder_dataset), "--synthetic", str(other), "--out", str(out), *TINY_SEG],
+        out,
+        str(other),
+        "lake",
+    )
 
 
-def test_filter_stats_of_another_dataset(cli_app, tiny_generator_dir: Path, tiny_segmenter_dir: Path,
-                                         toy_masks_16: Path, tmp_path: Path) -> None:
+def test_filter_stats_of_another_dataset(
+    cli_app, tiny_generator_dir: Path, tiny_segmenter_dir: Path, toy_masks_16: Path, tmp_path: Path
+) -> None:
     """A filter_stats JSON without one loss per class is named (not a KeyError)."""
     stats, out = tmp_path / "stats.json", tmp_path / "out"
     stats.write_text(json.dumps({"class_mean_loss": [0.5, 0.5]}))
-    refused(cli_app, ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(out), "--crfm-steps", "0",
-                  "--segmenter", str(tiny_segmenter_dir), "--set", f"filter_stats={stats}"], out, str(stats),
-            "7 finite losses")
+    refused(
+        cli_app,
+        [
+            "synthesize",
+            str(tiny_generator_dir),
+            str(toy_masks_16),
+            str(out),
+            "--crfm-steps",
+            "0",
+            "--segmenter",
+            str(tiny_segmenter_dir),
+            "--set",
+            f"filter_stats={stats}",
+        ],
+        out,
+        str(stats),
+        "7 finite losses",
+    )
 
 
-SD3_CONFIG = {"_class_name": "SD3Transformer2DModel", "in_channels": 3, "patch_size": 2, "sample_size": 8,
-              "pos_embed_max_size": 16, "num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8,
-              "joint_attention_dim": 384, "pooled_projection_dim": 384, "caption_projection_dim": 16}
+SD3_CONFIG = {
+    "_class_name": "SD3Transformer2DModel",
+    "in_channels": 3,
+    "patch_size": 2,
+    "sample_size": 8,
+    "pos_embed_max_size": 16,
+    "num_layers": 1,
+    "num_attention_heads": 2,
+    "attention_head_dim": 8,
+    "joint_attention_dim": 384,
+    "pooled_projection_dim": 384,
+    "caption_projection_dim": 16,
+}
 
 
 @pytest.mark.parametrize("layout", ["empty", "foreign_config", "config_only", "pickle_only"])
@@ -559,19 +777,33 @@ def test_sd3_folder_with_missing_files(cli_app, toy_masks_16: Path, tmp_path: Pa
         (sd3 / "transformer" / "config.json").write_text(json.dumps(config))
     if layout == "pickle_only":
         (sd3 / "transformer" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04")
-    words = {"empty": "no config.json", "foreign_config": "not an SD3Transformer2DModel config",
-             "config_only": "no .safetensors weights", "pickle_only": "diffusion_pytorch_model.bin"}[layout]
+    words = {
+        "empty": "no config.json",
+        "foreign_config": "not an SD3Transformer2DModel config",
+        "config_only": "no .safetensors weights",
+        "pickle_only": "diffusion_pytorch_model.bin",
+    }[layout]
     out = tmp_path / "out"
-    refused(cli_app, ["generator", "train", str(toy_masks_16), "--out", str(out), "--set", f"sd3_path={sd3}", *TINY_GEN],
-            out, str(sd3), words)
+    refused(
+        cli_app,
+        ["generator", "train", str(toy_masks_16), "--out", str(out), "--set", f"sd3_path={sd3}", *TINY_GEN],
+        out,
+        str(sd3),
+        words,
+    )
 
 
 def test_split_file_with_unknown_ids(cli_app, folder_dataset: Path, tmp_path: Path) -> None:
     """A split file made for another dataset names the split file."""
     split, out = tmp_path / "split.json", tmp_path / "out"
     split.write_text(json.dumps({"ids": ["tile0", "tile77"]}))
-    refused(cli_app, ["segment", "train", str(folder_dataset), "--split-file", str(split), "--out", str(out),
-                  *TINY_SEG], out, str(split), "tile77")
+    refused(
+        cli_app,
+        ["segment", "train", str(folder_dataset), "--split-file", str(split), "--out", str(out), *TINY_SEG],
+        out,
+        str(split),
+        "tile77",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,18 +818,32 @@ def blocker(tmp_path: Path) -> Path:
     return path
 
 
-def test_output_below_a_file_is_refused(cli_app, blocker: Path, folder_dataset: Path, toy_masks_16: Path,
-                                        tiny_generator_dir: Path) -> None:
+def test_output_below_a_file_is_refused(
+    cli_app, blocker: Path, folder_dataset: Path, toy_masks_16: Path, tiny_generator_dir: Path
+) -> None:
     """Every writing command names the folder it cannot create and says to choose a writable one."""
     sub = blocker / "sub"
-    refused(cli_app, ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(sub), "--crfm-steps", "0",
-                  "--set", "limit=1"], None, str(sub), "writable")
-    refused(cli_app, ["generator", "train", str(toy_masks_16), "--out", str(sub), *TINY_GEN], None, str(sub), "writable")
-    refused(cli_app, ["segment", "train", str(folder_dataset), "--out", str(sub), *TINY_SEG], None, str(sub),
-            "writable")
+    refused(
+        cli_app,
+        ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(sub), "--crfm-steps", "0", "--set", "limit=1"],
+        None,
+        str(sub),
+        "writable",
+    )
+    refused(
+        cli_app, ["generator", "train", str(toy_masks_16), "--out", str(sub), *TINY_GEN], None, str(sub), "writable"
+    )
+    refused(
+        cli_app, ["segment", "train", str(folder_dataset), "--out", str(sub), *TINY_SEG], None, str(sub), "writable"
+    )
     refused(cli_app, ["data", "toy", str(sub), "--n", "1", "--size", "16"], None, str(sub), "writable")
-    refused(cli_app, ["data", "split", str(folder_dataset), str(sub / "split.json"), "--n", "1"], None, str(blocker),
-            "writable")
+    refused(
+        cli_app,
+        ["data", "split", str(folder_dataset), str(sub / "split.json"), "--n", "1"],
+        None,
+        str(blocker),
+        "writable",
+    )
     assert blocker.read_text() == "not a folder"
 
 
@@ -607,8 +853,9 @@ def enospc(*args: object, **kwargs: object) -> None:
 
 
 @pytest.mark.parametrize("failing", ["replace", "fsync"])
-def test_disk_full_leaves_the_old_file_and_no_partial_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                          failing: str) -> None:
+def test_disk_full_leaves_the_old_file_and_no_partial_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
     """write_json/save_weights on a full disk: TodsynthError naming the file, old content kept, no temp left."""
     import torch
 
@@ -624,24 +871,35 @@ def test_disk_full_leaves_the_old_file_and_no_partial_one(tmp_path: Path, monkey
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["state.json"]
 
 
-def test_disk_full_during_a_command(cli_app, folder_dataset: Path, tmp_path: Path,
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_during_a_command(
+    cli_app, folder_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`data split` on a full disk exits 2 naming the file, and leaves no partial split file."""
     from todsynth import io
 
     out = tmp_path / "splits"
     monkeypatch.setattr(io.os, "replace", enospc)
-    refused(cli_app, ["data", "split", str(folder_dataset), str(out / "few.json"), "--n", "2"], out,
-            str(out / "few.json"), "No space left")
+    refused(
+        cli_app,
+        ["data", "split", str(folder_dataset), str(out / "few.json"), "--n", "2"],
+        out,
+        str(out / "few.json"),
+        "No space left",
+    )
 
 
-def test_disk_full_mid_synthesis_loses_nothing(cli_app, tiny_generator_dir: Path, toy_masks_16: Path,
-                                               synth_reference: dict[str, bytes], tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_mid_synthesis_loses_nothing(
+    cli_app,
+    tiny_generator_dir: Path,
+    toy_masks_16: Path,
+    synth_reference: dict[str, bytes],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The disk fills after 20 files: exit 2 naming a file, no partial file; a rerun completes the reference."""
-    from reliability_helpers import check_visible_files, file_bytes, synth_args, synth_keep
-
     from todsynth import io
+
+    from reliability_helpers import check_visible_files, file_bytes, synth_args, synth_keep
 
     out = tmp_path / "synth"
     args = synth_args(tiny_generator_dir, toy_masks_16, out)
@@ -661,7 +919,8 @@ def test_disk_full_mid_synthesis_loses_nothing(cli_app, tiny_generator_dir: Path
     assert not [p for p in out.rglob("*") if is_temp(p)]
     check_visible_files(out)
     assert not list((out / ".claims").glob("*.lock")) or all(
-        (out / ".records" / f"{lock.stem}.json").exists() for lock in (out / ".claims").glob("*.lock"))
+        (out / ".records" / f"{lock.stem}.json").exists() for lock in (out / ".claims").glob("*.lock")
+    )
     monkeypatch.undo()
     assert invoke(cli_app, args).exit_code == 0
     assert file_bytes(out, synth_keep) == synth_reference

@@ -10,22 +10,36 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from reliability_helpers import (CLI, PROCESS_TIMEOUT_S, SYNTH_SAMPLES, bytes_lost, check_visible_files, cli_env,
-                                 file_bytes, synth_args, synth_keep, torch_threads)
 
 from todsynth.data.classes import LOVEDA
 from todsynth.synthesize import CLAIMS, RECORDS, OutputFolder, WorkItem
 
+from reliability_helpers import (
+    CLI,
+    PROCESS_TIMEOUT_S,
+    SYNTH_SAMPLES,
+    bytes_lost,
+    check_visible_files,
+    cli_env,
+    file_bytes,
+    synth_args,
+    synth_keep,
+    torch_threads,
+)
 
-def test_two_processes_on_one_folder(tiny_generator_dir: Path, toy_masks_16: Path, synth_reference: dict[str, bytes],
-                                     tmp_path: Path) -> None:
+
+def test_two_processes_on_one_folder(
+    tiny_generator_dir: Path, toy_masks_16: Path, synth_reference: dict[str, bytes], tmp_path: Path
+) -> None:
     """Started together with the same settings: no sample made twice, files equal a single run, manifest once each."""
     out = tmp_path / "shared"
     args = synth_args(tiny_generator_dir, toy_masks_16, out)
-    procs = [subprocess.Popen(CLI + args, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(CLI + args, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     results = [p.communicate(timeout=PROCESS_TIMEOUT_S) + (p.returncode,) for p in procs]
-    for stdout, stderr, code in results:
+    for _, stderr, code in results:
         assert code == 0, stderr[-3000:]
     made = [int(re.search(r"synthesized (\d+) pairs", stdout).group(1)) for stdout, _, _ in results]
     assert sum(made) == SYNTH_SAMPLES, made  # the claims split the work: nothing generated twice
@@ -61,8 +75,17 @@ def test_manifest_is_never_partial(tiny_generator_dir: Path, toy_masks_16: Path,
     from todsynth.synthesize import build_synthesize_config, synthesize
 
     out = tmp_path / "o"
-    cfg = build_synthesize_config({"generator": str(tiny_generator_dir), "masks": str(toy_masks_16), "out": str(out),
-                                   "num_steps": 1, "copies": 2, "crfm.steps": 0, "limit": 1})
+    cfg = build_synthesize_config(
+        {
+            "generator": str(tiny_generator_dir),
+            "masks": str(toy_masks_16),
+            "out": str(out),
+            "num_steps": 1,
+            "copies": 2,
+            "crfm.steps": 0,
+            "limit": 1,
+        }
+    )
     (out / CLAIMS).mkdir(parents=True)
     with torch_threads(1):
         source = synthesize(cfg, progress=False)  # learn the item ids, then start over with one held by "another"

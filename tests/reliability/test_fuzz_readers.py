@@ -17,16 +17,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from PIL import Image
 
 from todsynth.data.check import check_dataset
 from todsynth.data.readers import JsonlDataset, open_dataset
 from todsynth.errors import TodsynthError
 
-FUZZ = settings(max_examples=50, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=50,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 CLASSES = "names: [background, building, water]\n"
 
 
@@ -68,12 +72,14 @@ def encoded(array: np.ndarray, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-VALID_FILES = [encoded(np.arange(64, dtype=np.uint8).reshape(8, 8) % 3, "PNG"),
-               encoded(np.full((8, 8, 3), 120, np.uint8), "PNG"),
-               encoded(np.full((8, 8, 3), 120, np.uint8), "JPEG"),
-               encoded(np.arange(64, dtype=np.uint16).reshape(8, 8), "PNG"),
-               encoded(np.zeros((8, 8, 4), np.uint8), "PNG"),
-               encoded(np.zeros((8, 8), np.uint8), "TIFF")]
+VALID_FILES = [
+    encoded(np.arange(64, dtype=np.uint8).reshape(8, 8) % 3, "PNG"),
+    encoded(np.full((8, 8, 3), 120, np.uint8), "PNG"),
+    encoded(np.full((8, 8, 3), 120, np.uint8), "JPEG"),
+    encoded(np.arange(64, dtype=np.uint16).reshape(8, 8), "PNG"),
+    encoded(np.zeros((8, 8, 4), np.uint8), "PNG"),
+    encoded(np.zeros((8, 8), np.uint8), "TIFF"),
+]
 
 
 @st.composite
@@ -126,8 +132,13 @@ LABEL_DTYPES = [np.uint8, np.uint16, np.int32, np.float32, np.bool_]
 
 
 @FUZZ
-@given(dtype=st.sampled_from(LABEL_DTYPES), values=st.lists(st.integers(-70000, 70000), min_size=1, max_size=6),
-       fmt=st.sampled_from(["PNG", "TIFF"]), loveda=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    dtype=st.sampled_from(LABEL_DTYPES),
+    values=st.lists(st.integers(-70000, 70000), min_size=1, max_size=6),
+    fmt=st.sampled_from(["PNG", "TIFF"]),
+    loveda=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_random_label_values(dtype: type, values: list[int], fmt: str, loveda: bool, seed: int) -> None:
     """Masks of any dtype holding any values: read as valid labels or refused with a DataError."""
     rng = np.random.default_rng(seed)
@@ -149,15 +160,38 @@ def test_random_label_values(dtype: type, values: list[int], fmt: str, loveda: b
 
 
 PATHS = st.one_of(
-    st.sampled_from(["masks/t0.png", "images/t0.png", "./masks/t1.png", "masks//t1.png", "../outside.png",
-                     "/etc/passwd", "masks", "", ".", "..", "masks/link.png", "masks/t0.png/..", "~/x.png",
-                     "masks/\x00.png", "\ud800.png", "a" * 300, "masks/" + "b/" * 50 + "c.png", "C:\\masks\\t0.png"]),
-    st.text(max_size=30))
-JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | PATHS,
-                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
-                                                                                         max_size=3), max_leaves=6)
-RECORDS = st.dictionaries(st.sampled_from(["source", "target", "prompt", "id", "index", "extra"]),
-                          st.one_of(PATHS, JSON_VALUES), max_size=5)
+    st.sampled_from(
+        [
+            "masks/t0.png",
+            "images/t0.png",
+            "./masks/t1.png",
+            "masks//t1.png",
+            "../outside.png",
+            "/etc/passwd",
+            "masks",
+            "",
+            ".",
+            "..",
+            "masks/link.png",
+            "masks/t0.png/..",
+            "~/x.png",
+            "masks/\x00.png",
+            "\ud800.png",
+            "a" * 300,
+            "masks/" + "b/" * 50 + "c.png",
+            "C:\\masks\\t0.png",
+        ]
+    ),
+    st.text(max_size=30),
+)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | PATHS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+RECORDS = st.dictionaries(
+    st.sampled_from(["source", "target", "prompt", "id", "index", "extra"]), st.one_of(PATHS, JSON_VALUES), max_size=5
+)
 LINES = st.one_of(RECORDS.map(json.dumps), JSON_VALUES.map(json.dumps), st.text(max_size=40))
 
 
@@ -198,20 +232,35 @@ def test_random_index_bytes(content: bytes) -> None:
         exercise(root / "index.jsonl")
 
 
-YAML_SCALARS = (st.none() | st.booleans() | st.integers(-5, 70000) | st.floats(allow_nan=True)
-                | st.text(max_size=8))
+YAML_SCALARS = st.none() | st.booleans() | st.integers(-5, 70000) | st.floats(allow_nan=True) | st.text(max_size=8)
 YAML_VALUES = st.recursive(YAML_SCALARS, lambda inner: st.lists(inner, max_size=4), max_leaves=10)
-CLASS_MAPPINGS = st.dictionaries(st.sampled_from(["names", "ignore_index", "palette", "colours", "1"]),
-                                 YAML_VALUES, max_size=4)
-TRICKY_YAML = st.sampled_from(["names: 2001-02-30\n", "names: [a, b]\nignore_index: 2001-02-30\n",
-                               "? [a, b]\n: c\n", "names: !!python/object:os.system x\n", "names: &a [*a]\n",
-                               "names: [a, b]\nignore_index: 0x10\n", "names: [a, b]\nignore_index: .nan\n",
-                               "[" * 200, "names: [a, a]\n", "names: []\n", "- names\n", "\xff\xfe"])
+CLASS_MAPPINGS = st.dictionaries(
+    st.sampled_from(["names", "ignore_index", "palette", "colours", "1"]), YAML_VALUES, max_size=4
+)
+TRICKY_YAML = st.sampled_from(
+    [
+        "names: 2001-02-30\n",
+        "names: [a, b]\nignore_index: 2001-02-30\n",
+        "? [a, b]\n: c\n",
+        "names: !!python/object:os.system x\n",
+        "names: &a [*a]\n",
+        "names: [a, b]\nignore_index: 0x10\n",
+        "names: [a, b]\nignore_index: .nan\n",
+        "[" * 200,
+        "names: [a, a]\n",
+        "names: []\n",
+        "- names\n",
+        "\xff\xfe",
+    ]
+)
 
 
 @FUZZ
-@given(content=st.one_of(CLASS_MAPPINGS.map(lambda d: yaml.safe_dump(d, allow_unicode=True)),
-                         st.text(max_size=60), TRICKY_YAML))
+@given(
+    content=st.one_of(
+        CLASS_MAPPINGS.map(lambda d: yaml.safe_dump(d, allow_unicode=True)), st.text(max_size=60), TRICKY_YAML
+    )
+)
 def test_random_classes_yaml(content: str) -> None:
     """classes.yaml holding random YAML: random keys, values of any type, timestamps, tags, anchors."""
     with scratch() as tmp:
@@ -220,8 +269,9 @@ def test_random_classes_yaml(content: str) -> None:
         exercise(root)
 
 
-@pytest.mark.parametrize("mode", ["1", "L", "P", "I", "I;16", "F", "LA", "PA", "RGB", "RGBA", "RGBX", "CMYK",
-                                  "YCbCr", "LAB", "HSV"])
+@pytest.mark.parametrize(
+    "mode", ["1", "L", "P", "I", "I;16", "F", "LA", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"]
+)
 @pytest.mark.parametrize("role", ["images", "masks"])
 def test_every_pil_mode_as_image_or_mask(tmp_path: Path, mode: str, role: str) -> None:
     """An image or mask in any PIL mode is read or refused with a DataError (TIFF holds every mode)."""

@@ -16,19 +16,51 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability_helpers import (SYNTH_SAMPLES, KillLog, bytes_lost, check_visible_files, file_bytes, invoke,
-                                 is_temp, json_step, kill_sequence, synth_args, synth_keep, torch_threads)
 
 from todsynth.io import load_weights
 
-GEN_SETTINGS: dict[str, str] = {"steps": "40", "batch_size": "2", "size": "16", "model.num_layers": "1",
-                                "model.num_heads": "2", "model.head_dim": "8", "val_every": "0", "text_max_length": "8",
-                                "progress": "false",
-                                "warmup_steps": "2", "checkpoint_every": "1", "full_state_every": "1",
-                                "ema_decay": "0.9", "lr": "0.001"}
-SEG_SETTINGS: dict[str, str] = {"arch": "segformer", "encoder": "tu-mobilenetv3_small_050", "size": "16",
-                                "steps": "24", "batch_size": "2", "device": "cpu", "checkpoint_every": "1",
-                                "log_every": "1", "lr": "0.001"}
+from reliability_helpers import (
+    SYNTH_SAMPLES,
+    KillLog,
+    bytes_lost,
+    check_visible_files,
+    file_bytes,
+    invoke,
+    is_temp,
+    json_step,
+    kill_sequence,
+    synth_args,
+    synth_keep,
+    torch_threads,
+)
+
+GEN_SETTINGS: dict[str, str] = {
+    "steps": "40",
+    "batch_size": "2",
+    "size": "16",
+    "model.num_layers": "1",
+    "model.num_heads": "2",
+    "model.head_dim": "8",
+    "val_every": "0",
+    "text_max_length": "8",
+    "progress": "false",
+    "warmup_steps": "2",
+    "checkpoint_every": "1",
+    "full_state_every": "1",
+    "ema_decay": "0.9",
+    "lr": "0.001",
+}
+SEG_SETTINGS: dict[str, str] = {
+    "arch": "segformer",
+    "encoder": "tu-mobilenetv3_small_050",
+    "size": "16",
+    "steps": "24",
+    "batch_size": "2",
+    "device": "cpu",
+    "checkpoint_every": "1",
+    "log_every": "1",
+    "lr": "0.001",
+}
 
 
 def sets(settings: dict[str, str]) -> list[str]:
@@ -86,9 +118,11 @@ def references(toy_masks_16: Path, synth_reference: dict[str, bytes], tmp_path_f
     from todsynth.segment.train import SegmentTrainConfig, train_segmenter
 
     root = tmp_path_factory.mktemp("refs")
-    return {"generator": reference_run(train_generator, GeneratorTrainConfig, GEN_SETTINGS, toy_masks_16, root / "gen"),
-            "segmenter": reference_run(train_segmenter, SegmentTrainConfig, SEG_SETTINGS, toy_masks_16, root / "seg"),
-            "synthesis": synth_reference}
+    return {
+        "generator": reference_run(train_generator, GeneratorTrainConfig, GEN_SETTINGS, toy_masks_16, root / "gen"),
+        "segmenter": reference_run(train_segmenter, SegmentTrainConfig, SEG_SETTINGS, toy_masks_16, root / "seg"),
+        "synthesis": synth_reference,
+    }
 
 
 def model_files(rel: Path) -> bool:
@@ -106,16 +140,20 @@ def metadata(path: Path) -> dict[str, str]:
 
 def metric_lines(run: Path) -> list[dict]:
     """metrics.jsonl without what differs between runs (throughput)."""
-    return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in map(json.loads, (run / "metrics.jsonl")
-                                                                                .read_text().splitlines())]
+    return [
+        {k: v for k, v in r.items() if k != "samples_per_s"}
+        for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    ]
 
 
 def check_trainer(reference: Path, out: Path) -> int:
     """A resumed training run equals the uninterrupted one: model bytes, state tensors, metrics; returns bytes lost."""
     ref_files, files = file_bytes(reference, model_files), file_bytes(out, model_files)
     assert files.keys() == ref_files.keys() and ref_files
-    assert_equal_tensors(load_weights(reference / "checkpoint" / "state.safetensors"),
-                         load_weights(out / "checkpoint" / "state.safetensors"))
+    assert_equal_tensors(
+        load_weights(reference / "checkpoint" / "state.safetensors"),
+        load_weights(out / "checkpoint" / "state.safetensors"),
+    )
     ref_info, info = (json.loads((r / "checkpoint" / "state.json").read_text()) for r in (reference, out))
     assert info["step"] == ref_info["step"] and metric_lines(out) == metric_lines(reference)
     results = [json.loads((r / "results.json").read_text()) for r in (reference, out)]
@@ -134,8 +172,9 @@ TASKS = {  # task: (CLI arguments (data, out, *extra), progress probe of the out
 
 
 @pytest.mark.parametrize("task", list(TASKS))
-def test_survives_kills(task: str, cli_app, toy_masks_16: Path, tiny_generator_dir: Path, references: dict,
-                        tmp_path: Path) -> None:
+def test_survives_kills(
+    task: str, cli_app, toy_masks_16: Path, tiny_generator_dir: Path, references: dict, tmp_path: Path
+) -> None:
     """Two SIGKILLs mid-run, then a resume: the output equals one uninterrupted run's, 0 bytes lost."""
     make_args, probe, windows, seed = TASKS[task]
     out = tmp_path / "run"
@@ -190,8 +229,9 @@ def test_segment_resume_never_uses_the_state_of_an_earlier_run(toy_masks_16: Pat
     out = tmp_path / "run"
     settings = {**SEG_SETTINGS, "steps": "2", "checkpoint_every": "5"}
     first = in_process(SegmentTrainConfig, settings, data=str(toy_masks_16), out=str(out))
-    second = in_process(SegmentTrainConfig, {**settings, "lr": "0.002", "overwrite": "true"}, data=str(toy_masks_16),
-                        out=str(out))  # a new run in a folder holding a finished one must say so
+    second = in_process(
+        SegmentTrainConfig, {**settings, "lr": "0.002", "overwrite": "true"}, data=str(toy_masks_16), out=str(out)
+    )  # a new run in a folder holding a finished one must say so
 
     def killed(step: int, loss: float) -> None:
         """Stop the run like a kill would."""
@@ -232,18 +272,22 @@ def garbage(path: Path) -> bytes:
     return data
 
 
-
-
 @pytest.mark.parametrize("task", ["generator", "segmenter"])
-def test_resume_refuses_foreign_and_garbage_checkpoints(task: str, cli_app, toy_masks_16: Path, references: dict,
-                                                       tmp_path: Path) -> None:
+def test_resume_refuses_foreign_and_garbage_checkpoints(
+    task: str, cli_app, toy_masks_16: Path, references: dict, tmp_path: Path
+) -> None:
     """Other settings, a state.json that is no checkpoint, a garbage state.safetensors and a missing checkpoint are
     refused naming the file, which is left as it is."""
     make_args = TASKS[task][0]
     out = copy_run(references[task], tmp_path / "run")
     info = out / "checkpoint" / "state.json"
-    invoke_refused(cli_app, make_args(toy_masks_16, out, "--resume", "--set", "lr=0.01"), str(info), "other settings",
-                   "lr: 0.001 -> 0.01")
+    invoke_refused(
+        cli_app,
+        make_args(toy_masks_16, out, "--resume", "--set", "lr=0.01"),
+        str(info),
+        "other settings",
+        "lr: 0.001 -> 0.01",
+    )
     for text, words in (('{"step": 4, "hist', "not valid JSON"), ("[1, 2]", "not a todsynth checkpoint")):
         original = info.read_text()
         info.write_text(text)
@@ -251,20 +295,32 @@ def test_resume_refuses_foreign_and_garbage_checkpoints(task: str, cli_app, toy_
         assert info.read_text() == text
         info.write_text(original)
     data = garbage(out / "checkpoint" / "state.safetensors")
-    invoke_refused(cli_app, make_args(toy_masks_16, out, "--resume"), str(out / "checkpoint" / "state.safetensors"),
-                   "safetensors")
+    invoke_refused(
+        cli_app, make_args(toy_masks_16, out, "--resume"), str(out / "checkpoint" / "state.safetensors"), "safetensors"
+    )
     assert (out / "checkpoint" / "state.safetensors").read_bytes() == data
     empty = tmp_path / "empty"
     invoke_refused(cli_app, make_args(toy_masks_16, empty, "--resume"), "no checkpoint", "without resume")
     assert not empty.exists()
 
 
-def test_synthesize_refuses_a_foreign_or_corrupt_folder(cli_app, tiny_generator_dir: Path, toy_masks_16: Path,
-                                                        tmp_path: Path) -> None:
+def test_synthesize_refuses_a_foreign_or_corrupt_folder(
+    cli_app, tiny_generator_dir: Path, toy_masks_16: Path, tmp_path: Path
+) -> None:
     """Other settings name synthesize.json; a corrupt record file is named when the manifest is gathered."""
     out = tmp_path / "synth"
-    args = ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(out), "--crfm-steps", "0",
-            "--num-steps", "1", "--set", "limit=1"]
+    args = [
+        "synthesize",
+        str(tiny_generator_dir),
+        str(toy_masks_16),
+        str(out),
+        "--crfm-steps",
+        "0",
+        "--num-steps",
+        "1",
+        "--set",
+        "limit=1",
+    ]
     assert invoke(cli_app, args).exit_code == 0
     invoke_refused(cli_app, [*args, "--seed", "3"], str(out / "synthesize.json"), "other settings", "seed: 0 -> 3")
     record = out / ".records" / "cut.json"  # records go once the folder is complete: a leftover one is read

@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from reliability_helpers import invoke
 
 from todsynth.data.check import check_dataset
 from todsynth.data.classes import ClassSpec
 from todsynth.data.readers import ROOT_FIX, MaskCodec, load_classes, open_dataset, read_image
 from todsynth.errors import DataError
+
+from reliability_helpers import invoke
 
 CLASSES = "names: [background, building, water]\n"
 
@@ -55,8 +56,17 @@ def write_tiff(path: Path, array: np.ndarray, sample_format: int = 1) -> Path:
     array = array[..., None] if array.ndim == 2 else array
     h, w, c = array.shape
     pixels = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"))).tobytes()
-    shorts = {256: [w], 257: [h], 258: [array.dtype.itemsize * 8] * c, 259: [1], 262: [1], 277: [c], 278: [h],
-              284: [1], 339: [sample_format] * c}
+    shorts = {
+        256: [w],
+        257: [h],
+        258: [array.dtype.itemsize * 8] * c,
+        259: [1],
+        262: [1],
+        277: [c],
+        278: [h],
+        284: [1],
+        339: [sample_format] * c,
+    }
     tags = 2 + len(shorts)  # + StripOffsets (273), StripByteCounts (279) as LONGs
     after_ifd = 8 + 2 + 12 * tags + 4
     spilled = b"".join(struct.pack(f"<{len(v)}H", *v) for v in shorts.values() if len(v) > 2)
@@ -66,8 +76,9 @@ def write_tiff(path: Path, array: np.ndarray, sample_format: int = 1) -> Path:
             entries[code] = struct.pack("<HHII", code, 3, len(values), spill_at)
             spill_at += 2 * len(values)
         else:
-            entries[code] = struct.pack("<HHI", code, 3, len(values)) + struct.pack(f"<{len(values)}H",
-                                                                                    *values).ljust(4, b"\0")
+            entries[code] = struct.pack("<HHI", code, 3, len(values)) + struct.pack(f"<{len(values)}H", *values).ljust(
+                4, b"\0"
+            )
     entries[273] = struct.pack("<HHII", 273, 4, 1, after_ifd + len(spilled))
     entries[279] = struct.pack("<HHII", 279, 4, 1, len(pixels))
     ifd = struct.pack("<H", tags) + b"".join(entries[k] for k in sorted(entries)) + b"\0" * 4
@@ -77,6 +88,7 @@ def write_tiff(path: Path, array: np.ndarray, sample_format: int = 1) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # One root rule for every reader.
+
 
 @pytest.mark.parametrize("link", ["images_file", "masks_file", "images_folder", "masks_folder"])
 def test_folder_links_out_of_the_root_are_refused(tmp_path: Path, link: str) -> None:
@@ -120,8 +132,10 @@ def test_index_links_out_of_the_root_get_the_same_rule(tmp_path: Path) -> None:
     _save(tmp_path / "outside.png", np.zeros((8, 8), np.uint8))
     os.symlink(tmp_path / "outside.png", root / "masks" / "link.png")
     index = root / "index.jsonl"
-    index.write_text('{"source": "masks/link.png", "target": "images/t0.png"}\n'
-                     '{"source": "masks/t1.png", "target": "images/t1.png"}\n')
+    index.write_text(
+        '{"source": "masks/link.png", "target": "images/t0.png"}\n'
+        '{"source": "masks/t1.png", "target": "images/t1.png"}\n'
+    )
     problems = problems_at(index, index)
     assert len(problems) == 1 and "line 1 'source' path 'masks/link.png' points outside" in problems[0]
     assert ROOT_FIX in problems[0] and str((tmp_path / "outside.png").resolve()) in problems[0]
@@ -139,9 +153,11 @@ def test_dangling_link_is_a_problem_not_skipped(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # One accurate message per kind of unusable file.
 
+
 @pytest.mark.parametrize("side", [40, 50], ids=["over_the_limit_warning", "over_twice_the_limit_error"])
-def test_images_over_the_pixel_limit_get_their_own_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                          cli_app, side: int) -> None:
+def test_images_over_the_pixel_limit_get_their_own_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli_app, side: int
+) -> None:
     """Over PIL's pixel limit (a warning up to 2x, an error beyond) is refused alike, without PIL's raw text."""
     root = folder(tmp_path / "ds")
     big = _save(root / "images" / "t1.png", np.zeros((side, side, 3), np.uint8))
@@ -157,13 +173,18 @@ def test_images_over_the_pixel_limit_get_their_own_message(tmp_path: Path, monke
     assert "DecompressionBomb" not in result.output and "decompression bomb DOS" not in result.output
 
 
-@pytest.mark.parametrize(("array", "sample_format", "words"), [
-    (np.zeros((8, 8, 13), np.uint16), 1, {"image": "13-band uint16 image", "mask": "mask has 13 bands of uint16"}),
-    (np.zeros((8, 8), np.float64), 3, {"image": "1-band float64 image", "mask": "floating-point values (float64)"}),
-], ids=["13_band_uint16", "float64"])
+@pytest.mark.parametrize(
+    ("array", "sample_format", "words"),
+    [
+        (np.zeros((8, 8, 13), np.uint16), 1, {"image": "13-band uint16 image", "mask": "mask has 13 bands of uint16"}),
+        (np.zeros((8, 8), np.float64), 3, {"image": "1-band float64 image", "mask": "floating-point values (float64)"}),
+    ],
+    ids=["13_band_uint16", "float64"],
+)
 @pytest.mark.parametrize("role", ["image", "mask"])
-def test_valid_tiffs_pil_cannot_decode_are_not_called_corrupt(tmp_path: Path, array: np.ndarray,
-                                                              sample_format: int, words: dict, role: str) -> None:
+def test_valid_tiffs_pil_cannot_decode_are_not_called_corrupt(
+    tmp_path: Path, array: np.ndarray, sample_format: int, words: dict, role: str
+) -> None:
     """A valid TIFF PIL could not decode is now read with rasterio and refused for what it holds (issue 11),
     naming the setting to change; a broken header is still corrupt."""
     path = write_tiff(tmp_path / "x.tif", array, sample_format)
@@ -221,13 +242,33 @@ def test_32_bit_mask_is_not_called_16_bit(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Training needs batches of more than one sample.
 
+
 def test_segment_train_refuses_a_one_sample_dataset(cli_app, tmp_path: Path) -> None:
     """One image: refused up front naming the dataset (exit 2), not a BatchNorm traceback."""
     root = folder(tmp_path / "ds", n=1)
     out = tmp_path / "out"
-    result = invoke(cli_app, ["segment", "train", str(root), "--out", str(out), "--arch", "segformer",
-                              "--encoder", "tu-mobilenetv3_small_050", "--size", "16", "--steps", "1",
-                              "--batch-size", "2", "--device", "cpu"])
+    result = invoke(
+        cli_app,
+        [
+            "segment",
+            "train",
+            str(root),
+            "--out",
+            str(out),
+            "--arch",
+            "segformer",
+            "--encoder",
+            "tu-mobilenetv3_small_050",
+            "--size",
+            "16",
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 2, (result.exit_code, result.output[-2000:], result.exception)
     assert f"error: {root}: 1 training sample" in result.output and "add samples" in result.output
     assert "Traceback" not in result.output

@@ -16,16 +16,46 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from reliability_helpers import cli_env, invoke, refused_with
 
 from todsynth.errors import ConfigError, TodsynthError
 from todsynth.locks import RUN_LOCK, owner_tag
 
-TINY_SEG = ["--arch", "segformer", "--encoder", "tu-mobilenetv3_small_050", "--size", "16", "--steps", "1",
-            "--batch-size", "2", "--device", "cpu"]
-TINY_GEN = ["--steps", "1", "--batch-size", "2", "--size", "16", "--set", "model.num_layers=1",
-            "--set", "model.num_heads=2", "--set", "model.head_dim=8", "--set", "val_every=0",
-            "--set", "text_max_length=8", "--set", "progress=false"]
+from reliability_helpers import cli_env, invoke, refused_with
+
+TINY_SEG = [
+    "--arch",
+    "segformer",
+    "--encoder",
+    "tu-mobilenetv3_small_050",
+    "--size",
+    "16",
+    "--steps",
+    "1",
+    "--batch-size",
+    "2",
+    "--device",
+    "cpu",
+]
+TINY_GEN = [
+    "--steps",
+    "1",
+    "--batch-size",
+    "2",
+    "--size",
+    "16",
+    "--set",
+    "model.num_layers=1",
+    "--set",
+    "model.num_heads=2",
+    "--set",
+    "model.head_dim=8",
+    "--set",
+    "val_every=0",
+    "--set",
+    "text_max_length=8",
+    "--set",
+    "progress=false",
+]
 
 
 def seg_train(data: Path, out: Path, *extra: str) -> list[str]:
@@ -61,8 +91,9 @@ def sleeper() -> Iterator[subprocess.Popen]:
 
 def dead_pid() -> int:
     """The pid of a process that has ended (and been reaped)."""
-    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     return int(proc.stdout)
 
 
@@ -74,9 +105,17 @@ def test_a_second_run_on_a_locked_folder_is_refused(cli_app, toy_masks_16: Path,
     """While another process holds the folder's run lock, segment and generator train refuse, naming its pid."""
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from todsynth.locks import run_lock\n"
-                               f"with run_lock({str(out)!r}):\n    print('held', flush=True); sys.stdin.read()"],
-        env=cli_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys; from todsynth.locks import run_lock\n"
+            f"with run_lock({str(out)!r}):\n    print('held', flush=True); sys.stdin.read()",
+        ],
+        env=cli_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         lock = out / RUN_LOCK
@@ -91,9 +130,9 @@ def test_a_second_run_on_a_locked_folder_is_refused(cli_app, toy_masks_16: Path,
 
 
 @pytest.mark.parametrize("command", ["segment", "generator"])
-def test_a_lock_held_by_a_live_pid_is_refused_and_a_dead_one_taken_over(cli_app, toy_masks_16: Path,
-                                                                         tmp_path: Path, sleeper: subprocess.Popen,
-                                                                         command: str) -> None:
+def test_a_lock_held_by_a_live_pid_is_refused_and_a_dead_one_taken_over(
+    cli_app, toy_masks_16: Path, tmp_path: Path, sleeper: subprocess.Popen, command: str
+) -> None:
     """A lock naming a running process refuses the run; one naming a dead process is taken over and released."""
     out = tmp_path / "run"
     out.mkdir()
@@ -115,9 +154,21 @@ def test_the_lock_is_held_during_the_run_and_released_on_ctrl_c(toy_masks_16: Pa
     from todsynth.segment.train import SegmentTrainConfig, train_segmenter
 
     out = tmp_path / "run"
-    cfg = load_config(SegmentTrainConfig, None, {"data": str(toy_masks_16), "out": str(out), "arch": "segformer",
-                                                 "encoder": "tu-mobilenetv3_small_050", "size": 16, "steps": 2,
-                                                 "batch_size": 2, "device": "cpu", "log_every": 1})
+    cfg = load_config(
+        SegmentTrainConfig,
+        None,
+        {
+            "data": str(toy_masks_16),
+            "out": str(out),
+            "arch": "segformer",
+            "encoder": "tu-mobilenetv3_small_050",
+            "size": 16,
+            "steps": 2,
+            "batch_size": 2,
+            "device": "cpu",
+            "log_every": 1,
+        },
+    )
     seen: list[str] = []
 
     def interrupt(step: int, loss: float) -> None:
@@ -142,14 +193,14 @@ def test_the_lock_is_held_during_the_run_and_released_on_ctrl_c(toy_masks_16: Pa
 # No silent overwrite of an earlier run
 
 
-def test_segment_train_never_overwrites_an_earlier_run_silently(cli_app, toy_masks_16: Path,
-                                                                tmp_path: Path) -> None:
+def test_segment_train_never_overwrites_an_earlier_run_silently(cli_app, toy_masks_16: Path, tmp_path: Path) -> None:
     """A finished or checkpointed run is refused, naming --resume and --overwrite; --overwrite replaces it."""
     out = tmp_path / "run"
     ok(cli_app, seg_train(toy_masks_16, out))
     before = snapshot(out)
-    refused_with(cli_app, seg_train(toy_masks_16, out, "--seed", "1"), str(out), "earlier run", "--resume",
-                 "--overwrite")
+    refused_with(
+        cli_app, seg_train(toy_masks_16, out, "--seed", "1"), str(out), "earlier run", "--resume", "--overwrite"
+    )
     assert snapshot(out) == before
     for name in ("model/model.safetensors", "model/config.json", "results.json"):  # as a kill mid-run leaves it
         (out / name).unlink()
@@ -161,8 +212,7 @@ def test_segment_train_never_overwrites_an_earlier_run_silently(cli_app, toy_mas
     ok(cli_app, seg_train(toy_masks_16, out, "--seed", "1", "--resume"))  # overwrite is a resume-free setting
 
 
-def test_generator_train_never_overwrites_an_earlier_run_silently(cli_app, toy_masks_16: Path,
-                                                                  tmp_path: Path) -> None:
+def test_generator_train_never_overwrites_an_earlier_run_silently(cli_app, toy_masks_16: Path, tmp_path: Path) -> None:
     """generator train without --resume on a finished run is refused; --overwrite starts afresh."""
     out = tmp_path / "run"
     ok(cli_app, gen_train(toy_masks_16, out))
@@ -202,9 +252,10 @@ def test_weight_files_get_the_umask_mode(cli_app, umask_022: None, toy_masks_16:
     seg, gen = tmp_path / "seg", tmp_path / "gen"
     ok(cli_app, seg_train(toy_masks_16, seg))
     ok(cli_app, gen_train(toy_masks_16, gen))
-    for folder, weights in ((seg, {"model/model.safetensors", "checkpoint/state.safetensors"}),
-                            (gen, {"model/transformer/model.safetensors", "prompt_cache.safetensors",
-                                   "checkpoint/state.safetensors"})):
+    for folder, weights in (
+        (seg, {"model/model.safetensors", "checkpoint/state.safetensors"}),
+        (gen, {"model/transformer/model.safetensors", "prompt_cache.safetensors", "checkpoint/state.safetensors"}),
+    ):
         found = modes(folder)
         assert weights <= found.keys()
         assert {name: oct(mode) for name, mode in found.items() if mode != 0o644} == {}
@@ -274,8 +325,9 @@ def test_resume_choices_are_all_named(cli_app, toy_masks_16: Path, tmp_path: Pat
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
 @pytest.mark.parametrize("command", ["eval", "train"])
-def test_cuda_without_a_gpu_is_a_clear_error(cli_app, toy_masks_16: Path, tiny_segmenter_dir: Path,
-                                             tmp_path: Path, command: str) -> None:
+def test_cuda_without_a_gpu_is_a_clear_error(
+    cli_app, toy_masks_16: Path, tiny_segmenter_dir: Path, tmp_path: Path, command: str
+) -> None:
     """segment eval / train --device cuda on a machine without a GPU: exit 2, 'use --device cpu', nothing written."""
     out = tmp_path / "out"
     evaluate = ["segment", "eval", str(tiny_segmenter_dir), str(toy_masks_16), "--split", "Train", "--json", str(out)]

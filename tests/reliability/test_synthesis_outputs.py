@@ -14,18 +14,41 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from PIL import Image
-from reliability_helpers import invoke, refused_with, torch_threads
 
 from todsynth.data.classes import LOVEDA_NAMES, ClassSpec
 from todsynth.errors import ConfigError
 
+from reliability_helpers import invoke, refused_with, torch_threads
+
 WIDE_CLASSES = ClassSpec(tuple(f"c{i}" for i in range(300)), ignore_index=300)  # labels 0..299, ignore 300
-TRICKY_IDS = ["tile 1", "tile_1", "Tile_1", "TILE_1", "水田", "山林", "a b", "a_b", "a/b", "a\\b", ".hidden",
-              "_hidden", "", " ", "a.", "a~b", "café", "cafe\u0301", "straße", "STRASSE", "x\x00y", "x\ny", "\udcff",
-              "a" * 300]
+TRICKY_IDS = [
+    "tile 1",
+    "tile_1",
+    "Tile_1",
+    "TILE_1",
+    "水田",
+    "山林",
+    "a b",
+    "a_b",
+    "a/b",
+    "a\\b",
+    ".hidden",
+    "_hidden",
+    "",
+    " ",
+    "a.",
+    "a~b",
+    "café",
+    "cafe\u0301",
+    "straße",
+    "STRASSE",
+    "x\x00y",
+    "x\ny",
+    "\udcff",
+    "a" * 300,
+]
 FAST = settings(max_examples=25, deadline=None, derandomize=True, database=None)
 
 
@@ -62,8 +85,9 @@ def _synth(gen: Path, masks: Path, out: Path, **kw) -> dict:
     """Run synthesis in-process with tiny settings (1 Euler step, one copy, identity only, no CRFM)."""
     from todsynth.synthesize import build_synthesize_config, synthesize
 
-    values = dict(generator=str(gen), masks=str(masks), out=str(out), num_steps=1, copies=1, **{"crfm.steps": 0},
-                  batch_size=4)
+    values = dict(
+        generator=str(gen), masks=str(masks), out=str(out), num_steps=1, copies=1, **{"crfm.steps": 0}, batch_size=4
+    )
     values.update(kw)
     with torch_threads(1):
         return synthesize(build_synthesize_config(values), progress=False)
@@ -84,8 +108,9 @@ def wide_generator_dir(tmp_path_factory) -> Path:
     """A saved 1-layer generator for WIDE_CLASSES (300 classes, ignore 300), 16 px, random weights."""
     from tiny_models import save_tiny_generator
 
-    return save_tiny_generator(tmp_path_factory.mktemp("wide_gen") / "generator", WIDE_CLASSES, num_layers=1,
-                               head_dim=8)
+    return save_tiny_generator(
+        tmp_path_factory.mktemp("wide_gen") / "generator", WIDE_CLASSES, num_layers=1, head_dim=8
+    )
 
 
 def _segmenter(path: Path, num_classes: int, names: tuple[str, ...] | None = None) -> Path:
@@ -95,8 +120,9 @@ def _segmenter(path: Path, num_classes: int, names: tuple[str, ...] | None = Non
     from todsynth.segment.model import Segmenter, SegmenterConfig
 
     torch.manual_seed(2)
-    config = SegmenterConfig(arch="segformer", encoder="tu-mobilenetv3_small_050", num_classes=num_classes,
-                             class_names=names)
+    config = SegmenterConfig(
+        arch="segformer", encoder="tu-mobilenetv3_small_050", num_classes=num_classes, class_names=names
+    )
     Segmenter(config).save_pretrained(path)
     return path
 
@@ -127,17 +153,31 @@ def test_colliding_mask_names_each_get_their_output(tiny_generator_dir: Path, tm
 
 
 @FAST
-@given(ids=st.lists(st.one_of(st.sampled_from(TRICKY_IDS), st.text(max_size=12),
-                              st.text(alphabet="aAbB _-./~:é水", max_size=6)), min_size=1, max_size=8, unique=True),
-       copies=st.integers(1, 2))
+@given(
+    ids=st.lists(
+        st.one_of(st.sampled_from(TRICKY_IDS), st.text(max_size=12), st.text(alphabet="aAbB _-./~:é水", max_size=6)),
+        min_size=1,
+        max_size=8,
+        unique=True,
+    ),
+    copies=st.integers(1, 2),
+)
 def test_output_names_are_unique_stable_and_map_back(ids: list[str], copies: int) -> None:
     """For any set of mask ids: one safe file per (mask, transform, copy), distinct even on case-insensitive
     or normalising file systems, named from its id alone, and the manifest maps every file to its exact source."""
     from todsynth.data.readers import FolderDataset
     from todsynth.synthesize import OutputFolder, build_synthesize_config, plan
 
-    cfg = build_synthesize_config({"generator": "g", "masks": "m", "out": "o", "copies": copies,
-                                   "transforms": ["identity", "hflip"], "crfm.steps": 0})
+    cfg = build_synthesize_config(
+        {
+            "generator": "g",
+            "masks": "m",
+            "out": "o",
+            "copies": copies,
+            "transforms": ["identity", "hflip"],
+            "crfm.steps": 0,
+        }
+    )
     items = plan(ids, cfg)
     names = [it.id for it in items]
     assert len(items) == len(ids) * 2 * copies
@@ -186,10 +226,12 @@ def test_labels_above_255_are_written_16_bit_and_read_back(wide_generator_dir: P
 # 3. Writing into the input
 
 
-@pytest.mark.parametrize("case", ["is_masks", "symlink_to_masks", "inside_masks", "contains_segmenter",
-                                  "inside_generator", "contains_stats"])
-def test_output_folder_overlapping_an_input_is_refused(cli_app, tiny_generator_dir: Path, toy_masks_16: Path,
-                                                       tiny_segmenter_dir: Path, tmp_path: Path, case: str) -> None:
+@pytest.mark.parametrize(
+    "case", ["is_masks", "symlink_to_masks", "inside_masks", "contains_segmenter", "inside_generator", "contains_stats"]
+)
+def test_output_folder_overlapping_an_input_is_refused(
+    cli_app, tiny_generator_dir: Path, toy_masks_16: Path, tiny_segmenter_dir: Path, tmp_path: Path, case: str
+) -> None:
     """An output folder that is, contains or is inside an input (symlinks resolved) is refused; nothing is written."""
     masks = Path(shutil.copytree(toy_masks_16, tmp_path / "v"))
     gen = Path(shutil.copytree(tiny_generator_dir, tmp_path / "gen"))
@@ -198,15 +240,36 @@ def test_output_folder_overlapping_an_input_is_refused(cli_app, tiny_generator_d
     stats.parent.mkdir()
     stats.write_text(json.dumps({"class_mean_loss": [1.0] * 7, "ignore_index": 255}))
     (tmp_path / "alias").symlink_to(masks, target_is_directory=True)
-    out, relation = {"is_masks": (masks, "is the masks dataset"), "symlink_to_masks": (tmp_path / "alias", "is the"),
-                     "inside_masks": (masks / "synth", "is inside the masks dataset"),
-                     "contains_segmenter": (tmp_path / "models", "contains the segmenter folder"),
-                     "inside_generator": (gen / "synth", "is inside the generator folder"),
-                     "contains_stats": (tmp_path / "run", "contains the filter stats")}[case]
+    out, relation = {
+        "is_masks": (masks, "is the masks dataset"),
+        "symlink_to_masks": (tmp_path / "alias", "is the"),
+        "inside_masks": (masks / "synth", "is inside the masks dataset"),
+        "contains_segmenter": (tmp_path / "models", "contains the segmenter folder"),
+        "inside_generator": (gen / "synth", "is inside the generator folder"),
+        "contains_stats": (tmp_path / "run", "contains the filter stats"),
+    }[case]
     before = _tree(tmp_path)
-    refused_with(cli_app, ["synthesize", str(gen), str(masks), str(out), "--crfm-steps", "0", "--segmenter", str(seg),
-                       "--set", f"filter_stats={stats}", "--set", "limit=1", "--num-steps", "1"],
-             relation, "choose an output folder outside")
+    refused_with(
+        cli_app,
+        [
+            "synthesize",
+            str(gen),
+            str(masks),
+            str(out),
+            "--crfm-steps",
+            "0",
+            "--segmenter",
+            str(seg),
+            "--set",
+            f"filter_stats={stats}",
+            "--set",
+            "limit=1",
+            "--num-steps",
+            "1",
+        ],
+        relation,
+        "choose an output folder outside",
+    )
     assert _tree(tmp_path) == before
 
 
@@ -215,9 +278,15 @@ def test_output_folder_overlapping_an_input_is_refused(cli_app, tiny_generator_d
 
 
 @pytest.mark.parametrize("case", ["fewer_classes", "more_classes", "same_count_other_names"])
-def test_guide_of_other_classes_is_refused(cli_app, tiny_generator_dir: Path, wide_generator_dir: Path,
-                                           toy_masks_16: Path, tiny_segmenter_dir: Path, tmp_path: Path,
-                                           case: str) -> None:
+def test_guide_of_other_classes_is_refused(
+    cli_app,
+    tiny_generator_dir: Path,
+    wide_generator_dir: Path,
+    toy_masks_16: Path,
+    tiny_segmenter_dir: Path,
+    tmp_path: Path,
+    case: str,
+) -> None:
     """A segmenter predicting other classes than the generator and masks stops synthesis before any write."""
     gen, masks = tiny_generator_dir, toy_masks_16
     if case == "fewer_classes":
@@ -229,32 +298,65 @@ def test_guide_of_other_classes_is_refused(cli_app, tiny_generator_dir: Path, wi
     else:
         seg = _segmenter(tmp_path / "seg", 7, tuple(reversed(LOVEDA_NAMES)))
     out = tmp_path / "out"
-    refused_with(cli_app, ["synthesize", str(gen), str(masks), str(out), "--segmenter", str(seg), "--crfm-steps", "1",
-                       "--num-steps", "1", "--set", "limit=1"], str(seg / "config.json"), "guidance segmenter",
-             "use a segmenter trained on the masks")
+    refused_with(
+        cli_app,
+        [
+            "synthesize",
+            str(gen),
+            str(masks),
+            str(out),
+            "--segmenter",
+            str(seg),
+            "--crfm-steps",
+            "1",
+            "--num-steps",
+            "1",
+            "--set",
+            "limit=1",
+        ],
+        str(seg / "config.json"),
+        "guidance segmenter",
+        "use a segmenter trained on the masks",
+    )
     assert not out.exists()
 
 
-def test_generator_sample_refuses_masks_of_other_classes(cli_app, tiny_generator_dir: Path, folder_dataset: Path,
-                                                         tmp_path: Path) -> None:
+def test_generator_sample_refuses_masks_of_other_classes(
+    cli_app, tiny_generator_dir: Path, folder_dataset: Path, tmp_path: Path
+) -> None:
     """`generator sample` with 3-class masks for the 7-class generator names the masks; no grid is written."""
     out = tmp_path / "grids"
-    refused_with(cli_app, ["generator", "sample", str(tiny_generator_dir), str(folder_dataset), str(out), "--n", "1",
-                       "--num-steps", "1"], str(folder_dataset), "differ from the generator's")
+    refused_with(
+        cli_app,
+        ["generator", "sample", str(tiny_generator_dir), str(folder_dataset), str(out), "--n", "1", "--num-steps", "1"],
+        str(folder_dataset),
+        "differ from the generator's",
+    )
     assert not (out / "samples.png").exists()
 
 
-@pytest.mark.parametrize("args, name", [
-    (["--n", "0"], "n must"), (["--n", "-1"], "n must"), (["--batch-size", "0"], "batch_size must"),
-    (["--num-steps", "0"], "steps must"), (["--guidance-scale", "nan"], "guidance must"),
-    (["--shift", "-1"], "shift must"),
-], ids=["n_zero", "n_negative", "batch_zero", "steps_zero", "guidance_nan", "shift_negative"])
-def test_generator_sample_refuses_bad_settings(cli_app, tiny_generator_dir: Path, toy_masks_16: Path,
-                                               tmp_path: Path, args: list[str], name: str) -> None:
+@pytest.mark.parametrize(
+    "args, name",
+    [
+        (["--n", "0"], "n must"),
+        (["--n", "-1"], "n must"),
+        (["--batch-size", "0"], "batch_size must"),
+        (["--num-steps", "0"], "steps must"),
+        (["--guidance-scale", "nan"], "guidance must"),
+        (["--shift", "-1"], "shift must"),
+    ],
+    ids=["n_zero", "n_negative", "batch_zero", "steps_zero", "guidance_nan", "shift_negative"],
+)
+def test_generator_sample_refuses_bad_settings(
+    cli_app, tiny_generator_dir: Path, toy_masks_16: Path, tmp_path: Path, args: list[str], name: str
+) -> None:
     """Counts below 1 and non-finite or negative guidance/shift are ConfigErrors (exit 2), before any write."""
     out = tmp_path / "grids"
-    refused_with(cli_app, ["generator", "sample", str(tiny_generator_dir), str(toy_masks_16), str(out),
-                           "--num-steps", "1", *args], name)
+    refused_with(
+        cli_app,
+        ["generator", "sample", str(tiny_generator_dir), str(toy_masks_16), str(out), "--num-steps", "1", *args],
+        name,
+    )
     assert not out.exists()
 
 
@@ -271,15 +373,31 @@ def test_sample_settings_are_checked_in_the_api() -> None:
 # 5. A split file of another dataset
 
 
-def test_split_file_of_another_dataset_is_refused(cli_app, tiny_generator_dir: Path, toy_masks_16: Path,
-                                                  tmp_path: Path) -> None:
+def test_split_file_of_another_dataset_is_refused(
+    cli_app, tiny_generator_dir: Path, toy_masks_16: Path, tmp_path: Path
+) -> None:
     """Ids that are not in the masks dataset are named with the split file, not 'synthesized 0 pairs'."""
     split = tmp_path / "other_split.json"
     split.write_text(json.dumps({"ids": ["Urban/elsewhere_1", "Rural/elsewhere_2"], "n": 2}))
     out = tmp_path / "out"
-    refused_with(cli_app, ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(out), "--crfm-steps", "0",
-                       "--num-steps", "1", "--set", f"split_file={split}"], str(split), "not in the dataset",
-             "use the split made for this dataset")
+    refused_with(
+        cli_app,
+        [
+            "synthesize",
+            str(tiny_generator_dir),
+            str(toy_masks_16),
+            str(out),
+            "--crfm-steps",
+            "0",
+            "--num-steps",
+            "1",
+            "--set",
+            f"split_file={split}",
+        ],
+        str(split),
+        "not in the dataset",
+        "use the split made for this dataset",
+    )
     assert not out.exists()
 
 
@@ -287,8 +405,9 @@ def test_split_file_of_another_dataset_is_refused(cli_app, tiny_generator_dir: P
 # 6. Finished folders
 
 
-def test_same_classes_in_other_yaml_formatting_resume(tiny_generator_dir: Path, toy_masks_16: Path,
-                                                      tmp_path: Path) -> None:
+def test_same_classes_in_other_yaml_formatting_resume(
+    tiny_generator_dir: Path, toy_masks_16: Path, tmp_path: Path
+) -> None:
     """classes.yaml rewritten in flow style (same classes) is the same dataset: the rerun resumes, not refuses."""
     import yaml
 
@@ -299,16 +418,31 @@ def test_same_classes_in_other_yaml_formatting_resume(tiny_generator_dir: Path, 
     assert _synth(tiny_generator_dir, toy_masks_16, out, limit=1).made == 0
 
 
-def test_finished_folder_is_clean_and_still_known_done(cli_app, tiny_generator_dir: Path, toy_masks_16: Path,
-                                                       tmp_path: Path) -> None:
+def test_finished_folder_is_clean_and_still_known_done(
+    cli_app, tiny_generator_dir: Path, toy_masks_16: Path, tmp_path: Path
+) -> None:
     """A complete run leaves no .records/.claims; a rerun says all is done; a larger limit adds only what is new
     and the manifest keeps the earlier samples."""
     out = tmp_path / "out"
     first = _synth(tiny_generator_dir, toy_masks_16, out, limit=2, copies=2)
     assert first.made == 4 == first.in_manifest
     assert not (out / ".records").exists() and not (out / ".claims").exists()
-    args = ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(out), "--crfm-steps", "0", "--num-steps",
-            "1", "--copies", "2", "--batch-size", "4", "--set", "limit=2"]
+    args = [
+        "synthesize",
+        str(tiny_generator_dir),
+        str(toy_masks_16),
+        str(out),
+        "--crfm-steps",
+        "0",
+        "--num-steps",
+        "1",
+        "--copies",
+        "2",
+        "--batch-size",
+        "4",
+        "--set",
+        "limit=2",
+    ]
     result = invoke(cli_app, args)
     assert result.exit_code == 0 and "synthesized 0 pairs (0 rejected, 4 already done)" in result.output
     more = _synth(tiny_generator_dir, toy_masks_16, out, limit=3, copies=2)
@@ -317,8 +451,9 @@ def test_finished_folder_is_clean_and_still_known_done(cli_app, tiny_generator_d
     assert not (out / ".records").exists() and not (out / ".claims").exists()
 
 
-def test_output_folder_with_other_classes_is_refused_untouched(tiny_generator_dir: Path, toy_masks_16: Path,
-                                                                tmp_path: Path) -> None:
+def test_output_folder_with_other_classes_is_refused_untouched(
+    tiny_generator_dir: Path, toy_masks_16: Path, tmp_path: Path
+) -> None:
     """Other classes (parsed) in the output's classes.yaml: refused before images/, masks/ or records appear."""
     from todsynth.errors import DataError
 

@@ -12,11 +12,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from PIL import Image
-from reliability_helpers import invoke
 from test_bad_inputs import TINY_GEN, _write, raises, refused
 from test_model_files import edit_json
 
 from todsynth.errors import CheckpointError, ConfigError, DataError
+
+from reliability_helpers import invoke
 
 SYNTH_FAST = ["--crfm-steps", "0", "--num-steps", "1", "--set", "limit=1"]
 
@@ -25,10 +26,17 @@ SYNTH_FAST = ["--crfm-steps", "0", "--num-steps", "1", "--set", "limit=1"]
 # 1, 5: pipeline.json and transformer/config.json that contradict each other
 
 
-@pytest.mark.parametrize("size, words", [
-    (100000, "token grid"), (2000, "1000x1000 token grid"), (32, "trained at: 16"), (18, "trained at: 16"),
-    (8, "trained at: 16"), (17, "not a multiple of the transformer's patch size 2"),
-])
+@pytest.mark.parametrize(
+    "size, words",
+    [
+        (100000, "token grid"),
+        (2000, "1000x1000 token grid"),
+        (32, "trained at: 16"),
+        (18, "trained at: 16"),
+        (8, "trained at: 16"),
+        (17, "not a multiple of the transformer's patch size 2"),
+    ],
+)
 def test_an_image_size_the_transformer_cannot_run_is_refused_when_loading(gen: Path, size: int, words: str) -> None:
     """`image_size` beyond the position table, off the patch grid or other than the training size: CheckpointError
     naming pipeline.json when the pipeline loads (was an allocation failure, a ValueError, or silent)."""
@@ -48,24 +56,35 @@ def test_an_sd3_style_position_table_runs_at_any_size_it_holds(gen: Path) -> Non
     assert MaskToImagePipeline.from_pretrained(gen).image_size == 32
 
 
-def test_synthesize_refuses_a_huge_image_size_before_writing(cli_app, gen: Path, toy_masks_16: Path,
-                                                             tmp_path: Path) -> None:
+def test_synthesize_refuses_a_huge_image_size_before_writing(
+    cli_app, gen: Path, toy_masks_16: Path, tmp_path: Path
+) -> None:
     """The CLI path of the finding: one error line, no allocation, no output folder."""
     edit_json(gen / "pipeline.json", image_size=100000)
     out = tmp_path / "out"
-    refused(cli_app, ["synthesize", str(gen), str(toy_masks_16), str(out), *SYNTH_FAST], out,
-            str(gen / "pipeline.json"), "position table")
+    refused(
+        cli_app,
+        ["synthesize", str(gen), str(toy_masks_16), str(out), *SYNTH_FAST],
+        out,
+        str(gen / "pipeline.json"),
+        "position table",
+    )
 
 
-@pytest.mark.parametrize("changes, words", [
-    ({"mask_channels": 100000000}, ("'mask_channels' is 100000000", "latent channels")),
-    ({"sample_size": 1000000}, ("sample_size 1000000", "pos_embed_max_size 16")),
-    ({"ignore_index": 3}, ("'ignore_index' is 3", "the ignore index of the classes in pipeline.json is 255")),
-    ({"ignore_index": 254}, ("'ignore_index' is 254", "255")),
-    ({"ignore_index": -5}, ("ignore_index", ">= 0")),
-], ids=["mask_channels", "sample_size", "ignore_index_a_class", "ignore_index_other", "ignore_index_negative"])
-def test_transformer_config_contradicting_pipeline_json_is_refused(gen: Path, changes: dict,
-                                                                    words: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"mask_channels": 100000000}, ("'mask_channels' is 100000000", "latent channels")),
+        ({"sample_size": 1000000}, ("sample_size 1000000", "pos_embed_max_size 16")),
+        ({"ignore_index": 3}, ("'ignore_index' is 3", "the ignore index of the classes in pipeline.json is 255")),
+        ({"ignore_index": 254}, ("'ignore_index' is 254", "255")),
+        ({"ignore_index": -5}, ("ignore_index", ">= 0")),
+    ],
+    ids=["mask_channels", "sample_size", "ignore_index_a_class", "ignore_index_other", "ignore_index_negative"],
+)
+def test_transformer_config_contradicting_pipeline_json_is_refused(
+    gen: Path, changes: dict, words: tuple[str, ...]
+) -> None:
     """Edits the weights' header cannot see (they size no tensor) are checked against pipeline.json."""
     from todsynth.generator.pipeline import MaskToImagePipeline
 
@@ -76,23 +95,39 @@ def test_transformer_config_contradicting_pipeline_json_is_refused(gen: Path, ch
 def test_segment_eval_refuses_a_negative_ignore_index(cli_app, seg: Path, toy_masks_16: Path) -> None:
     """A segmenter config.json with ignore_index -5 or a class label (was accepted and scored)."""
     config = edit_json(seg / "config.json", ignore_index=-5)
-    refused(cli_app, ["segment", "eval", str(seg), str(toy_masks_16), "--device", "cpu"], None, str(config),
-            "ignore_index must be >= 0")
+    refused(
+        cli_app,
+        ["segment", "eval", str(seg), str(toy_masks_16), "--device", "cpu"],
+        None,
+        str(config),
+        "ignore_index must be >= 0",
+    )
     edit_json(config, ignore_index=3)
-    refused(cli_app, ["segment", "eval", str(seg), str(toy_masks_16), "--device", "cpu"], None, str(config),
-            "ignore_index 3 is a class label (0..6)")
+    refused(
+        cli_app,
+        ["segment", "eval", str(seg), str(toy_masks_16), "--device", "cpu"],
+        None,
+        str(config),
+        "ignore_index 3 is a class label (0..6)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # 2: segment eval --device
 
 
-def test_segment_eval_refuses_an_unknown_device_like_segment_train(cli_app, tiny_segmenter_dir: Path,
-                                                                    toy_masks_16: Path) -> None:
+def test_segment_eval_refuses_an_unknown_device_like_segment_train(
+    cli_app, tiny_segmenter_dir: Path, toy_masks_16: Path
+) -> None:
     """`--device tpu` is the same one-line error in eval as in train (was a traceback)."""
     words = "'device' must be one of ['auto', 'cpu', 'cuda'], got 'tpu'"
-    refused(cli_app, ["segment", "eval", str(tiny_segmenter_dir), str(toy_masks_16), "--device", "tpu"], None,
-            words, "--device")
+    refused(
+        cli_app,
+        ["segment", "eval", str(tiny_segmenter_dir), str(toy_masks_16), "--device", "tpu"],
+        None,
+        words,
+        "--device",
+    )
     refused(cli_app, ["segment", "train", str(toy_masks_16), "--device", "tpu"], None, words)
 
 
@@ -100,8 +135,9 @@ def test_segment_eval_refuses_an_unknown_device_like_segment_train(cli_app, tiny
 # 3, 4, 6: synthesize and generator sample output folders
 
 
-def test_a_refused_synthesize_rerun_leaves_the_finished_folder_as_it_was(cli_app, tiny_generator_dir: Path,
-                                                                          toy_masks_16: Path, tmp_path: Path) -> None:
+def test_a_refused_synthesize_rerun_leaves_the_finished_folder_as_it_was(
+    cli_app, tiny_generator_dir: Path, toy_masks_16: Path, tmp_path: Path
+) -> None:
     """Other settings than synthesize.json: refused before .claims/ and .records/ are created."""
     out = tmp_path / "out"
     args = ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(out), *SYNTH_FAST]
@@ -112,23 +148,40 @@ def test_a_refused_synthesize_rerun_leaves_the_finished_folder_as_it_was(cli_app
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
 
 
-def test_generator_sample_refuses_an_output_folder_inside_an_input(cli_app, gen: Path, toy_masks_16: Path,
-                                                                   tmp_path: Path) -> None:
+def test_generator_sample_refuses_an_output_folder_inside_an_input(
+    cli_app, gen: Path, toy_masks_16: Path, tmp_path: Path
+) -> None:
     """`generator sample MODEL MASKS MASKS/...` (was samples.png written into the dataset), and into the model."""
     masks = Path(shutil.copytree(toy_masks_16, tmp_path / "masks"))
-    for out, what in ((masks / "Train" / "Urban" / "images_png", "masks dataset"), (masks, "masks dataset"),
-                      (gen / "grids", "generator folder")):
-        refused(cli_app, ["generator", "sample", str(gen), str(masks), str(out), "--n", "1", "--num-steps", "1"], None,
-                str(out), what, "outside every input")
+    for out, what in (
+        (masks / "Train" / "Urban" / "images_png", "masks dataset"),
+        (masks, "masks dataset"),
+        (gen / "grids", "generator folder"),
+    ):
+        refused(
+            cli_app,
+            ["generator", "sample", str(gen), str(masks), str(out), "--n", "1", "--num-steps", "1"],
+            None,
+            str(out),
+            what,
+            "outside every input",
+        )
     assert not list(tmp_path.rglob("samples.png"))
 
 
-def test_plain_synthesize_says_how_to_go_without_a_segmenter(cli_app, tiny_generator_dir: Path,
-                                                             toy_masks_16: Path, tmp_path: Path) -> None:
+def test_plain_synthesize_says_how_to_go_without_a_segmenter(
+    cli_app, tiny_generator_dir: Path, toy_masks_16: Path, tmp_path: Path
+) -> None:
     """CRFM is the default: its refusal names both ways out as flags."""
     out = tmp_path / "out"
-    refused(cli_app, ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(out)], out,
-            "needs a guidance segmenter", "--segmenter SEG", "--crfm-steps 0")
+    refused(
+        cli_app,
+        ["synthesize", str(tiny_generator_dir), str(toy_masks_16), str(out)],
+        out,
+        "needs a guidance segmenter",
+        "--segmenter SEG",
+        "--crfm-steps 0",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,9 +199,12 @@ def test_guide_class_mismatch_gives_counts_and_a_few_names(guide: list[str], dat
     from todsynth.synthesize import check_segmenter_classes
 
     config = SimpleNamespace(num_classes=len(guide), class_names=guide)
-    error = raises(CheckpointError, lambda: check_segmenter_classes(config, ClassSpec(tuple(data), 65535),
-                                                                       "seg/config.json"),
-                   f"predicts {len(guide)} classes", f"use {len(data)} classes")
+    error = raises(
+        CheckpointError,
+        lambda: check_segmenter_classes(config, ClassSpec(tuple(data), 65535), "seg/config.json"),
+        f"predicts {len(guide)} classes",
+        f"use {len(data)} classes",
+    )
     assert len(str(error)) < 400 and "class299" not in str(error), str(error)
 
 
@@ -193,8 +249,12 @@ def test_pretraining_reads_only_the_images_of_a_folder_dataset(folder_dataset: P
     outside = _write(tmp_path / "elsewhere" / "tile1.png", np.zeros((8, 8, 3), np.uint8))
     (folder_dataset / "images" / "tile1.png").unlink()
     os.symlink(outside, folder_dataset / "images" / "tile1.png")
-    error = raises(DataError, lambda: load_unlabeled(cfg), str(folder_dataset / "images" / "tile1.png"),
-                   "points outside the dataset root")
+    error = raises(
+        DataError,
+        lambda: load_unlabeled(cfg),
+        str(folder_dataset / "images" / "tile1.png"),
+        "points outside the dataset root",
+    )
     assert "mask" not in str(error), str(error)
 
 
@@ -202,12 +262,20 @@ def test_pretrain_on_an_empty_folder_names_what_it_accepts(cli_app, tmp_path: Pa
     """An empty folder: 'no images found', and the fix names image folders (images/ too) and toy:N."""
     empty, out = tmp_path / "empty", tmp_path / "out"
     empty.mkdir()
-    refused(cli_app, ["generator", "pretrain", str(empty), "--out", str(out), *TINY_GEN], out, str(empty),
-            "no images found", "images/", "toy:N")
+    refused(
+        cli_app,
+        ["generator", "pretrain", str(empty), "--out", str(out), *TINY_GEN],
+        out,
+        str(empty),
+        "no images found",
+        "images/",
+        "toy:N",
+    )
 
 
-def test_the_pixel_limit_is_raised_with_an_environment_variable(folder_dataset: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_pixel_limit_is_raised_with_an_environment_variable(
+    folder_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The fix names TODSYNTH_MAX_IMAGE_PIXELS (a CLI user cannot set PIL.Image.MAX_IMAGE_PIXELS); setting it
     lets the image through; a value that is no count is a ConfigError naming the variable."""
     from todsynth.data.check import check_dataset
@@ -240,18 +308,29 @@ def test_dot_files_are_skipped_as_documented(folder_dataset: Path) -> None:
 # 10: smaller findings
 
 
-def test_segment_eval_refuses_a_split_of_a_dataset_without_splits(cli_app, tiny_segmenter_dir: Path,
-                                                                  folder_dataset: Path) -> None:
+def test_segment_eval_refuses_a_split_of_a_dataset_without_splits(
+    cli_app, tiny_segmenter_dir: Path, folder_dataset: Path
+) -> None:
     """A folder dataset has no splits: `--split Nope` is refused, not shown as '(Nope)' in the title."""
-    refused(cli_app, ["segment", "eval", str(tiny_segmenter_dir), str(folder_dataset), "--split", "Nope"], None,
-            "--split Nope", "has no splits")
+    refused(
+        cli_app,
+        ["segment", "eval", str(tiny_segmenter_dir), str(folder_dataset), "--split", "Nope"],
+        None,
+        "--split Nope",
+        "has no splits",
+    )
 
 
 def test_sd3_text_encoder_without_a_path_names_the_setting(cli_app, toy_masks_16: Path, tmp_path: Path) -> None:
     """`--set text_encoder=sd3` alone: the fix names --set text_encoder_path=."""
     out = tmp_path / "out"
-    refused(cli_app, ["generator", "train", str(toy_masks_16), "--out", str(out), "--set", "text_encoder=sd3",
-                      *TINY_GEN], out, "text_encoder_path", "--set text_encoder_path=")
+    refused(
+        cli_app,
+        ["generator", "train", str(toy_masks_16), "--out", str(out), "--set", "text_encoder=sd3", *TINY_GEN],
+        out,
+        "text_encoder_path",
+        "--set text_encoder_path=",
+    )
 
 
 def test_a_base_with_another_text_length_is_refused(tmp_path: Path) -> None:
@@ -260,12 +339,19 @@ def test_a_base_with_another_text_length_is_refused(tmp_path: Path) -> None:
     from todsynth.generator.pretrain import check_base
 
     mcfg = MMDiTConfig(control="none")
-    meta = {"autoencoder": {"kind": "pixel"}, "text_encoder": {"kind": "minilm", "path": None, "max_length": 8},
-            "image_size": 16}
+    meta = {
+        "autoencoder": {"kind": "pixel"},
+        "text_encoder": {"kind": "minilm", "path": None, "max_length": 8},
+        "image_size": 16,
+    }
     ae = SimpleNamespace(config={"kind": "pixel"})
     te = SimpleNamespace(config={"kind": "minilm", "path": "/elsewhere/minilm", "max_length": 16})
-    raises(CheckpointError, lambda: check_base(tmp_path, meta, mcfg, mcfg, ae, te, 16), "max_length=8",
-           "--set text_max_length=8")
+    raises(
+        CheckpointError,
+        lambda: check_base(tmp_path, meta, mcfg, mcfg, ae, te, 16),
+        "max_length=8",
+        "--set text_max_length=8",
+    )
     te.config["max_length"] = 8
     check_base(tmp_path, meta, mcfg, mcfg, ae, te, 16)  # another path to the same encoder is fine
 
@@ -286,8 +372,12 @@ def test_help_shows_the_dataset_as_required_and_the_out_defaults(cli_app) -> Non
 def test_pretrain_without_images_names_the_argument(cli_app, tmp_path: Path) -> None:
     """Leaving out IMAGES: the fix says what IMAGES may be."""
     out = tmp_path / "out"
-    refused(cli_app, ["generator", "pretrain", "--out", str(out)], out, "give IMAGES (a folder of images, a dataset, "
-                                                                        "or toy:N)")
+    refused(
+        cli_app,
+        ["generator", "pretrain", "--out", str(out)],
+        out,
+        "give IMAGES (a folder of images, a dataset, or toy:N)",
+    )
 
 
 def test_synthesize_json_records_every_input_path_absolute(tmp_path, monkeypatch):
@@ -295,8 +385,9 @@ def test_synthesize_json_records_every_input_path_absolute(tmp_path, monkeypatch
     from todsynth.synthesize import SynthesizeConfig, config_dict
 
     monkeypatch.chdir(tmp_path)
-    cfg = SynthesizeConfig(generator="gen", masks="masks", out="out", segmenter="seg", filter_stats="stats.json",
-                           split_file="split.json")
+    cfg = SynthesizeConfig(
+        generator="gen", masks="masks", out="out", segmenter="seg", filter_stats="stats.json", split_file="split.json"
+    )
     recorded = config_dict(cfg)
     for name in ("generator", "masks", "segmenter", "filter_stats", "split_file"):
         assert recorded[name] == str(tmp_path / getattr(cfg, name)), name

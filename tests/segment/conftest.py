@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from segtest_helpers import CLASSES, make_samples
 
 from todsynth.data.classes import ClassSpec
 from todsynth.data.sample import Sample
+
+from segtest_helpers import CLASSES, make_samples
 
 
 @pytest.fixture

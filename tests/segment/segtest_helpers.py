@@ -22,4 +22,3 @@ def make_samples(n: int, size: int = 32, seed: int = 0, ignore_share: float = 0.
         label[rng.random((size, size)) < ignore_share] = 255
         samples.append(Sample(image, label, "tile", f"t{seed}_{i}"))
     return samples
-

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from segtest_helpers import make_samples
 from typer.testing import CliRunner
 
 from todsynth.errors import CheckpointError, DataError
+
+from segtest_helpers import make_samples
 
 pytest.importorskip("todsynth.data.readers")
 
@@ -39,11 +40,31 @@ def test_cli_train_then_eval(tmp_path):
     (tmp_path / "split.json").write_text(json.dumps({"ids": ["t0_0", "t0_2", "t0_3"]}))
     (tmp_path / "cfg.yaml").write_text(f"arch: segformer\nencoder: {TINY_ENCODER}\nsize: 32\nbatch_size: 2\n")
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train", str(data), "--val", str(val), "--synthetic", str(syn),
-                                      "--set", "synthetic_ratio=1", "--split-file",
-                                      str(tmp_path / "split.json"), "--config", str(tmp_path / "cfg.yaml"),
-                                      "--out", str(out), "--device", "cpu", "--set", "steps=2",
-                                      "--set", "checkpoint_every=1"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(data),
+            "--val",
+            str(val),
+            "--synthetic",
+            str(syn),
+            "--set",
+            "synthetic_ratio=1",
+            "--split-file",
+            str(tmp_path / "split.json"),
+            "--config",
+            str(tmp_path / "cfg.yaml"),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--set",
+            "steps=2",
+            "--set",
+            "checkpoint_every=1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 2 and results["train_samples"] == 3
@@ -83,6 +104,16 @@ def test_train_segmenter_validates_data_first(tmp_path):
         train_segmenter(SegmentTrainConfig(data=str(data), out=str(tmp_path / "o"), steps=1, device="cpu"))
     assert not (tmp_path / "o").exists()
     with pytest.raises(CheckpointError, match="no checkpoint"):
-        train_segmenter(SegmentTrainConfig(data=str(write_folder(tmp_path / "ok", 2)), out=str(tmp_path / "o"),
-                                           arch="segformer", encoder=TINY_ENCODER, size=32, steps=1,
-                                           batch_size=2, device="cpu"), resume=True)
+        train_segmenter(
+            SegmentTrainConfig(
+                data=str(write_folder(tmp_path / "ok", 2)),
+                out=str(tmp_path / "o"),
+                arch="segformer",
+                encoder=TINY_ENCODER,
+                size=32,
+                steps=1,
+                batch_size=2,
+                device="cpu",
+            ),
+            resume=True,
+        )

@@ -14,11 +14,7 @@ from todsynth.segment.metrics import ConfusionAccumulator, SegMetrics, segmentat
 # 5 classes; the last target pixel is ignored; class 3 never occurs; class 4 is only predicted.
 TARGET = torch.tensor([0, 0, 1, 1, 1, 2, 255])
 PREDS = torch.tensor([0, 1, 1, 1, 4, 0, 2])
-HAND_CM = np.array([[1, 1, 0, 0, 0],
-                    [0, 2, 0, 0, 1],
-                    [1, 0, 0, 0, 0],
-                    [0, 0, 0, 0, 0],
-                    [0, 0, 0, 0, 0]])
+HAND_CM = np.array([[1, 1, 0, 0, 0], [0, 2, 0, 0, 1], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0]])
 
 
 def test_confusion_and_metrics_match_hand_computation():
@@ -40,8 +36,10 @@ def test_logits_are_accepted_and_ignore_pixels_skipped():
 
 
 def test_dataset_level_differs_from_per_batch_mean():
-    batches = [(torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long)),
-               (torch.tensor([0, 1, 1, 1]), torch.tensor([1, 1, 1, 1]))]
+    batches = [
+        (torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long)),
+        (torch.tensor([0, 1, 1, 1]), torch.tensor([1, 1, 1, 1])),
+    ]
     acc = ConfusionAccumulator(2)
     per_batch = []
     for pred, target in batches:

@@ -75,8 +75,9 @@ def test_pickle_weights_refused(model, tmp_path):
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
         Segmenter.from_pretrained(tmp_path)
     torch.save(model.net.encoder.state_dict(), tmp_path / "encoder.pt")
-    cfg = SegmenterConfig(arch="segformer", encoder=TINY_ENCODER, num_classes=3,
-                          encoder_weights_file=str(tmp_path / "encoder.pt"))
+    cfg = SegmenterConfig(
+        arch="segformer", encoder=TINY_ENCODER, num_classes=3, encoder_weights_file=str(tmp_path / "encoder.pt")
+    )
     with pytest.raises(CheckpointError, match="pickle"):
         Segmenter(cfg)
 
@@ -84,8 +85,9 @@ def test_pickle_weights_refused(model, tmp_path):
 def test_config_mismatch(model, tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="num_classes: saved 3 vs expected 4") as e:
-        Segmenter.from_pretrained(tmp_path, expect=SegmenterConfig(arch="segformer", encoder=TINY_ENCODER,
-                                                                   num_classes=4))
+        Segmenter.from_pretrained(
+            tmp_path, expect=SegmenterConfig(arch="segformer", encoder=TINY_ENCODER, num_classes=4)
+        )
     assert e.value.path == tmp_path / "config.json"
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg.update(num_classes=5, class_names=None)
@@ -104,14 +106,26 @@ def test_config_mismatch(model, tmp_path):
 def test_encoder_initialised_from_local_safetensors(model, tmp_path):
     save_weights(tmp_path / "enc.safetensors", model.net.encoder.state_dict())
     torch.manual_seed(1)
-    fresh = Segmenter(SegmenterConfig(arch="segformer", encoder=TINY_ENCODER, num_classes=3,
-                                      encoder_weights_file=str(tmp_path / "enc.safetensors")))
+    fresh = Segmenter(
+        SegmenterConfig(
+            arch="segformer",
+            encoder=TINY_ENCODER,
+            num_classes=3,
+            encoder_weights_file=str(tmp_path / "enc.safetensors"),
+        )
+    )
     for k, v in model.net.encoder.state_dict().items():
         assert torch.equal(fresh.net.encoder.state_dict()[k], v)
     save_weights(tmp_path / "other.safetensors", {"conv.weight": torch.zeros(2, 3)})
     with pytest.raises(CheckpointError, match="do not fit") as e:
-        Segmenter(SegmenterConfig(arch="segformer", encoder=TINY_ENCODER, num_classes=3,
-                                  encoder_weights_file=str(tmp_path / "other.safetensors")))
+        Segmenter(
+            SegmenterConfig(
+                arch="segformer",
+                encoder=TINY_ENCODER,
+                num_classes=3,
+                encoder_weights_file=str(tmp_path / "other.safetensors"),
+            )
+        )
     assert e.value.path == tmp_path / "other.safetensors"
 
 

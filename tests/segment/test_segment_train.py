@@ -7,23 +7,40 @@ import math
 
 import pytest
 import torch
-from segtest_helpers import CLASSES, make_samples
 
 from todsynth.config import build_config
 from todsynth.errors import CheckpointError, ConfigError
-from todsynth.segment.model import Segmenter, SegmenterConfig
-from todsynth.segment.train import (SegmentTrainConfig, TrainOutcome, class_pixel_counts,
-                                    class_weights_from_counts, cross_entropy, evaluate_segmenter,
-                                    train_on_samples)
 from todsynth.runs import RunFolder
+from todsynth.segment.model import Segmenter, SegmenterConfig
+from todsynth.segment.train import (
+    SegmentTrainConfig,
+    TrainOutcome,
+    class_pixel_counts,
+    class_weights_from_counts,
+    cross_entropy,
+    evaluate_segmenter,
+    train_on_samples,
+)
+
+from segtest_helpers import CLASSES, make_samples
 
 TINY_ENCODER = "tu-mobilenetv3_small_050"
 
 
 def tiny_cfg(**kw) -> SegmentTrainConfig:
     """A few CPU steps of a tiny segformer (mobilenetv3 encoder, 0.7M parameters) on 32 px tiles."""
-    base = dict(arch="segformer", encoder=TINY_ENCODER, size=32, steps=4, batch_size=2, lr=1e-3,
-                device="cpu", log_every=1, checkpoint_every=2, eval_batch_size=4)
+    base = dict(
+        arch="segformer",
+        encoder=TINY_ENCODER,
+        size=32,
+        steps=4,
+        batch_size=2,
+        lr=1e-3,
+        device="cpu",
+        log_every=1,
+        checkpoint_every=2,
+        eval_batch_size=4,
+    )
     return SegmentTrainConfig(**{**base, **kw})
 
 
@@ -33,9 +50,11 @@ class Stop(Exception):
 
 def stop_at(step: int):
     """A step callback that 'kills' the run right after `step`."""
+
     def callback(s: int, loss: float) -> None:
         if s == step:
             raise Stop
+
     return callback
 
 
@@ -51,8 +70,14 @@ def train_data() -> tuple[list, list, list]:
 def straight(tmp_path_factory) -> TrainOutcome:
     """An uninterrupted 4-step run with checkpoints and validation."""
     real, synthetic, val = train_data()
-    return train_on_samples(real, CLASSES, tiny_cfg(**RESUME_CFG), val_samples=val, synthetic=synthetic,
-                            run=RunFolder(tmp_path_factory.mktemp("straight")))
+    return train_on_samples(
+        real,
+        CLASSES,
+        tiny_cfg(**RESUME_CFG),
+        val_samples=val,
+        synthetic=synthetic,
+        run=RunFolder(tmp_path_factory.mktemp("straight")),
+    )
 
 
 def test_train_save_load_eval_round_trip(straight, tmp_path):
@@ -86,8 +111,14 @@ def test_validation_during_training_is_logged_and_changes_nothing(straight, tmp_
     from todsynth.runs import read_metrics
 
     real, synthetic, val = train_data()
-    outcome = train_on_samples(real, CLASSES, tiny_cfg(**RESUME_CFG, val_every=1), val_samples=val,
-                               synthetic=synthetic, run=RunFolder(tmp_path))
+    outcome = train_on_samples(
+        real,
+        CLASSES,
+        tiny_cfg(**RESUME_CFG, val_every=1),
+        val_samples=val,
+        synthetic=synthetic,
+        run=RunFolder(tmp_path),
+    )
     a, b = straight.model.state_dict(), outcome.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     records = read_metrics(tmp_path / "metrics.jsonl")
@@ -142,10 +173,22 @@ def test_precision_can_change_within_one_process():
         assert next(outcome.model.parameters()).dtype == torch.float32
 
 
-@pytest.mark.parametrize("bad", [{"lr": -1.0}, {"lr": float("nan")}, {"epochs": 0}, {"batch_size": -2},
-                                 {"arch": "pspnet"}, {"synthetic_ratio": -0.5}, {"weight_decay": float("inf")},
-                                 {"size": 0}, {"schedule": "step"}, {"num_workers": -1},
-                                 {"class_weights": "median"}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"lr": -1.0},
+        {"lr": float("nan")},
+        {"epochs": 0},
+        {"batch_size": -2},
+        {"arch": "pspnet"},
+        {"synthetic_ratio": -0.5},
+        {"weight_decay": float("inf")},
+        {"size": 0},
+        {"schedule": "step"},
+        {"num_workers": -1},
+        {"class_weights": "median"},
+    ],
+)
 def test_config_validation(bad):
     with pytest.raises(ConfigError):
         build_config(SegmentTrainConfig, bad)
@@ -176,7 +219,8 @@ def test_weighted_cross_entropy_counts_pixels_not_weights():
     expected = (weight[labels.clamp(max=2)] * nll)[valid].sum() / valid.sum()
     assert float(cross_entropy(logits, labels, 255, weight)) == pytest.approx(float(expected), rel=1e-5)
     assert float(cross_entropy(logits, labels, 255, torch.ones(3))) == pytest.approx(
-        float(cross_entropy(logits, labels, 255)), rel=1e-6)
+        float(cross_entropy(logits, labels, 255)), rel=1e-6
+    )
 
 
 def test_class_weighted_training_uses_the_mix_counts():

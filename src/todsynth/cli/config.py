@@ -49,5 +49,6 @@ def show(stage: StageName = typer.Argument(..., help="The stage whose settings t
     from todsynth.config import config_yaml, load_config
 
     cls, defaults = stage_config(stage)
-    typer.echo(f"# {(cls.__doc__ or '').splitlines()[0]}\n" + config_yaml(load_config(cls, None, None, defaults,
-                                                                                        check=False)))
+    typer.echo(
+        f"# {(cls.__doc__ or '').splitlines()[0]}\n" + config_yaml(load_config(cls, None, None, defaults, check=False))
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
@@ -39,8 +39,7 @@ def toy(
     """Write a procedural toy dataset (LoveDA classes) for tests and demos."""
     from todsynth.data.toy import write_toy_dataset
 
-    root = write_toy_dataset(out, n, size=size, seed=seed, split=split, label_only=label_only,
-                             layout=layout.value)
+    root = write_toy_dataset(out, n, size=size, seed=seed, split=split, label_only=label_only, layout=layout.value)
     console.print(f"wrote {n} toy tile(s) to {escape(str(root))}", soft_wrap=True, highlight=False)
 
 
@@ -70,8 +69,14 @@ def _file_table(report: CheckReport) -> Table:
     table.add_column("nodata", justify="right")
     for group in sorted(report.rasters.values(), key=lambda g: (g.role, g.dtype, g.bands)):
         ranges = ", ".join(f"{b + 1}: {_range(r)}" for b, r in enumerate(group.ranges))
-        table.add_row(f"{group.role}s", str(group.files), group.dtype, str(group.bands), ranges,
-                      f"{100 * group.nodata_share:.1f}%")
+        table.add_row(
+            f"{group.role}s",
+            str(group.files),
+            group.dtype,
+            str(group.bands),
+            ranges,
+            f"{100 * group.nodata_share:.1f}%",
+        )
     return table
 
 
@@ -82,8 +87,12 @@ def _print_sizes(report: CheckReport) -> None:
     if report.small:
         shown = ", ".join(escape(str(p)) for p in report.small[:5])
         side = report.min_size
-        console.print(f"[yellow]warning:[/] {len(report.small)} file(s) smaller than the working size {side}x{side} "
-                      f"(they are upsampled), e.g. {shown}", soft_wrap=True, highlight=False)
+        console.print(
+            f"[yellow]warning:[/] {len(report.small)} file(s) smaller than the working size {side}x{side} "
+            f"(they are upsampled), e.g. {shown}",
+            soft_wrap=True,
+            highlight=False,
+        )
 
 
 def _print_report(report: CheckReport) -> None:
@@ -140,29 +149,40 @@ def split(
     ids = few_shot_split(ds, n=n, fraction=fraction, seed=seed, presence=presence)
     write_split(out, ids, {"seed": seed, "source": str(path)})
     chosen = set(ids)
-    covered = set().union(*(p for id_, p in zip(ds.ids, presence) if id_ in chosen))
-    console.print(f"wrote {len(ids)} of {len(ds)} ids to {escape(str(out))}; "
-                  f"classes present: {len(covered)}/{ds.classes.num_classes}",
-                  soft_wrap=True, highlight=False)
+    covered = set().union(*(p for id_, p in zip(ds.ids, presence, strict=True) if id_ in chosen))
+    console.print(
+        f"wrote {len(ids)} of {len(ds)} ids to {escape(str(out))}; "
+        f"classes present: {len(covered)}/{ds.classes.num_classes}",
+        soft_wrap=True,
+        highlight=False,
+    )
 
 
 @app.command()
 @friendly
 def tile(
-    src: Path = typer.Argument(..., help="Dataset of scenes: LoveDA root, images/ + masks/ folder (PNG or GeoTIFF), "
-                                         "or .jsonl index."),
+    src: Path = typer.Argument(
+        ..., help="Dataset of scenes: LoveDA root, images/ + masks/ folder (PNG or GeoTIFF), or .jsonl index."
+    ),
     out: Path = typer.Argument(..., help="New folder for the tiles (images/, masks/, classes.yaml, tiles.json)."),
     size: int = typer.Option(..., "--size", help="Tile side in pixels."),
-    stride: Optional[int] = typer.Option(None, "--stride", help="Pixels between tile starts (default: --size, no "
-                                                             "overlap); the last row and column meet the edge."),
-    min_valid: float = typer.Option(0.5, "--min-valid", help="Skip tiles with a smaller share of valid (not "
-                                                             "ignore, not nodata) pixels."),
+    stride: int | None = typer.Option(
+        None,
+        "--stride",
+        help="Pixels between tile starts (default: --size, no overlap); the last row and column meet the edge.",
+    ),
+    min_valid: float = typer.Option(
+        0.5, "--min-valid", help="Skip tiles with a smaller share of valid (not ignore, not nodata) pixels."
+    ),
     split: str = typer.Option("Train", "--split", help="Split folder (LoveDA layout)."),
 ) -> None:
     """Cut scenes and masks into tiles; GeoTIFF tiles keep their georeference."""
     from todsynth.data.tile import tile_dataset
 
     s = tile_dataset(src, out, size, stride=stride, min_valid=min_valid, split=split)
-    console.print(f"wrote {s.written} tile(s) of {s.size}x{s.size} (stride {s.stride}) from {s.scenes} scene(s) "
-                  f"to {escape(str(s.out))}; skipped {s.skipped} with less than {s.min_valid:.0%} valid pixels",
-                  soft_wrap=True, highlight=False)
+    console.print(
+        f"wrote {s.written} tile(s) of {s.size}x{s.size} (stride {s.stride}) from {s.scenes} scene(s) "
+        f"to {escape(str(s.out))}; skipped {s.skipped} with less than {s.min_valid:.0%} valid pixels",
+        soft_wrap=True,
+        highlight=False,
+    )

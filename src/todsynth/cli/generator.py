@@ -8,18 +8,32 @@ import typer
 
 from todsynth.cli.common import Settings, console, friendly, with_settings
 
-app = typer.Typer(help="Stage (a): pretrain a base on unlabeled images, train the mask-controlled MM-DiT, sample "
-                  "from it.", no_args_is_help=True)
+app = typer.Typer(
+    help="Stage (a): pretrain a base on unlabeled images, train the mask-controlled MM-DiT, sample from it.",
+    no_args_is_help=True,
+)
 
 
 @app.command()
 @friendly
-@with_settings("steps", "batch_size", "size", "resume", "overwrite", names={"control": "model.control"},
-               arguments={"data": "Dataset (LoveDA, folder or JSONL layout); required unless --config gives 'data'."},
-               options={"out": (str, "Output folder (default runs/generator)."),
-                        "control": (str, "model.control: triple | siamese | adapter | none (default triple)."),
-                        "init": (str, "Initialise text/image streams from a pretrained base (the --out folder of "
-                                      "`generator pretrain`); the mask stream starts as a copy of its image stream.")})
+@with_settings(
+    "steps",
+    "batch_size",
+    "size",
+    "resume",
+    "overwrite",
+    names={"control": "model.control"},
+    arguments={"data": "Dataset (LoveDA, folder or JSONL layout); required unless --config gives 'data'."},
+    options={
+        "out": (str, "Output folder (default runs/generator)."),
+        "control": (str, "model.control: triple | siamese | adapter | none (default triple)."),
+        "init": (
+            str,
+            "Initialise text/image streams from a pretrained base (the --out folder of "
+            "`generator pretrain`); the mask stream starts as a copy of its image stream.",
+        ),
+    },
+)
 def train(*, settings: Settings) -> None:
     """Train the generator with rectified-flow matching (multi-GPU: `accelerate launch -m todsynth.cli.main`).
 
@@ -29,19 +43,32 @@ def train(*, settings: Settings) -> None:
 
     cfg = settings.resolve(GeneratorTrainConfig)
     summary = train_generator(cfg)
-    console.print(f"generator saved to {Path(cfg.out) / 'model'}; final loss {summary.final_loss:.4f}, "
-                  f"{summary.wall_time_s:.1f} s")
+    console.print(
+        f"generator saved to {Path(cfg.out) / 'model'}; final loss {summary.final_loss:.4f}, "
+        f"{summary.wall_time_s:.1f} s"
+    )
 
 
 @app.command()
 @friendly
-@with_settings("steps", "batch_size", "size", "resume", "overwrite", names={"images": "data"},
-               arguments={"images": "Unlabeled images: a folder of images, any dataset (masks ignored), or "
-                                    "toy:N[:SEED] for N tiles of the embedded toy pool; required unless --config "
-                                    "gives 'data'."},
-               options={"out": (str, "Output folder; the base model is written to OUT/model (default runs/base)."),
-                        "captions": (str, "JSON object {image id: caption}; other images get --prompt."),
-                        "prompt": (str, 'Prompt of uncaptioned images (default "a satellite image").')})
+@with_settings(
+    "steps",
+    "batch_size",
+    "size",
+    "resume",
+    "overwrite",
+    names={"images": "data"},
+    arguments={
+        "images": "Unlabeled images: a folder of images, any dataset (masks ignored), or "
+        "toy:N[:SEED] for N tiles of the embedded toy pool; required unless --config "
+        "gives 'data'."
+    },
+    options={
+        "out": (str, "Output folder; the base model is written to OUT/model (default runs/base)."),
+        "captions": (str, "JSON object {image id: caption}; other images get --prompt."),
+        "prompt": (str, 'Prompt of uncaptioned images (default "a satellite image").'),
+    },
+)
 def pretrain(*, settings: Settings) -> None:
     """Pretrain a base (text + image streams, no masks) on unlabeled images; fine-tune with `train --init OUT`.
 
@@ -52,8 +79,10 @@ def pretrain(*, settings: Settings) -> None:
 
     cfg = settings.resolve(GeneratorTrainConfig, defaults=PRETRAIN_DEFAULTS)
     summary = pretrain_generator(cfg)
-    console.print(f"base saved to {Path(cfg.out) / 'model'} (fine-tune: generator train DATA --init {cfg.out}); "
-                  f"final loss {summary.final_loss:.4f}, {summary.wall_time_s:.1f} s")
+    console.print(
+        f"base saved to {Path(cfg.out) / 'model'} (fine-tune: generator train DATA --init {cfg.out}); "
+        f"final loss {summary.final_loss:.4f}, {summary.wall_time_s:.1f} s"
+    )
 
 
 @app.command()
@@ -75,6 +104,18 @@ def sample(
     """Plain Euler flow sampling for masks of a dataset; writes mask | image grids."""
     from todsynth.generator.sample import sample_grid
 
-    path = sample_grid(model, masks, out, split=split, n=n, steps=num_steps, guidance=guidance_scale, shift=shift,
-                       seed=seed, batch_size=batch_size, device=device, mixed_precision=mixed_precision)
+    path = sample_grid(
+        model,
+        masks,
+        out,
+        split=split,
+        n=n,
+        steps=num_steps,
+        guidance=guidance_scale,
+        shift=shift,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+        mixed_precision=mixed_precision,
+    )
     console.print(f"wrote {path}")

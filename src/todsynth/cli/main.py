@@ -17,6 +17,26 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    """`--version`: print the installed todsynth version and exit."""
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(version("todsynth"))
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the todsynth version and exit."
+    ),
+) -> None:
+    """Task-oriented synthesis of remote-sensing segmentation training data."""
+
+
 app.add_typer(data_app, name="data")
 app.add_typer(segment_app, name="segment")
 app.add_typer(generator_app, name="generator")
@@ -29,9 +49,7 @@ app.command(name="experiment")(experiment)
 @app.command()
 def version() -> None:
     """Print the todsynth version."""
-    from todsynth import __version__
-
-    typer.echo(__version__)
+    _print_version(True)
 
 
 def main() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -26,9 +25,11 @@ def demo(
     console.print(_tables(results))
     for name, g in results["gains"].items():
         share = g["share_of_oracle_gain"]
-        console.print(f"{name}: mIoU {g['miou_gain']:+.3f} vs real only"
-                      + ("" if share is None else f", {100 * share:.0f} % of the oracle's gain")
-                      + f"; mask fidelity {results['mask_fidelity'][name]:.3f}")
+        console.print(
+            f"{name}: mIoU {g['miou_gain']:+.3f} vs real only"
+            + ("" if share is None else f", {100 * share:.0f} % of the oracle's gain")
+            + f"; mask fidelity {results['mask_fidelity'][name]:.3f}"
+        )
     console.print(f"report: {out / 'report.html'} ({results['wall_time_s']} s)")
 
 
@@ -57,21 +58,31 @@ def _tables(results: dict):
 def experiment(
     config: str = typer.Argument(..., help="YAML grid file, or a built-in: paper-tables, foundation, smoke."),
     out: Path = typer.Argument(..., help="Output folder (cached stages; re-running resumes)."),
-    only: Optional[list[str]] = typer.Option(None, "--only", help="Run only TABLE or TABLE/CELL (repeatable)."),
-    seeds: Optional[list[int]] = typer.Option(None, "--seed", help="Override the config's seeds (repeatable)."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a base setting as key=value."),
+    only: list[str] | None = typer.Option(None, "--only", help="Run only TABLE or TABLE/CELL (repeatable)."),
+    seeds: list[int] | None = typer.Option(None, "--seed", help="Override the config's seeds (repeatable)."),
+    set_: list[str] | None = typer.Option(None, "--set", help="Override a base setting as key=value."),
 ) -> None:
     """Run a grid of cells × seeds (mean ± std, CSV + JSON + plots); any cell can run alone."""
     from todsynth.config import parse_overrides
     from todsynth.grid import format_metric, load_grid, run_grid
 
     grid = load_grid(config)
-    summary = run_grid(grid, out, only=only, seeds=seeds, overrides=parse_overrides(set_),
-                       log=lambda m: console.print(m, highlight=False))
+    summary = run_grid(
+        grid,
+        out,
+        only=only,
+        seeds=seeds,
+        overrides=parse_overrides(set_),
+        log=lambda m: console.print(m, highlight=False),
+    )
     for c in summary["cells"]:
         m = c["mIoU"]
-        console.print(f"{c['table']:>20} | {c['cell']:<28} mIoU {format_metric(m['mean'])} ± "
-                      f"{format_metric(m['std'])} (n={c['n_seeds']})")
+        console.print(
+            f"{c['table']:>20} | {c['cell']:<28} mIoU {format_metric(m['mean'])} ± "
+            f"{format_metric(m['std'])} (n={c['n_seeds']})"
+        )
     c = summary["compute"]
-    console.print(f"results: {out / 'results.csv'} ({summary['wall_time_s']} s now; the grid from scratch: "
-                  f"{c['seconds'] / 60:.1f} min over {c['stages']} stages, as measured when each ran)")
+    console.print(
+        f"results: {out / 'results.csv'} ({summary['wall_time_s']} s now; the grid from scratch: "
+        f"{c['seconds'] / 60:.1f} min over {c['stages']} stages, as measured when each ran)"
+    )

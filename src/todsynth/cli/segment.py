@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.markup import escape
@@ -16,16 +15,26 @@ app = typer.Typer(help="Train and evaluate segmentation models (stage c).", no_a
 
 @app.command()
 @friendly
-@with_settings("size", "steps", "batch_size", "seed", "device", "overwrite",
-               arguments={"data": "Training dataset (LoveDA root, image/mask folder or .jsonl); required unless "
-                                  "--config gives 'data'."},
-               options={"out": (str, "Output folder (default runs/segment)."),
-                        "split_file": (str, 'JSON split file ({"ids": [...]}) restricting the data.'),
-                        "synthetic": (str, "Synthetic dataset mixed into training."),
-                        "val": (str, "Validation dataset, scored after training."),
-                        "arch": (str, "unet, deeplabv3plus, segformer or fpn (default unet)."),
-                        "encoder": (str, "smp encoder name (default resnet18 / mit_b0)."),
-                        "lr": (float, "AdamW learning rate (default 5e-4).")})
+@with_settings(
+    "size",
+    "steps",
+    "batch_size",
+    "seed",
+    "device",
+    "overwrite",
+    arguments={
+        "data": "Training dataset (LoveDA root, image/mask folder or .jsonl); required unless --config gives 'data'."
+    },
+    options={
+        "out": (str, "Output folder (default runs/segment)."),
+        "split_file": (str, 'JSON split file ({"ids": [...]}) restricting the data.'),
+        "synthetic": (str, "Synthetic dataset mixed into training."),
+        "val": (str, "Validation dataset, scored after training."),
+        "arch": (str, "unet, deeplabv3plus, segformer or fpn (default unet)."),
+        "encoder": (str, "smp encoder name (default resnet18 / mit_b0)."),
+        "lr": (float, "AdamW learning rate (default 5e-4)."),
+    },
+)
 def train(resume: Resume = False, *, settings: Settings) -> None:
     """Train a segmenter; writes OUT/model/, OUT/results.json and OUT/checkpoint/.
 
@@ -37,8 +46,10 @@ def train(resume: Resume = False, *, settings: Settings) -> None:
     results = train_segmenter(cfg, resume=resume)
     if results.val is not None:
         console.print(_metrics_table(results.val, "validation"))
-    console.print(f"model saved to [bold]{escape(results.model)}[/] ({results.steps} steps, "
-                  f"{results.wall_time_s:.1f} s)", highlight=False)
+    console.print(
+        f"model saved to [bold]{escape(results.model)}[/] ({results.steps} steps, {results.wall_time_s:.1f} s)",
+        highlight=False,
+    )
 
 
 @app.command("eval")
@@ -47,12 +58,13 @@ def evaluate(
     model_dir: Path = typer.Argument(..., help="Folder written by training (OUT/model)."),
     data: Path = typer.Argument(..., help="Dataset to score."),
     split: str = typer.Option("Val", help="Split of a LoveDA root (other layouts have no splits)."),
-    size: Optional[int] = typer.Option(None, help="Predict at this tile size (default: the size the model was "
-                                                  "trained at; scores stay at native size)."),
+    size: int | None = typer.Option(
+        None, help="Predict at this tile size (default: the size the model was trained at; scores stay at native size)."
+    ),
     native: bool = typer.Option(False, "--native", help="Predict at each tile's own size instead."),
     batch_size: int = typer.Option(8, help="Batch size."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics to this JSON file."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the metrics to this JSON file."),
 ) -> None:
     """Score a saved segmenter on a dataset: per-class IoU, mIoU, OA, mAcc."""
     import torch
@@ -67,8 +79,9 @@ def evaluate(
     model = Segmenter.from_pretrained(model_dir)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    metrics = evaluate_segmenter(model, data, batch_size=batch_size, size=size, split=split, device=device,
-                                 native=native)
+    metrics = evaluate_segmenter(
+        model, data, batch_size=batch_size, size=size, split=split, device=device, native=native
+    )
     result = metrics.to_dict(model.config.class_names)
     console.print(_metrics_table(result, str(data) if ignores_split(data) else f"{data} ({split})"))
     if json_out is not None:

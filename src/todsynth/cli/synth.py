@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
-
-
 from todsynth.cli.common import Settings, console, friendly, with_settings
 
 
 @friendly
-@with_settings("num_steps", "guidance_scale", "batch_size", "seed", "device", names={"crfm_steps": "crfm.steps"},
-               arguments={"generator": "Generator folder (out/model of `generator train`).",
-                          "masks": "Masks to synthesize for: a dataset or a label-only folder.",
-                          "out": "Output folder (generic layout + manifest.jsonl)."},
-               options={"segmenter": (str, "Guidance segmenter folder (needed for CRFM)."),
-                        "copies": (int, "Images per mask (and transform; default 1)."),
-                        "crfm_steps": (int, "crfm.steps: CRFM rectified steps k (0 = plain sampling; default 4)."),
-                        "mixed_precision": (str, "no | bf16 | fp16: autocast of transformer, decoder and CRFM's "
-                                                 "segmenter pass.")})
+@with_settings(
+    "num_steps",
+    "guidance_scale",
+    "batch_size",
+    "seed",
+    "device",
+    names={"crfm_steps": "crfm.steps"},
+    arguments={
+        "generator": "Generator folder (out/model of `generator train`).",
+        "masks": "Masks to synthesize for: a dataset or a label-only folder.",
+        "out": "Output folder (generic layout + manifest.jsonl).",
+    },
+    options={
+        "segmenter": (str, "Guidance segmenter folder (needed for CRFM)."),
+        "copies": (int, "Images per mask (and transform; default 1)."),
+        "crfm_steps": (int, "crfm.steps: CRFM rectified steps k (0 = plain sampling; default 4)."),
+        "mixed_precision": (str, "no | bf16 | fp16: autocast of transformer, decoder and CRFM's segmenter pass."),
+    },
+)
 def synthesize(*, settings: Settings) -> None:
     """Make synthetic image/label pairs with CRFM; resumable, and sharded under `accelerate launch`.
 
@@ -30,5 +38,7 @@ def synthesize(*, settings: Settings) -> None:
     summary = run(cfg, accelerator=state)
     if state.is_main_process:
         done = f", {summary.already_done} already done" if summary.already_done else ""
-        console.print(f"synthesized {summary.made} pairs ({summary.rejected} rejected{done}) into {cfg.out} "
-                      f"in {summary.wall_time_s:.1f} s")
+        console.print(
+            f"synthesized {summary.made} pairs ({summary.rejected} rejected{done}) into {cfg.out} "
+            f"in {summary.wall_time_s:.1f} s"
+        )

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from todsynth.data.rasters import DATA_FILE, RGB_BANDS, RasterSpec
+from todsynth.data.readers import BaseDataset, JsonlDataset
 from todsynth.errors import CheckpointError, DataError
 
 MODES = ("fixed", "stretch")
@@ -61,9 +62,14 @@ class Normalisation:
 
     def settings(self) -> dict[str, Any]:
         """What data.yaml decides (statistics left out): compared between a dataset and a model."""
-        ranges = None if self.mode == "stretch" else [list(r) for r in zip(self.low, self.high)]
-        return {"bands": self.channels, "dtype": self.dtype, "mode": self.mode, "scale": ranges,
-                "percentiles": None if self.percentiles is None else list(self.percentiles)}
+        ranges = None if self.mode == "stretch" else [list(r) for r in zip(self.low, self.high, strict=True)]
+        return {
+            "bands": self.channels,
+            "dtype": self.dtype,
+            "mode": self.mode,
+            "scale": ranges,
+            "percentiles": None if self.percentiles is None else list(self.percentiles),
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -73,6 +79,7 @@ class Normalisation:
     @classmethod
     def from_dict(cls, d: Any, path: str | Path) -> Normalisation:
         """Read a stored normalisation; anything malformed is a CheckpointError naming `path`."""
+
         def bad(why: str) -> CheckpointError:
             return CheckpointError(f"'normalisation' {why}", path=path, fix=RESAVE)
 
@@ -86,21 +93,31 @@ class Normalisation:
         if dtype.kind not in "uif":
             raise bad(f"names a sample type that is not numeric: {dtype}")
         low, high = d["low"], d["high"]
-        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
-                      for v in [*(low if isinstance(low, list) else [None]), *(high if isinstance(high, list) else [None])])
-        if not (numbers and len(low) == len(high) >= 1 and all(a < b for a, b in zip(low, high))):
+        numbers = all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+            for v in [*(low if isinstance(low, list) else [None]), *(high if isinstance(high, list) else [None])]
+        )
+        if not (numbers and len(low) == len(high) >= 1 and all(a < b for a, b in zip(low, high, strict=True))):
             raise bad(f"needs equally long lists of finite numbers low < high, got low={low!r}, high={high!r}")
         mode, percentiles, rgb = d.get("mode", "fixed"), d.get("percentiles"), d.get("rgb")
         if mode not in MODES or (mode == "stretch") != (percentiles is not None):
             raise bad(f"mode must be one of {list(MODES)} (stretch with percentiles), got {mode!r}, {percentiles!r}")
         if percentiles is not None and not (isinstance(percentiles, list) and len(percentiles) == 2):
             raise bad(f"percentiles must be [low, high], got {percentiles!r}")
-        if rgb is not None and not (isinstance(rgb, list) and len(rgb) in (1, RGB_BANDS) and all(
-                isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= len(low) for c in rgb)):
+        if rgb is not None and not (
+            isinstance(rgb, list)
+            and len(rgb) in (1, RGB_BANDS)
+            and all(isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= len(low) for c in rgb)
+        ):
             raise bad(f"rgb must list 1 or 3 channel numbers 1..{len(low)}, got {rgb!r}")
-        return cls(str(dtype), tuple(float(v) for v in low), tuple(float(v) for v in high), mode,
-                   None if percentiles is None else (float(percentiles[0]), float(percentiles[1])),
-                   None if rgb is None else tuple(rgb))
+        return cls(
+            str(dtype),
+            tuple(float(v) for v in low),
+            tuple(float(v) for v in high),
+            mode,
+            None if percentiles is None else (float(percentiles[0]), float(percentiles[1])),
+            None if rgb is None else tuple(rgb),
+        )
 
 
 def stored_normalisation(d: dict[str, Any] | None, path: str | Path) -> Normalisation:
@@ -118,16 +135,16 @@ def _where(samples: Any) -> Path | None:
     root = getattr(samples, "root", None)
     if root is None:
         return None
-    index = getattr(samples, "index", None)  # a JsonlDataset's index file (Sequence.index is a method)
-    return (Path(index).parent if isinstance(index, (str, Path)) else Path(root)) / DATA_FILE
+    return (samples.index_file.parent if isinstance(samples, JsonlDataset) else Path(root)) / DATA_FILE
 
 
 def _image(samples: Sequence[Any], i: int) -> tuple[np.ndarray, np.ndarray | None, str]:
     """(raw image, nodata, id) of sample `i`, reading only the image file when the dataset allows."""
-    load = getattr(samples, "load_image_data", None)
-    if load is not None:
-        image, nodata, _ = load(i)
-        return image, nodata, samples.ids[i]
+    if isinstance(samples, BaseDataset):
+        data = samples.load_image_data(i)
+        if data is not None:  # None: a label-only item, refused below
+            image, nodata, _ = data
+            return image, nodata, samples.ids[i]
     sample = samples[i]
     if sample.image is None:
         raise DataError(f"sample '{sample.id}' has no image", fix="use a dataset with images")
@@ -146,8 +163,11 @@ def dataset_settings(samples: Sequence[Any]) -> Normalisation:
 
     Band count and sample type come from the first image."""
     if getattr(samples, "label_only", False) or len(samples) == 0:
-        raise DataError("the dataset has no images to take bands from", path=getattr(samples, "root", None),
-                        fix="use a dataset with images")
+        raise DataError(
+            "the dataset has no images to take bands from",
+            path=getattr(samples, "root", None),
+            fix="use a dataset with images",
+        )
     spec = _spec(samples)
     image, _, _ = _image(samples, 0)
     channels, dtype = image.shape[-1], str(image.dtype)
@@ -157,12 +177,18 @@ def dataset_settings(samples: Sequence[Any]) -> Normalisation:
     if spec.scale is not None:
         ranges = spec.scale * channels if len(spec.scale) == 1 else spec.scale
         if len(ranges) != channels:
-            raise DataError(f"'scale' gives {len(spec.scale)} ranges for {channels} bands", path=_where(samples),
-                            fix="give one [low, high] per band used, or a single [low, high]")
+            raise DataError(
+                f"'scale' gives {len(spec.scale)} ranges for {channels} bands",
+                path=_where(samples),
+                fix="give one [low, high] per band used, or a single [low, high]",
+            )
         return Normalisation(dtype, tuple(r[0] for r in ranges), tuple(r[1] for r in ranges), "fixed", None, rgb)
     if dtype != RGB8:  # readers refuse this; plain sample lists arrive here
-        raise DataError(f"images hold {dtype} samples and no scaling is given", path=_where(samples),
-                        fix="give 'scale' or 'stretch' in data.yaml, or 8-bit images")
+        raise DataError(
+            f"images hold {dtype} samples and no scaling is given",
+            path=_where(samples),
+            fix="give 'scale' or 'stretch' in data.yaml, or 8-bit images",
+        )
     return Normalisation(dtype, (0.0,) * channels, (255.0,) * channels, "fixed", None, rgb)
 
 
@@ -170,7 +196,7 @@ def fit_normalisation(samples: Sequence[Any]) -> Normalisation:
     """The normalisation of a training set: data.yaml's settings, with a `stretch` computed over every valid pixel
     of every image (exact percentiles, numpy's 'linear' definition)."""
     settings = dataset_settings(samples)
-    if settings.mode != "stretch":
+    if settings.percentiles is None:  # mode "fixed": nothing to measure
         return settings
     gather = _Percentiles(settings.channels)
     for i in range(len(samples)):
@@ -217,9 +243,12 @@ class _Percentiles:
                 else:
                     a, z = (float(v) for v in np.percentile(values, q))
             if not (np.isfinite(a) and np.isfinite(z) and a < z):
-                raise DataError(f"band {b + 1} has no spread between its {q[0]:g} and {q[1]:g} percentiles over the "
-                                f"training images ({a:g}..{z:g}), so a stretch cannot scale it", path=where,
-                                fix="use 'scale: [low, high]' for it, wider percentiles, or other bands")
+                raise DataError(
+                    f"band {b + 1} has no spread between its {q[0]:g} and {q[1]:g} percentiles over the "
+                    f"training images ({a:g}..{z:g}), so a stretch cannot scale it",
+                    path=where,
+                    fix="use 'scale: [low, high]' for it, wider percentiles, or other bands",
+                )
             low.append(float(a))
             high.append(float(z))
         return tuple(low), tuple(high)
@@ -246,32 +275,36 @@ def check_normalisation(samples: Sequence[Any], norm: Normalisation, model: str 
     diffs = [f"{k}: data {own[k]!r} vs model {stored[k]!r}" for k in own if own[k] != stored[k]]
     if diffs:
         model = f" ({model})" if model else ""
-        raise DataError(f"the data's bands or scaling differ from the normalisation of the model{model}: "
-                        f"{'; '.join(diffs)}", path=_where(samples) or getattr(samples, "root", None),
-                        fix=f"use data with the model's settings in {DATA_FILE} ({describe(norm)}), "
-                            "or train a model on this data")
+        raise DataError(
+            f"the data's bands or scaling differ from the normalisation of the model{model}: {'; '.join(diffs)}",
+            path=_where(samples) or getattr(samples, "root", None),
+            fix=f"use data with the model's settings in {DATA_FILE} ({describe(norm)}), or train a model on this data",
+        )
 
 
 def describe(norm: Normalisation) -> str:
     """The data.yaml-like words for a normalisation, e.g. '4 bands of uint16, scale [[0, 10000], ...]'."""
     what = f"{norm.channels} band{'s' if norm.channels != 1 else ''} of {norm.dtype}"
-    if norm.mode == "stretch":
+    if norm.percentiles is not None:  # mode "stretch"
         return f"{what}, stretch percentiles {list(norm.percentiles)}"
     if norm.is_rgb8 or (norm.dtype == RGB8 and set(norm.low) == {0.0} and set(norm.high) == {255.0}):
         return f"{what}, no scaling (/255)"
-    return f"{what}, scale {[[a, b] for a, b in zip(norm.low, norm.high)]}"
+    return f"{what}, scale {[[a, b] for a, b in zip(norm.low, norm.high, strict=True)]}"
 
 
 def _check_channels(image: np.ndarray, norm: Normalisation, what: str) -> None:
     """Refuse an image whose band count is not the normalisation's."""
     if image.ndim != 3 or image.shape[-1] != norm.channels:
         bands = image.shape[-1] if image.ndim == 3 else 1
-        raise DataError(f"{what} has {bands} band(s) but the model input has {norm.channels}",
-                        fix=f"give every image the same bands ('bands:' in {DATA_FILE})")
+        raise DataError(
+            f"{what} has {bands} band(s) but the model input has {norm.channels}",
+            fix=f"give every image the same bands ('bands:' in {DATA_FILE})",
+        )
 
 
-def image_tensor(image: np.ndarray, norm: Normalisation | None = None, nodata: np.ndarray | None = None,
-                 what: str = "image") -> Tensor:
+def image_tensor(
+    image: np.ndarray, norm: Normalisation | None = None, nodata: np.ndarray | None = None, what: str = "image"
+) -> Tensor:
     """A raw HxWxC image as the model's float32 CxHxW input in [0, 1] by `norm` (None: 8-bit RGB / 255).
 
     8-bit RGB is divided by 255 exactly as before bands existed. Fixed ranges refuse values outside them (the
@@ -280,8 +313,10 @@ def image_tensor(image: np.ndarray, norm: Normalisation | None = None, nodata: n
     norm = norm or Normalisation.rgb8()
     _check_channels(image, norm, what)
     if str(image.dtype) != norm.dtype:
-        raise DataError(f"{what} holds {image.dtype} samples but the model input is scaled from {norm.dtype}",
-                        fix=f"use data with the model's sample type and {DATA_FILE}")
+        raise DataError(
+            f"{what} holds {image.dtype} samples but the model input is scaled from {norm.dtype}",
+            fix=f"use data with the model's sample type and {DATA_FILE}",
+        )
     if norm.is_rgb8:
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
     else:
@@ -295,8 +330,10 @@ def image_tensor(image: np.ndarray, norm: Normalisation | None = None, nodata: n
             valid = torch.ones(image.shape[:2], dtype=torch.bool) if nodata is None else ~torch.from_numpy(nodata)
             outside = ((tensor < 0) | (tensor > 1)) & valid
             if bool(outside.any()):
-                raise DataError(f"{what} has {int(outside.sum())} value(s) outside the model's fixed scale "
-                                f"({describe(norm)})", fix=f"use data within the model's 'scale' in {DATA_FILE}")
+                raise DataError(
+                    f"{what} has {int(outside.sum())} value(s) outside the model's fixed scale ({describe(norm)})",
+                    fix=f"use data within the model's 'scale' in {DATA_FILE}",
+                )
     if nodata is not None:
         tensor = tensor.masked_fill(torch.from_numpy(nodata)[None], 0.0)
     return tensor.contiguous()
@@ -311,8 +348,9 @@ def to_raw(image: Tensor, norm: Normalisation) -> np.ndarray:
     dtype = np.dtype(norm.dtype)
     if dtype.kind in "ui":
         info = np.iinfo(dtype)
-        return np.clip(np.rint(raw), np.maximum(np.ceil(low), info.min), np.minimum(np.floor(high), info.max)
-                       ).astype(dtype)
+        return np.clip(np.rint(raw), np.maximum(np.ceil(low), info.min), np.minimum(np.floor(high), info.max)).astype(
+            dtype
+        )
     out = raw.astype(dtype)
     wide = out.astype(np.float64)
     out = np.where(wide > high, np.nextafter(out, dtype.type(-np.inf)), out)
@@ -345,13 +383,17 @@ def convert(images: Tensor, source: Normalisation | None, target: Normalisation 
     if (source.low, source.high) == (target.low, target.high) and source.dtype == target.dtype:
         return images
     if source.channels != target.channels or source.dtype != target.dtype:
-        raise DataError(f"{what} takes {describe(target)}, but the images are {describe(source)}",
-                        fix="use models trained on data with the same bands and sample type")
+        raise DataError(
+            f"{what} takes {describe(target)}, but the images are {describe(source)}",
+            fix="use models trained on data with the same bands and sample type",
+        )
     shape = (1, -1, 1, 1)
-    s_low, s_high = (torch.tensor(v, dtype=images.dtype, device=images.device).view(shape)
-                     for v in (source.low, source.high))
-    t_low, t_high = (torch.tensor(v, dtype=images.dtype, device=images.device).view(shape)
-                     for v in (target.low, target.high))
+    s_low, s_high = (
+        torch.tensor(v, dtype=images.dtype, device=images.device).view(shape) for v in (source.low, source.high)
+    )
+    t_low, t_high = (
+        torch.tensor(v, dtype=images.dtype, device=images.device).view(shape) for v in (target.low, target.high)
+    )
     return ((images * (s_high - s_low) + s_low - t_low) / (t_high - t_low)).clamp(0, 1)
 
 
@@ -363,10 +405,10 @@ def data_yaml(norm: Normalisation) -> str | None:
     if norm.is_rgb8:
         return None
     settings: dict[str, Any] = {"bands": list(range(1, norm.channels + 1))}
-    if norm.mode == "stretch":
+    if norm.percentiles is not None:  # mode "stretch"
         settings["stretch"] = {"percentiles": list(norm.percentiles)}
     elif norm.dtype != RGB8 or set(norm.low) != {0.0} or set(norm.high) != {255.0}:
-        settings["scale"] = [[a, b] for a, b in zip(norm.low, norm.high)]
+        settings["scale"] = [[a, b] for a, b in zip(norm.low, norm.high, strict=True)]
     if norm.rgb is not None:
         settings["rgb"] = list(norm.rgb)
     return yaml.safe_dump(settings, sort_keys=False, default_flow_style=None)
@@ -383,6 +425,10 @@ def write_geotiff(path: str | Path, array: np.ndarray) -> None:
     h, w, c = array.shape
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # NotGeoreferencedWarning: synthetic tiles have no geotransform
-        with rasterio.Env(GDAL_PAM_ENABLED="NO"), rasterio.open(
-                tmp, "w", driver="GTiff", width=w, height=h, count=c, dtype=array.dtype, compress="deflate") as dst:
+        with (
+            rasterio.Env(GDAL_PAM_ENABLED="NO"),
+            rasterio.open(
+                tmp, "w", driver="GTiff", width=w, height=h, count=c, dtype=array.dtype, compress="deflate"
+            ) as dst,
+        ):
             dst.write(np.moveaxis(array, -1, 0))

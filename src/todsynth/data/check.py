@@ -47,8 +47,10 @@ class RasterGroup:
         """Count one file of this group."""
         if not self.ranges:
             self.ranges = [None] * self.bands
-        self.ranges = [b if a is None else a if b is None else (min(a[0], b[0]), max(a[1], b[1]))
-                       for a, b in zip(self.ranges, info.ranges)]
+        self.ranges = [
+            b if a is None else a if b is None else (min(a[0], b[0]), max(a[1], b[1]))
+            for a, b in zip(self.ranges, info.ranges, strict=False)
+        ]  # a palette PNG: 1 band, 3 RGB ranges
         self.files += 1
         self.nodata_pixels += info.nodata_pixels
         self.pixels += info.height * info.width
@@ -93,8 +95,10 @@ class CheckReport:
         if self.classes is None:
             return []
         total = self.total_pixels or 1
-        return [ClassRow(name, self.pixel_counts[c], self.pixel_counts[c] / total, self.image_counts[c])
-                for c, name in enumerate(self.classes.names)]
+        return [
+            ClassRow(name, self.pixel_counts[c], self.pixel_counts[c] / total, self.image_counts[c])
+            for c, name in enumerate(self.classes.names)
+        ]
 
 
 def _attempt(load: Callable[[int], Any], i: int, problems: list[DataError]) -> Any:
@@ -110,8 +114,9 @@ def _count(label: np.ndarray, classes: ClassSpec, report: CheckReport) -> None:
     """Add one label map to the class statistics."""
     ignore = label == classes.ignore_index
     counts = np.bincount(label[~ignore].ravel(), minlength=classes.num_classes)
-    report.pixel_counts = [a + int(b) for a, b in zip(report.pixel_counts, counts)]
-    report.image_counts = [a + int(b > 0) for a, b in zip(report.image_counts, counts)]
+    counts = counts[: classes.num_classes]  # values past the classes are not class pixels
+    report.pixel_counts = [a + int(b) for a, b in zip(report.pixel_counts, counts, strict=True)]
+    report.image_counts = [a + int(b > 0) for a, b in zip(report.image_counts, counts, strict=True)]
     report.ignore_pixels += int(ignore.sum())
 
 
@@ -136,7 +141,7 @@ def _check_item(ds: BaseDataset, i: int, report: CheckReport) -> None:
         return
     label, mask_info = read
     _describe(report, "mask", mask_info)
-    if image is not None and image[0].shape[:2] != label.shape:
+    if image is not None and image_path is not None and image[0].shape[:2] != label.shape:
         report.problems.append(size_mismatch(image_path, mask_path, image[0].shape, label.shape))
         return
     if image is not None:
@@ -149,8 +154,9 @@ def _check_item(ds: BaseDataset, i: int, report: CheckReport) -> None:
     _count(label, ds.classes, report)
 
 
-def check_dataset(source: str | Path | BaseDataset, split: str = "Train", *, size: int | None = None,
-                  **kw: Any) -> CheckReport:
+def check_dataset(
+    source: str | Path | BaseDataset, split: str = "Train", *, size: int | None = None, **kw: Any
+) -> CheckReport:
     """Open (if a path) and read every file of a dataset once; never raises for data problems.
 
     `size` is the working tile size: files smaller than size x size are listed in `report.small` (they would be
@@ -166,8 +172,16 @@ def check_dataset(source: str | Path | BaseDataset, split: str = "Train", *, siz
         except DataError as e:
             return CheckReport(root=Path(source), problems=list(getattr(e, "problems", [e])), min_size=size)
     c = ds.classes.num_classes
-    report = CheckReport(root=ds.root, n_images=len(ds), label_only=ds.label_only, classes=ds.classes,
-                         pixel_counts=[0] * c, image_counts=[0] * c, problems=list(ds.problems), min_size=size)
+    report = CheckReport(
+        root=ds.root,
+        n_images=len(ds),
+        label_only=ds.label_only,
+        classes=ds.classes,
+        pixel_counts=[0] * c,
+        image_counts=[0] * c,
+        problems=list(ds.problems),
+        min_size=size,
+    )
     for i in range(len(ds)):
         _check_item(ds, i, report)
     return report
@@ -181,8 +195,9 @@ def validate_dataset(source: str | Path | BaseDataset, split: str = "Train", **k
     return report
 
 
-def open_checked(path: str | Path, split: str = "Train", split_file: str | Path | None = None,
-                 limit: int | None = None) -> BaseDataset:
+def open_checked(
+    path: str | Path, split: str = "Train", split_file: str | Path | None = None, limit: int | None = None
+) -> BaseDataset:
     """Open a dataset for training or scoring: restrict it to a split file's ids and/or its first `limit`
     samples, then validate every file of what is left (DatasetProblems lists them all)."""
     from todsynth.data.readers import SubsetDataset

@@ -14,8 +14,13 @@ YAML_BOOLEAN_WORDS = "yes/no/on/off/true/false"
 LOVEDA_NAMES = ("background", "building", "road", "water", "barren", "forest", "agriculture")
 # LoveDA's conventional colour map (used for previews and palette masks).
 LOVEDA_PALETTE = (
-    (255, 255, 255), (255, 0, 0), (255, 255, 0), (0, 0, 255),
-    (159, 129, 183), (0, 255, 0), (255, 195, 128),
+    (255, 255, 255),
+    (255, 0, 0),
+    (255, 255, 0),
+    (0, 0, 255),
+    (159, 129, 183),
+    (0, 255, 0),
+    (255, 195, 128),
 )
 
 
@@ -37,19 +42,27 @@ class ClassSpec:
         if len(set(self.names)) != len(self.names):
             raise DataError(f"duplicate class names in {list(self.names)}", fix="give every class its own name")
         if self.palette is not None and len(self.palette) != len(self.names):
-            raise DataError(f"palette has {len(self.palette)} colours for {len(self.names)} classes",
-                            fix="give one [r, g, b] colour per class")
+            raise DataError(
+                f"palette has {len(self.palette)} colours for {len(self.names)} classes",
+                fix="give one [r, g, b] colour per class",
+            )
         if 0 <= self.ignore_index < len(self.names):
-            raise DataError(f"ignore index {self.ignore_index} collides with a class label "
-                            f"({len(self.names)} classes use 0..{len(self.names) - 1})",
-                            fix=_free_ignore_fix(len(self.names)))
+            raise DataError(
+                f"ignore index {self.ignore_index} collides with a class label "
+                f"({len(self.names)} classes use 0..{len(self.names) - 1})",
+                fix=_free_ignore_fix(len(self.names)),
+            )
         if self.ignore_colors and self.palette is None:
-            raise DataError("'ignore_colors' is given but no 'palette': colours map to classes only through a "
-                            "palette", fix="add 'palette' (one [r, g, b] per class) or remove 'ignore_colors'")
+            raise DataError(
+                "'ignore_colors' is given but no 'palette': colours map to classes only through a palette",
+                fix="add 'palette' (one [r, g, b] per class) or remove 'ignore_colors'",
+            )
         both = sorted(set(self.ignore_colors) & set(self.palette or ()))
         if both:
-            raise DataError(f"colour(s) {[list(c) for c in both]} are both in 'palette' and in 'ignore_colors'",
-                            fix="keep each colour in one of the two lists")
+            raise DataError(
+                f"colour(s) {[list(c) for c in both]} are both in 'palette' and in 'ignore_colors'",
+                fix="keep each colour in one of the two lists",
+            )
 
     @property
     def num_classes(self) -> int:
@@ -57,37 +70,52 @@ class ClassSpec:
 
     def to_dict(self) -> dict:
         """The classes.yaml mapping (ignore_colors only when there are some, so older readers stay valid)."""
-        d = {"names": list(self.names), "ignore_index": self.ignore_index,
-             "palette": None if self.palette is None else [list(c) for c in self.palette]}
+        d = {
+            "names": list(self.names),
+            "ignore_index": self.ignore_index,
+            "palette": None if self.palette is None else [list(c) for c in self.palette],
+        }
         if self.ignore_colors:
             d["ignore_colors"] = [list(c) for c in self.ignore_colors]
         return d
 
     @classmethod
-    def from_dict(cls, d: dict, path: str | Path | None = None) -> "ClassSpec":
+    def from_dict(cls, d: dict, path: str | Path | None = None) -> ClassSpec:
         """Build from a `classes.yaml`-style mapping; `path` names the file in errors.
 
         The class list is `names:` or, as mmseg and torchgeo users write it, `classes:` (one of the two).
         """
         if isinstance(d, dict) and "names" in d and "classes" in d:
-            raise DataError("both 'names' and 'classes' are given; they are the same list", path=path,
-                            fix="keep one of them: 'names: [...]' (or 'classes: [...]')")
+            raise DataError(
+                "both 'names' and 'classes' are given; they are the same list",
+                path=path,
+                fix="keep one of them: 'names: [...]' (or 'classes: [...]')",
+            )
         if not isinstance(d, dict) or not ("names" in d or "classes" in d):
-            raise DataError("expected a mapping with a 'names' list (or 'classes')", path=path,
-                            fix="write e.g. 'names: [background, building]'")
+            raise DataError(
+                "expected a mapping with a 'names' list (or 'classes')",
+                path=path,
+                fix="write e.g. 'names: [background, building]'",
+            )
         key = "names" if "names" in d else "classes"
         names = d[key]
         if isinstance(names, dict):
-            raise DataError(f"'{key}' is a mapping; todsynth wants the class names as a list in label order",
-                            path=path, fix=f"write e.g. '{key}: [background, building]' (label 0 first)")
+            raise DataError(
+                f"'{key}' is a mapping; todsynth wants the class names as a list in label order",
+                path=path,
+                fix=f"write e.g. '{key}: [background, building]' (label 0 first)",
+            )
         if isinstance(names, list):
             _check_name_types(names, path, key)
         if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
             raise DataError(f"'{key}' must be a list of non-empty strings", path=path)
         if "ignore_index" not in d and IGNORE_INDEX < len(names):
-            raise DataError(f"the default ignore index {IGNORE_INDEX} collides with a class label "
-                            f"({len(names)} classes use 0..{len(names) - 1})", path=path,
-                            fix=f"set 'ignore_index' in the classes file: {_free_ignore_fix(len(names))}")
+            raise DataError(
+                f"the default ignore index {IGNORE_INDEX} collides with a class label "
+                f"({len(names)} classes use 0..{len(names) - 1})",
+                path=path,
+                fix=f"set 'ignore_index' in the classes file: {_free_ignore_fix(len(names))}",
+            )
         ignore = d.get("ignore_index", IGNORE_INDEX)
         if not isinstance(ignore, int) or isinstance(ignore, bool) or not 0 <= ignore <= MAX_LABEL:
             raise DataError(f"'ignore_index' must be an integer in 0..{MAX_LABEL}, got {ignore!r}", path=path)
@@ -95,7 +123,8 @@ class ClassSpec:
         if palette is not None:
             ok = isinstance(palette, list) and all(
                 isinstance(c, list) and len(c) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in c)
-                for c in palette)
+                for c in palette
+            )
             if not ok:
                 raise DataError("'palette' must be a list of [r, g, b] integer triples", path=path)
             palette = tuple(tuple(c) for c in palette)
@@ -123,12 +152,20 @@ def _free_ignore_fix(num_classes: int) -> str:
 
 def _colour_list(value: object, key: str, path: str | Path | None) -> tuple[tuple[int, int, int], ...]:
     """A list of distinct [r, g, b] 0..255 triples from YAML, or a DataError naming `key`."""
-    ok = isinstance(value, list) and all(
-        isinstance(c, list) and len(c) == 3
-        and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in c) for c in value)
-    if not ok:
-        raise DataError(f"'{key}' must be a list of [r, g, b] integer triples (0..255), got {value!r}", path=path,
-                        fix=f"e.g. '{key}: [[128, 128, 128], [0, 0, 0]]'")
+    if not (
+        isinstance(value, list)
+        and all(
+            isinstance(c, list)
+            and len(c) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in c)
+            for c in value
+        )
+    ):
+        raise DataError(
+            f"'{key}' must be a list of [r, g, b] integer triples (0..255), got {value!r}",
+            path=path,
+            fix=f"e.g. '{key}: [[128, 128, 128], [0, 0, 0]]'",
+        )
     colours = tuple(tuple(c) for c in value)
     if len(set(colours)) != len(colours):
         raise DataError(f"'{key}' lists a colour twice", path=path, fix="list every colour once")
@@ -139,21 +176,28 @@ def _check_name_types(names: list, path: str | Path | None, key: str = "names") 
     """Raise DataError naming class names YAML read as booleans, numbers or null instead of strings."""
     flags = [i for i, n in enumerate(names) if isinstance(n, bool)]
     if flags:
-        raise DataError(f"'{key}' entries {flags} (0-based) were read by YAML as booleans "
-                        f"{[names[i] for i in flags]}: unquoted {YAML_BOOLEAN_WORDS} are booleans in YAML",
-                        path=path, fix=f'quote them, e.g. {key}: ["no", "on", "off"]')
+        raise DataError(
+            f"'{key}' entries {flags} (0-based) were read by YAML as booleans "
+            f"{[names[i] for i in flags]}: unquoted {YAML_BOOLEAN_WORDS} are booleans in YAML",
+            path=path,
+            fix=f'quote them, e.g. {key}: ["no", "on", "off"]',
+        )
     other = [i for i, n in enumerate(names) if not isinstance(n, str)]
     if other:
-        raise DataError(f"'{key}' entries {other} (0-based) were read by YAML as "
-                        f"{[type(names[i]).__name__ for i in other]}, not strings", path=path,
-                        fix=f'quote them, e.g. {key}: ["1", "2", "null"]')
+        raise DataError(
+            f"'{key}' entries {other} (0-based) were read by YAML as "
+            f"{[type(names[i]).__name__ for i in other]}, not strings",
+            path=path,
+            fix=f'quote them, e.g. {key}: ["1", "2", "null"]',
+        )
 
 
 LOVEDA = ClassSpec(LOVEDA_NAMES, IGNORE_INDEX, LOVEDA_PALETTE)
 
 
-def class_difference(ours: list[str] | tuple[str, ...] | int, theirs: list[str] | tuple[str, ...] | int,
-                     shown: int = 5) -> str:
+def class_difference(
+    ours: list[str] | tuple[str, ...] | int, theirs: list[str] | tuple[str, ...] | int, shown: int = 5
+) -> str:
     """`ours` (class names, or a count) described against `theirs`: the count, and at most `shown` names (those
     not in `theirs` first) when the counts differ; the whole list when they are equal in number (order differs)."""
     if isinstance(ours, int):

@@ -12,7 +12,7 @@ keeps its aspect ratio.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, TypeVar, get_args
 
 import numpy as np
 import torch
@@ -24,15 +24,17 @@ CropMode = Literal["random", "center", "resize"]
 CROP_MODES: tuple[str, ...] = get_args(CropMode)
 TRAIN_CROP = "random"  # the training default: keeps the ground sampling distance of every scene
 CROP_STREAM = 0x63726F70  # 'crop': keeps crop draws apart from every other seeded stream
-SMALL_FIX = ("use crop: resize (scales the short side to the working size), a smaller size, "
-             "or remove the sample")
+ImageOrNone = TypeVar("ImageOrNone", torch.Tensor, None)  # an image goes with its label; label-only data has none
+SMALL_FIX = "use crop: resize (scales the short side to the working size), a smaller size, or remove the sample"
 
 
 def check_crop_mode(mode: str, allowed: tuple[str, ...] = CROP_MODES) -> None:
     """Raise ConfigError unless `mode` is one of `allowed`."""
     if mode not in allowed:
-        raise ConfigError(f"crop must be one of {list(allowed)}, got {mode!r}",
-                          fix="random (training default), center, or resize (short side to size, no distortion)")
+        raise ConfigError(
+            f"crop must be one of {list(allowed)}, got {mode!r}",
+            fix="random (training default), center, or resize (short side to size, no distortion)",
+        )
 
 
 def crop_rng(seed: int, *key: int) -> np.random.Generator:
@@ -49,8 +51,7 @@ def crop_offsets(h: int, w: int, size: int, mode: str, rng: np.random.Generator 
     return (h - size) // 2, (w - size) // 2
 
 
-def _resize_short_side(image: torch.Tensor | None, label: torch.Tensor,
-                       size: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+def _resize_short_side(image: ImageOrNone, label: torch.Tensor, size: int) -> tuple[ImageOrNone, torch.Tensor]:
     """Scale so the short side is `size` (bilinear image, nearest labels); the aspect ratio is kept."""
     h, w = label.shape[-2:]
     scale = size / min(h, w)
@@ -58,15 +59,22 @@ def _resize_short_side(image: torch.Tensor | None, label: torch.Tensor,
     if (h, w) == hw:
         return image, label.long()
     if image is not None:
-        image = F.interpolate(image[None], size=hw, mode="bilinear", align_corners=False,
-                              antialias=True)[0].clamp_(0.0, 1.0)
+        image = F.interpolate(image[None], size=hw, mode="bilinear", align_corners=False, antialias=True)[0].clamp_(
+            0.0, 1.0
+        )
     label = F.interpolate(label[None, None].float(), size=hw, mode="nearest-exact")[0, 0].long()
     return image, label
 
 
-def fit_pair(image: torch.Tensor | None, label: torch.Tensor, size: int, mode: str,
-             rng: np.random.Generator | None = None, name: str = "sample",
-             path: str | Path | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+def fit_pair(
+    image: ImageOrNone,
+    label: torch.Tensor,
+    size: int,
+    mode: str,
+    rng: np.random.Generator | None = None,
+    name: str = "sample",
+    path: str | Path | None = None,
+) -> tuple[ImageOrNone, torch.Tensor]:
     """A 3xHxW float image (or None) and its HxW label map brought to size x size by `mode` (see the module).
 
     `name` and `path` identify the sample in the error for one smaller than `size` in crop mode.
@@ -77,10 +85,11 @@ def fit_pair(image: torch.Tensor | None, label: torch.Tensor, size: int, mode: s
         image, label = _resize_short_side(image, label, size)
         h, w = label.shape[-2:]
     elif h < size or w < size:
-        raise DataError(f"{name} is {h}x{w}, smaller than the working size {size} (crop: {mode})", path=path,
-                        fix=SMALL_FIX)
+        raise DataError(
+            f"{name} is {h}x{w}, smaller than the working size {size} (crop: {mode})", path=path, fix=SMALL_FIX
+        )
     y, x = crop_offsets(h, w, size, mode, rng)
     if (h, w) != (size, size):
-        label = label[..., y:y + size, x:x + size]
-        image = None if image is None else image[..., y:y + size, x:x + size]
+        label = label[..., y : y + size, x : x + size]
+        image = None if image is None else image[..., y : y + size, x : x + size]
     return image, label.long()

@@ -28,8 +28,10 @@ from todsynth.errors import ConfigError, DataError
 
 DATA_FILE = "data.yaml"
 DATA_KEYS = ("bands", "scale", "stretch", "rgb")
-DATA_EXAMPLE = ("e.g. 'bands: [3, 2, 1, 4]' (1-based band numbers), 'scale: [0, 4000]' (maps 0..4000 to 0..1) or "
-                "'stretch: {percentiles: [2, 98]}', and 'rgb: [3, 2, 1]' (bands shown in previews)")
+DATA_EXAMPLE = (
+    "e.g. 'bands: [3, 2, 1, 4]' (1-based band numbers), 'scale: [0, 4000]' (maps 0..4000 to 0..1) or "
+    "'stretch: {percentiles: [2, 98]}', and 'rgb: [3, 2, 1]' (bands shown in previews)"
+)
 RASTER_SUFFIXES = frozenset({".tif", ".tiff"})
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
@@ -97,21 +99,30 @@ def load_raster_spec(path: str | Path) -> RasterSpec:
         raise DataError("data settings file must be a mapping", path=path, fix=DATA_EXAMPLE)
     unknown = sorted(str(k) for k in set(data) - set(DATA_KEYS))
     if unknown:
-        raise DataError(f"unknown key(s) {unknown} in the data settings file; known: {list(DATA_KEYS)}",
-                        path=path, fix=f"remove or rename them, {DATA_EXAMPLE}")
+        raise DataError(
+            f"unknown key(s) {unknown} in the data settings file; known: {list(DATA_KEYS)}",
+            path=path,
+            fix=f"remove or rename them, {DATA_EXAMPLE}",
+        )
     bands = _parse_bands(data.get("bands"), path)
     scale = _parse_scale(data.get("scale"), len(bands) if bands else None, path)
     stretch = _parse_stretch(data.get("stretch"), path)
     if scale is not None and stretch is not None:
-        raise DataError("'scale' and 'stretch' are both given; a band is scaled one way", path=path,
-                        fix="keep 'scale: [low, high]' (fixed) or 'stretch: {percentiles: [2, 98]}', not both")
+        raise DataError(
+            "'scale' and 'stretch' are both given; a band is scaled one way",
+            path=path,
+            fix="keep 'scale: [low, high]' (fixed) or 'stretch: {percentiles: [2, 98]}', not both",
+        )
     return RasterSpec(bands, scale, stretch, _parse_rgb(data.get("rgb"), bands, path))
 
 
 def _band_numbers(value: Any) -> bool:
     """Whether a YAML value is a non-empty list of band numbers (integers >= 1)."""
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in value)
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in value)
+    )
 
 
 def _parse_bands(value: Any, path: Path) -> tuple[int, ...] | None:
@@ -119,8 +130,11 @@ def _parse_bands(value: Any, path: Path) -> tuple[int, ...] | None:
     if value is None:
         return None
     if not _band_numbers(value) or len(set(value)) != len(value):
-        raise DataError(f"'bands' must list distinct band numbers counted from 1, got {value!r}", path=path,
-                        fix="e.g. 'bands: [1, 2, 3]' for the first three bands, or 'bands: [3, 2, 1, 4]'")
+        raise DataError(
+            f"'bands' must list distinct band numbers counted from 1, got {value!r}",
+            path=path,
+            fix="e.g. 'bands: [1, 2, 3]' for the first three bands, or 'bands: [3, 2, 1, 4]'",
+        )
     return tuple(value)
 
 
@@ -143,12 +157,18 @@ def _parse_rgb(value: Any, bands: tuple[int, ...] | None, path: Path) -> tuple[i
     if value is None:
         return None
     if not _band_numbers(value) or len(value) not in (1, RGB_BANDS):
-        raise DataError(f"'rgb' must list 1 or 3 band numbers counted from 1, got {value!r}", path=path,
-                        fix="e.g. 'rgb: [3, 2, 1]' (red, green, blue bands of the file)")
-    missing = [b for b in value if bands is not None and b not in bands]
+        raise DataError(
+            f"'rgb' must list 1 or 3 band numbers counted from 1, got {value!r}",
+            path=path,
+            fix="e.g. 'rgb: [3, 2, 1]' (red, green, blue bands of the file)",
+        )
+    missing = [] if bands is None else [b for b in value if b not in bands]
     if missing:
-        raise DataError(f"'rgb' shows band(s) {missing} that 'bands' {list(bands)} does not select", path=path,
-                        fix="list in 'rgb' only bands that 'bands' selects")
+        raise DataError(
+            f"'rgb' shows band(s) {missing} that 'bands' {list(bands or ())} does not select",
+            path=path,
+            fix="list in 'rgb' only bands that 'bands' selects",
+        )
     return tuple(value)
 
 
@@ -163,17 +183,24 @@ def _parse_scale(value: Any, n_bands: int | None, path: Path) -> tuple[tuple[flo
         return None
     fix = "e.g. 'scale: [0, 4000]' for all bands, or 'scale: [[0, 3000], [0, 3500], [0, 4000]]' per band"
     pair = isinstance(value, list) and len(value) == 2 and all(_number(v) for v in value)
-    pairs = isinstance(value, list) and bool(value) and all(
-        isinstance(p, list) and len(p) == 2 and all(_number(v) for v in p) for p in value)
+    pairs = (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(p, list) and len(p) == 2 and all(_number(v) for v in p) for p in value)
+    )
     if not (pair or pairs):
-        raise DataError(f"'scale' must be [low, high] or a list of [low, high] per band, got {value!r}",
-                        path=path, fix=fix)
+        raise DataError(
+            f"'scale' must be [low, high] or a list of [low, high] per band, got {value!r}", path=path, fix=fix
+        )
     result = ((float(value[0]), float(value[1])),) if pair else tuple((float(a), float(b)) for a, b in value)
     if any(low >= high for low, high in result):
         raise DataError(f"'scale' needs low < high, got {value!r}", path=path, fix=fix)
     if not pair and n_bands is not None and len(result) not in (1, n_bands):
-        raise DataError(f"'scale' gives {len(result)} ranges for {n_bands} bands", path=path,
-                        fix="give one [low, high] per band listed in 'bands', or a single [low, high]")
+        raise DataError(
+            f"'scale' gives {len(result)} ranges for {n_bands} bands",
+            path=path,
+            fix="give one [low, high] per band listed in 'bands', or a single [low, high]",
+        )
     return result
 
 
@@ -199,8 +226,11 @@ def is_raster_file(path: Path, role: str) -> bool:
 
 def unreadable(what: str, path: Path, e: Exception) -> DataError:
     """The error for a file that cannot be decoded."""
-    return DataError(f"cannot read {what}: the file is corrupt, truncated or not an image "
-                     f"({type(e).__name__}: {e})", path=path, fix="re-export the file or remove it")
+    return DataError(
+        f"cannot read {what}: the file is corrupt, truncated or not an image ({type(e).__name__}: {e})",
+        path=path,
+        fix="re-export the file or remove it",
+    )
 
 
 def pixel_limit() -> int | None:
@@ -211,8 +241,10 @@ def pixel_limit() -> int | None:
     value = os.environ.get(PIXEL_LIMIT_ENV, "").strip()
     if value:
         if not value.isdigit() or int(value) < 1:
-            raise ConfigError(f"the environment variable {PIXEL_LIMIT_ENV}={value!r} is not a pixel count >= 1",
-                              fix=f"set it to a whole number of pixels, e.g. {PIXEL_LIMIT_ENV}=200000000, or unset it")
+            raise ConfigError(
+                f"the environment variable {PIXEL_LIMIT_ENV}={value!r} is not a pixel count >= 1",
+                fix=f"set it to a whole number of pixels, e.g. {PIXEL_LIMIT_ENV}=200000000, or unset it",
+            )
         Image.MAX_IMAGE_PIXELS = int(value)
     return Image.MAX_IMAGE_PIXELS
 
@@ -224,10 +256,13 @@ def too_many_pixels(what: str, path: Path, pixels: int | None) -> DataError:
     limit = Image.MAX_IMAGE_PIXELS
     size = "" if pixels is None else f" of {pixels:,} pixels"
     needed = f"{pixels}" if pixels is not None else "<pixels>"
-    return DataError(f"{what}{size} exceeds PIL's pixel limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS, a guard "
-                     "against decompression bombs)", path=path,
-                     fix=f"if you trust the file, raise the limit with the environment variable "
-                         f"{PIXEL_LIMIT_ENV}={needed}; with it, `todsynth data tile` can cut it into tiles")
+    return DataError(
+        f"{what}{size} exceeds PIL's pixel limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS, a guard "
+        "against decompression bombs)",
+        path=path,
+        fix=f"if you trust the file, raise the limit with the environment variable "
+        f"{PIXEL_LIMIT_ENV}={needed}; with it, `todsynth data tile` can cut it into tiles",
+    )
 
 
 def _pixel_limit(what: str, path: Path, pixels: int) -> DataError | None:
@@ -286,21 +321,29 @@ def read_raster(path: Path, what: str) -> Raster:
         except Exception as e:  # rasterio signals bad files with RasterioIOError and CPLE_* errors
             raise unreadable(what, path, e) from None
     if array.dtype.kind not in "uif":
-        raise DataError(f"{what} holds {array.dtype} samples, not numbers todsynth reads", path=path,
-                        fix="export it with integer or floating-point samples")
+        raise DataError(
+            f"{what} holds {array.dtype} samples, not numbers todsynth reads",
+            path=path,
+            fix="export it with integer or floating-point samples",
+        )
     nodata = _nodata_pixels(array, nodatavals)
-    info = RasterInfo(str(array.dtype), array.shape[-1], array.shape[0], array.shape[1],
-                      band_ranges(array, nodata), int(nodata.sum()))
+    info = RasterInfo(
+        str(array.dtype), array.shape[-1], array.shape[0], array.shape[1], band_ranges(array, nodata), int(nodata.sum())
+    )
     return Raster(array, nodata, colormap, colour_names, info)
 
 
-def colormap_rgba(raster: Raster, path: Path) -> np.ndarray:
-    """HxWx4 uint8 colours of a paletted raster through its colour map; an index beyond the map is refused."""
-    indices = raster.array[..., 0].astype(np.int64)
-    if indices.size and (indices.min() < 0 or indices.max() >= len(raster.colormap)):
-        raise DataError(f"palette indices {int(indices.min())}..{int(indices.max())} go beyond the file's colour map "
-                        f"of {len(raster.colormap)} entries", path=path, fix="re-export the file with its full palette")
-    return raster.colormap[indices]
+def colormap_rgba(array: np.ndarray, colormap: np.ndarray, path: Path) -> np.ndarray:
+    """HxWx4 uint8 colours of a paletted raster's samples through its colour map; an index beyond it is refused."""
+    indices = array[..., 0].astype(np.int64)
+    if indices.size and (indices.min() < 0 or indices.max() >= len(colormap)):
+        raise DataError(
+            f"palette indices {int(indices.min())}..{int(indices.max())} go beyond the file's colour map "
+            f"of {len(colormap)} entries",
+            path=path,
+            fix="re-export the file with its full palette",
+        )
+    return colormap[indices]
 
 
 def _span(info: RasterInfo) -> str:
@@ -319,17 +362,24 @@ def _chosen(raster: Raster, spec: RasterSpec, path: Path) -> np.ndarray:
         return np.repeat(raster.array, RGB_BANDS, axis=-1) if info.bands == 1 else raster.array
     missing = [b for b in spec.bands if b > info.bands]
     if missing:
-        raise DataError(f"'bands' in {DATA_FILE} asks for band(s) {missing} but the image has {info.bands}",
-                        path=path, fix=f"list band numbers 1..{info.bands} in 'bands' in {DATA_FILE}")
+        raise DataError(
+            f"'bands' in {DATA_FILE} asks for band(s) {missing} but the image has {info.bands}",
+            path=path,
+            fix=f"list band numbers 1..{info.bands} in 'bands' in {DATA_FILE}",
+        )
     return raster.array[..., [b - 1 for b in spec.bands]]
 
 
-def check_scale(array: np.ndarray, nodata: np.ndarray | None, scale: tuple[tuple[float, float], ...],
-                path: Path) -> None:
+def check_scale(
+    array: np.ndarray, nodata: np.ndarray | None, scale: tuple[tuple[float, float], ...], path: Path
+) -> None:
     """Refuse valid values outside a band's fixed `scale` range (they would be clipped), naming file and setting."""
     if len(scale) not in (1, array.shape[-1]):
-        raise DataError(f"'scale' in {DATA_FILE} gives {len(scale)} ranges but the image uses {array.shape[-1]} bands",
-                        path=path, fix="give one [low, high] per band used, or a single [low, high]")
+        raise DataError(
+            f"'scale' in {DATA_FILE} gives {len(scale)} ranges but the image uses {array.shape[-1]} bands",
+            path=path,
+            fix="give one [low, high] per band used, or a single [low, high]",
+        )
     ranges = scale * array.shape[-1] if len(scale) == 1 else scale
     valid = np.ones(array.shape[:2], bool) if nodata is None else ~nodata
     for b, (low, high) in enumerate(ranges):
@@ -337,9 +387,12 @@ def check_scale(array: np.ndarray, nodata: np.ndarray | None, scale: tuple[tuple
         outside = valid & ((band < low) | (band > high))
         if outside.any():
             values = band[valid]
-            raise DataError(f"band {b + 1} used has {int(outside.sum())} pixel(s) outside 'scale' {low:g}..{high:g} "
-                            f"(values {values.min():g}..{values.max():g}); they would be clipped", path=path,
-                            fix=f"widen 'scale' in {DATA_FILE} to cover {values.min():g}..{values.max():g}")
+            raise DataError(
+                f"band {b + 1} used has {int(outside.sum())} pixel(s) outside 'scale' {low:g}..{high:g} "
+                f"(values {values.min():g}..{values.max():g}); they would be clipped",
+                path=path,
+                fix=f"widen 'scale' in {DATA_FILE} to cover {values.min():g}..{values.max():g}",
+            )
 
 
 def select_bands(raster: Raster, spec: RasterSpec, path: Path) -> np.ndarray:
@@ -353,18 +406,22 @@ def select_bands(raster: Raster, spec: RasterSpec, path: Path) -> np.ndarray:
     """
     info = raster.info
     if raster.colormap is not None and spec.bands is None and spec.scale is None and spec.stretch is None:
-        return colormap_rgba(raster, path)[..., :RGB_BANDS].copy()
+        return colormap_rgba(raster.array, raster.colormap, path)[..., :RGB_BANDS].copy()
     array = _chosen(raster, spec, path)
     if spec.scale is None and spec.stretch is None and array.dtype != np.uint8:
         found = [r for r in info.ranges if r is not None]
         high = max((r[1] for r in found), default=0.0)
         if high <= 0:
             high = float(np.iinfo(array.dtype).max) if array.dtype.kind in "ui" else 1.0
-        raise DataError(f"{info.bands}-band {info.dtype} image ({_span(info)}); todsynth scales samples other than "
-                        "uint8 only as data.yaml says", path=path,
-                        fix=f"map values to 0..1 with 'scale: [low, high]' in {DATA_FILE}, e.g. 'scale: [0, {high:g}]', "
-                            "or with 'stretch: {percentiles: [2, 98]}' (computed over the training split), "
-                            "or convert it to 8-bit RGB first")
+        raise DataError(
+            f"{info.bands}-band {info.dtype} image ({_span(info)}); todsynth scales samples other than "
+            "uint8 only as data.yaml says",
+            path=path,
+            fix=f"map values to 0..1 with 'scale: [low, high]' in {DATA_FILE}, "
+            f"e.g. 'scale: [0, {high:g}]', "
+            "or with 'stretch: {percentiles: [2, 98]}' (computed over the training split), "
+            "or convert it to 8-bit RGB first",
+        )
     if spec.scale is not None:
         check_scale(array, raster.nodata, spec.scale, path)
     return np.ascontiguousarray(array)

@@ -14,9 +14,22 @@ import numpy as np
 
 from todsynth.data.classes import LOVEDA, ClassSpec
 from todsynth.data.prompts import PromptFn, build_prompt
-from todsynth.data.rasters import (DATA_FILE, RGB_BANDS, Raster, RasterInfo, RasterSpec, band_ranges,
-                                   colormap_rgba, is_raster_file, load_raster_spec, pixel_limit, read_raster,
-                                   select_bands, too_many_pixels, unreadable)
+from todsynth.data.rasters import (
+    DATA_FILE,
+    RGB_BANDS,
+    Raster,
+    RasterInfo,
+    RasterSpec,
+    band_ranges,
+    colormap_rgba,
+    is_raster_file,
+    load_raster_spec,
+    pixel_limit,
+    read_raster,
+    select_bands,
+    too_many_pixels,
+    unreadable,
+)
 from todsynth.data.sample import Sample
 from todsynth.errors import DataError, DatasetProblems
 
@@ -32,10 +45,14 @@ CLASSES_KEYS = ("names", "classes", "ignore_index", "palette", "ignore_colors")
 INDEX_MODES = frozenset({"1", "L", "P", "I;16", "I;16L", "I;16B", "I;16N", "I"})
 COLOUR_MODES = frozenset({"RGB", "RGBA"})
 HIGH_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
-LAYOUTS = ("accepted layouts: a LoveDA root (<root>/Train/{Urban,Rural}/{images_png,masks_png}), "
-           "a folder with images/, masks/ and classes.yaml (masks/ only: label-only), or a .jsonl index")
-CLASSES_EXAMPLE = ("e.g. 'names: [background, building, road]' (or 'classes: [...]') with optional "
-                   "'ignore_index: 255', 'palette' and 'ignore_colors'")
+LAYOUTS = (
+    "accepted layouts: a LoveDA root (<root>/Train/{Urban,Rural}/{images_png,masks_png}), "
+    "a folder with images/, masks/ and classes.yaml (masks/ only: label-only), or a .jsonl index"
+)
+CLASSES_EXAMPLE = (
+    "e.g. 'names: [background, building, road]' (or 'classes: [...]') with optional "
+    "'ignore_index: 255', 'palette' and 'ignore_colors'"
+)
 ROOT_FIX = "copy the file into the dataset, or point the dataset at the real folder"
 MASK_DEPTHS = {"I;16": "16-bit", "I;16L": "16-bit", "I;16B": "16-bit", "I;16N": "16-bit", "I": "32-bit integer"}
 PALETTED_MODES = frozenset({"P", "PA"})
@@ -94,8 +111,11 @@ def _open_loaded(path: Path, what: str) -> Image:
 def _image_array(im: Image, path: Path) -> np.ndarray:
     """8-bit RGB pixels of an image: alpha dropped, grey and palette expanded, high bit depths refused."""
     if im.mode in HIGH_BIT_MODES:
-        raise DataError(f"image has mode '{im.mode}' (16/32-bit); todsynth reads 8-bit images", path=path,
-                        fix="convert it to 8-bit RGB first (e.g. with a percentile stretch)")
+        raise DataError(
+            f"image has mode '{im.mode}' (16/32-bit); todsynth reads 8-bit images",
+            path=path,
+            fix="convert it to 8-bit RGB first (e.g. with a percentile stretch)",
+        )
     return np.array(im.convert("RGB"), dtype=np.uint8)
 
 
@@ -107,8 +127,9 @@ def _pil_info(im: Image, array: np.ndarray) -> RasterInfo:
     return RasterInfo(dtype, len(im.getbands()), pixels.shape[0], pixels.shape[1], ranges, 0)
 
 
-def read_image_data(path: str | Path, spec: RasterSpec | None = None
-                    ) -> tuple[np.ndarray, np.ndarray | None, RasterInfo]:
+def read_image_data(
+    path: str | Path, spec: RasterSpec | None = None
+) -> tuple[np.ndarray, np.ndarray | None, RasterInfo]:
     """(HxWxC samples, HxW nodata pixels or None, what the file holds) of an image file.
 
     TIFFs and 16-bit PNGs are read with rasterio: the bands `spec` (data.yaml) selects, in their own dtype
@@ -134,8 +155,11 @@ def describe_image(path: str | Path) -> RasterInfo | None:
         if is_raster_file(path, "image"):
             return read_raster(path, "image").info
         with _open_loaded(path, "image") as im:
-            raw = np.array(im) if im.mode in ("L", "LA", "RGB", "RGBA") + tuple(HIGH_BIT_MODES) else np.array(
-                im.convert("RGB"))
+            raw = (
+                np.array(im)
+                if im.mode in ("L", "LA", "RGB", "RGBA") + tuple(HIGH_BIT_MODES)
+                else np.array(im.convert("RGB"))
+            )
             return _pil_info(im, raw)
     except DataError:
         return None
@@ -166,9 +190,12 @@ def _colour_label(pixels: np.ndarray, classes: ClassSpec, path: Path) -> np.ndar
     unknown = ~found & ~transparent
     if unknown.any():
         shown = [((c >> 16) & 255, (c >> 8) & 255, c & 255) for c in np.unique(codes[unknown])[:5].tolist()]
-        raise DataError(f"mask has {int(unknown.sum())} pixel(s) in colours not in the palette, e.g. {shown}",
-                        path=path, fix="add the colours to 'palette' (classes) or 'ignore_colors' (unlabelled) "
-                                       "in classes.yaml, or repaint the mask")
+        raise DataError(
+            f"mask has {int(unknown.sum())} pixel(s) in colours not in the palette, e.g. {shown}",
+            path=path,
+            fix="add the colours to 'palette' (classes) or 'ignore_colors' (unlabelled) "
+            "in classes.yaml, or repaint the mask",
+        )
     label = order[pos].astype(np.int64)
     label[transparent] = classes.ignore_index
     return label
@@ -202,8 +229,9 @@ class MaskCodec:
             return self._raster_label(raster, path), raster.info
         with _open_loaded(path, "mask") as im:
             label = self._label(im, path)
-            raw = np.array(im) if im.mode not in PALETTED_MODES or self.palette is None else np.array(
-                im.convert("RGBA"))
+            raw = (
+                np.array(im) if im.mode not in PALETTED_MODES or self.palette is None else np.array(im.convert("RGBA"))
+            )
             return label, _pil_info(im, raw)
 
     def _label(self, im: Image, path: Path) -> np.ndarray:
@@ -230,21 +258,29 @@ class MaskCodec:
         """Label map of a mask read with rasterio: one band of integers (or a paletted band); nodata is ignore."""
         info = raster.info
         if raster.colormap is not None and self.palette is not None:
-            return _colour_label(colormap_rgba(raster, path), self.classes, path)
+            return _colour_label(colormap_rgba(raster.array, raster.colormap, path), self.classes, path)
         rgba = info.bands == RGB_BANDS + 1 and raster.colour_names[-1] == "alpha"
         if (info.bands == RGB_BANDS or rgba) and self.palette is not None and info.dtype == "uint8":
             label = _colour_label(raster.array, self.classes, path)
         elif info.bands != 1:
-            raise DataError(f"mask has {info.bands} bands of {info.dtype} samples; masks hold one band of class "
-                            "indices (or 8-bit RGB colours with a palette)", path=path, fix=MASK_FIX)
+            raise DataError(
+                f"mask has {info.bands} bands of {info.dtype} samples; masks hold one band of class "
+                "indices (or 8-bit RGB colours with a palette)",
+                path=path,
+                fix=MASK_FIX,
+            )
         elif np.dtype(info.dtype).kind == "f":
-            raise DataError(f"mask holds floating-point values ({info.dtype}), not class indices", path=path,
-                            fix=MASK_FIX)
+            raise DataError(
+                f"mask holds floating-point values ({info.dtype}), not class indices", path=path, fix=MASK_FIX
+            )
         else:
             raw = raster.array[..., 0].astype(np.int64)
             kind = "integer" if np.dtype(info.dtype).kind == "i" else "unsigned integer"
-            self._check_values(np.where(raster.nodata, 0, raw), path,
-                               f"{np.dtype(info.dtype).itemsize * 8}-bit {kind} mask ({info.dtype})")
+            self._check_values(
+                np.where(raster.nodata, 0, raw),
+                path,
+                f"{np.dtype(info.dtype).itemsize * 8}-bit {kind} mask ({info.dtype})",
+            )
             label = self._labels_of(raw)
         return np.where(raster.nodata, self.classes.ignore_index, label)
 
@@ -271,10 +307,14 @@ class MaskCodec:
         values = np.unique(bad)
         depth = f" in a {depth}" if depth else ""
         lossy = path.suffix.lower() in (".jpg", ".jpeg")
-        fix = ("save masks as PNG: JPEG compression changes label values" if lossy
-               else "fix the mask, or the class list in classes.yaml")
-        raise DataError(f"mask values {values[:8].tolist()}{depth} are not classes ({self._valid_values()})",
-                        path=path, fix=fix)
+        fix = (
+            "save masks as PNG: JPEG compression changes label values"
+            if lossy
+            else "fix the mask, or the class list in classes.yaml"
+        )
+        raise DataError(
+            f"mask values {values[:8].tolist()}{depth} are not classes ({self._valid_values()})", path=path, fix=fix
+        )
 
     def _valid_values(self) -> str:
         """The valid raw values, in words."""
@@ -301,19 +341,31 @@ def with_image_nodata(label: np.ndarray, nodata: np.ndarray | None, classes: Cla
     return np.where(nodata, classes.ignore_index, label)
 
 
-def size_mismatch(image: Path, mask: Path, image_shape: tuple[int, ...],
-                  mask_shape: tuple[int, ...]) -> DataError:
+def size_mismatch(image: Path, mask: Path, image_shape: tuple[int, ...], mask_shape: tuple[int, ...]) -> DataError:
     """The error for an image and mask of different sizes."""
-    return DataError(f"image is {image_shape[0]}x{image_shape[1]} but its mask {mask} is "
-                     f"{mask_shape[0]}x{mask_shape[1]}", path=image, fix="resize or re-export one of them")
+    return DataError(
+        f"image is {image_shape[0]}x{image_shape[1]} but its mask {mask} is {mask_shape[0]}x{mask_shape[1]}",
+        path=image,
+        fix="resize or re-export one of them",
+    )
 
 
 class BaseDataset(Sequence[Sample]):
     """Shared behaviour: a discovered list of items, each loaded lazily into a Sample."""
 
-    def __init__(self, root: str | Path, classes: ClassSpec, items: Iterable[Item], *, label_only: bool,
-                 codec: MaskCodec, prompt_fn: PromptFn | None = None,
-                 problems: Iterable[DataError] = (), strict: bool = True, raster: RasterSpec | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        classes: ClassSpec,
+        items: Iterable[Item],
+        *,
+        label_only: bool,
+        codec: MaskCodec,
+        prompt_fn: PromptFn | None = None,
+        problems: Iterable[DataError] = (),
+        strict: bool = True,
+        raster: RasterSpec | None = None,
+    ):
         self.root = Path(root)
         self.classes = classes
         self.raster = raster or RasterSpec()
@@ -400,14 +452,24 @@ class SubsetDataset(BaseDataset):
         position = {id_: k for k, id_ in enumerate(ds.ids)}
         unknown = [i for i in ids if i not in position]
         if unknown:
-            raise DataError(f"{len(unknown)} id(s) are not in the dataset, e.g. {unknown[:5]}", path=ds.root,
-                            fix="use a split made for this dataset")
+            raise DataError(
+                f"{len(unknown)} id(s) are not in the dataset, e.g. {unknown[:5]}",
+                path=ds.root,
+                fix="use a split made for this dataset",
+            )
         if len(set(ids)) != len(ids):
             raise DataError("the id list repeats ids", path=ds.root)
         if not ids:
             raise DataError("the id list is empty", path=ds.root)
-        super().__init__(ds.root, ds.classes, [ds.item(position[i]) for i in ids], label_only=ds.label_only,
-                         codec=ds.codec, prompt_fn=ds.prompt_fn, raster=ds.raster)
+        super().__init__(
+            ds.root,
+            ds.classes,
+            [ds.item(position[i]) for i in ids],
+            label_only=ds.label_only,
+            codec=ds.codec,
+            prompt_fn=ds.prompt_fn,
+            raster=ds.raster,
+        )
         self.parent = ds
 
 
@@ -432,8 +494,9 @@ def _listed_file(path: Path, root: Path, what: str, problems: list[DataError]) -
     return path.is_file()
 
 
-def _files_by_stem(folder: Path, root: Path, what: str, problems: list[DataError],
-                   refused: set[str] | None = None) -> dict[str, Path]:
+def _files_by_stem(
+    folder: Path, root: Path, what: str, problems: list[DataError], refused: set[str] | None = None
+) -> dict[str, Path]:
     """Image files of `folder` by stem; a second file with the same stem is a duplicate-id problem. Stems of files
     refused with a problem of their own (a link out of the root or to nothing) are added to `refused`."""
     try:
@@ -450,8 +513,11 @@ def _files_by_stem(folder: Path, root: Path, what: str, problems: list[DataError
                 refused.add(path.stem)
             continue
         if path.stem in found:
-            problems.append(DataError(f"duplicate id '{path.stem}' (also {found[path.stem].name})", path=path,
-                                      fix="keep one file per id"))
+            problems.append(
+                DataError(
+                    f"duplicate id '{path.stem}' (also {found[path.stem].name})", path=path, fix="keep one file per id"
+                )
+            )
             continue
         found[path.stem] = path
     return found
@@ -467,8 +533,9 @@ def _folder_problem(folder: Path, root: Path, what: str) -> DataError | None:
         return DataError(f"{what} folder cannot be resolved ({e})", path=folder, fix="fix or remove the link")
 
 
-def _pair_folders(root: Path, image_dir: Path | None, mask_dir: Path,
-                  prefix: str = "") -> tuple[list[Item], list[DataError]]:
+def _pair_folders(
+    root: Path, image_dir: Path | None, mask_dir: Path, prefix: str = ""
+) -> tuple[list[Item], list[DataError]]:
     """Match images to masks by stem; unmatched files, missing folders and links out of `root` are problems."""
     problems: list[DataError] = []
     trouble = _folder_problem(mask_dir, root, "masks")
@@ -482,10 +549,16 @@ def _pair_folders(root: Path, image_dir: Path | None, mask_dir: Path,
     if trouble is not None:
         return [], problems + [trouble]
     images = _files_by_stem(image_dir, root, "image", problems, refused)
-    problems += [DataError("image has no mask", path=path, fix=f"add its mask to {mask_dir} or remove it")
-                 for stem, path in images.items() if stem not in masks and stem not in refused]
-    problems += [DataError("mask has no image", path=path, fix=f"add its image to {image_dir} or remove it")
-                 for stem, path in masks.items() if stem not in images and stem not in refused]
+    problems += [
+        DataError("image has no mask", path=path, fix=f"add its mask to {mask_dir} or remove it")
+        for stem, path in images.items()
+        if stem not in masks and stem not in refused
+    ]
+    problems += [
+        DataError("mask has no image", path=path, fix=f"add its image to {image_dir} or remove it")
+        for stem, path in masks.items()
+        if stem not in images and stem not in refused
+    ]
     items = [Item(prefix + stem, masks[stem], path) for stem, path in images.items() if stem in masks]
     return items, problems
 
@@ -506,8 +579,11 @@ def load_classes(path: str | Path) -> ClassSpec:
         raise DataError("classes file must be a mapping", path=path, fix=CLASSES_EXAMPLE)
     unknown = sorted(str(k) for k in set(data) - set(CLASSES_KEYS))
     if unknown:
-        raise DataError(f"unknown key(s) {unknown} in classes file; known: {list(CLASSES_KEYS)}", path=path,
-                        fix=f"remove or rename them, {CLASSES_EXAMPLE}")
+        raise DataError(
+            f"unknown key(s) {unknown} in classes file; known: {list(CLASSES_KEYS)}",
+            path=path,
+            fix=f"remove or rename them, {CLASSES_EXAMPLE}",
+        )
     classes = ClassSpec.from_dict(data, path=path)
     if classes.palette is not None and len(set(classes.palette)) != len(classes.palette):
         raise DataError("'palette' lists a colour twice", path=path, fix="give every class its own colour")
@@ -517,14 +593,21 @@ def load_classes(path: str | Path) -> ClassSpec:
 class LoveDADataset(BaseDataset):
     """LoveDA: root/{split}/{Urban,Rural}/{images_png,masks_png}; mask 0 = no-data, 1..7 = classes 0..6."""
 
-    def __init__(self, root: str | Path, split: str = "Train", domains: Sequence[str] = LOVEDA_DOMAINS,
-                 prompt_fn: PromptFn | None = None, *, strict: bool = True, raster: RasterSpec | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "Train",
+        domains: Sequence[str] = LOVEDA_DOMAINS,
+        prompt_fn: PromptFn | None = None,
+        *,
+        strict: bool = True,
+        raster: RasterSpec | None = None,
+    ):
         root = Path(root)
         split_dir = root / split
         if not split_dir.is_dir():
-            found = [s for s in LOVEDA_SPLITS if (root / s).is_dir()]
-            raise DataError(f"no '{split}' split folder (found: {found or 'none'})", path=split_dir,
-                            fix=LAYOUTS)
+            splits = [s for s in LOVEDA_SPLITS if (root / s).is_dir()]
+            raise DataError(f"no '{split}' split folder (found: {splits or 'none'})", path=split_dir, fix=LAYOUTS)
         present = [d for d in domains if (split_dir / d).is_dir()]
         if not present:
             raise DataError(f"no {' or '.join(domains)} folder in the split", path=split_dir, fix=LAYOUTS)
@@ -536,9 +619,17 @@ class LoveDADataset(BaseDataset):
             found, trouble = _pair_folders(root, image_dir, split_dir / d / "masks_png", prefix=f"{d}/")
             items += found
             problems += trouble
-        super().__init__(root, LOVEDA, items, label_only=label_only, codec=MaskCodec(LOVEDA, "loveda"),
-                         prompt_fn=prompt_fn, problems=problems, strict=strict,
-                         raster=raster or load_raster_spec(root / DATA_FILE))
+        super().__init__(
+            root,
+            LOVEDA,
+            items,
+            label_only=label_only,
+            codec=MaskCodec(LOVEDA, "loveda"),
+            prompt_fn=prompt_fn,
+            problems=problems,
+            strict=strict,
+            raster=raster or load_raster_spec(root / DATA_FILE),
+        )
         self.split = split
         self.domains = tuple(present)
 
@@ -547,17 +638,32 @@ class FolderDataset(BaseDataset):
     """root/images + root/masks matched by stem, classes from root/classes.yaml, raster settings from
     root/data.yaml (optional); masks only → label-only."""
 
-    def __init__(self, root: str | Path, prompt_fn: PromptFn | None = None, *,
-                 classes: ClassSpec | None = None, strict: bool = True, raster: RasterSpec | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        prompt_fn: PromptFn | None = None,
+        *,
+        classes: ClassSpec | None = None,
+        strict: bool = True,
+        raster: RasterSpec | None = None,
+    ):
         root = Path(root)
         if not root.is_dir():
             raise DataError("dataset folder not found", path=root)
         classes = classes or load_classes(root / CLASSES_FILE)
         label_only = not (root / "images").is_dir()
         items, problems = _pair_folders(root, None if label_only else root / "images", root / "masks")
-        super().__init__(root, classes, items, label_only=label_only, codec=MaskCodec(classes),
-                         prompt_fn=prompt_fn, problems=problems, strict=strict,
-                         raster=raster or load_raster_spec(root / DATA_FILE))
+        super().__init__(
+            root,
+            classes,
+            items,
+            label_only=label_only,
+            codec=MaskCodec(classes),
+            prompt_fn=prompt_fn,
+            problems=problems,
+            strict=strict,
+            raster=raster or load_raster_spec(root / DATA_FILE),
+        )
 
 
 def _index_path(root: Path, value: Any, where: str, index: Path, problems: list[DataError]) -> Path | None:
@@ -570,15 +676,25 @@ def _index_path(root: Path, value: Any, where: str, index: Path, problems: list[
         escape = escapes_root(path, root, f"{where} path '{value}'", at=index)
         found = escape is None and path.is_file()
     except (OSError, RuntimeError, ValueError) as e:
-        problems.append(DataError(f"{where} path {value!r} cannot be resolved ({e})", path=index,
-                                  fix="write a valid relative path under the dataset root"))
+        problems.append(
+            DataError(
+                f"{where} path {value!r} cannot be resolved ({e})",
+                path=index,
+                fix="write a valid relative path under the dataset root",
+            )
+        )
         return None
     if escape is not None:
         problems.append(escape)
         return None
     if not found:
-        problems.append(DataError(f"file listed in {where} of {index.name} not found", path=path,
-                                  fix=f"fix the path in {index.name} or add the file"))
+        problems.append(
+            DataError(
+                f"file listed in {where} of {index.name} not found",
+                path=path,
+                fix=f"fix the path in {index.name} or add the file",
+            )
+        )
         return None
     return path
 
@@ -598,19 +714,20 @@ def _index_records(index: Path, problems: list[DataError]) -> list[tuple[int, di
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            problems.append(DataError(f"line {n}: not valid JSON ({e.msg})", path=index,
-                                      fix="write one JSON object per line"))
+            problems.append(
+                DataError(f"line {n}: not valid JSON ({e.msg})", path=index, fix="write one JSON object per line")
+            )
             continue
         if not isinstance(record, dict) or "source" not in record:
-            problems.append(DataError(f"line {n}: expected an object with a 'source' (mask) path",
-                                      path=index))
+            problems.append(DataError(f"line {n}: expected an object with a 'source' (mask) path", path=index))
             continue
         records.append((n, record))
     return records
 
 
-def _index_item(root: Path, index: Path, n: int, record: dict, label_only: bool,
-                problems: list[DataError]) -> Item | None:
+def _index_item(
+    root: Path, index: Path, n: int, record: dict, label_only: bool, problems: list[DataError]
+) -> Item | None:
     """The Item of one index line, or None (with problems recorded)."""
     before = len(problems)
     mask = _index_path(root, record["source"], f"line {n} 'source'", index, problems)
@@ -626,8 +743,9 @@ def _index_item(root: Path, index: Path, n: int, record: dict, label_only: bool,
     return Item(str(record.get("id", record.get("index", default_id))), mask, image, prompt or None)
 
 
-def _index_items(root: Path, index: Path, records: list[tuple[int, dict]], label_only: bool,
-                 problems: list[DataError]) -> list[Item]:
+def _index_items(
+    root: Path, index: Path, records: list[tuple[int, dict]], label_only: bool, problems: list[DataError]
+) -> list[Item]:
     """Items of all index lines; a repeated id is a problem and its line is skipped."""
     items: list[Item] = []
     first_line: dict[str, int] = {}
@@ -635,8 +753,13 @@ def _index_items(root: Path, index: Path, records: list[tuple[int, dict]], label
         item = _index_item(root, index, n, record, label_only, problems)
         if item is not None and item.id in first_line:
             first = first_line[item.id]
-            problems.append(DataError(f"line {n}: duplicate id '{item.id}' (first on line {first})",
-                                      path=index, fix="give every line its own id and files"))
+            problems.append(
+                DataError(
+                    f"line {n}: duplicate id '{item.id}' (first on line {first})",
+                    path=index,
+                    fix="give every line its own id and files",
+                )
+            )
         elif item is not None:
             first_line[item.id] = n
             items.append(item)
@@ -651,9 +774,17 @@ class JsonlDataset(BaseDataset):
     classes.yaml next to the index, else LoveDA's.
     """
 
-    def __init__(self, index: str | Path, root: str | Path | None = None, classes: ClassSpec | None = None,
-                 prompt_fn: PromptFn | None = None, *, encoding: MaskEncoding = "index", strict: bool = True,
-                 raster: RasterSpec | None = None):
+    def __init__(
+        self,
+        index: str | Path,
+        root: str | Path | None = None,
+        classes: ClassSpec | None = None,
+        prompt_fn: PromptFn | None = None,
+        *,
+        encoding: MaskEncoding = "index",
+        strict: bool = True,
+        raster: RasterSpec | None = None,
+    ):
         index = Path(index)
         root = index.parent if root is None else Path(root)
         problems: list[DataError] = []
@@ -663,10 +794,18 @@ class JsonlDataset(BaseDataset):
             classes = load_classes(beside) if beside.is_file() else LOVEDA
         label_only = bool(records) and not any("target" in r for _, r in records)
         items = _index_items(root, index, records, label_only, problems)
-        super().__init__(root, classes, items, label_only=label_only, codec=MaskCodec(classes, encoding),
-                         prompt_fn=prompt_fn, problems=problems, strict=strict,
-                         raster=raster or load_raster_spec(index.parent / DATA_FILE))
-        self.index = index
+        super().__init__(
+            root,
+            classes,
+            items,
+            label_only=label_only,
+            codec=MaskCodec(classes, encoding),
+            prompt_fn=prompt_fn,
+            problems=problems,
+            strict=strict,
+            raster=raster or load_raster_spec(index.parent / DATA_FILE),
+        )
+        self.index_file = index  # not `index`: that is Sequence.index, a method
 
 
 def _loveda_split_dir(path: Path) -> bool:

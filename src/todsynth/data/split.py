@@ -52,8 +52,13 @@ def class_presence(ds: BaseDataset) -> list[frozenset[int]]:
     return [frozenset(present_classes(ds.load_label(i), ds.classes)) for i in range(len(ds))]
 
 
-def few_shot_split(ds: BaseDataset, n: int | None = None, fraction: float | None = None, seed: int = 0,
-                   presence: Sequence[frozenset[int]] | None = None) -> list[str]:
+def few_shot_split(
+    ds: BaseDataset,
+    n: int | None = None,
+    fraction: float | None = None,
+    seed: int = 0,
+    presence: Sequence[frozenset[int]] | None = None,
+) -> list[str]:
     """Deterministic subset of ids (in dataset order): cover every class where possible, then fill at random.
 
     `presence` (from `class_presence`) saves re-reading the masks when the caller already has it.
@@ -67,7 +72,7 @@ def few_shot_split(ds: BaseDataset, n: int | None = None, fraction: float | None
     order = [int(i) for i in np.random.default_rng(int(seed)).permutation(len(ds))]
     chosen = _cover_classes(presence, order, k)
     taken = set(chosen)
-    chosen += [i for i in order if i not in taken][:k - len(chosen)]
+    chosen += [i for i in order if i not in taken][: k - len(chosen)]
     return [ds.ids[i] for i in sorted(chosen)]
 
 
@@ -85,14 +90,16 @@ def read_split(path: str | Path, ds: BaseDataset | None = None) -> list[str]:
         raise DataError(e.problem, path=path, fix=e.fix) from None
     ids = data.get("ids") if isinstance(data, dict) else None
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise DataError("a split file must hold {\"ids\": [...]} with string ids", path=path)
+        raise DataError('a split file must hold {"ids": [...]} with string ids', path=path)
     if len(set(ids)) != len(ids):
-        raise DataError("the split file repeats ids", path=path,
-                        fix="regenerate it with 'todsynth data split'")
+        raise DataError("the split file repeats ids", path=path, fix="regenerate it with 'todsynth data split'")
     if ds is not None:
         known = set(ds.ids)
         unknown = [i for i in ids if i not in known]
         if unknown:
-            raise DataError(f"{len(unknown)} id(s) are not in the dataset {ds.root}, e.g. {unknown[:5]}",
-                            path=path, fix="use the split made for this dataset, or regenerate it")
+            raise DataError(
+                f"{len(unknown)} id(s) are not in the dataset {ds.root}, e.g. {unknown[:5]}",
+                path=path,
+                fix="use the split made for this dataset, or regenerate it",
+            )
     return ids

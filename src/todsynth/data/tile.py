@@ -61,11 +61,15 @@ def _check_settings(size: int, stride: int, min_valid: float) -> None:
     if size < 1:
         raise ConfigError(f"size must be >= 1, got {size}", fix="give the tile side in pixels, e.g. --size 512")
     if not 1 <= stride <= size:
-        raise ConfigError(f"stride must be between 1 and the size {size}, got {stride}",
-                          fix="a stride above the size would leave pixels out of every tile")
+        raise ConfigError(
+            f"stride must be between 1 and the size {size}, got {stride}",
+            fix="a stride above the size would leave pixels out of every tile",
+        )
     if not 0.0 <= min_valid <= 1.0:
-        raise ConfigError(f"min_valid must be in [0, 1], got {min_valid}",
-                          fix="give the least share of valid (not ignore, not nodata) pixels a tile keeps")
+        raise ConfigError(
+            f"min_valid must be in [0, 1], got {min_valid}",
+            fix="give the least share of valid (not ignore, not nodata) pixels a tile keeps",
+        )
 
 
 def _is_geotiff(path: Path | None) -> bool:
@@ -123,9 +127,13 @@ def _plan(ds, size: int) -> list[DataError]:
             problems.append(e)
             continue
         if min(shape) < size:
-            problems.append(DataError(f"scene '{ds.ids[i]}' is {shape[0]}x{shape[1]}, smaller than the tile "
-                                      f"size {size}", path=image or mask,
-                                      fix="use a smaller --size, or remove the scene"))
+            problems.append(
+                DataError(
+                    f"scene '{ds.ids[i]}' is {shape[0]}x{shape[1]}, smaller than the tile size {size}",
+                    path=image or mask,
+                    fix="use a smaller --size, or remove the scene",
+                )
+            )
     return problems
 
 
@@ -139,8 +147,14 @@ def _georeferenced(src) -> bool:
 def _write_geotiff(path: Path, data: np.ndarray, src, window, nodata=None) -> None:
     """Write bands [C, H, W] as a GeoTIFF with the window's transform and the CRS of `src` (if it has them)."""
     rasterio = _rasterio()
-    profile = {"driver": "GTiff", "height": data.shape[1], "width": data.shape[2], "count": data.shape[0],
-               "dtype": data.dtype.name, "nodata": nodata}
+    profile = {
+        "driver": "GTiff",
+        "height": data.shape[1],
+        "width": data.shape[2],
+        "count": data.shape[0],
+        "dtype": data.dtype.name,
+        "nodata": nodata,
+    }
     if _georeferenced(src):
         profile.update(crs=src.crs, transform=src.window_transform(window))
     compress = src.profile.get("compress")
@@ -196,7 +210,7 @@ class _Scene:
 
     def valid_share(self, y: int, x: int, size: int) -> float:
         """Share of pixels in the window that are labelled and (GeoTIFF images) not nodata."""
-        valid = self.label[y:y + size, x:x + size] != self.ignore
+        valid = self.label[y : y + size, x : x + size] != self.ignore
         if self.image_src is not None:
             valid &= self.image_src.dataset_mask(window=_window(y, x, size)) > 0
         return float(valid.mean())
@@ -204,17 +218,18 @@ class _Scene:
     def write(self, root: Path, tile_id: str, y: int, x: int, size: int) -> None:
         """Write the image and mask tiles of one window."""
         window = _window(y, x, size) if self.image_src is not None or self.mask_src is not None else None
-        label = self.label[y:y + size, x:x + size].astype(self.mask_dtype)
+        label = self.label[y : y + size, x : x + size].astype(self.mask_dtype)
         if self.mask_src is not None:
             _write_geotiff(root / "masks" / f"{tile_id}.tif", label[None], self.mask_src, window)
         else:
             _write_png(root / "masks" / f"{tile_id}.png", label)
         if self.image_src is not None:
             data = self.image_src.read(window=window)
-            _write_geotiff(root / "images" / f"{tile_id}.tif", data, self.image_src, window,
-                           nodata=self.image_src.nodata)
+            _write_geotiff(
+                root / "images" / f"{tile_id}.tif", data, self.image_src, window, nodata=self.image_src.nodata
+            )
         elif self.rgb is not None:
-            _write_png(root / "images" / f"{tile_id}.png", np.ascontiguousarray(self.rgb[y:y + size, x:x + size]))
+            _write_png(root / "images" / f"{tile_id}.png", np.ascontiguousarray(self.rgb[y : y + size, x : x + size]))
 
 
 def _check_out(out: Path, src: Path) -> None:
@@ -223,12 +238,16 @@ def _check_out(out: Path, src: Path) -> None:
 
     check_output_folder(out, {"source dataset": src})
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError("the output folder already exists and is not empty", path=out,
-                        fix="choose a new output folder, or remove this one")
+        raise DataError(
+            "the output folder already exists and is not empty",
+            path=out,
+            fix="choose a new output folder, or remove this one",
+        )
 
 
-def tile_dataset(src: str | Path, out: str | Path, size: int, stride: int | None = None, min_valid: float = 0.5,
-                 split: str = "Train") -> TileSummary:
+def tile_dataset(
+    src: str | Path, out: str | Path, size: int, stride: int | None = None, min_valid: float = 0.5, split: str = "Train"
+) -> TileSummary:
     """Cut every scene of `src` into size x size tiles (see the module docstring); returns what was done."""
     import yaml
 
@@ -254,14 +273,26 @@ def tile_dataset(src: str | Path, out: str | Path, size: int, stride: int | None
         for i in range(len(ds)):
             _tile_scene(ds, i, work, summary, file_stem)
         if not summary.written:
-            raise DataError(f"every one of the {summary.skipped} tiles has less than {min_valid:.0%} valid pixels",
-                            path=src, fix="lower --min-valid")
+            raise DataError(
+                f"every one of the {summary.skipped} tiles has less than {min_valid:.0%} valid pixels",
+                path=src,
+                fix="lower --min-valid",
+            )
         (work / "classes.yaml").write_text(yaml.safe_dump(ds.classes.to_dict(), sort_keys=False))
         for name in CARRIED_FILES:
             if (ds.root / name).is_file():
                 shutil.copy2(ds.root / name, work / name)
-        write_json(work / TILES_FILE, {"source": str(src), "size": size, "stride": stride, "min_valid": min_valid,
-                                       "skipped": summary.skipped, "tiles": summary.tiles})
+        write_json(
+            work / TILES_FILE,
+            {
+                "source": str(src),
+                "size": size,
+                "stride": stride,
+                "min_valid": min_valid,
+                "skipped": summary.skipped,
+                "tiles": summary.tiles,
+            },
+        )
         if out.is_dir():
             out.rmdir()  # checked empty above
         os.replace(work, out)

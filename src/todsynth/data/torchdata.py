@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 
 import numpy as np
 import torch
@@ -23,14 +23,24 @@ class SegTorchDataset(Dataset):
     Random crops and augmentation (flips, 90 degree rotations) are pure functions of (seed, epoch, index).
     """
 
-    def __init__(self, samples: Sequence[Sample], size: int | None = None, augment: bool = False,
-                 seed: int = 0, crop: str = "resize", normalisation: Normalisation | None = None):
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        size: int | None = None,
+        augment: bool = False,
+        seed: int = 0,
+        crop: str = "resize",
+        normalisation: Normalisation | None = None,
+    ):
         from todsynth.data.crops import check_crop_mode
 
         check_crop_mode(crop)
         if getattr(samples, "label_only", False):
-            raise DataError("this dataset has labels only (no images), so a segmenter cannot train on it",
-                            path=getattr(samples, "root", None), fix="use a dataset with images")
+            raise DataError(
+                "this dataset has labels only (no images), so a segmenter cannot train on it",
+                path=getattr(samples, "root", None),
+                fix="use a dataset with images",
+            )
         if size is not None and size <= 0:
             raise DataError(f"resize target must be positive, got {size}")
         self.samples = samples
@@ -51,8 +61,10 @@ class SegTorchDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = self.samples[index]
         if sample.image is None:
-            raise DataError(f"sample '{sample.id}' has no image (label-only data cannot train a segmenter)",
-                            fix="use a dataset with images")
+            raise DataError(
+                f"sample '{sample.id}' has no image (label-only data cannot train a segmenter)",
+                fix="use a dataset with images",
+            )
         image = image_tensor(sample.image, self.normalisation, sample.nodata, f"sample '{sample.id}'")
         label = torch.from_numpy(np.ascontiguousarray(sample.label)).long()
         if self.size is not None:
@@ -81,8 +93,9 @@ def resize_pair(image: torch.Tensor, label: torch.Tensor, size: int) -> tuple[to
     """Resize a CxHxW image (bilinear) and HxW label (nearest, values untouched) to size x size."""
     if image.shape[-2:] == (size, size) and label.shape[-2:] == (size, size):
         return image, label
-    image = F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=True)[0].clamp_(0.0, 1.0)
+    image = F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[
+        0
+    ].clamp_(0.0, 1.0)
     return image, resize_label(label, size)
 
 
@@ -121,17 +134,22 @@ def synthetic_indices(n_real: int, n_synthetic: int, ratio: float | None, seed: 
         raise DataError(f"synthetic ratio must be a finite number >= 0, got {ratio}")
     wanted = int(round(ratio * n_real))
     if wanted > n_synthetic:
-        raise DataError(f"ratio {ratio} needs {wanted} synthetic samples for {n_real} real ones, "
-                        f"but only {n_synthetic} exist", fix="lower the ratio or synthesize more samples")
+        raise DataError(
+            f"ratio {ratio} needs {wanted} synthetic samples for {n_real} real ones, but only {n_synthetic} exist",
+            fix="lower the ratio or synthesize more samples",
+        )
     chosen = np.random.default_rng(seed).permutation(n_synthetic)[:wanted]
     return sorted(int(i) for i in chosen)
 
 
-def mix_real_synthetic(real: Dataset, synthetic: Dataset | None, ratio: float | None,
-                       repeat_real: int = 1, seed: int = 0) -> MixedDataset:
+def mix_real_synthetic(
+    real: Dataset, synthetic: Dataset | None, ratio: float | None, repeat_real: int = 1, seed: int = 0
+) -> MixedDataset:
     """Training mix: `real` repeated `repeat_real` times plus `ratio` synthetic samples per real one (None: all)."""
     if repeat_real < 1:
         raise DataError(f"repeat_real must be >= 1, got {repeat_real}")
+    if not isinstance(real, Sized) or not isinstance(synthetic, (Sized, type(None))):
+        raise DataError("training datasets must have a length: give them a __len__")
     parts: list[Dataset] = [real] * repeat_real
     if synthetic is not None:
         indices = synthetic_indices(len(real), len(synthetic), ratio, seed)

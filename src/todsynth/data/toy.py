@@ -27,13 +27,21 @@ BACKGROUND, BUILDING, ROAD, WATER, BARREN, FOREST, AGRICULTURE = range(7)
 
 Colour = tuple[float, float, float]
 ROOF_COLOURS: tuple[Colour, ...] = (
-    (0.56, 0.55, 0.53), (0.74, 0.73, 0.71), (0.62, 0.36, 0.30),
-    (0.33, 0.33, 0.35), (0.45, 0.55, 0.66), (0.52, 0.45, 0.37),
+    (0.56, 0.55, 0.53),
+    (0.74, 0.73, 0.71),
+    (0.62, 0.36, 0.30),
+    (0.33, 0.33, 0.35),
+    (0.45, 0.55, 0.66),
+    (0.52, 0.45, 0.37),
 )
 ROOF_PROBS = (0.3, 0.2, 0.18, 0.12, 0.1, 0.1)
 CROP_COLOURS: tuple[Colour, ...] = (
-    (0.38, 0.52, 0.26), (0.50, 0.58, 0.34), (0.70, 0.64, 0.42),
-    (0.24, 0.40, 0.19), (0.58, 0.49, 0.37), (0.50, 0.42, 0.32),
+    (0.38, 0.52, 0.26),
+    (0.50, 0.58, 0.34),
+    (0.70, 0.64, 0.42),
+    (0.24, 0.40, 0.19),
+    (0.58, 0.49, 0.37),
+    (0.50, 0.42, 0.32),
 )
 CROP_PROBS = (0.25, 0.17, 0.16, 0.14, 0.16, 0.12)
 WATER_COLOURS: tuple[Colour, ...] = ((0.10, 0.18, 0.28), (0.12, 0.23, 0.25), (0.22, 0.25, 0.24))
@@ -92,7 +100,7 @@ def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
     if x.ndim == 3:
         k = k[..., None]
     out = np.fft.irfft2(np.fft.rfft2(p, axes=(0, 1)) * k, s=p.shape[:2], axes=(0, 1))
-    return out[pad:pad + h, pad:pad + w]
+    return out[pad : pad + h, pad : pad + w]
 
 
 def _noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
@@ -116,16 +124,18 @@ def _shift(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return out
 
 
-def _rotate(yy: np.ndarray, xx: np.ndarray, angle: float, cy: float = 0.0,
-            cx: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def _rotate(
+    yy: np.ndarray, xx: np.ndarray, angle: float, cy: float = 0.0, cx: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Coordinates (along, across) of each pixel in a frame rotated by `angle` around (cy, cx)."""
     c, s = np.cos(angle), np.sin(angle)
     dy, dx = yy - cy, xx - cx
     return dx * c + dy * s, -dx * s + dy * c
 
 
-def _voronoi(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, n: int,
-             angle: float = 0.0, stretch: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def _voronoi(
+    rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, n: int, angle: float = 0.0, stretch: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Nearest-seed cell index per pixel and the distance gap to the next seed (small on cell edges).
 
     `stretch` > 1 elongates cells along `angle`, like long farm parcels.
@@ -160,8 +170,15 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- layout shapes
 
 
-def _band(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, width: float,
-          wiggle: float, angle: float | None = None, offset: float | None = None) -> np.ndarray:
+def _band(
+    rng: np.random.Generator,
+    yy: np.ndarray,
+    xx: np.ndarray,
+    width: float,
+    wiggle: float,
+    angle: float | None = None,
+    offset: float | None = None,
+) -> np.ndarray:
     """A band crossing the tile (road or river); `wiggle` is the meander amplitude in px."""
     h, w = yy.shape
     angle = rng.uniform(0, np.pi) if angle is None else angle
@@ -169,8 +186,9 @@ def _band(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, width: float
     along, across = _rotate(yy, xx, angle, h / 2, w / 2)
     period = rng.uniform(0.6, 1.4) * max(h, w)
     phase = rng.uniform(0, 2 * np.pi, 2)
-    centre = offset + wiggle * (np.sin(2 * np.pi * along / period + phase[0])
-                                + 0.4 * np.sin(4.7 * np.pi * along / period + phase[1]))
+    centre = offset + wiggle * (
+        np.sin(2 * np.pi * along / period + phase[0]) + 0.4 * np.sin(4.7 * np.pi * along / period + phase[1])
+    )
     local_width = width * (1.0 + 0.15 * np.sin(2 * np.pi * along / (0.7 * period) + phase[1]))
     return np.abs(across - centre) < local_width / 2
 
@@ -184,15 +202,15 @@ def _blob(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, radius: floa
     return dist + 0.3 * _noise(rng, (h, w), max(radius / 3, 1.0)) < 1.0
 
 
-def _rect(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, hh: float, hw: float,
-          angle: float) -> np.ndarray:
+def _rect(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, hh: float, hw: float, angle: float) -> np.ndarray:
     """A rotated rectangle with half-sizes (hh, hw) centred at (cy, cx)."""
     along, across = _rotate(yy, xx, angle, cy, cx)
     return (np.abs(along) < hw) & (np.abs(across) < hh)
 
 
-def _building_grid(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, angle: float,
-                   spacing: tuple[float, float], keep: float) -> np.ndarray:
+def _building_grid(
+    rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, angle: float, spacing: tuple[float, float], keep: float
+) -> np.ndarray:
     """Rows of rectangular buildings aligned with `angle`: one optional footprint per grid cell."""
     along, across = _rotate(yy, xx, angle)
     sa, sb = rng.uniform(*spacing, 2)
@@ -225,8 +243,9 @@ def _scale(size: int) -> tuple[float, float]:
     return u, size / (64 * u)
 
 
-def _urban_grid_roads(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, angle: float,
-                      u: float, k: float) -> np.ndarray:
+def _urban_grid_roads(
+    rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, angle: float, u: float, k: float
+) -> np.ndarray:
     """A street grid: parallel streets in two perpendicular directions, plus maybe an arterial."""
     size = yy.shape[0]
     roads = np.zeros(yy.shape, bool)
@@ -247,13 +266,31 @@ def _urban_layout(size: int, rng: np.random.Generator) -> np.ndarray:
     label = np.full((size, size), BACKGROUND, np.int64)
     angle = rng.normal(0, 0.04) if rng.random() < 0.5 else rng.uniform(0, np.pi)
     if rng.random() < 0.25:
-        label[_rect(yy, xx, rng.uniform(0, size), rng.uniform(0, size), rng.uniform(10, 22) * u,
-                    rng.uniform(10, 22) * u, angle)] = AGRICULTURE
+        label[
+            _rect(
+                yy,
+                xx,
+                rng.uniform(0, size),
+                rng.uniform(0, size),
+                rng.uniform(10, 22) * u,
+                rng.uniform(10, 22) * u,
+                angle,
+            )
+        ] = AGRICULTURE
     for _ in range(rng.poisson(0.7 * k * k)):
         label[_blob(rng, yy, xx, rng.uniform(5, 12) * u)] = FOREST
     if rng.random() < 0.45:
-        label[_rect(yy, xx, rng.uniform(0, size), rng.uniform(0, size), rng.uniform(5, 12) * u,
-                    rng.uniform(6, 14) * u, angle)] = BARREN
+        label[
+            _rect(
+                yy,
+                xx,
+                rng.uniform(0, size),
+                rng.uniform(0, size),
+                rng.uniform(5, 12) * u,
+                rng.uniform(6, 14) * u,
+                angle,
+            )
+        ] = BARREN
     if rng.random() < 0.3:
         label[_band(rng, yy, xx, rng.uniform(5, 11) * u, rng.uniform(1, 6) * u)] = WATER
     elif rng.random() < 0.15:
@@ -273,8 +310,9 @@ def _rural_parcels(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, k: 
     return kinds[cell].astype(np.int64)
 
 
-def _village(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, label: np.ndarray,
-             roads: np.ndarray, u: float) -> None:
+def _village(
+    rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, label: np.ndarray, roads: np.ndarray, u: float
+) -> None:
     """A small cluster of houses in yards (background), drawn into `label` in place."""
     area = _blob(rng, yy, xx, rng.uniform(7, 14) * u)
     houses = _building_grid(rng, yy, xx, rng.uniform(0, np.pi), (5.5 * u, 8.5 * u), rng.uniform(0.4, 0.7))
@@ -282,8 +320,7 @@ def _village(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, label: np
     label[houses & area & (label == BACKGROUND) & ~_road_buffer(roads, u)] = BUILDING
 
 
-def _farmsteads(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, label: np.ndarray,
-                u: float) -> None:
+def _farmsteads(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, label: np.ndarray, u: float) -> None:
     """One to three isolated farm buildings, drawn into `label` in place."""
     h, w = yy.shape
     cy, cx = rng.uniform(0, h), rng.uniform(0, w)
@@ -468,8 +505,13 @@ def _paint_agriculture(rng: np.random.Generator, s: _Scene) -> np.ndarray:
 
 
 PAINTERS: dict[int, Callable[[np.random.Generator, _Scene], np.ndarray]] = {
-    BACKGROUND: _paint_background, BUILDING: _paint_building, ROAD: _paint_road,
-    WATER: _paint_water, BARREN: _paint_barren, FOREST: _paint_forest, AGRICULTURE: _paint_agriculture,
+    BACKGROUND: _paint_background,
+    BUILDING: _paint_building,
+    ROAD: _paint_road,
+    WATER: _paint_water,
+    BARREN: _paint_barren,
+    FOREST: _paint_forest,
+    AGRICULTURE: _paint_agriculture,
 }
 
 
@@ -515,7 +557,7 @@ def render_image(label: np.ndarray, domain: str, rng: np.random.Generator) -> np
     s = _Scene(classes, yy, xx, float(np.sqrt(max(classes.shape) / 64)), domain, (np.sin(sun), np.cos(sun)))
     img = np.zeros(classes.shape + (3,))
     shadow_rng, light_rng, *painter_rngs = rng.spawn(2 + len(PAINTERS))
-    for (cls, paint), paint_rng in zip(PAINTERS.items(), painter_rngs):
+    for (cls, paint), paint_rng in zip(PAINTERS.items(), painter_rngs, strict=True):
         where = s.mask(cls)
         if where.any():
             img[where] = paint(paint_rng, s)[where]
@@ -526,8 +568,9 @@ def render_image(label: np.ndarray, domain: str, rng: np.random.Generator) -> np
 # ---------------------------------------------------------------- samples and datasets
 
 
-def toy_sample(index: int, size: int = 64, seed: int = 0,
-               domain: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+def toy_sample(
+    index: int, size: int = 64, seed: int = 0, domain: str | None = None
+) -> tuple[np.ndarray, np.ndarray, str]:
     """Tile `index` of the toy dataset `seed`: (HxWx3 uint8 image, HxW int64 label, domain).
 
     Depends only on (seed, index, size, domain); with domain None, even indices are urban, odd rural.
@@ -561,8 +604,9 @@ def _classes_yaml() -> str:
     return f"names: [{names}]\nignore_index: {TOY_CLASSES.ignore_index}\npalette: [{palette}]\n"
 
 
-def _check_dataset_args(n: int, size: int, seed: int, split: str, layout: str, start: int,
-                        nodata_fraction: float) -> None:
+def _check_dataset_args(
+    n: int, size: int, seed: int, split: str, layout: str, start: int, nodata_fraction: float
+) -> None:
     """Reject bad write_toy_dataset arguments before anything is written."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ConfigError(f"number of toy tiles must be an integer >= 1, got {n!r}")
@@ -577,9 +621,17 @@ def _check_dataset_args(n: int, size: int, seed: int, split: str, layout: str, s
         raise ConfigError(f"nodata_fraction must be in [0, 1], got {nodata_fraction!r}")
 
 
-def write_toy_dataset(out: str | Path, n: int, size: int = 64, seed: int = 0, split: str = "Train",
-                      label_only: bool = False, layout: str = "loveda", start: int = 0,
-                      nodata_fraction: float = 0.0) -> Path:
+def write_toy_dataset(
+    out: str | Path,
+    n: int,
+    size: int = 64,
+    seed: int = 0,
+    split: str = "Train",
+    label_only: bool = False,
+    layout: str = "loveda",
+    start: int = 0,
+    nodata_fraction: float = 0.0,
+) -> Path:
     """Write tiles start..start+n-1 as a LoveDA-style or generic-folder dataset; returns `out`.
 
     loveda: out/{split}/{Urban,Rural}/{images_png,masks_png}/toy_NNNNN.png, masks = label + 1, 0 = no-data.

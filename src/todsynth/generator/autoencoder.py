@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -11,8 +11,13 @@ from torch import Tensor, nn
 from todsynth.errors import CheckpointError, ConfigError, DataError
 from todsynth.generator.text import check_pretrained_dir
 
-VAE_LAYOUT = ("a diffusers AutoencoderKL folder holds config.json and diffusion_pytorch_model.safetensors "
-              "(a pipeline folder holds them in vae/)")
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+
+VAE_LAYOUT = (
+    "a diffusers AutoencoderKL folder holds config.json and diffusion_pytorch_model.safetensors "
+    "(a pipeline folder holds them in vae/)"
+)
 
 
 class Autoencoder(nn.Module):
@@ -38,8 +43,12 @@ class Autoencoder(nn.Module):
     @property
     def identity(self) -> dict[str, Any]:
         """The config plus the latent layout: equal identities give interchangeable latents."""
-        return {"name": self.name, "config": self.config, "latent_channels": self.latent_channels,
-                "downscale": self.downscale}
+        return {
+            "name": self.name,
+            "config": self.config,
+            "latent_channels": self.latent_channels,
+            "downscale": self.downscale,
+        }
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """Latent (channels, height, width) for images of `height` × `width` pixels."""
@@ -61,8 +70,9 @@ class Autoencoder(nn.Module):
     def _check_size(self, height: int, width: int) -> None:
         """Refuse image sizes the downscale factor does not divide."""
         if height % self.downscale or width % self.downscale:
-            raise ConfigError(f"image size {height}x{width} is not a multiple of the autoencoder's "
-                              f"downscale factor {self.downscale}")
+            raise ConfigError(
+                f"image size {height}x{width} is not a multiple of the autoencoder's downscale factor {self.downscale}"
+            )
 
 
 class PixelAutoencoder(Autoencoder):
@@ -104,7 +114,7 @@ class VAEAutoencoder(Autoencoder):
 
     name = "vae"
 
-    def __init__(self, vae: nn.Module, path: str | Path | None = None, subfolder: str | None = None):
+    def __init__(self, vae: AutoencoderKL, path: str | Path | None = None, subfolder: str | None = None):
         super().__init__()
         self.vae = vae
         self.path = None if path is None else str(path)
@@ -118,8 +128,9 @@ class VAEAutoencoder(Autoencoder):
         self.eval()
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, subfolder: str | None = None,
-                        dtype: torch.dtype | None = None) -> VAEAutoencoder:
+    def from_pretrained(
+        cls, folder: str | Path, subfolder: str | None = None, dtype: torch.dtype | None = None
+    ) -> VAEAutoencoder:
         """Load an AutoencoderKL (safetensors only) from a bare VAE folder or a pipeline folder's vae/."""
         from diffusers import AutoencoderKL
 
@@ -130,8 +141,7 @@ class VAEAutoencoder(Autoencoder):
         check_pretrained_dir(target, "diffusion_pytorch_model", VAE_LAYOUT)
         kw = {} if dtype is None else {"torch_dtype": dtype}
         try:
-            vae = AutoencoderKL.from_pretrained(str(target), use_safetensors=True, local_files_only=True,
-                                                **kw)
+            vae = AutoencoderKL.from_pretrained(str(target), use_safetensors=True, local_files_only=True, **kw)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"cannot load the VAE: {e}", path=target, fix=VAE_LAYOUT) from e
         return cls(vae, path=root, subfolder=subfolder)
@@ -161,17 +171,19 @@ class VAEAutoencoder(Autoencoder):
         return ((images.to(latents.dtype) + 1) / 2).clamp(0, 1)
 
 
-def load_autoencoder(kind: str = "pixel", path: str | Path | None = None,
-                     subfolder: str | None = None, channels: int = 3) -> Autoencoder:
+def load_autoencoder(
+    kind: str = "pixel", path: str | Path | None = None, subfolder: str | None = None, channels: int = 3
+) -> Autoencoder:
     """Build an image space by kind: "pixel" (identity of `channels` bands, default) or "vae" (a local diffusers
     VAE: RGB only, other band counts are refused)."""
     if kind == "pixel":
         return PixelAutoencoder(channels)
     if kind == "vae":
         if channels != 3:
-            raise ConfigError(f"the vae autoencoder (SD3's VAE) encodes 3-band RGB images, but the data has "
-                              f"{channels} band(s)", fix="use autoencoder pixel for multi-band data, or select 3 "
-                                                         "bands with 'bands:' in data.yaml")
+            raise ConfigError(
+                f"the vae autoencoder (SD3's VAE) encodes 3-band RGB images, but the data has {channels} band(s)",
+                fix="use autoencoder pixel for multi-band data, or select 3 bands with 'bands:' in data.yaml",
+            )
         if path is None:
             raise ConfigError("the vae autoencoder needs path= (a local diffusers VAE or pipeline folder)")
         return VAEAutoencoder.from_pretrained(path, subfolder=subfolder)

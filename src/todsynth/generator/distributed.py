@@ -12,8 +12,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 OPTIM_PREFIX = "optim."
 SNAPSHOTS = "checkpoints"
@@ -35,8 +39,11 @@ def optimizer_state(prepared: nn.Module, optimizer) -> tuple[dict[str, torch.Ten
     """Full optimizer state as flat tensors optim.<param name>.<key> and its param groups; call on all ranks."""
     raw = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
     full = get_optimizer_state_dict(prepared, raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    tensors = {f"{OPTIM_PREFIX}{name}.{key}": (v if isinstance(v, torch.Tensor) else torch.tensor(v))
-               for name, state in full.get("state", {}).items() for key, v in state.items()}
+    tensors = {
+        f"{OPTIM_PREFIX}{name}.{key}": (v if isinstance(v, torch.Tensor) else torch.tensor(v))
+        for name, state in full.get("state", {}).items()
+        for key, v in state.items()
+    }
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in full.get("param_groups", [])]
     return tensors, groups
 
@@ -47,15 +54,17 @@ def load_optimizer_state(prepared: nn.Module, optimizer, tensors: dict[str, torc
     state: dict[str, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
         if name.startswith(OPTIM_PREFIX):
-            param, key = name[len(OPTIM_PREFIX):].rsplit(".", 1)
+            param, key = name[len(OPTIM_PREFIX) :].rsplit(".", 1)
             state.setdefault(param, {})[key] = value
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
-    set_optimizer_state_dict(prepared, raw, {"state": state, "param_groups": groups},
-                             options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(
+        prepared, raw, {"state": state, "param_groups": groups}, options=StateDictOptions(full_state_dict=True)
+    )
 
 
-def load_model_state(accelerator, prepared: nn.Module, model: nn.Module, state: dict[str, torch.Tensor],
-                     path: Path) -> None:
+def load_model_state(
+    accelerator, prepared: nn.Module, model: nn.Module, state: dict[str, torch.Tensor], path: Path
+) -> None:
     """Load a full state dict into the model on every rank (FSDP: each rank keeps its shard)."""
     if is_fsdp(accelerator):
         set_model_state_dict(prepared, state, options=StateDictOptions(full_state_dict=True))

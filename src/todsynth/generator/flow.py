@@ -29,9 +29,15 @@ def predict_x0(x_t: Tensor, sigma: Tensor, v: Tensor) -> Tensor:
     return x_t - sigma.view(-1, *([1] * (x_t.ndim - 1))) * v
 
 
-def sample_timesteps(n: int, mode: TimestepSampling = "uniform", mean: float = 0.0, std: float = 1.0,
-                     generator: torch.Generator | None = None, tail: float = 0.0,
-                     tail_from: float = 0.8) -> Tensor:
+def sample_timesteps(
+    n: int,
+    mode: TimestepSampling = "uniform",
+    mean: float = 0.0,
+    std: float = 1.0,
+    generator: torch.Generator | None = None,
+    tail: float = 0.0,
+    tail_from: float = 0.8,
+) -> Tensor:
     """Training timesteps t in (0, 1): uniform, or logit-normal as in SD3 (sigmoid of N(mean, std); mean > 0
     moves mass toward noise). With `tail` > 0 that share of samples is drawn uniform in [tail_from, 1), where
     logit-normal rarely looks but CRFM's corrected steps sample; tail = 0 draws exactly as before."""
@@ -57,8 +63,14 @@ def flow_sigmas(num_steps: int, shift: float = 1.0) -> Tensor:
     return scheduler.sigmas.float().clone()
 
 
-def euler_sample(velocity: Velocity, x: Tensor, sigmas: Tensor, corrector: Corrector | None = None,
-                 num_corrected: int = 0, callback: Callable[[int, Tensor, Tensor, Tensor], None] | None = None) -> Tensor:
+def euler_sample(
+    velocity: Velocity,
+    x: Tensor,
+    sigmas: Tensor,
+    corrector: Corrector | None = None,
+    num_corrected: int = 0,
+    callback: Callable[[int, Tensor, Tensor, Tensor], None] | None = None,
+) -> Tensor:
     """Euler integration x ← x + (σ_{i+1} − σ_i)·v. Steps i < num_corrected pass v through `corrector`
     (CRFM) first; with num_corrected = 0 this is plain flow sampling, bit for bit."""
     for i in range(len(sigmas) - 1):

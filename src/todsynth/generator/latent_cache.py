@@ -37,14 +37,15 @@ def encode_latents(autoencoder: Any, images: Tensor, device: torch.device | str,
     parts = []
     with torch.no_grad():
         for s in range(0, len(images), batch_size):
-            parts.append(autoencoder.encode(images[s:s + batch_size].to(device), sample=False).float().cpu())
+            parts.append(autoencoder.encode(images[s : s + batch_size].to(device), sample=False).float().cpu())
     if parts:
         return torch.cat(parts)
     return torch.zeros(0, *autoencoder.latent_shape(images.shape[-2], images.shape[-1]))
 
 
-def build_latent_cache(path: str | Path, autoencoder: Any, images: Tensor, ids: list[str], state: Any = None,
-                       batch_size: int = 8) -> Tensor:
+def build_latent_cache(
+    path: str | Path, autoencoder: Any, images: Tensor, ids: list[str], state: Any = None, batch_size: int = 8
+) -> Tensor:
     """Latents [N, C, h, w] of every training image, read from `path` when it holds exactly these images
     encoded by this autoencoder, else encoded (each process its share `rank::world`) and saved by rank 0."""
     path = Path(path)

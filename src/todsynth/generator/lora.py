@@ -21,8 +21,9 @@ def add_lora(model: nn.Module, rank: int, streams: Sequence[str], alpha: float |
 
     if not streams:
         raise ValueError("LoRA needs at least one trained stream")
-    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=lora_target_regex(streams),
-                        init_lora_weights=True)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha or rank, target_modules=lora_target_regex(streams), init_lora_weights=True
+    )
     for p in model.parameters():
         p.requires_grad_(False)
     inject_adapter_in_model(config, model)

@@ -26,10 +26,23 @@ SD35_TEXT_TOKENS = 333  # CLIP-L/G 77 + T5 256
 
 def sd35_medium_config(**overrides) -> MMDiTConfig:
     """The SD3.5-medium transformer (diffusers config) with a triple mask stream on its VAE latent."""
-    values = dict(in_channels=16, patch_size=2, sample_size=128, pos_embed_max_size=384, num_layers=24,
-                  num_heads=24, head_dim=64, joint_attention_dim=4096, pooled_projection_dim=2048, qk_norm=True,
-                  dual_attention_layers=tuple(range(13)), control="triple", mask_encoding="rgb", mask_downscale=8,
-                  mask_channels=16)
+    values = dict(
+        in_channels=16,
+        patch_size=2,
+        sample_size=128,
+        pos_embed_max_size=384,
+        num_layers=24,
+        num_heads=24,
+        head_dim=64,
+        joint_attention_dim=4096,
+        pooled_projection_dim=2048,
+        qk_norm=True,
+        dual_attention_layers=tuple(range(13)),
+        control="triple",
+        mask_encoding="rgb",
+        mask_downscale=8,
+        mask_channels=16,
+    )
     values.update(overrides)
     return MMDiTConfig(**values)
 
@@ -127,8 +140,14 @@ class MemoryEstimate:
 OPTIMIZER_BYTES = {"adamw": 8, "adamw_fused": 8, "adamw8bit": 2, "paged_adamw8bit": 2}
 
 
-def estimate(preset: str, image_size: int = 512, batch_size: int = 1, mcfg: MMDiTConfig | None = None,
-             text_tokens: int = SD35_TEXT_TOKENS, fits: dict | None = None) -> MemoryEstimate:
+def estimate(
+    preset: str,
+    image_size: int = 512,
+    batch_size: int = 1,
+    mcfg: MMDiTConfig | None = None,
+    text_tokens: int = SD35_TEXT_TOKENS,
+    fits: dict | None = None,
+) -> MemoryEstimate:
     """Estimate one process's peak memory for fine-tuning `mcfg` (default SD3.5-medium triple) under `preset`."""
     from todsynth.generator.presets import apply_preset
     from todsynth.generator.train import GeneratorTrainConfig
@@ -153,9 +172,17 @@ def estimate(preset: str, image_size: int = 512, batch_size: int = 1, mcfg: MMDi
     else:
         activations = sum(per_block)
     ema = 4 * n if train_cfg.ema_decay > 0 else 0
-    return MemoryEstimate(preset, counts.total, n, weights / GIB, 4 * n / GIB,
-                          OPTIMIZER_BYTES[train_cfg.optimizer] * n / GIB,
-                          2 * n / GIB if train_cfg.mixed_precision == "bf16" else 0.0, ema / GIB, activations / GIB)
+    return MemoryEstimate(
+        preset,
+        counts.total,
+        n,
+        weights / GIB,
+        4 * n / GIB,
+        OPTIMIZER_BYTES[train_cfg.optimizer] * n / GIB,
+        2 * n / GIB if train_cfg.mixed_precision == "bf16" else 0.0,
+        ema / GIB,
+        activations / GIB,
+    )
 
 
 def table(image_size: int = 512, batch_size: int = 1) -> list[MemoryEstimate]:

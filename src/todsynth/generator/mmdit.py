@@ -37,34 +37,40 @@ class MMDiTArch:
     """The generator's architecture as a run chooses it (MMDiTConfig adds what follows from the data and the
     encoders); `PRESETS` holds the named sizes (`model: sd3.5-medium`)."""
 
-    PRESETS: ClassVar[dict[str, "MMDiTArch"]]
+    PRESETS: ClassVar[dict[str, MMDiTArch]]
     patch_size: int = setting(2, help="latent cells per token side")
     num_layers: int = setting(4, help="joint transformer blocks")
     num_heads: int = setting(4, help="attention heads (width = num_heads x head_dim)")
     head_dim: int = setting(32, help="width of one attention head (a multiple of 4)")
     mlp_ratio: float = setting(4.0, help="feed-forward width / model width")
     qk_norm: bool = setting(True, help="RMSNorm on q and k (SD3.5)")
-    dual_attention_layers: tuple[int, ...] = setting((), help="blocks with SD3.5's extra per-stream self-attention "
-                                                              "(MMDiT-X)")
-    control: Control = setting("triple", help="how masks steer the image stream: a third stream (triple), the "
-                                              "image stream's weights (siamese), a side adapter, or none")
-    mask_encoding: MaskEncoding = setting("onehot", help="one-hot label map, or the reference's RGB-coded mask "
-                                                         "latent")
+    dual_attention_layers: tuple[int, ...] = setting(
+        (), help="blocks with SD3.5's extra per-stream self-attention (MMDiT-X)"
+    )
+    control: Control = setting(
+        "triple",
+        help="how masks steer the image stream: a third stream (triple), the "
+        "image stream's weights (siamese), a side adapter, or none",
+    )
+    mask_encoding: MaskEncoding = setting("onehot", help="one-hot label map, or the reference's RGB-coded mask latent")
 
     def validate(self) -> None:
         for name in ("patch_size", "num_layers", "num_heads", "head_dim"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.head_dim % 4 == 0, "head_dim must be a multiple of 4 (2-D sin-cos positions)")
         require(math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0, "mlp_ratio must be > 0")
-        require(all(0 <= i < self.num_layers for i in self.dual_attention_layers),
-                "dual_attention_layers must index existing layers")
+        require(
+            all(0 <= i < self.num_layers for i in self.dual_attention_layers),
+            "dual_attention_layers must index existing layers",
+        )
 
 
 # Generator sizes by name, in the style of DiT's model registry; SD3.5's are diffusers' transformer configs.
 MMDiTArch.PRESETS = {
     "demo": MMDiTArch(patch_size=4),  # the experiment cells' default (the demo, paper-tables, foundation)
-    "sd3.5-medium": MMDiTArch(patch_size=2, num_layers=24, num_heads=24, head_dim=64,
-                              dual_attention_layers=tuple(range(13))),
+    "sd3.5-medium": MMDiTArch(
+        patch_size=2, num_layers=24, num_heads=24, head_dim=64, dual_attention_layers=tuple(range(13))
+    ),
     "sd3.5-large": MMDiTArch(patch_size=2, num_layers=38, num_heads=38, head_dim=64),
 }
 
@@ -91,12 +97,21 @@ class MMDiTConfig(MMDiTArch):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("in_channels", "sample_size", "pos_embed_max_size", "joint_attention_dim",
-                     "pooled_projection_dim", "num_classes", "mask_downscale"):
+        for name in (
+            "in_channels",
+            "sample_size",
+            "pos_embed_max_size",
+            "joint_attention_dim",
+            "pooled_projection_dim",
+            "num_classes",
+            "mask_downscale",
+        ):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        require(self.sample_size // self.patch_size <= self.pos_embed_max_size,
-                f"sample_size {self.sample_size} gives a {self.sample_size // self.patch_size}-token grid side, more "
-                f"than the position table holds (pos_embed_max_size {self.pos_embed_max_size})")
+        require(
+            self.sample_size // self.patch_size <= self.pos_embed_max_size,
+            f"sample_size {self.sample_size} gives a {self.sample_size // self.patch_size}-token grid side, more "
+            f"than the position table holds (pos_embed_max_size {self.pos_embed_max_size})",
+        )
         require(self.ignore_index >= 0, f"ignore_index must be >= 0, got {self.ignore_index}")
 
     def to_dict(self) -> dict:
@@ -181,7 +196,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """
     b, h, nq, d = q.shape
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and b * h * nq * k.shape[2] <= MATMUL_ATTENTION_MAX:
-        return torch.softmax((q * d ** -0.5) @ k.transpose(-2, -1), dim=-1) @ v
+        return torch.softmax((q * d**-0.5) @ k.transpose(-2, -1), dim=-1) @ v
     return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -207,8 +222,9 @@ class Stream(nn.Module):
     its outputs are never read. `dual` adds SD3.5's second, stream-internal self-attention.
     """
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, qk_norm: bool,
-                 pre_only: bool = False, dual: bool = False):
+    def __init__(
+        self, dim: int, heads: int, mlp_ratio: float, qk_norm: bool, pre_only: bool = False, dual: bool = False
+    ):
         super().__init__()
         self.heads, self.pre_only, self.dual = heads, pre_only, dual
         head_dim = dim // heads
@@ -230,7 +246,7 @@ class Stream(nn.Module):
         """adaLN parameters from c: (scale, shift) if pre_only, else shift/scale/gate for msa and mlp (+msa2)."""
         return list(self.ada(F.silu(c)).chunk(self.ada.out_features // self.ada.in_features, dim=1))
 
-    def split_heads(self, qkv: Tensor, q_norm: nn.Module | None, k_norm: nn.Module | None) -> tuple[Tensor, ...]:
+    def split_heads(self, qkv: Tensor, q_norm: nn.RMSNorm | None, k_norm: nn.RMSNorm | None) -> tuple[Tensor, ...]:
         """[B, N, 3D] -> q, k, v each [B, H, N, D/H], with q/k RMSNorm when enabled.
 
         Unbinding the q|k|v axis before moving heads forward lets backward stack the three gradients
@@ -238,7 +254,7 @@ class Stream(nn.Module):
         """
         b, n, _ = qkv.shape
         q, k, v = (t.transpose(1, 2) for t in qkv.view(b, n, 3, self.heads, -1).unbind(2))
-        if q_norm is not None:
+        if q_norm is not None and k_norm is not None:  # both or neither (qk_norm)
             q, k = rms_norm(q, q_norm), rms_norm(k, k_norm)
         return q, k, v
 
@@ -265,7 +281,7 @@ class _Group:
     segments: int = 1
     queries: int = 0  # leading tokens that ask attention queries (those whose output is read)
     mod: list[Tensor] = field(default_factory=list)
-    normed: Tensor | None = None  # LN(x), shared by the joint and the dual attention
+    normed: Tensor = field(init=False)  # LN(x), shared by the joint and the dual attention; set before use
 
 
 class JointBlock(nn.Module):
@@ -282,7 +298,9 @@ class JointBlock(nn.Module):
         self.image = Stream(dim, heads, r, qk, dual=dual)
         self.mask = Stream(dim, heads, r, qk, pre_only=last, dual=dual) if cfg.control == "triple" else None
 
-    def forward(self, txt: Tensor, img: Tensor, msk: Tensor | None, c: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    def forward(
+        self, txt: Tensor, img: Tensor, msk: Tensor | None, c: Tensor
+    ) -> tuple[Tensor | None, Tensor, Tensor | None]:
         n_img, last = img.shape[1], self.text.pre_only
         groups = [_Group(self.text, txt)]
         if msk is None:
@@ -303,18 +321,23 @@ class JointBlock(nn.Module):
             g.normed = layer_norm(g.x)
             q, k, v = s.split_heads(s.qkv(modulate(g.normed, shift, scale)), s.q_norm, s.k_norm)
             if g.queries:
-                qs.append(q[:, :, :g.queries])
-            ks.append(k), vs.append(v)
+                qs.append(q[:, :, : g.queries])
+            ks.append(k)
+            vs.append(v)
 
         o = attention(torch.cat(qs, 2), torch.cat(ks, 2), torch.cat(vs, 2))  # [B, H, N_queries, D/H]
         outs = iter(o.split([g.queries for g in groups if g.queries], dim=2))
-        attn = [next(outs).transpose(1, 2).flatten(2) if g.queries else None for g in groups]  # [B, N_g, D] each
-        res = [None if g.stream.pre_only else self._residual(g, a) for g, a in zip(groups, attn)]
+        res: list[Tensor | None] = []  # None for pre-only streams: their tokens end here
+        for g in groups:
+            attn = next(outs).transpose(1, 2).flatten(2) if g.queries else None  # [B, N_g, D]
+            res.append(None if attn is None or g.stream.pre_only else self._residual(g, attn))
+        img_res = res[1]
+        assert img_res is not None  # the image stream is never pre-only
         if msk is None:
-            return res[0], res[1], None
+            return res[0], img_res, None
         if self.mask is None:
-            return res[0], res[1][:, :n_img], None if last else res[1][:, n_img:]
-        return res[0], res[1], res[2]
+            return res[0], img_res[:, :n_img], None if last else img_res[:, n_img:]
+        return res[0], img_res, res[2]
 
     @staticmethod
     def _residual(g: _Group, attn: Tensor) -> Tensor:
@@ -367,7 +390,8 @@ class MaskControlMMDiT(nn.Module):
         self.context_embed = nn.Linear(cfg.joint_attention_dim, dim)
         self.blocks = nn.ModuleList(
             JointBlock(cfg, last=i == cfg.num_layers - 1, dual=i in cfg.dual_attention_layers)
-            for i in range(cfg.num_layers))
+            for i in range(cfg.num_layers)
+        )
         self.norm_out = nn.Linear(dim, 2 * dim)  # (scale, shift) for the final adaLN
         self.proj_out = nn.Linear(dim, p * p * self.out_channels)
         if cfg.control != "none":
@@ -395,7 +419,8 @@ class MaskControlMMDiT(nn.Module):
         for conv in (self.patch_embed, getattr(self, "mask_embed", None)):
             if conv is not None:
                 nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
-                nn.init.zeros_(conv.bias)
+                if conv.bias is not None:
+                    nn.init.zeros_(conv.bias)
         for m in self.modules():
             if isinstance(m, (Stream, AdapterBlock)):
                 nn.init.zeros_(m.ada.weight)
@@ -406,15 +431,16 @@ class MaskControlMMDiT(nn.Module):
         for layer in (self.norm_out, self.proj_out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-        for lin in (self.cond_embed.time[0], self.cond_embed.time[2]):
-            nn.init.normal_(lin.weight, std=0.02)
+        for lin in self.cond_embed.time:
+            if isinstance(lin, nn.Linear):
+                nn.init.normal_(lin.weight, std=0.02)
         self.copy_image_stream_to_mask_stream()
 
     @torch.no_grad()
     def copy_image_stream_to_mask_stream(self) -> None:
         """Triple: initialise each block's mask stream from its image stream (shared tensors excluded)."""
-        for blk in self.blocks:
-            if blk.mask is None:
+        for blk in self.modules():
+            if not isinstance(blk, JointBlock) or blk.mask is None:
                 continue
             src = blk.image.state_dict()
             for k, v in blk.mask.state_dict().items():
@@ -422,7 +448,7 @@ class MaskControlMMDiT(nn.Module):
                     v.copy_(src[k])
                 elif k.startswith("ada."):  # pre-only last block: (scale, shift) from the image's msa shift/scale
                     dim = self.config.hidden_size
-                    shift, scale = src[k][:dim], src[k][dim:2 * dim]
+                    shift, scale = src[k][:dim], src[k][dim : 2 * dim]
                     v.copy_(torch.cat([scale, shift], dim=0))
 
     # -- tokens ---------------------------------------------------------------------------------
@@ -531,7 +557,7 @@ class MaskControlMMDiT(nn.Module):
         save_weights(directory / WEIGHTS_NAME, self.state_dict(), metadata={"format": "pt"})
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "MaskControlMMDiT":
+    def from_pretrained(cls, directory: str | Path) -> MaskControlMMDiT:
         """Load a model written by save_pretrained; a foreign or mismatching checkpoint is a CheckpointError.
 
         config.json is type-checked like any config and compared with the weights' header before the model
@@ -545,15 +571,24 @@ class MaskControlMMDiT(nn.Module):
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         raw = read_json(config_path)
         if not isinstance(raw, dict) or raw.get("_class_name") != cls.__name__:
-            raise CheckpointError(f"not a {cls.__name__} config", path=config_path,
-                                  fix="point to a folder written by MaskControlMMDiT.save_pretrained")
-        config = config_from_file(MMDiTConfig, {k: v for k, v in raw.items() if k != "_class_name"}, config_path,
-                                  fix="use the config.json saved with these weights, or fix the setting")
+            raise CheckpointError(
+                f"not a {cls.__name__} config",
+                path=config_path,
+                fix="point to a folder written by MaskControlMMDiT.save_pretrained",
+            )
+        config = config_from_file(
+            MMDiTConfig,
+            {k: v for k, v in raw.items() if k != "_class_name"},
+            config_path,
+            fix="use the config.json saved with these weights, or fix the setting",
+        )
         tensors = len(weight_shapes(weights_path))
         if config.num_layers > tensors:  # each layer holds tensors; refused before looping over the layers
-            raise CheckpointError(f"num_layers {config.num_layers} but the weights in {weights_path} hold only "
-                                  f"{tensors} tensors", path=config_path,
-                                  fix="use the config.json saved with these weights")
+            raise CheckpointError(
+                f"num_layers {config.num_layers} but the weights in {weights_path} hold only {tensors} tensors",
+                path=config_path,
+                fix="use the config.json saved with these weights",
+            )
         return load_pretrained(lambda: cls(config), weights_path, config_path)
 
 
@@ -564,10 +599,16 @@ def load_state_strict(model: nn.Module, state: dict, path: Path) -> None:
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or shapes:
-        detail = "; ".join(f"{name}: {keys[:3]}{'…' if len(keys) > 3 else ''}" for name, keys in
-                           (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if keys)
-        raise CheckpointError(f"weights do not match the model configuration ({detail})", path=path,
-                              fix="use the config.json saved with these weights")
+        detail = "; ".join(
+            f"{name}: {keys[:3]}{'…' if len(keys) > 3 else ''}"
+            for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+            if keys
+        )
+        raise CheckpointError(
+            f"weights do not match the model configuration ({detail})",
+            path=path,
+            fix="use the config.json saved with these weights",
+        )
     model.load_state_dict(state)
 
 

@@ -49,9 +49,11 @@ class Conditioning:
     pooled: Tensor  # [B, Dp]
     mask: Tensor | None  # long labels [B, H, W] (one-hot encoding) or a mask latent [B, C, h, w]
 
-    def cat(self, other: "Conditioning") -> "Conditioning":
+    def cat(self, other: Conditioning) -> Conditioning:
         """Stack two conditionings along the batch (CFG: conditional | unconditional)."""
-        mask = None if self.mask is None else torch.cat([self.mask, other.mask])
+        if (self.mask is None) != (other.mask is None):
+            raise ValueError("cannot stack a conditioning that has a mask with one that has none")
+        mask = None if self.mask is None or other.mask is None else torch.cat([self.mask, other.mask])
         return Conditioning(torch.cat([self.text, other.text]), torch.cat([self.pooled, other.pooled]), mask)
 
 
@@ -75,17 +77,28 @@ class MaskToImagePipeline:
     8-bit RGB / 255): stored in pipeline.json, used to write synthetic images back in the source's sample type.
     """
 
-    def __init__(self, transformer: MaskControlMMDiT, autoencoder: Any, text_encoder: Any,
-                 classes: ClassSpec, image_size: int, prompt_template: str = "a satellite image of {classes}",
-                 extra: dict | None = None, normalisation: Any = None, prompt_cache: Any = None,
-                 mixed_precision: str = "no"):
+    def __init__(
+        self,
+        transformer: MaskControlMMDiT,
+        autoencoder: Any,
+        text_encoder: Any,
+        classes: ClassSpec,
+        image_size: int,
+        prompt_template: str = "a satellite image of {classes}",
+        extra: dict | None = None,
+        normalisation: Any = None,
+        prompt_cache: Any = None,
+        mixed_precision: str = "no",
+    ):
         from todsynth.data.bands import Normalisation
 
         self.normalisation = normalisation or Normalisation.rgb8()
         channels = getattr(autoencoder, "image_channels", 3)
         if self.normalisation.channels != channels:
-            raise CheckpointError(f"the normalisation scales {self.normalisation.channels} band(s) but the "
-                                  f"autoencoder makes {channels}", fix=RESAVE_FIX)
+            raise CheckpointError(
+                f"the normalisation scales {self.normalisation.channels} band(s) but the autoencoder makes {channels}",
+                fix=RESAVE_FIX,
+            )
         self.transformer = transformer
         self.autoencoder = autoencoder
         self.text_encoder = text_encoder
@@ -101,7 +114,7 @@ class MaskToImagePipeline:
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
-    def to(self, device: torch.device | str, text_dtype: torch.dtype | None = None) -> "MaskToImagePipeline":
+    def to(self, device: torch.device | str, text_dtype: torch.dtype | None = None) -> MaskToImagePipeline:
         """Move transformer, autoencoder and text encoder to `device` (the text encoder to `text_dtype` too)."""
         self.transformer.to(device)
         if hasattr(self.autoencoder, "to"):
@@ -116,8 +129,9 @@ class MaskToImagePipeline:
 
         return autocast(self.device, self.mixed_precision)
 
-    def use_prompt_cache(self, path: str | Path, prompts: Sequence[str], runtime: Any = None,
-                         offload_text: bool = False) -> Any:
+    def use_prompt_cache(
+        self, path: str | Path, prompts: Sequence[str], runtime: Any = None, offload_text: bool = False
+    ) -> Any:
         """Encode `prompts` (and "") once into the cache file at `path`, shared by all processes (each encodes
         its share), and route every later encode_text through it; returns the cache. `offload_text`: every
         prompt the run needs is cached, so the text encoders leave the accelerator."""
@@ -144,7 +158,7 @@ class MaskToImagePipeline:
     def condition(self, labels: Tensor, prompts: Sequence[str], drop_text: Tensor | None = None) -> Conditioning:
         """Build the transformer's conditioning; `drop_text` [B] bool swaps prompts for "" (CFG dropout)."""
         if drop_text is not None:
-            prompts = ["" if d else p for p, d in zip(prompts, drop_text.tolist())]
+            prompts = ["" if d else p for p, d in zip(prompts, drop_text.tolist(), strict=True)]
         text, pooled = self.encode_text(prompts)
         cfg = self.transformer.config
         mask: Tensor | None = None
@@ -155,8 +169,9 @@ class MaskToImagePipeline:
             else:
                 from todsynth.generator.autoencoder import encode_mask_rgb
 
-                rgb = encode_mask_rgb(labels, cfg.num_classes, cfg.ignore_index,
-                                      getattr(self.autoencoder, "image_channels", 3))
+                rgb = encode_mask_rgb(
+                    labels, cfg.num_classes, cfg.ignore_index, getattr(self.autoencoder, "image_channels", 3)
+                )
                 mask = self.autoencoder.encode(rgb, sample=False)
         return Conditioning(text, pooled, mask)
 
@@ -180,10 +195,19 @@ class MaskToImagePipeline:
         f = getattr(self.autoencoder, "downscale", 1)
         return (self.transformer.config.in_channels, self.image_size // f, self.image_size // f)
 
-    def __call__(self, labels: Tensor, prompts: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
-                 num_steps: int = 20, guidance_scale: float = 1.0, shift: float = 1.0,
-                 corrector: Corrector | None = None, num_corrected: int = 0,
-                 callback=None, output: str = "image") -> Tensor:
+    def __call__(
+        self,
+        labels: Tensor,
+        prompts: Sequence[str] | None = None,
+        seeds: Sequence[int] | None = None,
+        num_steps: int = 20,
+        guidance_scale: float = 1.0,
+        shift: float = 1.0,
+        corrector: Corrector | None = None,
+        num_corrected: int = 0,
+        callback=None,
+        output: str = "image",
+    ) -> Tensor:
         """Sample images for label maps [B, H, W]. Each row's noise comes from its own seed."""
         labels = labels.to(self.device)
         prompts = list(prompts) if prompts is not None else self.prompts_for(labels)
@@ -228,18 +252,21 @@ class MaskToImagePipeline:
 
         directory = Path(directory)
         self.transformer.save_pretrained(directory / "transformer")
-        write_json(directory / PIPELINE_FILE, {
-            "_class_name": type(self).__name__,
-            "autoencoder": self.autoencoder.config,
-            "text_encoder": self.text_encoder.config,
-            "classes": self.classes.to_dict(),
-            "image_size": self.image_size,
-            "prompt_template": self.prompt_template,
-            "normalisation": self.normalisation.to_dict(),
-        })
+        write_json(
+            directory / PIPELINE_FILE,
+            {
+                "_class_name": type(self).__name__,
+                "autoencoder": self.autoencoder.config,
+                "text_encoder": self.text_encoder.config,
+                "classes": self.classes.to_dict(),
+                "image_size": self.image_size,
+                "prompt_template": self.prompt_template,
+                "normalisation": self.normalisation.to_dict(),
+            },
+        )
 
     @classmethod
-    def for_runtime(cls, directory: str | Path, runtime: Any) -> "MaskToImagePipeline":
+    def for_runtime(cls, directory: str | Path, runtime: Any) -> MaskToImagePipeline:
         """A saved generator on `runtime`'s device (generator.runtime.Runtime): text encoder in the runtime's
         text dtype, sampling under its autocast precision."""
         pipe = cls.from_pretrained(directory, device=runtime.device, text_dtype=runtime.text_dtype)
@@ -247,8 +274,9 @@ class MaskToImagePipeline:
         return pipe
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
-                        text_dtype: torch.dtype | None = None) -> "MaskToImagePipeline":
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device = "cpu", text_dtype: torch.dtype | None = None
+    ) -> MaskToImagePipeline:
         """Load a saved generator onto `device`; the text encoder loads directly in `text_dtype` (e.g. bf16:
         T5-XXL then takes ~9 GiB instead of ~18 GiB)."""
         from todsynth.generator.autoencoder import load_autoencoder
@@ -257,71 +285,126 @@ class MaskToImagePipeline:
 
         directory = Path(directory)
         if not (directory / PIPELINE_FILE).is_file():
-            raise CheckpointError("not a todsynth generator folder (no pipeline.json)", path=directory / PIPELINE_FILE,
-                                  fix="point to a folder written by `todsynth generator train` (its out/model)")
+            raise CheckpointError(
+                "not a todsynth generator folder (no pipeline.json)",
+                path=directory / PIPELINE_FILE,
+                fix="point to a folder written by `todsynth generator train` (its out/model)",
+            )
         meta = read_json(directory / PIPELINE_FILE)
         if not isinstance(meta, dict) or meta.get("_class_name") != cls.__name__:
-            raise CheckpointError("not a todsynth generator folder", path=directory / PIPELINE_FILE,
-                                  fix="point to a folder written by `todsynth generator train`")
-        settings = config_from_file(PipelineFile, {k: v for k, v in meta.items() if k != "_class_name"},
-                                    directory / PIPELINE_FILE, fix=RESAVE_FIX)
+            raise CheckpointError(
+                "not a todsynth generator folder",
+                path=directory / PIPELINE_FILE,
+                fix="point to a folder written by `todsynth generator train`",
+            )
+        settings = config_from_file(
+            PipelineFile,
+            {k: v for k, v in meta.items() if k != "_class_name"},
+            directory / PIPELINE_FILE,
+            fix=RESAVE_FIX,
+        )
         from todsynth.data.bands import stored_normalisation
 
         classes = ClassSpec.from_dict(settings.classes, path=directory / PIPELINE_FILE)
         normalisation = stored_normalisation(settings.normalisation, directory / PIPELINE_FILE)
         transformer = MaskControlMMDiT.from_pretrained(directory / "transformer")
         autoencoder = _load_part(load_autoencoder, "autoencoder", settings.autoencoder, directory / PIPELINE_FILE)
-        text_encoder = _load_part(load_text_encoder, "text_encoder", settings.text_encoder, directory / PIPELINE_FILE,
-                                  dtype=text_dtype)
-        check_parts_agree(settings.image_size, classes, transformer.config, autoencoder, text_encoder,
-                          directory / PIPELINE_FILE, directory / "transformer" / "config.json")
+        text_encoder = _load_part(
+            load_text_encoder, "text_encoder", settings.text_encoder, directory / PIPELINE_FILE, dtype=text_dtype
+        )
+        check_parts_agree(
+            settings.image_size,
+            classes,
+            transformer.config,
+            autoencoder,
+            text_encoder,
+            directory / PIPELINE_FILE,
+            directory / "transformer" / "config.json",
+        )
         try:
-            pipe = cls(transformer, autoencoder, text_encoder, classes, settings.image_size,
-                       settings.prompt_template, normalisation=normalisation)
+            pipe = cls(
+                transformer,
+                autoencoder,
+                text_encoder,
+                classes,
+                settings.image_size,
+                settings.prompt_template,
+                normalisation=normalisation,
+            )
         except CheckpointError as e:
             raise CheckpointError(e.problem, path=directory / PIPELINE_FILE, fix=e.fix) from None
         return pipe.to(device)
 
 
-def check_parts_agree(image_size: int, classes: ClassSpec, config: Any, autoencoder: Any, text_encoder: Any,
-                      pipeline_path: Path, config_path: Path) -> None:
+def check_parts_agree(
+    image_size: int,
+    classes: ClassSpec,
+    config: Any,
+    autoencoder: Any,
+    text_encoder: Any,
+    pipeline_path: Path,
+    config_path: Path,
+) -> None:
     """Refuse a pipeline.json and a transformer config.json that contradict each other: the image size the
     transformer cannot run at (or was not trained at), classes, ignore index, latent space or text widths."""
     fix = "use the pipeline.json and transformer/config.json saved together with these weights"
     f = getattr(autoencoder, "downscale", 1)
     channels = getattr(autoencoder, "latent_channels", config.in_channels)
-    agree = (("num_classes", config.num_classes, classes.num_classes, "the number of classes in pipeline.json"),
-             ("ignore_index", config.ignore_index, classes.ignore_index, "the ignore index of the classes in "
-                                                                          "pipeline.json"),
-             ("in_channels", config.in_channels, channels, "the latent channels of the autoencoder in pipeline.json"),
-             ("mask_downscale", config.mask_downscale, f, "the downscale factor of the autoencoder in pipeline.json"),
-             ("mask_channels", config.mask_channels or channels, channels,
-              "the latent channels of the autoencoder in pipeline.json"),
-             ("joint_attention_dim", config.joint_attention_dim, getattr(text_encoder, "token_dim", None),
-              "the token width of the text encoder in pipeline.json"),
-             ("pooled_projection_dim", config.pooled_projection_dim, getattr(text_encoder, "pooled_dim", None),
-              "the pooled width of the text encoder in pipeline.json"))
+    agree = (
+        ("num_classes", config.num_classes, classes.num_classes, "the number of classes in pipeline.json"),
+        ("ignore_index", config.ignore_index, classes.ignore_index, "the ignore index of the classes in pipeline.json"),
+        ("in_channels", config.in_channels, channels, "the latent channels of the autoencoder in pipeline.json"),
+        ("mask_downscale", config.mask_downscale, f, "the downscale factor of the autoencoder in pipeline.json"),
+        (
+            "mask_channels",
+            config.mask_channels or channels,
+            channels,
+            "the latent channels of the autoencoder in pipeline.json",
+        ),
+        (
+            "joint_attention_dim",
+            config.joint_attention_dim,
+            getattr(text_encoder, "token_dim", None),
+            "the token width of the text encoder in pipeline.json",
+        ),
+        (
+            "pooled_projection_dim",
+            config.pooled_projection_dim,
+            getattr(text_encoder, "pooled_dim", None),
+            "the pooled width of the text encoder in pipeline.json",
+        ),
+    )
     for name, theirs, ours, what in agree:
         if ours is not None and theirs != ours:
             raise CheckpointError(f"'{name}' is {theirs}, but {what} is {ours}", path=config_path, fix=fix)
     p, table = config.patch_size, config.pos_embed_max_size
     trained = config.sample_size * f
     if image_size % f or (image_size // f) % p:
-        problem = (f"'image_size' {image_size} is not a multiple of the autoencoder's downscale factor {f}"
-                   if image_size % f else f"'image_size' {image_size} gives a {image_size // f}-pixel latent, not "
-                   f"a multiple of the transformer's patch size {p}")
+        problem = (
+            f"'image_size' {image_size} is not a multiple of the autoencoder's downscale factor {f}"
+            if image_size % f
+            else f"'image_size' {image_size} gives a {image_size // f}-pixel latent, not "
+            f"a multiple of the transformer's patch size {p}"
+        )
     elif image_size // f // p > table:
         grid = image_size // f // p
-        problem = (f"'image_size' {image_size} needs a {grid}x{grid} token grid, but the transformer's position "
-                   f"table holds {table}x{table} (pos_embed_max_size in {config_path})")
+        problem = (
+            f"'image_size' {image_size} needs a {grid}x{grid} token grid, but the transformer's position "
+            f"table holds {table}x{table} (pos_embed_max_size in {config_path})"
+        )
     elif image_size != trained and table == max(config.sample_size // p, 8) * 2:  # built by `generator train`:
         # it runs at its training size; an SD3 import (another table) runs at any size its table holds
-        problem = (f"'image_size' {image_size} is not the size the transformer was trained at: {trained} "
-                   f"(sample_size {config.sample_size} x downscale {f} in {config_path})")
+        problem = (
+            f"'image_size' {image_size} is not the size the transformer was trained at: {trained} "
+            f"(sample_size {config.sample_size} x downscale {f} in {config_path})"
+        )
     else:
         return
-    raise CheckpointError(problem, path=pipeline_path,
-                          fix=f"set 'image_size' to {trained}, the size the transformer was trained at, or {fix}")
+    raise CheckpointError(
+        problem,
+        path=pipeline_path,
+        fix=f"set 'image_size' to {trained}, the size the transformer was trained at, or {fix}",
+    )
 
 
 def _load_part(loader: Callable[..., Any], name: str, settings: dict[str, Any], path: Path, **runtime: Any) -> Any:

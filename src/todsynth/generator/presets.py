@@ -18,15 +18,32 @@ MemoryPreset = Literal["full-80gb", "lowmem-48gb", "lora-24gb"]
 Optimizer = Literal["adamw", "adamw_fused", "adamw8bit", "paged_adamw8bit"]
 PRESETS: dict[MemoryPreset, dict[str, Any]] = {
     # full fine-tuning of image + mask streams: fp32 master weights, fused AdamW, bf16 autocast, checkpointing
-    "full-80gb": {"mixed_precision": "bf16", "gradient_checkpointing": True, "optimizer": "adamw_fused",
-                  "lora_rank": 0},
+    "full-80gb": {
+        "mixed_precision": "bf16",
+        "gradient_checkpointing": True,
+        "optimizer": "adamw_fused",
+        "lora_rank": 0,
+    },
     # as full-80gb with 8-bit AdamW (bitsandbytes), bf16 weights for the frozen text stream and no EMA
-    "lowmem-48gb": {"mixed_precision": "bf16", "gradient_checkpointing": True, "optimizer": "adamw8bit",
-                    "frozen_dtype": "bf16", "ema_decay": 0.0, "lora_rank": 0},
+    "lowmem-48gb": {
+        "mixed_precision": "bf16",
+        "gradient_checkpointing": True,
+        "optimizer": "adamw8bit",
+        "frozen_dtype": "bf16",
+        "ema_decay": 0.0,
+        "lora_rank": 0,
+    },
     # LoRA on every linear of the image and mask streams (dual attention and adaLN included), mask_embed in
     # full, frozen base weights in bf16
-    "lora-24gb": {"mixed_precision": "bf16", "gradient_checkpointing": True, "optimizer": "adamw_fused",
-                  "lora_rank": 64, "frozen_dtype": "bf16", "ema_decay": 0.0, "train_text": False},
+    "lora-24gb": {
+        "mixed_precision": "bf16",
+        "gradient_checkpointing": True,
+        "optimizer": "adamw_fused",
+        "lora_rank": 64,
+        "frozen_dtype": "bf16",
+        "ema_decay": 0.0,
+        "train_text": False,
+    },
 }
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 
@@ -43,14 +60,17 @@ def apply_preset(cfg):
 def make_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW (0.9, 0.999) as `name` says: torch's (fused kernel with adamw_fused) or bitsandbytes' 8-bit/paged one."""
     if name in ("adamw", "adamw_fused"):
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay,
-                                 fused=True if name == "adamw_fused" else None)
+        return torch.optim.AdamW(
+            params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, fused=True if name == "adamw_fused" else None
+        )
     if name in ("adamw8bit", "paged_adamw8bit"):
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise ConfigError(f"optimizer {name} needs bitsandbytes, which is not installed",
-                              fix="pip install bitsandbytes (needs a CUDA GPU), or set optimizer=adamw") from None
+            raise ConfigError(
+                f"optimizer {name} needs bitsandbytes, which is not installed",
+                fix="pip install bitsandbytes (needs a CUDA GPU), or set optimizer=adamw",
+            ) from None
         cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw8bit" else bnb.optim.AdamW8bit
         return cls(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
     raise ConfigError(f"unknown optimizer {name!r}; choose {', '.join(OPTIMIZERS)}")

@@ -39,23 +39,39 @@ UNLABELLED = ClassSpec(("unlabelled",))
 TOY_SPEC = re.compile(r"^toy:(\d+)(?::(\d+))?$")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 # MMDiTConfig fields a base must share with the model it initialises, with the train setting that sets each
-ARCHITECTURE = (("num_layers", "model.num_layers"), ("num_heads", "model.num_heads"), ("head_dim", "model.head_dim"),
-                ("patch_size", "model.patch_size"), ("in_channels", "autoencoder (latent channels)"),
-                ("out_channels", "autoencoder (latent channels)"), ("sample_size", "size (latent side)"),
-                ("pos_embed_max_size", "size (position table)"), ("joint_attention_dim", "text_encoder (token width)"),
-                ("pooled_projection_dim", "text_encoder (pooled width)"), ("mlp_ratio", "model.mlp_ratio"),
-                ("qk_norm", "model.qk_norm"), ("dual_attention_layers", "model.dual_attention_layers"))
+ARCHITECTURE = (
+    ("num_layers", "model.num_layers"),
+    ("num_heads", "model.num_heads"),
+    ("head_dim", "model.head_dim"),
+    ("patch_size", "model.patch_size"),
+    ("in_channels", "autoencoder (latent channels)"),
+    ("out_channels", "autoencoder (latent channels)"),
+    ("sample_size", "size (latent side)"),
+    ("pos_embed_max_size", "size (position table)"),
+    ("joint_attention_dim", "text_encoder (token width)"),
+    ("pooled_projection_dim", "text_encoder (pooled width)"),
+    ("mlp_ratio", "model.mlp_ratio"),
+    ("qk_norm", "model.qk_norm"),
+    ("dual_attention_layers", "model.dual_attention_layers"),
+)
 # What pretraining sets where `generator train` has other defaults: no mask stream, text and image streams trained
-PRETRAIN_DEFAULTS = {"out": "runs/base", "model.control": "none", "unlabeled": True, "train_text": True,
-                     "train_image": True, "train_mask": False}
+PRETRAIN_DEFAULTS = {
+    "out": "runs/base",
+    "model.control": "none",
+    "unlabeled": True,
+    "train_text": True,
+    "train_image": True,
+    "train_mask": False,
+}
 
 
 def pretrain_config(data: str, out: str = "runs/base", **settings) -> GeneratorTrainConfig:
     """A GeneratorTrainConfig for pretraining: PRETRAIN_DEFAULTS under `settings` (dotted names or nested)."""
     from todsynth.config import build_config, flatten
 
-    return build_config(GeneratorTrainConfig, {**PRETRAIN_DEFAULTS, "data": data, "out": out,
-                                               **flatten(GeneratorTrainConfig, settings)})
+    return build_config(
+        GeneratorTrainConfig, {**PRETRAIN_DEFAULTS, "data": data, "out": out, **flatten(GeneratorTrainConfig, settings)}
+    )
 
 
 def pretrain_generator(cfg: GeneratorTrainConfig, on_step: Callable[[int, float], None] | None = None) -> dict:
@@ -64,8 +80,10 @@ def pretrain_generator(cfg: GeneratorTrainConfig, on_step: Callable[[int, float]
     from todsynth.generator.train import train_generator
 
     if not cfg.unlabeled or cfg.model.control != "none":
-        raise ConfigError("pretraining runs on unlabeled images with control none",
-                          fix="build the config with todsynth.generator.pretrain.pretrain_config")
+        raise ConfigError(
+            "pretraining runs on unlabeled images with control none",
+            fix="build the config with todsynth.generator.pretrain.pretrain_config",
+        )
     return train_generator(cfg, on_step)
 
 
@@ -100,9 +118,11 @@ def toy_pool(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, list[str]]
     return torch.stack(images).float() / 255, ids
 
 
-PRETRAIN_DATA = ("give IMAGES: a folder of images (directly in it or in images/), a dataset (a LoveDA root, a "
-                 "folder with images/ and masks/, or a .jsonl index; its masks are ignored), or toy:N for N tiles "
-                 "of the embedded toy pool")
+PRETRAIN_DATA = (
+    "give IMAGES: a folder of images (directly in it or in images/), a dataset (a LoveDA root, a "
+    "folder with images/ and masks/, or a .jsonl index; its masks are ignored), or toy:N for N tiles "
+    "of the embedded toy pool"
+)
 
 
 def _image_folder(path: Path) -> Path | None:
@@ -130,9 +150,13 @@ def _list_images(folder: Path, root: Path) -> list[Path]:
     files = list(_files_by_stem(folder, root, "image", problems).values())
     if not files and not problems:
         suffixes = ", ".join(IMAGE_SUFFIXES)
-        problems.append(DataError("no images found", path=folder,
-                                  fix=f"put image files ({suffixes}) in it or in an images/ subfolder; "
-                                      f"{PRETRAIN_DATA}"))
+        problems.append(
+            DataError(
+                "no images found",
+                path=folder,
+                fix=f"put image files ({suffixes}) in it or in an images/ subfolder; {PRETRAIN_DATA}",
+            )
+        )
     if problems:
         raise DatasetProblems(folder, problems)
     return files
@@ -146,8 +170,11 @@ def _split_files(files: list[Path], split_file: str, root: Path) -> list[Path]:
     wanted = read_split(split_file)
     unknown = [i for i in wanted if i not in by_id]
     if unknown:
-        raise DataError(f"{len(unknown)} id(s) are not in the dataset {root}, e.g. {unknown[:5]}", path=split_file,
-                        fix="use the split made for this dataset, or regenerate it")
+        raise DataError(
+            f"{len(unknown)} id(s) are not in the dataset {root}, e.g. {unknown[:5]}",
+            path=split_file,
+            fix="use the split made for this dataset, or regenerate it",
+        )
     return [by_id[i] for i in wanted]
 
 
@@ -182,14 +209,21 @@ def read_captions(path: str, ids: list[str]) -> list[str | None]:
     try:
         raw = read_json(Path(path))
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot read the captions file: {e}", path=path,
-                        fix='write a JSON object {"image id": "caption", ...}') from None
+        raise DataError(
+            f"cannot read the captions file: {e}", path=path, fix='write a JSON object {"image id": "caption", ...}'
+        ) from None
     if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
-        raise DataError("captions must be a JSON object of image id -> caption string", path=path,
-                        fix='write e.g. {"tile_001": "a satellite image of a harbour"}')
+        raise DataError(
+            "captions must be a JSON object of image id -> caption string",
+            path=path,
+            fix='write e.g. {"tile_001": "a satellite image of a harbour"}',
+        )
     if raw and not set(raw) & set(ids):
-        raise DataError(f"no caption matches an image id (images are named e.g. {ids[:3]})", path=path,
-                        fix="key the captions by image file stem")
+        raise DataError(
+            f"no caption matches an image id (images are named e.g. {ids[:3]})",
+            path=path,
+            fix="key the captions by image file stem",
+        )
     return [raw.get(i) for i in ids]
 
 
@@ -254,8 +288,11 @@ def base_model_dir(init: str | Path) -> Path:
     for cand in (path, path / "model"):
         if (cand / "pipeline.json").is_file() and (cand / "transformer").is_dir():
             return cand
-    raise CheckpointError("no base model here (no pipeline.json in it or in its model/)", path=path,
-                          fix="give the --out folder of `todsynth generator pretrain`, or its model/ subfolder")
+    raise CheckpointError(
+        "no base model here (no pipeline.json in it or in its model/)",
+        path=path,
+        fix="give the --out folder of `todsynth generator pretrain`, or its model/ subfolder",
+    )
 
 
 def _shown(value) -> str:
@@ -265,34 +302,49 @@ def _shown(value) -> str:
 def check_base(base_dir: Path, meta: dict, base_cfg, cfg, autoencoder, text_encoder, size: int) -> None:
     """Refuse a base of another architecture, latent space or text encoder than the model it initialises."""
     if base_cfg.control != "none":
-        raise CheckpointError(f"the base has control {base_cfg.control!r}; --init expects a pretrained base "
-                              "(control none, no mask stream)", path=base_dir,
-                              fix="pretrain one with `todsynth generator pretrain`, or fine-tune from scratch")
+        raise CheckpointError(
+            f"the base has control {base_cfg.control!r}; --init expects a pretrained base "
+            "(control none, no mask stream)",
+            path=base_dir,
+            fix="pretrain one with `todsynth generator pretrain`, or fine-tune from scratch",
+        )
     for kind, module in (("autoencoder", autoencoder), ("text_encoder", text_encoder)):
         theirs = (meta.get(kind) or {}).get("kind")
         if theirs != module.config.get("kind"):
-            raise CheckpointError(f"the base was pretrained with {kind}={theirs!r}, this run uses "
-                                  f"{kind}={module.config.get('kind')!r}", path=base_dir,
-                                  fix=f"fine-tune with --set {kind}={theirs}, or pretrain a base with this {kind}")
+            raise CheckpointError(
+                f"the base was pretrained with {kind}={theirs!r}, this run uses {kind}={module.config.get('kind')!r}",
+                path=base_dir,
+                fix=f"fine-tune with --set {kind}={theirs}, or pretrain a base with this {kind}",
+            )
     base_te = {k: v for k, v in (meta.get("text_encoder") or {}).items() if k != "path"}
     for key, ours in text_encoder.config.items():  # token counts: the sequence the text stream learned to read
         if key not in ("kind", "path") and base_te.get(key) != ours:
-            fix = (f"fine-tune with --set text_max_length={base_te.get(key)}, or pretrain a base with this "
-                   "text_max_length" if key == "max_length" and text_encoder.config.get("kind") == "minilm"
-                   else "fine-tune with the base's text encoder settings, or pretrain a base with these")
-            raise CheckpointError(f"the base was pretrained with text_encoder {key}={base_te.get(key)!r}, this run "
-                                  f"uses {key}={ours!r}", path=base_dir, fix=fix)
+            fix = (
+                f"fine-tune with --set text_max_length={base_te.get(key)}, or pretrain a base with this text_max_length"
+                if key == "max_length" and text_encoder.config.get("kind") == "minilm"
+                else "fine-tune with the base's text encoder settings, or pretrain a base with these"
+            )
+            raise CheckpointError(
+                f"the base was pretrained with text_encoder {key}={base_te.get(key)!r}, this run uses {key}={ours!r}",
+                path=base_dir,
+                fix=fix,
+            )
     theirs = meta.get("image_size")
     if theirs != size:
-        raise CheckpointError(f"the base was pretrained at size={theirs}, this run has size={size}", path=base_dir,
-                              fix=f"fine-tune with --size {theirs}, or pretrain a base at size {size}")
+        raise CheckpointError(
+            f"the base was pretrained at size={theirs}, this run has size={size}",
+            path=base_dir,
+            fix=f"fine-tune with --size {theirs}, or pretrain a base at size {size}",
+        )
     for field_name, setting in ARCHITECTURE:
         theirs, ours = getattr(base_cfg, field_name), getattr(cfg, field_name)
         if _shown(theirs) != _shown(ours):
             by = "" if setting == field_name else f" (set by {setting})"
-            raise CheckpointError(f"the base has {field_name}={_shown(theirs)}, this run's model has "
-                                  f"{field_name}={_shown(ours)}{by}", path=base_dir,
-                                  fix="fine-tune with the base's settings, or pretrain a base of this size")
+            raise CheckpointError(
+                f"the base has {field_name}={_shown(theirs)}, this run's model has {field_name}={_shown(ours)}{by}",
+                path=base_dir,
+                fix="fine-tune with the base's settings, or pretrain a base of this size",
+            )
 
 
 def load_base_into(model, init: str | Path, autoencoder, text_encoder, size: int) -> None:
@@ -309,13 +361,20 @@ def load_base_into(model, init: str | Path, autoencoder, text_encoder, size: int
     meta = read_json(base_dir / "pipeline.json")
     raw = read_json(base_dir / "transformer" / CONFIG_NAME)
     if not isinstance(meta, dict) or not isinstance(raw, dict) or raw.get("_class_name") != MaskControlMMDiT.__name__:
-        raise CheckpointError("not a todsynth generator folder", path=base_dir,
-                              fix="give the --out folder of `todsynth generator pretrain`")
+        raise CheckpointError(
+            "not a todsynth generator folder",
+            path=base_dir,
+            fix="give the --out folder of `todsynth generator pretrain`",
+        )
     from todsynth.config import config_from_file
     from todsynth.generator.mmdit import MMDiTConfig
 
-    base_cfg = config_from_file(MMDiTConfig, {k: v for k, v in raw.items() if k != "_class_name"},
-                                base_dir / "transformer" / CONFIG_NAME, fix="re-run the pretraining")
+    base_cfg = config_from_file(
+        MMDiTConfig,
+        {k: v for k, v in raw.items() if k != "_class_name"},
+        base_dir / "transformer" / CONFIG_NAME,
+        fix="re-run the pretraining",
+    )
     check_base(base_dir, meta, base_cfg, model.config, autoencoder, text_encoder, size)
     state = load_weights(base_dir / "transformer" / WEIGHTS_NAME)
     own = model.state_dict()
@@ -323,7 +382,10 @@ def load_base_into(model, init: str | Path, autoencoder, text_encoder, size: int
     missing = sorted(k for k in own if k not in state and k not in mask_only)
     bad = sorted(k for k, v in state.items() if k not in own or own[k].shape != v.shape)
     if missing or bad:
-        raise CheckpointError(f"base weights do not fit its config (missing {missing[:3]}, mismatched {bad[:3]})",
-                              path=base_dir / "transformer" / WEIGHTS_NAME, fix="re-run the pretraining")
+        raise CheckpointError(
+            f"base weights do not fit its config (missing {missing[:3]}, mismatched {bad[:3]})",
+            path=base_dir / "transformer" / WEIGHTS_NAME,
+            fix="re-run the pretraining",
+        )
     model.load_state_dict(state, strict=False)
     model.copy_image_stream_to_mask_stream()

@@ -68,8 +68,10 @@ def autocast(device: torch.device | str, mixed_precision: str = "no") -> context
 def check_mixed_precision(value: str) -> None:
     """Raise ConfigError unless `value` is no, bf16 or fp16."""
     if value not in MIXED_PRECISIONS:
-        raise ConfigError(f"mixed_precision must be one of {list(MIXED_PRECISIONS)}, got {value!r}",
-                          fix="use no (fp32), bf16 (recommended on GPUs) or fp16")
+        raise ConfigError(
+            f"mixed_precision must be one of {list(MIXED_PRECISIONS)}, got {value!r}",
+            fix="use no (fp32), bf16 (recommended on GPUs) or fp16",
+        )
 
 
 def resolve_runtime(device: str | None = "auto", mixed_precision: str = "no", state: Any = None) -> Runtime:
@@ -96,14 +98,19 @@ def _named_device(name: str) -> torch.device:
         dev = torch.device(name)
     except (RuntimeError, ValueError):
         raise ConfigError(f"unknown device {name!r}", fix=DEVICE_FIX) from None
-    available = {"cpu": True, "meta": False, "cuda": torch.cuda.is_available(),
-                 "mps": torch.backends.mps.is_available(),
-                 "xpu": hasattr(torch, "xpu") and torch.xpu.is_available()}
+    available = {
+        "cpu": True,
+        "meta": False,
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+        "xpu": hasattr(torch, "xpu") and torch.xpu.is_available(),
+    }
     if not available.get(dev.type, False):
         raise ConfigError(f"device {name!r} requested but this machine has none", fix=DEVICE_FIX)
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ConfigError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist",
-                          fix=DEVICE_FIX)
+        raise ConfigError(
+            f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist", fix=DEVICE_FIX
+        )
     return dev
 
 

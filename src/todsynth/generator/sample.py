@@ -12,14 +12,21 @@ from todsynth.errors import ConfigError, DataError
 from todsynth.generator.pipeline import MaskToImagePipeline, sample_seeds
 
 
-def load_masks(path: str | Path, split: str, size: int, n: int | None = None,
-               split_file: str | Path | None = None, crop: str = "resize"):
+def load_masks(
+    path: str | Path,
+    split: str,
+    size: int,
+    n: int | None = None,
+    split_file: str | Path | None = None,
+    crop: str = "resize",
+):
     """Label maps [N, size, size] (by `crop`: resize of the short side or center crop, never distorted), prompts
     and ids of a dataset (label-only layouts welcome); with `split_file`, only its ids, all in the dataset."""
     from todsynth.generator.train import load_train_data
 
-    data, classes = load_train_data(str(path), split, size, split_file=None if split_file is None else str(split_file),
-                                    images=False, crop=crop)
+    data, classes = load_train_data(
+        str(path), split, size, split_file=None if split_file is None else str(split_file), images=False, crop=crop
+    )
     end = len(data.ids) if n is None else min(n, len(data.ids))
     return data.labels[:end], data.prompts[:end], data.ids[:end], classes
 
@@ -29,10 +36,13 @@ def check_mask_classes(masks: ClassSpec, generator: ClassSpec, path: str | Path)
     from todsynth.data.classes import class_difference
 
     if tuple(masks.names) != tuple(generator.names) or masks.ignore_index != generator.ignore_index:
-        raise DataError(f"mask classes {class_difference(masks.names, generator.names)} (ignore "
-                        f"{masks.ignore_index}) differ from the generator's "
-                        f"{class_difference(generator.names, masks.names)} (ignore {generator.ignore_index})",
-                        path=path, fix="use masks labelled with the classes the generator was trained on")
+        raise DataError(
+            f"mask classes {class_difference(masks.names, generator.names)} (ignore "
+            f"{masks.ignore_index}) differ from the generator's "
+            f"{class_difference(generator.names, masks.names)} (ignore {generator.ignore_index})",
+            path=path,
+            fix="use masks labelled with the classes the generator was trained on",
+        )
 
 
 def check_sample_settings(n: int, steps: int, guidance: float, shift: float, batch_size: int) -> None:
@@ -46,8 +56,16 @@ def check_sample_settings(n: int, steps: int, guidance: float, shift: float, bat
         raise ConfigError(f"shift must be a finite number > 0, got {shift!r}", fix="set shift, e.g. 1.0 or 3.0")
 
 
-def sample_batched(pipe: MaskToImagePipeline, labels: torch.Tensor, prompts: list[str], ids: list[str],
-                   seed: int = 0, copy: int = 0, batch_size: int = 8, **kw) -> torch.Tensor:
+def sample_batched(
+    pipe: MaskToImagePipeline,
+    labels: torch.Tensor,
+    prompts: list[str],
+    ids: list[str],
+    seed: int = 0,
+    copy: int = 0,
+    batch_size: int = 8,
+    **kw,
+) -> torch.Tensor:
     """Images for all labels, batch by batch; seeds from (seed, id, copy) so batching changes nothing."""
     seeds = sample_seeds(seed, ids, copy)
     out = []
@@ -57,9 +75,20 @@ def sample_batched(pipe: MaskToImagePipeline, labels: torch.Tensor, prompts: lis
     return torch.cat(out)
 
 
-def sample_grid(model: str | Path, masks: str | Path, out: str | Path, split: str = "Train", n: int = 8,
-                steps: int = 20, guidance: float = 1.0, shift: float = 1.0, seed: int = 0,
-                batch_size: int = 8, device: str = "auto", mixed_precision: str = "no") -> Path:
+def sample_grid(
+    model: str | Path,
+    masks: str | Path,
+    out: str | Path,
+    split: str = "Train",
+    n: int = 8,
+    steps: int = 20,
+    guidance: float = 1.0,
+    shift: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 8,
+    device: str = "auto",
+    mixed_precision: str = "no",
+) -> Path:
     """Sample n masks of a dataset and write out/samples.png (mask | generated per row); settings, the output
     folder (outside the masks and the model) and the masks' classes are checked before anything is written.
     Runs on accelerate's device (or `device`) in `mixed_precision`; prompts (and "") are encoded once into
@@ -75,8 +104,17 @@ def sample_grid(model: str | Path, masks: str | Path, out: str | Path, split: st
     labels, prompts, ids, classes = load_masks(masks, split, pipe.image_size, n)
     check_mask_classes(classes, pipe.classes, masks)
     pipe.use_prompt_cache(Path(out) / "prompt_cache.safetensors", prompts)
-    images = sample_batched(pipe, labels, prompts, ids, seed=seed, batch_size=batch_size, num_steps=steps,
-                            guidance_scale=guidance, shift=shift)
+    images = sample_batched(
+        pipe,
+        labels,
+        prompts,
+        ids,
+        seed=seed,
+        batch_size=batch_size,
+        num_steps=steps,
+        guidance_scale=guidance,
+        shift=shift,
+    )
     path = Path(out) / "samples.png"
     save_mask_image_grid(path, labels, images, pipe.classes, normalisation=pipe.normalisation)
     return path

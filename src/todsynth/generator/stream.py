@@ -48,8 +48,9 @@ class TrainSamples(Dataset):
         label = torch.from_numpy(label)
         rng = crop_rng(self.seed, step, position) if self.crop == "random" else None
         paths = self.ds.paths(index)
-        image, label = fit_pair(image, label, self.size, self.crop, rng, name=f"sample '{self.ds.ids[index]}'",
-                                path=paths[0] or paths[1])
+        image, label = fit_pair(
+            image, label, self.size, self.crop, rng, name=f"sample '{self.ds.ids[index]}'", path=paths[0] or paths[1]
+        )
         return index, image, label
 
 
@@ -92,7 +93,7 @@ class StepBatches(Sampler):
         from todsynth.generator.train import batch_indices
 
         for step in range(self.first, self.end):
-            local = batch_indices(step, self.n, self.batch_size, self.seed)[self.rank::self.world]
+            local = batch_indices(step, self.n, self.batch_size, self.seed)[self.rank :: self.world]
             yield [(int(i), step, self.rank + self.world * j) for j, i in enumerate(local)]
 
 
@@ -105,12 +106,18 @@ def collate(items: list[tuple[int, Tensor | None, Tensor]]) -> tuple[list[int], 
 
 def batch_loader(samples: Dataset, batches: StepBatches, num_workers: int = 0) -> DataLoader:
     """A DataLoader over `batches` with `num_workers` reader processes; the global torch RNG is not touched."""
-    return DataLoader(samples, batch_sampler=batches, num_workers=num_workers, collate_fn=collate,
-                      generator=torch.Generator().manual_seed(0))
+    return DataLoader(
+        samples,
+        batch_sampler=batches,
+        num_workers=num_workers,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
-def open_train_stream(path: str, split: str, size: int, crop: str, seed: int, split_file: str | None = None,
-                      images: bool = True):
+def open_train_stream(
+    path: str, split: str, size: int, crop: str, seed: int, split_file: str | None = None, images: bool = True
+):
     """Validate a dataset (any reader) and return its StreamData and classes; only prompts stay in memory."""
     from todsynth.data.bands import fit_normalisation
     from todsynth.data.check import open_checked

@@ -44,8 +44,13 @@ class TextEncoder(nn.Module):
     @property
     def identity(self) -> dict[str, Any]:
         """The config plus output sizes: equal identities give interchangeable embeddings."""
-        identity = {"name": self.name, "config": self.config, "seq_len": self.seq_len,
-                    "token_dim": self.token_dim, "pooled_dim": self.pooled_dim}
+        identity = {
+            "name": self.name,
+            "config": self.config,
+            "seq_len": self.seq_len,
+            "token_dim": self.token_dim,
+            "pooled_dim": self.pooled_dim,
+        }
         dtype = self.dtype
         if dtype != torch.float32:  # a reduced-precision encoder gives other bits: its cache is its own
             identity["dtype"] = str(dtype).removeprefix("torch.")
@@ -95,8 +100,11 @@ def check_pretrained_dir(folder: Path, weight_stem: str, fix: str) -> None:
         return
     pickles = sorted(p.name for p in folder.glob("*.bin"))
     if pickles:
-        raise CheckpointError(f"only pickle weights ({', '.join(pickles)}), which todsynth never loads",
-                              path=single, fix="convert the weights to safetensors")
+        raise CheckpointError(
+            f"only pickle weights ({', '.join(pickles)}), which todsynth never loads",
+            path=single,
+            fix="convert the weights to safetensors",
+        )
     raise CheckpointError("weights missing", path=single, fix=fix)
 
 
@@ -173,8 +181,9 @@ class MiniLMTextEncoder(TextEncoder):
     @torch.no_grad()
     def encode_batch(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Encode prompts into (tokens [B, max_length, 384], pooled [B, 384])."""
-        batch = self.tokenizer(list(prompts), padding="longest", truncation=True,
-                               max_length=self.pool_limit, return_tensors="pt").to(self.device)
+        batch = self.tokenizer(
+            list(prompts), padding="longest", truncation=True, max_length=self.pool_limit, return_tensors="pt"
+        ).to(self.device)
         hidden = self.model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         hidden = hidden * mask
@@ -192,9 +201,20 @@ class SD3TextEncoder(TextEncoder):
 
     name = "sd3"
 
-    def __init__(self, clip_l: nn.Module, tokenizer_l: Any, clip_g: nn.Module, tokenizer_g: Any,
-                 t5: nn.Module | None = None, tokenizer_t5: Any = None, *, t5_dim: int | None = None,
-                 max_length: int = 77, t5_max_length: int = 256, path: str | Path | None = None):
+    def __init__(
+        self,
+        clip_l: nn.Module,
+        tokenizer_l: Any,
+        clip_g: nn.Module,
+        tokenizer_g: Any,
+        t5: nn.Module | None = None,
+        tokenizer_t5: Any = None,
+        *,
+        t5_dim: int | None = None,
+        max_length: int = 77,
+        t5_max_length: int = 256,
+        path: str | Path | None = None,
+    ):
         super().__init__()
         self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
         self.tokenizer_l, self.tokenizer_g, self.tokenizer_t5 = tokenizer_l, tokenizer_g, tokenizer_t5
@@ -218,8 +238,14 @@ class SD3TextEncoder(TextEncoder):
             raise ConfigError(f"t5_max_length must be at least 1, got {self.t5_max_length}")
 
     @classmethod
-    def from_pretrained(cls, sd3_folder: str | Path, max_length: int = 77, t5_max_length: int = 256,
-                        use_t5: bool = True, dtype: torch.dtype | None = None) -> SD3TextEncoder:
+    def from_pretrained(
+        cls,
+        sd3_folder: str | Path,
+        max_length: int = 77,
+        t5_max_length: int = 256,
+        use_t5: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> SD3TextEncoder:
         """Load the text encoders and tokenizers of a local diffusers SD3 / SD3.5 pipeline folder."""
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -235,14 +261,29 @@ class SD3TextEncoder(TextEncoder):
             t5 = _load(T5EncoderModel, root / "text_encoder_3", SD3_LAYOUT, **kw)
             tok_t5 = _load(T5TokenizerFast, root / "tokenizer_3", SD3_LAYOUT)
         t5_dim = None if use_t5 else _joint_attention_dim(root)
-        return cls(clip_l, tok_l, clip_g, tok_g, t5, tok_t5, t5_dim=t5_dim, max_length=max_length,
-                   t5_max_length=t5_max_length, path=root)
+        return cls(
+            clip_l,
+            tok_l,
+            clip_g,
+            tok_g,
+            t5,
+            tok_t5,
+            t5_dim=t5_dim,
+            max_length=max_length,
+            t5_max_length=t5_max_length,
+            path=root,
+        )
 
     @property
     def config(self) -> dict[str, Any]:
         """Keyword arguments of `load_text_encoder` that rebuild this encoder."""
-        return {"kind": "sd3", "path": self.path, "max_length": self.max_length,
-                "t5_max_length": self.t5_max_length, "use_t5": self.t5 is not None}
+        return {
+            "kind": "sd3",
+            "path": self.path,
+            "max_length": self.max_length,
+            "t5_max_length": self.t5_max_length,
+            "use_t5": self.t5 is not None,
+        }
 
     @torch.no_grad()
     def encode_batch(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
@@ -257,8 +298,9 @@ class SD3TextEncoder(TextEncoder):
 
     def _clip(self, model: nn.Module, tokenizer: Any, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """One CLIP's penultimate hidden states and projected pooled embedding."""
-        ids = tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
-                        return_tensors="pt").input_ids
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        ).input_ids
         out = model(ids.to(model.device), output_hidden_states=True)
         return out.hidden_states[-2], out.text_embeds
 
@@ -266,8 +308,14 @@ class SD3TextEncoder(TextEncoder):
         """T5's last hidden state over `t5_max_length` tokens (padding included), or zeros without T5."""
         if self.t5 is None:
             return torch.zeros(len(prompts), self.t5_max_length, self.token_dim)
-        ids = self.tokenizer_t5(prompts, padding="max_length", max_length=self.t5_max_length,
-                                truncation=True, add_special_tokens=True, return_tensors="pt").input_ids
+        ids = self.tokenizer_t5(
+            prompts,
+            padding="max_length",
+            max_length=self.t5_max_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        ).input_ids
         return self.t5(ids.to(self.t5.device)).last_hidden_state
 
 
@@ -289,12 +337,17 @@ def _joint_attention_dim(root: Path) -> int:
         config = root / name / "config.json"
         if config.is_file():
             return int(read_json(config)[key])
-    raise CheckpointError("without T5, the token width is read from transformer/config.json "
-                          "or text_encoder_3/config.json; neither exists", path=root, fix=SD3_LAYOUT)
+    raise CheckpointError(
+        "without T5, the token width is read from transformer/config.json "
+        "or text_encoder_3/config.json; neither exists",
+        path=root,
+        fix=SD3_LAYOUT,
+    )
 
 
-def load_text_encoder(kind: str = "minilm", path: str | Path | None = None, dtype: torch.dtype | None = None,
-                      **kw: Any) -> TextEncoder:
+def load_text_encoder(
+    kind: str = "minilm", path: str | Path | None = None, dtype: torch.dtype | None = None, **kw: Any
+) -> TextEncoder:
     """Build a text encoder by kind: "minilm" (bundled default) or "sd3" (a local SD3 pipeline folder);
     `dtype` loads the weights in that precision (bf16 halves T5-XXL's ~18 GiB), a runtime choice not saved."""
     if kind == "minilm":
@@ -314,8 +367,15 @@ class PromptCache:
     Prompts encoded on the fly by `get` stay in memory until `save()`.
     """
 
-    def __init__(self, identity: dict[str, Any], prompts: list[str], tokens: Tensor, pooled: Tensor,
-                 encoder: TextEncoder | None = None, path: str | Path | None = None):
+    def __init__(
+        self,
+        identity: dict[str, Any],
+        prompts: list[str],
+        tokens: Tensor,
+        pooled: Tensor,
+        encoder: TextEncoder | None = None,
+        path: str | Path | None = None,
+    ):
         self.identity = identity
         self.prompts = list(prompts)
         self.index = {p: i for i, p in enumerate(self.prompts)}
@@ -324,8 +384,9 @@ class PromptCache:
         self.path = None if path is None else Path(path)
 
     @classmethod
-    def build(cls, path: str | Path, encoder: TextEncoder, prompts: Sequence[str] = (),
-              batch_size: int = 32) -> PromptCache:
+    def build(
+        cls, path: str | Path, encoder: TextEncoder, prompts: Sequence[str] = (), batch_size: int = 32
+    ) -> PromptCache:
         """Open the cache at `path`, encode the prompts it lacks (and ""), and save it if it changed.
 
         A cache written by another encoder, or unreadable, is rebuilt (its prompts re-encoded).
@@ -365,19 +426,31 @@ class PromptCache:
             meta = f.metadata() or {}
         try:
             # One JSON key (byte-stable); files written before it kept three keys, read alike.
-            fields = json.loads(meta[CACHE_META_KEY]) if CACHE_META_KEY in meta else {
-                "format": meta["format"], "encoder": json.loads(meta["encoder"]),
-                "prompts": json.loads(meta["prompts"])}
+            fields = (
+                json.loads(meta[CACHE_META_KEY])
+                if CACHE_META_KEY in meta
+                else {
+                    "format": meta["format"],
+                    "encoder": json.loads(meta["encoder"]),
+                    "prompts": json.loads(meta["prompts"]),
+                }
+            )
             if not isinstance(fields, dict) or fields.get("format") != CACHE_FORMAT:
                 raise KeyError("format")
             identity, prompts = fields["encoder"], fields["prompts"]
             tokens, pooled = weights["tokens"], weights["pooled"]
         except (KeyError, TypeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"not a todsynth prompt cache (bad or missing {e})", path=path,
-                                  fix="delete it; it is rebuilt from the text encoder") from e
+            raise CheckpointError(
+                f"not a todsynth prompt cache (bad or missing {e})",
+                path=path,
+                fix="delete it; it is rebuilt from the text encoder",
+            ) from e
         if not len(prompts) == len(tokens) == len(pooled):
-            raise CheckpointError("prompt list and embeddings disagree in length", path=path,
-                                  fix="delete it; it is rebuilt from the text encoder")
+            raise CheckpointError(
+                "prompt list and embeddings disagree in length",
+                path=path,
+                fix="delete it; it is rebuilt from the text encoder",
+            )
         return cls(identity, prompts, tokens, pooled, None, path)
 
     @classmethod
@@ -400,10 +473,13 @@ class PromptCache:
         """Encode the prompts not yet in the cache (each once); return how many were added."""
         new = [p for p in dict.fromkeys(prompts) if p not in self.index]
         if new and self.encoder is None:
-            raise TodsynthError(f"{len(new)} prompt(s) not in the prompt cache, e.g. {new[0]!r}",
-                                path=self.path, fix="rebuild the cache with the text encoder loaded")
+            raise TodsynthError(
+                f"{len(new)} prompt(s) not in the prompt cache, e.g. {new[0]!r}",
+                path=self.path,
+                fix="rebuild the cache with the text encoder loaded",
+            )
         for start in range(0, len(new), batch_size):
-            chunk = new[start:start + batch_size]
+            chunk = new[start : start + batch_size]
             tokens, pooled = self.encoder.encode(chunk)
             self.tokens = torch.cat([self.tokens, tokens.cpu().to(self.tokens.dtype)])
             self.pooled = torch.cat([self.pooled, pooled.cpu().to(self.pooled.dtype)])
@@ -414,8 +490,11 @@ class PromptCache:
     def merge(self, other: PromptCache) -> int:
         """Take the rows of `other` (same encoder identity) for prompts not yet here; returns how many."""
         if not _same(self.identity, other.identity):
-            raise CheckpointError("prompt caches of different text encoders cannot be merged", path=other.path,
-                                  fix="delete it; it is rebuilt from the text encoder")
+            raise CheckpointError(
+                "prompt caches of different text encoders cannot be merged",
+                path=other.path,
+                fix="delete it; it is rebuilt from the text encoder",
+            )
         rows = [i for i, p in enumerate(other.prompts) if p not in self.index]
         if rows:
             take = torch.tensor(rows, dtype=torch.long)
@@ -472,14 +551,14 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
-def encode_prompts_cached(encoder: TextEncoder, prompts: Sequence[str],
-                          cache_path: str | Path) -> PromptCache:
+def encode_prompts_cached(encoder: TextEncoder, prompts: Sequence[str], cache_path: str | Path) -> PromptCache:
     """Encode each distinct prompt once through the cache file at `cache_path` and return the cache."""
     return PromptCache.build(cache_path, encoder, prompts)
 
 
-def build_prompt_cache(path: str | Path, encoder: TextEncoder, prompts: Sequence[str], runtime: Any = None,
-                       batch_size: int = 32) -> PromptCache:
+def build_prompt_cache(
+    path: str | Path, encoder: TextEncoder, prompts: Sequence[str], runtime: Any = None, batch_size: int = 32
+) -> PromptCache:
     """The cache file at `path` holding `prompts` and "", built by all processes together: each encodes its
     share of the missing prompts into a shard file, rank 0 merges the shards, then every process reads the
     one file. No process waits behind a single encoder (a barrier longer than NCCL's timeout otherwise)."""

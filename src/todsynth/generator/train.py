@@ -20,8 +20,15 @@ from torch import Tensor
 
 from todsynth.config import require, resume_free_names, setting
 from todsynth.data.crops import CropMode
-from todsynth.generator.distributed import (ema_weights, is_fsdp, load_model_state, load_optimizer_state,
-                                            model_state, optimizer_state, save_snapshot)
+from todsynth.generator.distributed import (
+    ema_weights,
+    is_fsdp,
+    load_model_state,
+    load_optimizer_state,
+    model_state,
+    optimizer_state,
+    save_snapshot,
+)
 from todsynth.generator.mmdit import MMDiTArch
 from todsynth.generator.presets import MemoryPreset, Optimizer, cast_frozen, make_optimizer
 
@@ -32,40 +39,56 @@ CHECKPOINT_DIR = "checkpoint"
 class GeneratorTrainConfig:
     """Settings of `todsynth generator train` (and `generator pretrain`)."""
 
-    data: str = setting("", help="DATA: the training dataset (LoveDA root, folder with images/ and masks/, .jsonl "
-                                 "index; pretraining: images or toy:N)")
+    data: str = setting(
+        "",
+        help="DATA: the training dataset (LoveDA root, folder with images/ and masks/, .jsonl "
+        "index; pretraining: images or toy:N)",
+    )
     out: str = setting("runs/generator", resume_free=True, help="output folder (model/, checkpoint/, results.json)")
     split: str = setting("Train", help="split of a LoveDA root")
     split_file: str | None = setting(None, help="JSON split file of the ids to train on (`todsynth data split`)")
     val_data: str | None = setting(None, help="held-out masks for validation (default: the last masks of data)")
     size: int = setting(32, help="training image side in pixels")
-    crop: CropMode = setting("random", help="how samples reach size x size: random crops (drawn per seed, step, "
-                                            "sample; keep the ground sampling distance), center, or resize (short "
-                                            "side to size, never distorted)")
-    num_workers: int = setting(0, resume_free=True, help="DataLoader processes reading samples from disk (0: in "
-                                                         "the training process)")
-    model: MMDiTArch = setting(default_factory=MMDiTArch, help="architecture: these settings, or a size preset "
-                               f"name ({', '.join(MMDiTArch.PRESETS)}) as the value of model")
-    autoencoder: Literal["pixel", "vae"] = setting("pixel", help="image space: pixels, or a diffusers VAE "
-                                                                 "(autoencoder_path)")
+    crop: CropMode = setting(
+        "random",
+        help="how samples reach size x size: random crops (drawn per seed, step, "
+        "sample; keep the ground sampling distance), center, or resize (short "
+        "side to size, never distorted)",
+    )
+    num_workers: int = setting(
+        0, resume_free=True, help="DataLoader processes reading samples from disk (0: in the training process)"
+    )
+    model: MMDiTArch = setting(
+        default_factory=MMDiTArch,
+        help="architecture: these settings, or a size preset "
+        f"name ({', '.join(MMDiTArch.PRESETS)}) as the value of model",
+    )
+    autoencoder: Literal["pixel", "vae"] = setting(
+        "pixel", help="image space: pixels, or a diffusers VAE (autoencoder_path)"
+    )
     autoencoder_path: str | None = setting(None, help="local diffusers VAE or pipeline folder (autoencoder vae)")
-    text_encoder: Literal["minilm", "sd3"] = setting("minilm", help="prompt encoder: MiniLM, or SD3's encoders "
-                                                                    "(text_encoder_path)")
+    text_encoder: Literal["minilm", "sd3"] = setting(
+        "minilm", help="prompt encoder: MiniLM, or SD3's encoders (text_encoder_path)"
+    )
     text_encoder_path: str | None = setting(None, help="local diffusers SD3 pipeline folder (text_encoder sd3)")
     text_max_length: int = setting(16, help="prompt tokens kept (minilm)")
     sd3_path: str | None = setting(None, help="initialise text/image streams from a diffusers SD3 transformer")
-    init: str | None = setting(None, help="initialise text/image streams from a pretrained base (the out folder "
-                                          "of `generator pretrain`)")
+    init: str | None = setting(
+        None, help="initialise text/image streams from a pretrained base (the out folder of `generator pretrain`)"
+    )
     train_text: bool = setting(False, help="train the text stream")
     train_image: bool = setting(True, help="train the image stream")
     train_mask: bool = setting(True, help="train the mask stream")
     lora_rank: int = setting(0, help="> 0: LoRA (peft) on the trained streams instead of full fine-tuning")
     preset: MemoryPreset | None = setting(
-        None, help="memory preset (generator/presets.py): sets the settings below; explicit values win")
+        None, help="memory preset (generator/presets.py): sets the settings below; explicit values win"
+    )
     optimizer: Optimizer = setting(
-        "adamw", help="AdamW: torch's, its fused kernel, or bitsandbytes' 8-bit / paged 8-bit")
-    frozen_dtype: Literal["fp32", "bf16"] = setting("fp32", help="bf16: parameters that do not train are stored "
-                                                                 "in bf16 (needs mixed_precision bf16)")
+        "adamw", help="AdamW: torch's, its fused kernel, or bitsandbytes' 8-bit / paged 8-bit"
+    )
+    frozen_dtype: Literal["fp32", "bf16"] = setting(
+        "fp32", help="bf16: parameters that do not train are stored in bf16 (needs mixed_precision bf16)"
+    )
     steps: int = setting(400, help="optimizer steps")
     batch_size: int = setting(8, help="global batch size (all processes)")
     grad_accum: int = setting(1, help="micro-batches per optimizer step")
@@ -79,8 +102,9 @@ class GeneratorTrainConfig:
     timestep_tail: float = setting(0.0, help="share of t drawn uniform in [0.8, 1): the steps CRFM corrects")
     text_dropout: float = setting(0.1, help="share of prompts dropped (classifier-free guidance)")
     augment: bool = setting(True, help="random flips and 90° rotations")
-    cache_latents: bool = setting(False, help="encode every training image's VAE latent once "
-                                              "(out/latent_cache.safetensors)")
+    cache_latents: bool = setting(
+        False, help="encode every training image's VAE latent once (out/latent_cache.safetensors)"
+    )
     mixed_precision: Literal["no", "bf16", "fp16"] = setting("no", help="autocast precision")
     ema_decay: float = setting(0.0, help="EMA of the weights (0: none)")
     gradient_checkpointing: bool = setting(False, help="recompute activations in the backward pass (less memory)")
@@ -88,67 +112,118 @@ class GeneratorTrainConfig:
     val_samples: int = setting(4, help="validation masks")
     val_steps: int = setting(20, help="Euler steps of the validation samples")
     guidance_scale: float = setting(1.0, help="classifier-free guidance scale of the validation samples")
-    fidelity_segmenter: str | None = setting(None, help="segmenter folder: mask fidelity (mIoU of generated vs "
-                                                        "masks) at validation")
-    checkpoint_every: int = setting(100, resume_free=True, help="model-only snapshot checkpoints/step_N (EMA "
-                                                                "weights if any) every N steps")
-    full_state_every: int = setting(500, resume_free=True, help="resumable state in checkpoint/ (model, optimizer, "
-                                                                "EMA) every N steps and at the end")
-    checkpoints_total_limit: int = setting(3, resume_free=True, help="model-only snapshots kept, newest first "
-                                                                     "(0: all)")
+    fidelity_segmenter: str | None = setting(
+        None, help="segmenter folder: mask fidelity (mIoU of generated vs masks) at validation"
+    )
+    checkpoint_every: int = setting(
+        100, resume_free=True, help="model-only snapshot checkpoints/step_N (EMA weights if any) every N steps"
+    )
+    full_state_every: int = setting(
+        500,
+        resume_free=True,
+        help="resumable state in checkpoint/ (model, optimizer, EMA) every N steps and at the end",
+    )
+    checkpoints_total_limit: int = setting(3, resume_free=True, help="model-only snapshots kept, newest first (0: all)")
     log_every: int = setting(10, resume_free=True, help="loss log interval in steps")
     seed: int = setting(0, help="seed of the weights, batches and noise")
-    resume: bool | Literal["auto"] = setting(False, resume_free=True, help="true: continue from out/checkpoint "
-                                             "(refused when there is none); auto: continue if one exists")
-    stop_after: int | None = setting(None, resume_free=True, help="end this invocation after this step (like a "
-                                                                  "kill; resume continues)")
+    resume: bool | Literal["auto"] = setting(
+        False,
+        resume_free=True,
+        help="true: continue from out/checkpoint (refused when there is none); auto: continue if one exists",
+    )
+    stop_after: int | None = setting(
+        None, resume_free=True, help="end this invocation after this step (like a kill; resume continues)"
+    )
     progress: bool = setting(True, resume_free=True, help="show a progress bar")
-    overwrite: bool = setting(False, resume_free=True, help="start afresh in an out that holds an earlier run "
-                                                            "(its outputs are removed)")
+    overwrite: bool = setting(
+        False, resume_free=True, help="start afresh in an out that holds an earlier run (its outputs are removed)"
+    )
     unlabeled: bool = setting(False, help="pretraining: images only, masks ignored (control none)")
     captions: str | None = setting(None, help="pretraining: JSON {image id: caption}; others get prompt")
-    prompt: str | None = setting(None, help='pretraining: the prompt of uncaptioned images (default "a satellite '
-                                            'image")')
+    prompt: str | None = setting(
+        None, help='pretraining: the prompt of uncaptioned images (default "a satellite image")'
+    )
     log_with: Literal["tensorboard"] | None = setting(
-        None, resume_free=True, help="tracker besides out/metrics.jsonl: tensorboard (event files in out/logs)")
+        None, resume_free=True, help="tracker besides out/metrics.jsonl: tensorboard (event files in out/logs)"
+    )
 
     def validate(self) -> None:
         self.model.validate()
-        require(bool(self.data), "data: no dataset given",
-                fix="give IMAGES (a folder of images, a dataset, or toy:N)" if self.unlabeled else
-                "give DATA (a LoveDA root, a folder with images/ and masks/, or a .jsonl index), "
-                "or 'data:' in --config")
-        require(self.text_encoder != "sd3" or bool(self.text_encoder_path),
-                "the sd3 text encoder needs text_encoder_path (a local diffusers SD3 pipeline folder)",
-                fix="give --set text_encoder_path=<SD3 pipeline folder>")
-        require(not (self.overwrite and self.resume is not False),
-                "overwrite and resume exclude each other: give --resume to continue the run in out, "
-                "or --overwrite to replace it")
-        for name in ("size", "steps", "batch_size", "grad_accum", "val_steps", "checkpoint_every", "full_state_every",
-                     "log_every", "text_max_length"):
+        require(
+            bool(self.data),
+            "data: no dataset given",
+            fix="give IMAGES (a folder of images, a dataset, or toy:N)"
+            if self.unlabeled
+            else "give DATA (a LoveDA root, a folder with images/ and masks/, or a .jsonl index), "
+            "or 'data:' in --config",
+        )
+        require(
+            self.text_encoder != "sd3" or bool(self.text_encoder_path),
+            "the sd3 text encoder needs text_encoder_path (a local diffusers SD3 pipeline folder)",
+            fix="give --set text_encoder_path=<SD3 pipeline folder>",
+        )
+        require(
+            not (self.overwrite and self.resume is not False),
+            "overwrite and resume exclude each other: give --resume to continue the run in out, "
+            "or --overwrite to replace it",
+        )
+        for name in (
+            "size",
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "val_steps",
+            "checkpoint_every",
+            "full_state_every",
+            "log_every",
+            "text_max_length",
+        ):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "weight_decay", "grad_clip", "warmup_steps", "val_every", "val_samples", "lora_rank",
-                     "num_workers", "checkpoints_total_limit"):
+        for name in (
+            "lr",
+            "weight_decay",
+            "grad_clip",
+            "warmup_steps",
+            "val_every",
+            "val_samples",
+            "lora_rank",
+            "num_workers",
+            "checkpoints_total_limit",
+        ):
             v = getattr(self, name)
             require(math.isfinite(v) and v >= 0, f"{name} must be >= 0, got {v}")
-        require(not (self.cache_latents and self.crop == "random"),
-                "cache_latents needs crop center or resize: a random crop differs at every step, a cached latent does not")
+        require(
+            not (self.cache_latents and self.crop == "random"),
+            "cache_latents needs crop center or resize: a random crop differs at every step, a cached latent does not",
+        )
         require(0 <= self.text_dropout < 1, f"text_dropout must be in [0, 1), got {self.text_dropout}")
         require(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        require(self.frozen_dtype == "fp32" or self.mixed_precision == "bf16",
-                "frozen_dtype=bf16 needs mixed_precision=bf16 (the bf16 weights run under autocast)")
-        require(math.isfinite(self.timestep_mean) and math.isfinite(self.timestep_std) and self.timestep_std > 0,
-                f"timestep_mean must be finite and timestep_std > 0, got {self.timestep_mean}, {self.timestep_std}")
+        require(
+            self.frozen_dtype == "fp32" or self.mixed_precision == "bf16",
+            "frozen_dtype=bf16 needs mixed_precision=bf16 (the bf16 weights run under autocast)",
+        )
+        require(
+            math.isfinite(self.timestep_mean) and math.isfinite(self.timestep_std) and self.timestep_std > 0,
+            f"timestep_mean must be finite and timestep_std > 0, got {self.timestep_mean}, {self.timestep_std}",
+        )
         require(0 <= self.timestep_tail <= 1, f"timestep_tail must be in [0, 1], got {self.timestep_tail}")
-        require(self.size % self.model.patch_size == 0,
-                f"size {self.size} must be a multiple of model.patch_size {self.model.patch_size}")
+        require(
+            self.size % self.model.patch_size == 0,
+            f"size {self.size} must be a multiple of model.patch_size {self.model.patch_size}",
+        )
         require(not (self.init and self.sd3_path), "init and sd3_path both initialise the model: give one")
-        require(not self.unlabeled or self.model.control == "none",
-                f"unlabeled images have no masks: pretraining needs control none, got {self.model.control!r}")
-        require(not self.unlabeled or not (self.val_data or self.fidelity_segmenter),
-                "val_data and fidelity_segmenter need masks; unlabeled pretraining has none")
-        require(self.unlabeled or not (self.captions or self.prompt or self.data.startswith("toy:")),
-                "captions, prompt and toy:N pools are for unlabeled pretraining (`generator pretrain`)")
+        require(
+            not self.unlabeled or self.model.control == "none",
+            f"unlabeled images have no masks: pretraining needs control none, got {self.model.control!r}",
+        )
+        require(
+            not self.unlabeled or not (self.val_data or self.fidelity_segmenter),
+            "val_data and fidelity_segmenter need masks; unlabeled pretraining has none",
+        )
+        require(
+            self.unlabeled or not (self.captions or self.prompt or self.data.startswith("toy:")),
+            "captions, prompt and toy:N pools are for unlabeled pretraining (`generator pretrain`)",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,8 +242,9 @@ class TrainData:
     normalisation: Any = None
 
 
-def load_train_data(path: str, split: str, size: int, split_file: str | None = None, images: bool = True,
-                    crop: str = "resize"):
+def load_train_data(
+    path: str, split: str, size: int, split_file: str | None = None, images: bool = True, crop: str = "resize"
+):
     """Validate and read a whole dataset (any reader) into tensors at `size` by `crop` (todsynth.data.crops;
     `resize` scales the short side, labels nearest, and center-crops the rest). Training streams instead."""
     from todsynth.generator.stream import open_train_stream
@@ -176,14 +252,15 @@ def load_train_data(path: str, split: str, size: int, split_file: str | None = N
     data, classes = open_train_stream(path, split, size, crop, 0, split_file, images=images)
     items = [data.samples[(i, 0, i)] for i in range(len(data.ids))]
     image_t = torch.stack([im for _, im, _ in items]) if images else torch.empty(0)
-    return TrainData(image_t, torch.stack([lab for _, _, lab in items]), data.prompts, data.ids,
-                     data.normalisation), classes
+    return TrainData(
+        image_t, torch.stack([lab for _, _, lab in items]), data.prompts, data.ids, data.normalisation
+    ), classes
 
 
 def augment(images: Tensor, labels: Tensor, gens: list[torch.Generator]) -> tuple[Tensor, Tensor]:
     """Random horizontal flip and 90° rotation per sample (its own RNG), identical on image and label."""
     out_i, out_l = [], []
-    for img, lab, gen in zip(images, labels, gens):
+    for img, lab, gen in zip(images, labels, gens, strict=True):
         flip, rot = torch.randint(0, 2, (1,), generator=gen).item(), torch.randint(0, 4, (1,), generator=gen).item()
         if flip:
             img, lab = img.flip(-1), lab.flip(-1)
@@ -199,7 +276,7 @@ def batch_indices(step: int, n: int, batch: int, seed: int) -> np.ndarray:
     perm = np.random.default_rng([seed, epoch]).permutation(n)
     if n < batch:
         perm = np.resize(perm, batch)
-    return perm[pos * batch:(pos + 1) * batch]
+    return perm[pos * batch : (pos + 1) * batch]
 
 
 def step_generator(seed: int, step: int, index: int) -> torch.Generator:
@@ -223,17 +300,28 @@ def build_pipeline(cfg: GeneratorTrainConfig, classes, device: str = "cpu", norm
     ae = load_autoencoder(cfg.autoencoder, path=cfg.autoencoder_path, channels=channels)
     te_kw = {"max_length": cfg.text_max_length} if cfg.text_encoder == "minilm" else {}
     te = load_text_encoder(cfg.text_encoder, path=cfg.text_encoder_path, **te_kw)
-    common = dict(control=cfg.model.control, num_classes=classes.num_classes, ignore_index=classes.ignore_index,
-                  mask_encoding=cfg.model.mask_encoding, mask_downscale=ae.downscale, mask_channels=ae.latent_channels)
+    common = dict(
+        control=cfg.model.control,
+        num_classes=classes.num_classes,
+        ignore_index=classes.ignore_index,
+        mask_encoding=cfg.model.mask_encoding,
+        mask_downscale=ae.downscale,
+        mask_channels=ae.latent_channels,
+    )
     if cfg.sd3_path:
         from todsynth.generator.sd3 import from_sd3
 
         model = from_sd3(cfg.sd3_path, **common)
     else:
         latent = cfg.size // ae.downscale
-        mcfg = MMDiTConfig(**{**asdict(cfg.model), **common}, in_channels=ae.latent_channels, sample_size=latent,
-                           pos_embed_max_size=max(latent // cfg.model.patch_size, 8) * 2,
-                           joint_attention_dim=te.token_dim, pooled_projection_dim=te.pooled_dim)
+        mcfg = MMDiTConfig(
+            **{**asdict(cfg.model), **common},
+            in_channels=ae.latent_channels,
+            sample_size=latent,
+            pos_embed_max_size=max(latent // cfg.model.patch_size, 8) * 2,
+            joint_attention_dim=te.token_dim,
+            pooled_projection_dim=te.pooled_dim,
+        )
         torch.manual_seed(cfg.seed)
         model = MaskControlMMDiT(mcfg)
         if cfg.init:  # text/image streams from a pretrained base; mask stream a copy of its image stream
@@ -246,12 +334,15 @@ def build_pipeline(cfg: GeneratorTrainConfig, classes, device: str = "cpu", norm
 
 def apply_freezing(model, cfg: GeneratorTrainConfig) -> None:
     """Freezing policy, or LoRA adapters (peft) on the streams that train."""
-    model.set_trainable(text=cfg.train_text, image=cfg.train_image, mask=cfg.train_mask,
-                        cond=cfg.train_image or cfg.train_mask)
+    model.set_trainable(
+        text=cfg.train_text, image=cfg.train_image, mask=cfg.train_mask, cond=cfg.train_image or cfg.train_mask
+    )
     if cfg.lora_rank > 0:
         from todsynth.generator.lora import add_lora
 
-        streams = [s for s, on in (("text", cfg.train_text), ("image", cfg.train_image), ("mask", cfg.train_mask)) if on]
+        streams = [
+            s for s, on in (("text", cfg.train_text), ("image", cfg.train_image), ("mask", cfg.train_mask)) if on
+        ]
         add_lora(model, cfg.lora_rank, streams)
         if cfg.train_mask:  # layers with no pretrained weights to adapt (mask embedding, adapter) train in full
             for name, p in model.named_parameters():
@@ -263,16 +354,30 @@ def apply_freezing(model, cfg: GeneratorTrainConfig) -> None:
 # The loop
 
 
-def flow_loss(pipe, model, images: Tensor, labels: Tensor, prompts: list[str], gens: list[torch.Generator],
-              cfg: GeneratorTrainConfig, latents: bool = False) -> Tensor:
+def flow_loss(
+    pipe,
+    model,
+    images: Tensor,
+    labels: Tensor,
+    prompts: list[str],
+    gens: list[torch.Generator],
+    cfg: GeneratorTrainConfig,
+    latents: bool = False,
+) -> Tensor:
     """Rectified-flow loss ‖v_θ(x_t, t) − (ε − x0)‖² for one batch; per-sample randomness from `gens`.
     `model` is the (possibly DDP-wrapped) transformer; the pipeline supplies the conditioning. With
     `latents`, `images` already are x0 (from the latent cache) and the VAE is not run."""
     from todsynth.generator.flow import interpolate, sample_timesteps, velocity_target
 
     device = pipe.device
-    t = torch.cat([sample_timesteps(1, cfg.timestep_sampling, cfg.timestep_mean, cfg.timestep_std, generator=g,
-                                    tail=cfg.timestep_tail) for g in gens])
+    t = torch.cat(
+        [
+            sample_timesteps(
+                1, cfg.timestep_sampling, cfg.timestep_mean, cfg.timestep_std, generator=g, tail=cfg.timestep_tail
+            )
+            for g in gens
+        ]
+    )
     t = to_device(t, device)
     drop = torch.tensor([torch.rand(1, generator=g).item() < cfg.text_dropout for g in gens])
     with torch.no_grad():
@@ -305,8 +410,9 @@ class GeneratorResult:
     wall_time_s: float
 
 
-def train_generator(cfg: GeneratorTrainConfig, on_step: Callable[[int, float], None] | None = None,
-                    accelerator: Any = None) -> GeneratorResult:
+def train_generator(
+    cfg: GeneratorTrainConfig, on_step: Callable[[int, float], None] | None = None, accelerator: Any = None
+) -> GeneratorResult:
     """Train; returns the result written to out/results.json. Resumable with cfg.resume (see the config).
 
     `on_step(step, loss)` is called on the main process at every log step (the experiment runner logs with it);
@@ -338,8 +444,9 @@ def _main_process() -> bool:
     return True
 
 
-def _train(cfg: GeneratorTrainConfig, run, resuming: bool, on_step: Callable[[int, float], None] | None,
-           accelerator: Any) -> GeneratorResult:
+def _train(
+    cfg: GeneratorTrainConfig, run, resuming: bool, on_step: Callable[[int, float], None] | None, accelerator: Any
+) -> GeneratorResult:
     """The training run of `train_generator`, in a locked and checked run folder."""
     from accelerate.utils import set_seed
 
@@ -351,7 +458,6 @@ def _train(cfg: GeneratorTrainConfig, run, resuming: bool, on_step: Callable[[in
     set_seed(cfg.seed)
     if cfg.unlabeled:
         from todsynth.generator.pretrain import load_unlabeled
-
         from todsynth.generator.stream import MemorySamples, StreamData
 
         pool, classes = load_unlabeled(cfg)
@@ -363,8 +469,9 @@ def _train(cfg: GeneratorTrainConfig, run, resuming: bool, on_step: Callable[[in
     val_labels, val_prompts = _validation_masks(cfg, data)
     pipe = build_pipeline(cfg, classes, accelerator.device, data.normalisation)
     # every prompt encoded once into out/prompt_cache.safetensors, each process its share; training never re-encodes
-    pipe.use_prompt_cache(out / "prompt_cache.safetensors", sorted(set(data.prompts + val_prompts)), accelerator,
-                          offload_text=True)
+    pipe.use_prompt_cache(
+        out / "prompt_cache.safetensors", sorted(set(data.prompts + val_prompts)), accelerator, offload_text=True
+    )
     if cfg.cache_latents:
         data = _latent_cache(pipe, data, out, accelerator)
     model = pipe.transformer
@@ -372,12 +479,21 @@ def _train(cfg: GeneratorTrainConfig, run, resuming: bool, on_step: Callable[[in
     cast_frozen(model, cfg.frozen_dtype)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad], cfg.lr,
-                               cfg.weight_decay)
+    optimizer = make_optimizer(
+        cfg.optimizer, [p for p in model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay
+    )
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
     trainable = [p for p in ddp_model.parameters() if p.requires_grad]  # FSDP: this rank's shards
-    state = _State(accelerator, ddp_model, model, optimizer, _make_ema(trainable, cfg), trainable, trainable_names,
-                   Precision(cfg.mixed_precision, accelerator.device))
+    state = _State(
+        accelerator,
+        ddp_model,
+        model,
+        optimizer,
+        _make_ema(trainable, cfg),
+        trainable,
+        trainable_names,
+        Precision(cfg.mixed_precision, accelerator.device),
+    )
     metrics = Metrics(out / "metrics.jsonl", accelerator)
     start = 0
     if resuming:
@@ -393,22 +509,37 @@ def _train(cfg: GeneratorTrainConfig, run, resuming: bool, on_step: Callable[[in
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
     from todsynth.generator.stream import StepBatches, batch_loader
 
-    batches = StepBatches(len(data.ids), cfg.batch_size, cfg.seed, start * cfg.grad_accum, end * cfg.grad_accum,
-                          rank, world)
-    task = _GeneratorTask(cfg, pipe, state, data, iter(batch_loader(data.samples, batches, cfg.num_workers)),
-                          val_labels, val_prompts, out)
-    loop = Loop(start, end, cfg.steps, lambda s: lr_at(s, cfg.steps, cfg.lr, cfg.warmup_steps, "cosine_ramp"),
-                cfg.batch_size * cfg.grad_accum, cfg.log_every, cfg.val_every, bool(cfg.val_every),
-                cfg.full_state_every)
+    batches = StepBatches(
+        len(data.ids), cfg.batch_size, cfg.seed, start * cfg.grad_accum, end * cfg.grad_accum, rank, world
+    )
+    task = _GeneratorTask(
+        cfg, pipe, state, data, iter(batch_loader(data.samples, batches, cfg.num_workers)), val_labels, val_prompts, out
+    )
+    loop = Loop(
+        start,
+        end,
+        cfg.steps,
+        lambda s: lr_at(s, cfg.steps, cfg.lr, cfg.warmup_steps, "cosine_ramp"),
+        cfg.batch_size * cfg.grad_accum,
+        cfg.log_every,
+        cfg.val_every,
+        bool(cfg.val_every),
+        cfg.full_state_every,
+    )
     progress = Progress("generator", cfg.steps, start, cfg.progress and accelerator.is_main_process)
     last = fit(task, loop, metrics, accelerator, run, progress, on_step, state.precision.scaler)
 
     history = metrics.history()
     val = metrics.last("val/")
-    result = GeneratorResult(str(out / "model"), end, last if last is not None else history[-1][1] if history else None,
-                             None if val is None else {k[4:] if k.startswith("val/") else k: v
-                                                       for k, v in val.items()},
-                             n_trainable, world, time.perf_counter() - t0)
+    result = GeneratorResult(
+        str(out / "model"),
+        end,
+        last if last is not None else history[-1][1] if history else None,
+        None if val is None else {k[4:] if k.startswith("val/") else k: v for k, v in val.items()},
+        n_trainable,
+        world,
+        time.perf_counter() - t0,
+    )
     _save_final(pipe, out / "model", state)
     if accelerator.is_main_process:
         _plot_loss(history, out / "loss.png")
@@ -421,8 +552,17 @@ def _train(cfg: GeneratorTrainConfig, run, resuming: bool, on_step: Callable[[in
 class _GeneratorTask:
     """The generator's part of the fit loop: one flow-matching step, validation, snapshots, the state to save."""
 
-    def __init__(self, cfg: GeneratorTrainConfig, pipe, st: "_State", data, loader, val_labels: Tensor,
-                 val_prompts: list[str], out: Path):
+    def __init__(
+        self,
+        cfg: GeneratorTrainConfig,
+        pipe,
+        st: _State,
+        data,
+        loader,
+        val_labels: Tensor,
+        val_prompts: list[str],
+        out: Path,
+    ):
         self.cfg, self.pipe, self.st, self.data, self.loader = cfg, pipe, st, data, loader
         self.val_labels, self.val_prompts, self.out = val_labels, val_prompts, out
         self.optimizer = st.optimizer
@@ -434,16 +574,19 @@ class _GeneratorTask:
         loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
         for micro in range(cfg.grad_accum):
             local, images, labels = next(self.loader)
-            gens = [step_generator(cfg.seed, step * cfg.grad_accum + micro, rank + world * j)
-                    for j in range(len(local))]
+            gens = [
+                step_generator(cfg.seed, step * cfg.grad_accum + micro, rank + world * j) for j in range(len(local))
+            ]
             if cfg.augment:
                 images, labels = augment(images, labels, gens)
             prompts = [self.data.prompts[i] for i in local]
             sync = micro == cfg.grad_accum - 1
             ctx = acc.no_sync(st.prepared) if not sync and world > 1 else contextlib.nullcontext()
             with ctx, st.precision.autocast():
-                loss = flow_loss(self.pipe, st.prepared, images, labels, prompts, gens, cfg,
-                                 latents=cfg.cache_latents) / cfg.grad_accum
+                loss = (
+                    flow_loss(self.pipe, st.prepared, images, labels, prompts, gens, cfg, latents=cfg.cache_latents)
+                    / cfg.grad_accum
+                )
                 st.precision.backward(loss)
             loss_sum += loss.detach().double()
         if cfg.grad_clip > 0:
@@ -456,8 +599,17 @@ class _GeneratorTask:
         return loss_sum
 
     def validate(self, step: int) -> dict[str, float]:
-        record = validate(self.pipe, self.st.ema, self.val_labels, self.val_prompts, self.cfg, self.out, step,
-                          self.st.accelerator, self.st)
+        record = validate(
+            self.pipe,
+            self.st.ema,
+            self.val_labels,
+            self.val_prompts,
+            self.cfg,
+            self.out,
+            step,
+            self.st.accelerator,
+            self.st,
+        )
         return {k: v for k, v in record.items() if k != "step"}
 
     def after_step(self, step: int) -> None:
@@ -499,8 +651,17 @@ def validation_seeds(n: int, seed: int) -> list[int]:
 
 
 @torch.no_grad()
-def validate(pipe, ema, labels: Tensor, prompts: list[str], cfg: GeneratorTrainConfig, out: Path, step: int,
-             accelerator, state: "_State | None" = None) -> dict:
+def validate(
+    pipe,
+    ema,
+    labels: Tensor,
+    prompts: list[str],
+    cfg: GeneratorTrainConfig,
+    out: Path,
+    step: int,
+    accelerator,
+    state: _State | None = None,
+) -> dict:
     """Sample the fixed validation masks with the live modules (EMA weights swapped in), save a grid,
     the samples (safetensors) and, with a segmenter, the mask fidelity (mIoU of generated vs masks).
 
@@ -513,23 +674,37 @@ def validate(pipe, ema, labels: Tensor, prompts: list[str], cfg: GeneratorTrainC
     params = state.trainable if state is not None else [p for p in pipe.transformer.parameters() if p.requires_grad]
     autocast = state.precision.autocast() if state is not None else contextlib.nullcontext()
     with ema_weights(params, ema), _module_in(pipe, state.prepared if sharded else pipe.transformer), autocast:
-        images = pipe(labels, prompts, seeds=validation_seeds(len(labels), cfg.seed), num_steps=cfg.val_steps,
-                      guidance_scale=cfg.guidance_scale)
+        images = pipe(
+            labels,
+            prompts,
+            seeds=validation_seeds(len(labels), cfg.seed),
+            num_steps=cfg.val_steps,
+            guidance_scale=cfg.guidance_scale,
+        )
     if not accelerator.is_main_process:
         return {"step": step}
     images = images.float()
     val_dir = out / "val"
-    save_weights(val_dir / "last_samples.safetensors", {"images": images, "labels": labels},
-                 metadata={"step": str(step), "num_steps": str(cfg.val_steps),
-                           "guidance_scale": str(cfg.guidance_scale), "seed": str(cfg.seed)})
+    save_weights(
+        val_dir / "last_samples.safetensors",
+        {"images": images, "labels": labels},
+        metadata={
+            "step": str(step),
+            "num_steps": str(cfg.val_steps),
+            "guidance_scale": str(cfg.guidance_scale),
+            "seed": str(cfg.seed),
+        },
+    )
     from todsynth.viz import save_mask_image_grid
 
-    save_mask_image_grid(val_dir / f"step_{step:06d}.png", labels, images, pipe.classes,
-                         normalisation=pipe.normalisation)
+    save_mask_image_grid(
+        val_dir / f"step_{step:06d}.png", labels, images, pipe.classes, normalisation=pipe.normalisation
+    )
     record = {"step": step}
     if cfg.fidelity_segmenter:
-        record["mask_fidelity_miou"] = mask_fidelity(images, labels, cfg.fidelity_segmenter, pipe.classes,
-                                                     pipe.normalisation)
+        record["mask_fidelity_miou"] = mask_fidelity(
+            images, labels, cfg.fidelity_segmenter, pipe.classes, pipe.normalisation
+        )
     return record
 
 
@@ -541,7 +716,9 @@ def mask_fidelity(images: Tensor, labels: Tensor, segmenter_dir: str, classes, n
     from todsynth.segment.model import CONFIG_NAME, Segmenter
 
     seg = Segmenter.from_pretrained(segmenter_dir).eval()
-    images = convert(images.cpu(), normalisation, seg.normalisation, f"the segmenter {Path(segmenter_dir) / CONFIG_NAME}")
+    images = convert(
+        images.cpu(), normalisation, seg.normalisation, f"the segmenter {Path(segmenter_dir) / CONFIG_NAME}"
+    )
     pred = seg.predict(images)
     return float(segmentation_metrics(pred, labels.cpu(), classes.num_classes, classes.ignore_index).miou)
 
@@ -592,12 +769,22 @@ def _latent_cache(pipe, data, out: Path, accelerator):
     return StreamData(MemorySamples(latents, labels), data.prompts, data.ids, data.normalisation)
 
 
-
-
 # What a run writes into its folder: removed before a run started with `overwrite`.
-RUN_OUTPUTS = ("model", "results.json", CHECKPOINT_DIR, CHECKPOINT_DIR + ".old", CHECKPOINT_DIR + ".tmp", "val",
-               "loss.png", "config.json", "metrics.jsonl", "logs", "prompt_cache.safetensors", "checkpoints",
-               "latent_cache.safetensors")
+RUN_OUTPUTS = (
+    "model",
+    "results.json",
+    CHECKPOINT_DIR,
+    CHECKPOINT_DIR + ".old",
+    CHECKPOINT_DIR + ".tmp",
+    "val",
+    "loss.png",
+    "config.json",
+    "metrics.jsonl",
+    "logs",
+    "prompt_cache.safetensors",
+    "checkpoints",
+    "latent_cache.safetensors",
+)
 
 
 def _snapshot(out: Path, cfg: GeneratorTrainConfig, step: int, st: _State) -> None:
@@ -640,10 +827,15 @@ def _load(st: _State, tensors: dict[str, Tensor], info: dict, path: Path) -> Non
     weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
         if st.ema is not None:  # EMA weights through the model, so each rank's (sharded) shadow gets its part
-            load_model_state(st.accelerator, st.prepared, st.model,
-                             {**weights, **{k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}}, path)
+            load_model_state(
+                st.accelerator,
+                st.prepared,
+                st.model,
+                {**weights, **{k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}},
+                path,
+            )
             with torch.no_grad():
-                for shadow, p in zip(st.ema.shadow_params, st.trainable):
+                for shadow, p in zip(st.ema.shadow_params, st.trainable, strict=True):
                     shadow.copy_(p)
             st.ema.optimization_step = int(info["ema_step"])
         load_model_state(st.accelerator, st.prepared, st.model, weights, path)
@@ -655,5 +847,6 @@ def _load(st: _State, tensors: dict[str, Tensor], info: dict, path: Path) -> Non
 def _plot_loss(history: list[tuple[int, float]], path: Path) -> None:
     from todsynth.viz import plot_curves
 
-    plot_curves(path, {"flow-matching loss": ([s for s, _ in history], [v for _, v in history])}, xlabel="step",
-                log_y=True)
+    plot_curves(
+        path, {"flow-matching loss": ([s for s, _ in history], [v for _, v in history])}, xlabel="step", log_y=True
+    )

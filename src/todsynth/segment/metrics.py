@@ -51,11 +51,11 @@ class SegMetrics:
             "mIoU": _json_float(self.miou),
             "OA": _json_float(self.oa),
             "mAcc": _json_float(self.macc),
-            "IoU": {n: _json_float(v) for n, v in zip(names, self.iou)},
-            "Acc": {n: _json_float(v) for n, v in zip(names, self.acc)},
+            "IoU": {n: _json_float(v) for n, v in zip(names, self.iou, strict=True)},
+            "Acc": {n: _json_float(v) for n, v in zip(names, self.acc, strict=True)},
             "pixels": int(self.confusion.sum()),
             "note": "dataset-level confusion matrix; classes absent from GT and prediction are null "
-                    "and excluded from the means",
+            "and excluded from the means",
         }
 
 
@@ -67,8 +67,7 @@ class ConfusionAccumulator:
 
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.metric = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index,
-                                                validate_args=False).to(device)
+        self.metric = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index, validate_args=False).to(device)
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         """Add predicted label maps (or N x C x H x W logits) against int64 targets."""
@@ -78,8 +77,11 @@ class ConfusionAccumulator:
         bad = ((target < 0) | (target >= self.num_classes)) & (target != self.ignore_index)
         if bool(bad.any()):
             value = int(target[bad][0])
-            raise DataError(f"label value {value} is outside 0..{self.num_classes - 1} and is not the "
-                            f"ignore index {self.ignore_index}", fix="check the dataset's classes file")
+            raise DataError(
+                f"label value {value} is outside 0..{self.num_classes - 1} and is not the "
+                f"ignore index {self.ignore_index}",
+                fix="check the dataset's classes file",
+            )
         self.metric.update(preds.reshape(-1), target.reshape(-1))
 
     def compute(self) -> SegMetrics:
@@ -91,8 +93,9 @@ class ConfusionAccumulator:
         self.metric.reset()
 
 
-def segmentation_metrics(preds: torch.Tensor, target: torch.Tensor, num_classes: int,
-                         ignore_index: int = IGNORE_INDEX) -> SegMetrics:
+def segmentation_metrics(
+    preds: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> SegMetrics:
     """Metrics for one set of predictions (all pixels pooled into one confusion matrix)."""
     acc = ConfusionAccumulator(num_classes, ignore_index, preds.device)
     acc.update(preds, target)

@@ -67,12 +67,16 @@ class SegmenterConfig:
         require(self.ignore_index >= 0, f"ignore_index must be >= 0, got {self.ignore_index}")
         require(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels}")
         require(self.size is None or self.size >= 1, f"size must be >= 1 (or unset), got {self.size}")
-        require(self.class_names is None or len(self.class_names) == self.num_classes,
-                f"{len(self.class_names or ())} class names for {self.num_classes} classes")
+        require(
+            self.class_names is None or len(self.class_names) == self.num_classes,
+            f"{len(self.class_names or ())} class names for {self.num_classes} classes",
+        )
         if self.normalisation is not None:
             channels = self.input_normalisation().channels
-            require(channels == self.in_channels,
-                    f"the stored normalisation scales {channels} band(s) but in_channels is {self.in_channels}")
+            require(
+                channels == self.in_channels,
+                f"the stored normalisation scales {channels} band(s) but in_channels is {self.in_channels}",
+            )
 
     def input_normalisation(self, path: str | Path = CONFIG_NAME) -> Any:
         """The stored `Normalisation` of the input bands; none stored (models saved before bands, or built in
@@ -105,26 +109,37 @@ class SegmenterConfig:
 class Segmenter(nn.Module):
     """smp segmentation model over [0,1] images: normalises, pads to a multiple of 32, crops logits back."""
 
+    mean: torch.Tensor  # per-band input normalisation (buffers, not saved)
+    std: torch.Tensor
+    source: Path  # the config.json `from_pretrained` read, named when data does not match; unset otherwise
+
     def __init__(self, config: SegmenterConfig):
         super().__init__()
         import segmentation_models_pytorch as smp
 
         config.validate()
-        encoder_state = None
-        if config.encoder_weights_file:
-            encoder_state = load_weights(config.encoder_weights_file)
+        encoder_file = config.encoder_weights_file
+        encoder_state = load_weights(encoder_file) if encoder_file else None
         self.config = config
         try:
-            self.net = smp.create_model(config.arch, encoder_name=config.encoder_name, encoder_weights=None,
-                                        in_channels=config.in_channels, classes=config.num_classes)
+            self.net = smp.create_model(
+                config.arch,
+                encoder_name=config.encoder_name,
+                encoder_weights=None,
+                in_channels=config.in_channels,
+                classes=config.num_classes,
+            )
         except (KeyError, ValueError) as e:  # smp's word on encoder/arch pairs it cannot build
-            raise ConfigError(f"cannot build {config.arch} with encoder {config.encoder_name!r}: {_first_line(e)}",
-                              path="config", fix=ENCODER_FIX) from None
+            raise ConfigError(
+                f"cannot build {config.arch} with encoder {config.encoder_name!r}: {_first_line(e)}",
+                path="config",
+                fix=ENCODER_FIX,
+            ) from None
         mean, std = _normalisation(config.in_channels)
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
-        if encoder_state is not None:
-            self._load_encoder(encoder_state, Path(config.encoder_weights_file))
+        if encoder_file and encoder_state is not None:
+            self._load_encoder(encoder_state, Path(encoder_file))
 
     def _load_encoder(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
         """Initialise the encoder from safetensors tensors (keys with or without 'encoder.')."""
@@ -132,8 +147,11 @@ class Segmenter(nn.Module):
         try:
             self.net.encoder.load_state_dict(state)
         except RuntimeError as e:
-            raise CheckpointError(f"encoder weights do not fit {self.config.encoder_name}: {_first_line(e)}",
-                                  path=path, fix="use weights saved from the same encoder") from None
+            raise CheckpointError(
+                f"encoder weights do not fit {self.config.encoder_name}: {_first_line(e)}",
+                path=path,
+                fix="use weights saved from the same encoder",
+            ) from None
 
     @property
     def normalisation(self) -> Any:
@@ -178,9 +196,12 @@ class Segmenter(nn.Module):
         config = dataclasses.replace(config, encoder_weights_file=None)
         model = load_pretrained(lambda: cls(config), directory / WEIGHTS_NAME, directory / CONFIG_NAME)
         if config.ignore_index < config.num_classes:  # after the header check, which names a num_classes edit
-            raise CheckpointError(f"ignore_index {config.ignore_index} is a class label (0..{config.num_classes - 1})",
-                                  path=directory / CONFIG_NAME, fix="use the config.json saved with these weights, "
-                                  f"or an ignore_index outside 0..{config.num_classes - 1}, e.g. 255")
+            raise CheckpointError(
+                f"ignore_index {config.ignore_index} is a class label (0..{config.num_classes - 1})",
+                path=directory / CONFIG_NAME,
+                fix="use the config.json saved with these weights, "
+                f"or an ignore_index outside 0..{config.num_classes - 1}, e.g. 255",
+            )
         model.source = directory / CONFIG_NAME  # named when data does not match its stored normalisation
         return model
 
@@ -188,8 +209,9 @@ class Segmenter(nn.Module):
 def _read_config(path: Path) -> SegmenterConfig:
     """Read `config.json`, turning absence or corruption into CheckpointError."""
     if not path.is_file():
-        raise CheckpointError("segmenter config not found", path=path,
-                              fix="point at a folder written by Segmenter.save_pretrained")
+        raise CheckpointError(
+            "segmenter config not found", path=path, fix="point at a folder written by Segmenter.save_pretrained"
+        )
     try:
         data = read_json(path)
     except TodsynthError as e:
@@ -234,4 +256,3 @@ def _first_line(e: Exception) -> str:
 def config_summary(config: SegmenterConfig) -> str:
     """One-line description, e.g. 'unet/resnet18, 7 classes'."""
     return f"{config.arch}/{config.encoder_name}, {config.num_classes} classes"
-

@@ -19,20 +19,40 @@ from todsynth.config import require, resume_free_names, setting
 from todsynth.data.bands import Normalisation, check_normalisation, dataset_settings, fit_normalisation
 from todsynth.data.check import open_checked
 from todsynth.data.classes import ClassSpec
-from todsynth.data.sample import Sample
 from todsynth.data.crops import CropMode
+from todsynth.data.sample import Sample
 from todsynth.data.torchdata import SegTorchDataset, mix_real_synthetic, set_epoch
 from todsynth.errors import CheckpointError, ConfigError, DataError
 from todsynth.io import write_json
-from todsynth.runs import (METRICS_FILE, STATE_TENSORS, Loop, Metrics, Precision, Progress, RunFolder, fit, lr_at,
-                           make_accelerator, open_run, start_trackers)
+from todsynth.runs import (
+    METRICS_FILE,
+    STATE_TENSORS,
+    Loop,
+    Metrics,
+    Precision,
+    Progress,
+    RunFolder,
+    fit,
+    lr_at,
+    make_accelerator,
+    open_run,
+    start_trackers,
+)
 from todsynth.segment.metrics import ConfusionAccumulator, SegMetrics
 from todsynth.segment.model import Segmenter, SegmenterConfig, check_encoder
 
 MIN_TRAIN_SAMPLES = 2  # batches are cut full (drop_last) or hold all samples when fewer
 # What a run writes into its folder: removed before a run started with `overwrite`.
-RUN_OUTPUTS = ("model", "results.json", "checkpoint", "checkpoint.old", "checkpoint.tmp", "config.json",
-               "metrics.jsonl", "logs")
+RUN_OUTPUTS = (
+    "model",
+    "results.json",
+    "checkpoint",
+    "checkpoint.old",
+    "checkpoint.tmp",
+    "config.json",
+    "metrics.jsonl",
+    "logs",
+)
 
 StepCallback = Callable[[int, float], None]
 ClassWeighting = Literal["none", "sqrt_inverse", "inverse"]
@@ -70,8 +90,7 @@ class SegmentTrainConfig:
     poly_power: float = setting(0.9, help="exponent of the poly schedule")
     warmup_steps: int = setting(0, help="linear warm-up steps")
     augment: bool = setting(True, help="random flips and 90° rotations")
-    class_weights: ClassWeighting = setting("none", help="loss weights per class from the training mix's pixel "
-                                                         "counts")
+    class_weights: ClassWeighting = setting("none", help="loss weights per class from the training mix's pixel counts")
     seed: int = setting(0, help="seed of the weights and batches")
     num_workers: int = setting(0, resume_free=True, help="data loader workers")
     out: str = setting("runs/segment", resume_free=True, help="output folder (model/, results.json, checkpoint/)")
@@ -79,11 +98,13 @@ class SegmentTrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = setting("no", help="autocast precision")
     log_every: int = setting(10, resume_free=True, help="record the loss every N steps")
     checkpoint_every: int = setting(200, resume_free=True, help="save a resumable checkpoint every N steps")
-    overwrite: bool = setting(False, resume_free=True, help="start afresh in an out that holds an earlier run (its "
-                                                            "outputs are removed)")
+    overwrite: bool = setting(
+        False, resume_free=True, help="start afresh in an out that holds an earlier run (its outputs are removed)"
+    )
     val_every: int = setting(0, resume_free=True, help="validate on val every N steps too (0: only at the end)")
     log_with: Literal["tensorboard"] | None = setting(
-        None, resume_free=True, help="tracker besides out/metrics.jsonl: tensorboard (event files in out/logs)")
+        None, resume_free=True, help="tracker besides out/metrics.jsonl: tensorboard (event files in out/logs)"
+    )
 
     def validate(self) -> None:
         """Reject negative counts and non-finite numbers (choices are checked by their types when loaded)."""
@@ -91,10 +112,14 @@ class SegmentTrainConfig:
         for name in ("lr", "poly_power"):
             value = getattr(self, name)
             require(_finite(value) and value > 0, f"'{name}' must be a finite number > 0, got {value!r}")
-        require(_finite(self.weight_decay) and self.weight_decay >= 0,
-                f"'weight_decay' must be a finite number >= 0, got {self.weight_decay!r}")
-        require(self.synthetic_ratio is None or (_finite(self.synthetic_ratio) and self.synthetic_ratio >= 0),
-                f"'synthetic_ratio' must be a finite number >= 0, got {self.synthetic_ratio!r}")
+        require(
+            _finite(self.weight_decay) and self.weight_decay >= 0,
+            f"'weight_decay' must be a finite number >= 0, got {self.weight_decay!r}",
+        )
+        require(
+            self.synthetic_ratio is None or (_finite(self.synthetic_ratio) and self.synthetic_ratio >= 0),
+            f"'synthetic_ratio' must be a finite number >= 0, got {self.synthetic_ratio!r}",
+        )
         for name in ("epochs", "batch_size", "eval_batch_size", "repeat_real", "log_every", "checkpoint_every"):
             require(getattr(self, name) >= 1, f"'{name}' must be >= 1, got {getattr(self, name)!r}")
         for name in ("steps", "size"):
@@ -141,7 +166,7 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
     """The batches of one epoch: a (seed, epoch)-seeded permutation cut into full batches."""
     order = np.random.default_rng([seed, epoch]).permutation(n).tolist()
     k = steps_per_epoch(n, batch_size)
-    return [order[i * batch_size:(i + 1) * batch_size] for i in range(k)]
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(k)]
 
 
 def check_device_choice(device: str) -> None:
@@ -150,8 +175,11 @@ def check_device_choice(device: str) -> None:
 
     choices = list(get_args(typing.get_type_hints(SegmentTrainConfig)["device"]))
     if device not in choices:
-        raise ConfigError(f"'device' must be one of {choices}, got {device!r}", path="config",
-                          fix=f"give --device {', '.join(choices[:-1])} or {choices[-1]}")
+        raise ConfigError(
+            f"'device' must be one of {choices}, got {device!r}",
+            path="config",
+            fix=f"give --device {', '.join(choices[:-1])} or {choices[-1]}",
+        )
 
 
 def check_eval_split(data: str | Path, split: str, default: str = "Val") -> None:
@@ -160,19 +188,22 @@ def check_eval_split(data: str | Path, split: str, default: str = "Val") -> None
     from todsynth.data.readers import ignores_split
 
     if split != default and ignores_split(data):
-        raise ConfigError(f"--split {split} is given, but {data} has no splits (only a LoveDA root has Train/Val/Test)",
-                          path="config", fix="leave out --split to score the whole dataset")
+        raise ConfigError(
+            f"--split {split} is given, but {data} has no splits (only a LoveDA root has Train/Val/Test)",
+            path="config",
+            fix="leave out --split to score the whole dataset",
+        )
 
 
 def check_device(device: str | torch.device) -> None:
     """Refuse a CUDA device when no GPU is visible, before anything is loaded onto it or written."""
     if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {str(device)!r} requested but there is no CUDA device",
-                          fix="use --device cpu")
+        raise ConfigError(f"device {str(device)!r} requested but there is no CUDA device", fix="use --device cpu")
 
 
-def _as_train_dataset(samples: Sequence[Sample] | Dataset, cfg: SegmentTrainConfig,
-                      normalisation: Normalisation) -> Dataset:
+def _as_train_dataset(
+    samples: Sequence[Sample] | Dataset, cfg: SegmentTrainConfig, normalisation: Normalisation
+) -> Dataset:
     """A torch dataset over samples scaled by `normalisation` (already-torch datasets pass through;
     torchgeo-style items are refused with the adapter to use)."""
     from torch.utils.data import ConcatDataset
@@ -182,25 +213,30 @@ def _as_train_dataset(samples: Sequence[Sample] | Dataset, cfg: SegmentTrainConf
     known = isinstance(samples, (SegTorchDataset, BaseDataset, ConcatDataset))
     first = samples[0] if len(samples) and not known else None
     if isinstance(first, dict) and "label" not in first:
-        raise DataError(f"the dataset's items hold {sorted(map(str, first))}, not 'image' and 'label'",
-                        path=getattr(samples, "root", None),
-                        fix="wrap a torchgeo-style dataset ('image' 0-255, 'mask'): "
-                            "todsynth.data.torchgeo.TorchGeoSamples(dataset, classes)")
+        raise DataError(
+            f"the dataset's items hold {sorted(map(str, first))}, not 'image' and 'label'",
+            path=getattr(samples, "root", None),
+            fix="wrap a torchgeo-style dataset ('image' 0-255, 'mask'): "
+            "todsynth.data.torchgeo.TorchGeoSamples(dataset, classes)",
+        )
     if isinstance(samples, Dataset):
         return samples
-    return SegTorchDataset(samples, size=cfg.size, augment=cfg.augment, seed=cfg.seed, crop=cfg.crop,
-                           normalisation=normalisation)
+    return SegTorchDataset(
+        samples, size=cfg.size, augment=cfg.augment, seed=cfg.seed, crop=cfg.crop, normalisation=normalisation
+    )
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-                  weight: torch.Tensor | None = None) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean (optionally class-weighted) cross-entropy over non-ignored pixels; 0, not NaN, if all are ignored.
 
     Weighted pixels are still divided by the pixel count (not the weight sum), so a batch's loss does not
     depend on which other samples share it.
     """
-    total = torch.nn.functional.cross_entropy(logits.float(), labels, weight=weight, ignore_index=ignore_index,
-                                              reduction="sum")
+    total = torch.nn.functional.cross_entropy(
+        logits.float(), labels, weight=weight, ignore_index=ignore_index, reduction="sum"
+    )
     return total / (labels != ignore_index).sum().clamp(min=1)
 
 
@@ -246,16 +282,31 @@ def _epoch_loader(data: Dataset, cfg: SegmentTrainConfig, step: int, pin_memory:
     spe = steps_per_epoch(len(data), cfg.batch_size)
     epoch = step // spe
     set_epoch(data, epoch)
-    batches = epoch_batches(len(data), cfg.batch_size, cfg.seed, epoch)[step % spe:]
-    return DataLoader(data, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=pin_memory,
-                      generator=torch.Generator().manual_seed(cfg.seed + epoch))
+    batches = epoch_batches(len(data), cfg.batch_size, cfg.seed, epoch)[step % spe :]
+    return DataLoader(
+        data,
+        batch_sampler=batches,
+        num_workers=cfg.num_workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(cfg.seed + epoch),
+    )
 
 
 class _SegmenterTask:
     """The segmenter's part of the fit loop: one cross-entropy step on the seeded batches, validation, state."""
 
-    def __init__(self, model: Segmenter, optimizer: Any, precision: Any, data: Dataset, cfg: SegmentTrainConfig,
-                 start: int, ignore_index: int, weight: torch.Tensor | None, val_samples: Any):
+    def __init__(
+        self,
+        model: Segmenter,
+        optimizer: Any,
+        precision: Any,
+        data: Dataset,
+        cfg: SegmentTrainConfig,
+        start: int,
+        ignore_index: int,
+        weight: torch.Tensor | None,
+        val_samples: Any,
+    ):
         self.model, self.optimizer, self.precision, self.cfg = model, optimizer, precision, cfg
         self.ignore_index, self.weight, self.val_samples = ignore_index, weight, val_samples
         self.batches = self._batches(data, start)
@@ -283,8 +334,9 @@ class _SegmenterTask:
 
     def validate(self, step: int) -> dict[str, float]:
         """mIoU, overall and mean accuracy on the validation data (the model back in training mode after)."""
-        self.val = evaluate_segmenter(self.model, self.val_samples, self.cfg.eval_batch_size, self.cfg.size,
-                                      device=self.precision.device)
+        self.val = evaluate_segmenter(
+            self.model, self.val_samples, self.cfg.eval_batch_size, self.cfg.size, device=self.precision.device
+        )
         return {"mIoU": self.val.miou, "OA": self.val.oa, "mAcc": self.val.macc}
 
     def after_step(self, step: int) -> None:
@@ -292,15 +344,25 @@ class _SegmenterTask:
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Model weights and AdamW moments."""
-        return {**{f"model.{k}": v for k, v in self.model.state_dict().items()}, **optimizer_tensors(self.optimizer)}, {}
+        return {
+            **{f"model.{k}": v for k, v in self.model.state_dict().items()},
+            **optimizer_tensors(self.optimizer),
+        }, {}
 
 
 def _segmenter_config(cfg: SegmentTrainConfig, classes: ClassSpec, normalisation: Normalisation) -> SegmenterConfig:
     """The model architecture implied by the training settings, the label space and the input bands."""
-    return SegmenterConfig(arch=cfg.arch, encoder=cfg.encoder, num_classes=classes.num_classes,
-                           in_channels=normalisation.channels, class_names=tuple(classes.names),
-                           ignore_index=classes.ignore_index, encoder_weights_file=cfg.encoder_weights_file,
-                           normalisation=normalisation.to_dict(), size=cfg.size)
+    return SegmenterConfig(
+        arch=cfg.arch,
+        encoder=cfg.encoder,
+        num_classes=classes.num_classes,
+        in_channels=normalisation.channels,
+        class_names=tuple(classes.names),
+        ignore_index=classes.ignore_index,
+        encoder_weights_file=cfg.encoder_weights_file,
+        normalisation=normalisation.to_dict(),
+        size=cfg.size,
+    )
 
 
 def training_normalisation(samples: Sequence[Sample] | Dataset) -> Normalisation:
@@ -311,8 +373,12 @@ def training_normalisation(samples: Sequence[Sample] | Dataset) -> Normalisation
     return fit_normalisation(samples)
 
 
-def _training_data(samples: Sequence[Sample] | Dataset, synthetic: Sequence[Sample] | Dataset | None,
-                   cfg: SegmentTrainConfig, normalisation: Normalisation) -> Dataset:
+def _training_data(
+    samples: Sequence[Sample] | Dataset,
+    synthetic: Sequence[Sample] | Dataset | None,
+    cfg: SegmentTrainConfig,
+    normalisation: Normalisation,
+) -> Dataset:
     """The real (+ synthetic) training mix as one torch dataset, all scaled by the real data's normalisation."""
     real = _as_train_dataset(samples, cfg, normalisation)
     if len(real) == 0:
@@ -322,18 +388,27 @@ def _training_data(samples: Sequence[Sample] | Dataset, synthetic: Sequence[Samp
     syn = None if synthetic is None else _as_train_dataset(synthetic, cfg, normalisation)
     data = mix_real_synthetic(real, syn, cfg.synthetic_ratio, cfg.repeat_real, cfg.seed)
     if len(data) < MIN_TRAIN_SAMPLES:  # every batch would hold one sample: batch norm cannot train on that
-        raise DataError(f"{len(data)} training sample; training needs at least {MIN_TRAIN_SAMPLES} "
-                        "(batch-norm layers cannot train on batches of one)", path=getattr(samples, "root", None),
-                        fix=f"add samples, at least {MIN_TRAIN_SAMPLES}")
+        raise DataError(
+            f"{len(data)} training sample; training needs at least {MIN_TRAIN_SAMPLES} "
+            "(batch-norm layers cannot train on batches of one)",
+            path=getattr(samples, "root", None),
+            fix=f"add samples, at least {MIN_TRAIN_SAMPLES}",
+        )
     return data
 
 
-def train_on_samples(samples: Sequence[Sample] | Dataset, classes: ClassSpec, cfg: SegmentTrainConfig,
-                     val_samples: Sequence[Sample] | Dataset | None = None,
-                     synthetic: Sequence[Sample] | Dataset | None = None,
-                     run: RunFolder | None = None, resume: bool = False,
-                     on_step: StepCallback | None = None,
-                     normalisation: Normalisation | None = None, accelerator: Any = None) -> TrainOutcome:
+def train_on_samples(
+    samples: Sequence[Sample] | Dataset,
+    classes: ClassSpec,
+    cfg: SegmentTrainConfig,
+    val_samples: Sequence[Sample] | Dataset | None = None,
+    synthetic: Sequence[Sample] | Dataset | None = None,
+    run: RunFolder | None = None,
+    resume: bool = False,
+    on_step: StepCallback | None = None,
+    normalisation: Normalisation | None = None,
+    accelerator: Any = None,
+) -> TrainOutcome:
     """Train a segmenter on in-memory samples (plus an optional synthetic mix); checkpoints and metrics.jsonl
     only in a `run` folder, whose state `resume` continues. `accelerator`: the entry point's (default: one made here).
 
@@ -359,30 +434,62 @@ def train_on_samples(samples: Sequence[Sample] | Dataset, classes: ClassSpec, cf
     metrics = Metrics(None if run is None else run.root / METRICS_FILE, accelerator)
     step = 0
     if run is not None:
-        run.settings = {"config": cfg.to_dict(), "train_size": len(data), "total_steps": total,
-                        "classes": list(classes.names)}
+        run.settings = {
+            "config": cfg.to_dict(),
+            "train_size": len(data),
+            "total_steps": total,
+            "classes": list(classes.names),
+        }
         run.free = {f"config.{name}" for name in resume_free_names(SegmentTrainConfig)}
         if resume:
             step = _load(run, model, optimizer, precision, metrics)
         else:
             run.start(cfg.to_dict(), metrics)
     start_trackers(accelerator, "segmenter", cfg.to_dict())
-    weight = class_weights_from_counts(class_pixel_counts(data, classes.num_classes, classes.ignore_index),
-                                       cfg.class_weights) if cfg.class_weights != "none" else None
+    weight = (
+        class_weights_from_counts(
+            class_pixel_counts(data, classes.num_classes, classes.ignore_index), cfg.class_weights
+        )
+        if cfg.class_weights != "none"
+        else None
+    )
     if weight is not None:
         weight = weight.to(device)
     task = _SegmenterTask(model, optimizer, precision, data, cfg, step, classes.ignore_index, weight, val_samples)
-    loop = Loop(step, total, total, lambda s: lr_at(s, total, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.poly_power),
-                cfg.batch_size, cfg.log_every, cfg.val_every if val_samples is not None else 0, val_samples is not None,
-                cfg.checkpoint_every)
+    loop = Loop(
+        step,
+        total,
+        total,
+        lambda s: lr_at(s, total, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.poly_power),
+        cfg.batch_size,
+        cfg.log_every,
+        cfg.val_every if val_samples is not None else 0,
+        val_samples is not None,
+        cfg.checkpoint_every,
+    )
     model.train()
-    fit(task, loop, metrics, accelerator, run, Progress("segmenter", total, step, accelerator.is_main_process),
-        on_step, precision.scaler)
+    fit(
+        task,
+        loop,
+        metrics,
+        accelerator,
+        run,
+        Progress("segmenter", total, step, accelerator.is_main_process),
+        on_step,
+        precision.scaler,
+    )
     accelerator.end_training()
     history = metrics.history()
-    return TrainOutcome(model.float().cpu().eval(), task.val, total, history[-1][1] if history else math.nan,
-                        len(data), history, time.perf_counter() - start,
-                        None if weight is None else weight.cpu().tolist())
+    return TrainOutcome(
+        model.float().cpu().eval(),
+        task.val,
+        total,
+        history[-1][1] if history else math.nan,
+        len(data),
+        history,
+        time.perf_counter() - start,
+        None if weight is None else weight.cpu().tolist(),
+    )
 
 
 def _load(run: RunFolder, model: Segmenter, optimizer: Any, precision: Any, metrics: Metrics) -> int:
@@ -392,17 +499,23 @@ def _load(run: RunFolder, model: Segmenter, optimizer: Any, precision: Any, metr
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         load_optimizer_tensors(optimizer, tensors)
     except (RuntimeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"checkpoint does not fit this model: {str(e).splitlines()[0][:300]}",
-                              path=run.checkpoint / STATE_TENSORS, fix="resume with the settings of the original run") from None
+        raise CheckpointError(
+            f"checkpoint does not fit this model: {str(e).splitlines()[0][:300]}",
+            path=run.checkpoint / STATE_TENSORS,
+            fix="resume with the settings of the original run",
+        ) from None
     return step
 
 
 def _same_classes(a: ClassSpec, b: ClassSpec, path: str) -> None:
     """Raise DataError unless two datasets share class names and ignore index."""
     if tuple(a.names) != tuple(b.names) or a.ignore_index != b.ignore_index:
-        raise DataError(f"classes {list(b.names)} (ignore {b.ignore_index}) differ from the training data's "
-                        f"{list(a.names)} (ignore {a.ignore_index})", path=path,
-                        fix="use datasets with the same classes.yaml")
+        raise DataError(
+            f"classes {list(b.names)} (ignore {b.ignore_index}) differ from the training data's "
+            f"{list(a.names)} (ignore {a.ignore_index})",
+            path=path,
+            fix="use datasets with the same classes.yaml",
+        )
 
 
 @dataclass
@@ -421,8 +534,9 @@ class SegmenterResult:
     wall_time_s: float
 
 
-def train_segmenter(cfg: SegmentTrainConfig, resume: bool = False, on_step: StepCallback | None = None,
-                    accelerator: Any = None) -> SegmenterResult:
+def train_segmenter(
+    cfg: SegmentTrainConfig, resume: bool = False, on_step: StepCallback | None = None, accelerator: Any = None
+) -> SegmenterResult:
     """Validate the datasets, train, save `out/model/` and `out/results.json`; returns the result.
 
     The run holds `out`'s run lock throughout; an `out` holding an earlier run is refused unless `resume`
@@ -447,20 +561,27 @@ def train_segmenter(cfg: SegmentTrainConfig, resume: bool = False, on_step: Step
     check_device(cfg.device)
     out = Path(cfg.out)
     with open_run(out, resume, cfg.overwrite, RUN_OUTPUTS) as (run, resuming):
-        outcome = train_on_samples(real, real.classes, cfg, val, synthetic, run, resuming, on_step,
-                                   accelerator=accelerator)
+        outcome = train_on_samples(
+            real, real.classes, cfg, val, synthetic, run, resuming, on_step, accelerator=accelerator
+        )
         outcome.model.save_pretrained(out / "model")
         result = SegmenterResult(
-            str(out / "model"), cfg.to_dict(), len(real), outcome.train_size - cfg.repeat_real * len(real),
-            0 if synthetic is None else len(synthetic), outcome.steps, outcome.final_loss, outcome.class_weights,
+            str(out / "model"),
+            cfg.to_dict(),
+            len(real),
+            outcome.train_size - cfg.repeat_real * len(real),
+            0 if synthetic is None else len(synthetic),
+            outcome.steps,
+            outcome.final_loss,
+            outcome.class_weights,
             None if outcome.val is None else outcome.val.to_dict(outcome.model.config.class_names),
-            round(outcome.wall_time_s, 3))
+            round(outcome.wall_time_s, 3),
+        )
         write_json(out / "results.json", dataclasses.asdict(result))
     return result
 
 
-def _eval_dataset(data: str | Path | Sequence[Sample] | Dataset, split: str,
-                  model: Segmenter) -> Dataset:
+def _eval_dataset(data: str | Path | Sequence[Sample] | Dataset, split: str, model: Segmenter) -> Dataset:
     """A torch dataset at native resolution for evaluation, scaled by the model's stored normalisation (data whose
     data.yaml states another is refused); paths are opened and validated."""
     if isinstance(data, (str, Path)):
@@ -470,9 +591,12 @@ def _eval_dataset(data: str | Path | Sequence[Sample] | Dataset, split: str,
     if classes is not None and names is not None and tuple(classes.names) != tuple(names):
         from todsynth.data.classes import class_difference
 
-        raise DataError(f"dataset classes {class_difference(list(classes.names), list(names))} differ from the "
-                        f"model's {class_difference(list(names), list(classes.names))}",
-                        path=getattr(data, "root", None), fix="evaluate on data with the model's classes")
+        raise DataError(
+            f"dataset classes {class_difference(list(classes.names), list(names))} differ from the "
+            f"model's {class_difference(list(names), list(classes.names))}",
+            path=getattr(data, "root", None),
+            fix="evaluate on data with the model's classes",
+        )
     if isinstance(data, Dataset):
         return data
     check_normalisation(data, model.normalisation, getattr(model, "source", None))
@@ -500,21 +624,33 @@ def _predict_at(model: Segmenter, images: torch.Tensor, size: int | None) -> tor
     return logits.argmax(dim=1)
 
 
-def evaluate_segmenter(model: Segmenter, dataset_or_path: str | Path | Sequence[Sample] | Dataset,
-                       batch_size: int = 8, size: int | None = None, split: str = "Val",
-                       device: torch.device | str | None = None, native: bool = False) -> SegMetrics:
+def evaluate_segmenter(
+    model: Segmenter,
+    dataset_or_path: str | Path | Sequence[Sample] | Dataset,
+    batch_size: int = 8,
+    size: int | None = None,
+    split: str = "Val",
+    device: torch.device | str | None = None,
+    native: bool = False,
+) -> SegMetrics:
     """Metrics over a whole dataset (one confusion matrix); predicts at `size` (default: the working size the
     model records, so a model is scored as it was trained) and scores at each tile's own size; `native`
     predicts at the tiles' own size instead."""
-    require(not (native and size is not None), "give a prediction size or native, not both",
-            fix="drop 'size' to predict at the tiles' own size")
+    require(
+        not (native and size is not None),
+        "give a prediction size or native, not both",
+        fix="drop 'size' to predict at the tiles' own size",
+    )
     if not native and size is None:
         size = model.config.size
     if device is not None:
         check_device(device)
     require(batch_size >= 1, f"'batch_size' must be >= 1, got {batch_size!r}", fix="give a batch size >= 1")
-    require(size is None or size >= 1, f"'size' must be >= 1, got {size!r}",
-            fix="give a tile size >= 1, or leave it out to predict at the native size")
+    require(
+        size is None or size >= 1,
+        f"'size' must be >= 1, got {size!r}",
+        fix="give a tile size >= 1, or leave it out to predict at the native size",
+    )
     data = _eval_dataset(dataset_or_path, split, model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training, original = model.training, next(model.parameters()).device
