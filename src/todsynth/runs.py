@@ -454,7 +454,13 @@ def make_accelerator(log_with: str | None = None, logging_dir: str | Path | None
     under `logging_dir`. Mixed precision is each stage's own (`Precision`), so stages of one process may differ."""
     from accelerate import Accelerator
 
-    return Accelerator(log_with=log_with, project_dir=None if logging_dir is None else str(logging_dir))
+    from todsynth.generator.distributed import process_group_kwargs
+
+    return Accelerator(
+        log_with=log_with,
+        project_dir=None if logging_dir is None else str(logging_dir),
+        kwargs_handlers=process_group_kwargs(),
+    )
 
 
 def start_trackers(accelerator: Any, name: str, config: dict[str, Any]) -> None:

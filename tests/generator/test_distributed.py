@@ -1,8 +1,10 @@
 """Checkpoints and multi-process training: model-only snapshots with a limit, full state for exact resume,
-and a 2-process run launched with configs/accelerate/fsdp.yaml that trains, saves and resumes exactly."""
+2-process runs launched with configs/accelerate/fsdp.yaml and deepspeed_zero2.yaml that train, save and resume
+exactly, and the DeepSpeed settings derived from the run's (or refused)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -12,6 +14,8 @@ import pytest
 import torch
 from test_train import small, toy  # noqa: F401 - the toy fixture
 
+from todsynth.errors import ConfigError
+from todsynth.generator.distributed import deepspeed_settings
 from todsynth.generator.mmdit import MaskControlMMDiT
 from todsynth.generator.train import train_generator
 from todsynth.io import load_weights
@@ -35,7 +39,7 @@ def test_snapshots_are_model_only_limited_and_loadable(toy, tmp_path):  # noqa: 
     assert all(torch.equal(last[k], final[k]) for k in final)
 
 
-def launch(config: str, data: Path, out: Path, *extra: str) -> None:
+def launch(config: str, data: Path, out: Path, *extra: str, env: dict[str, str] | None = None) -> None:
     """`accelerate launch --config_file <config> --num_processes 2` of `generator train` on the CPU (gloo)."""
     args = [
         "generator",
@@ -66,7 +70,7 @@ def launch(config: str, data: Path, out: Path, *extra: str) -> None:
             for x in ("--set", s)
         ],
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     cmd = [
         sys.executable,
         "-m",
@@ -98,3 +102,54 @@ def test_fsdp_config_two_processes_train_save_and_resume_exactly(toy, tmp_path):
     sb = load_weights(tmp_path / "resumed" / "checkpoint" / "state.safetensors")
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert any(k.startswith("optim.blocks.") for k in sa) and any(k.startswith("ema.") for k in sa)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_deepspeed_zero2_two_processes_train_save_and_resume_exactly(toy, tmp_path):  # noqa: F811
+    """ZeRO-2 on the CPU (DeepSpeed's CPU accelerator, gloo): the engine accumulates (2 micro-steps), clips and
+    steps; its partitioned optimizer state goes through accelerate's save_state, so a resume equals a straight run."""
+    ds = {"DS_ACCELERATOR": "cpu"}
+    cfg = "configs/accelerate/deepspeed_zero2.yaml"
+    launch(cfg, toy, tmp_path / "straight", "grad_accum=2", "grad_clip=0.01", env=ds)
+    launch(cfg, toy, tmp_path / "resumed", "grad_accum=2", "grad_clip=0.01", "stop_after=2", env=ds)
+    launch(cfg, toy, tmp_path / "resumed", "grad_accum=2", "grad_clip=0.01", "resume=true", env=ds)
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa = load_weights(tmp_path / "straight" / "checkpoint" / "state.safetensors")
+    sb = load_weights(tmp_path / "resumed" / "checkpoint" / "state.safetensors")
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    kept = sorted(p.name for p in (tmp_path / "resumed" / "deepspeed").iterdir())
+    assert kept == ["step_0000002", "step_0000004"]  # the committed state stays until the next one is committed
+
+
+def ds(**config):
+    """deepspeed_settings of a run with grad_accum 2, grad_clip 0.5, batch 8 on 2 processes, fp32."""
+    return deepspeed_settings(config, grad_accum=2, grad_clip=0.5, batch_size=8, world=2, mixed_precision="no")
+
+
+def test_deepspeed_settings_come_from_the_run():
+    want = {
+        "gradient_accumulation_steps": 2,
+        "gradient_clipping": 0.5,
+        "train_micro_batch_size_per_gpu": 4,
+        "train_batch_size": 16,
+    }
+    assert ds() == want
+    assert ds(gradient_accumulation_steps="auto", gradient_clipping="auto", zero_optimization={"stage": 2}) == want
+    assert ds(gradient_accumulation_steps=2, gradient_clipping=0.5, bf16={"enabled": False}) == want
+
+
+@pytest.mark.parametrize(
+    "config, words",
+    [
+        ({"gradient_accumulation_steps": 1}, "gradient_accumulation_steps=1 but the run's grad_accum is 2"),
+        ({"gradient_clipping": 1.0}, "gradient_clipping=1.0 but the run's grad_clip is 0.5"),
+        ({"zero_optimization": {"stage": 3}}, "ZeRO-3"),
+        ({"bf16": {"enabled": True}}, "mixed precision bf16 but the run's mixed_precision is no"),
+    ],
+)
+def test_deepspeed_settings_refuse_a_mismatch(config, words):
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(")) as err:
+        ds(**config)
+    assert err.value.fix

@@ -1,14 +1,20 @@
-"""Training state under any accelerate layout (one process, DDP, FSDP): gathered on all ranks, kept as safetensors.
+"""Training state under any accelerate layout (one process, DDP, FSDP, DeepSpeed ZeRO-2).
 
 Model weights come from `accelerator.get_state_dict` (FSDP: the full state dict, gathered by every rank);
 optimizer moments from torch's `get_optimizer_state_dict` (full, keyed by parameter name, so they do not depend
-on how a layout flattens or shards parameters). Model-only snapshots (`checkpoints/step_N/`) are pruned to a limit.
+on how a layout flattens or shards parameters). Under DeepSpeed the engine owns accumulation, clipping, the
+optimizer step and its ZeRO-partitioned state: the run's settings go into accelerate's DeepSpeed plugin, and the
+engine's state is saved and loaded with `accelerator.save_state`/`load_state` (`deepspeed/step_N/`, referenced by
+the run's checkpoint). Model-only snapshots (`checkpoints/step_N/`) are pruned to a limit.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 OPTIM_PREFIX = "optim."
 SNAPSHOTS = "checkpoints"
+ENGINE_STATES = "deepspeed"  # under DeepSpeed: the engine's own state per saved step, in the run folder
 
 
 def is_fsdp(accelerator) -> bool:
@@ -28,6 +35,77 @@ def is_fsdp(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.FSDP
+
+
+def is_deepspeed(accelerator) -> bool:
+    """Whether a DeepSpeed engine runs the model: it then does accumulation, clipping and the optimizer step."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def process_group_kwargs() -> list:
+    """Accelerator kwargs handlers for this launch: gloo under DeepSpeed without an accelerator device (there
+    accelerate picks no backend, so every rank would count itself alone); none otherwise."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or torch.accelerator.is_available():
+        return []
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return [InitProcessGroupKwargs(backend="gloo")]
+
+
+def deepspeed_settings(
+    ds_config: Mapping[str, Any], grad_accum: int, grad_clip: float, batch_size: int, world: int, mixed_precision: str
+) -> dict[str, Any]:
+    """The DeepSpeed config entries a run sets from its own settings (accumulation, clipping, micro-batch); an
+    accelerate config that says otherwise ("auto" takes ours), or ZeRO-3, or another precision is refused."""
+    from todsynth.errors import ConfigError
+
+    ours = {"gradient_accumulation_steps": grad_accum, "gradient_clipping": float(grad_clip)}
+    fix = "remove the entry from deepspeed_config (it then takes the run's value) or make the two agree"
+    for key, value in ours.items():
+        given = ds_config.get(key, "auto")
+        if given != "auto" and float(given) != value:
+            name = "grad_accum" if key.startswith("gradient_acc") else "grad_clip"
+            raise ConfigError(
+                f"the accelerate DeepSpeed config sets {key}={given} but the run's {name} is {value:g}", fix=fix
+            )
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise ConfigError(
+            "DeepSpeed ZeRO-3 shards the parameters, which validation, EMA and saving read whole here",
+            fix="use configs/accelerate/deepspeed_zero2.yaml, or configs/accelerate/fsdp.yaml to shard",
+        )
+    engine = next((p for p in ("bf16", "fp16") if ds_config.get(p, {}).get("enabled") is True), "no")
+    if engine != mixed_precision:
+        raise ConfigError(
+            f"the DeepSpeed engine runs in mixed precision {engine} but the run's mixed_precision is {mixed_precision}",
+            fix=f"set mixed_precision={engine} or launch with --mixed_precision {mixed_precision}",
+        )
+    micro = batch_size // world
+    return {**ours, "train_micro_batch_size_per_gpu": micro, "train_batch_size": micro * grad_accum * world}
+
+
+def configure_deepspeed(accelerator, grad_accum: int, grad_clip: float, batch_size: int, mixed_precision: str) -> None:
+    """Under DeepSpeed, put the run's settings into accelerate's DeepSpeed plugin; call before `prepare`."""
+    if is_deepspeed(accelerator):
+        config = accelerator.state.deepspeed_plugin.deepspeed_config
+        config.update(
+            deepspeed_settings(config, grad_accum, grad_clip, batch_size, accelerator.num_processes, mixed_precision)
+        )
+
+
+def save_engine_state(accelerator, root: Path, step: int, keep: str | None) -> str:
+    """The DeepSpeed engine's state (weights, partitioned optimizer, RNG) of `step` via `accelerator.save_state`
+    on every rank; older states but `keep` (the committed one) removed. Returns its path relative to `root`."""
+    name = f"{ENGINE_STATES}/step_{step:07d}"
+    if accelerator.is_main_process:
+        for old in (root / ENGINE_STATES).glob("step_*"):
+            if old.name != Path(name).name and (keep is None or old.name != Path(keep).name):
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(root / name))
+    accelerator.wait_for_everyone()
+    return name
 
 
 def model_state(accelerator, prepared: nn.Module) -> dict[str, torch.Tensor]:

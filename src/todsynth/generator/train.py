@@ -21,12 +21,16 @@ from torch import Tensor
 from todsynth.config import require, resume_free_names, setting
 from todsynth.data.crops import CropMode
 from todsynth.generator.distributed import (
+    ENGINE_STATES,
+    configure_deepspeed,
     ema_weights,
+    is_deepspeed,
     is_fsdp,
     load_model_state,
     load_optimizer_state,
     model_state,
     optimizer_state,
+    save_engine_state,
     save_snapshot,
 )
 from todsynth.generator.mmdit import MMDiTArch
@@ -482,6 +486,7 @@ def _train(
     optimizer = make_optimizer(
         cfg.optimizer, [p for p in model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay
     )
+    configure_deepspeed(accelerator, cfg.grad_accum, cfg.grad_clip, cfg.batch_size, cfg.mixed_precision)
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
     trainable = [p for p in ddp_model.parameters() if p.requires_grad]  # FSDP: this rank's shards
     state = _State(
@@ -495,10 +500,11 @@ def _train(
         Precision(cfg.mixed_precision, accelerator.device),
     )
     metrics = Metrics(out / "metrics.jsonl", accelerator)
-    start = 0
+    start, engine_state = 0, None
     if resuming:
         start, tensors, info = run.load_state(metrics, state.precision.scaler)
         _load(state, tensors, info, run.checkpoint)
+        engine_state = info.get("engine_state")
     else:
         run.start(asdict(cfg), metrics)
     start_trackers(accelerator, "generator", asdict(cfg))
@@ -515,6 +521,7 @@ def _train(
     task = _GeneratorTask(
         cfg, pipe, state, data, iter(batch_loader(data.samples, batches, cfg.num_workers)), val_labels, val_prompts, out
     )
+    task.engine_state = engine_state
     loop = Loop(
         start,
         end,
@@ -566,9 +573,11 @@ class _GeneratorTask:
         self.cfg, self.pipe, self.st, self.data, self.loader = cfg, pipe, st, data, loader
         self.val_labels, self.val_prompts, self.out = val_labels, val_prompts, out
         self.optimizer = st.optimizer
+        self.done, self.engine_state = 0, None  # steps done; DeepSpeed: the committed checkpoint's engine state
 
     def train_step(self, step: int) -> Tensor:
-        """grad_accum micro-batches, clipped update, EMA; returns the step's loss (float64, on the device)."""
+        """grad_accum micro-batches, clipped update (DeepSpeed: the engine's), EMA; returns the step's loss (float64,
+        on the device)."""
         cfg, st, acc = self.cfg, self.st, self.st.accelerator
         world, rank = acc.num_processes, acc.process_index
         loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
@@ -580,6 +589,14 @@ class _GeneratorTask:
             if cfg.augment:
                 images, labels = augment(images, labels, gens)
             prompts = [self.data.prompts[i] for i in local]
+            if is_deepspeed(acc):  # the engine scales by grad_accum, then clips, steps and zeroes at the boundary
+                with acc.accumulate(st.prepared), st.precision.autocast():
+                    loss = flow_loss(
+                        self.pipe, st.prepared, images, labels, prompts, gens, cfg, latents=cfg.cache_latents
+                    )
+                    acc.backward(loss)
+                loss_sum += loss.detach().double() / cfg.grad_accum
+                continue
             sync = micro == cfg.grad_accum - 1
             ctx = acc.no_sync(st.prepared) if not sync and world > 1 else contextlib.nullcontext()
             with ctx, st.precision.autocast():
@@ -589,11 +606,12 @@ class _GeneratorTask:
                 )
                 st.precision.backward(loss)
             loss_sum += loss.detach().double()
-        if cfg.grad_clip > 0:
-            st.precision.unscale(st.optimizer)
-            acc.clip_grad_norm_(st.prepared.parameters(), cfg.grad_clip)
-        st.precision.step(st.optimizer)
-        st.optimizer.zero_grad(set_to_none=True)
+        if not is_deepspeed(acc):
+            if cfg.grad_clip > 0:
+                st.precision.unscale(st.optimizer)
+                acc.clip_grad_norm_(st.prepared.parameters(), cfg.grad_clip)
+            st.precision.step(st.optimizer)
+            st.optimizer.zero_grad(set_to_none=True)
         if st.ema is not None:
             st.ema.step(st.trainable)
         return loss_sum
@@ -613,20 +631,28 @@ class _GeneratorTask:
         return {k: v for k, v in record.items() if k != "step"}
 
     def after_step(self, step: int) -> None:
+        self.done = step
         if step % self.cfg.checkpoint_every == 0:
             _snapshot(self.out, self.cfg, step, self.st)
 
     def state(self) -> tuple[dict[str, Tensor], dict]:
-        """Model, AdamW moments and EMA weights (gathered on all ranks); optimizer groups and EMA step."""
+        """Model, AdamW moments and EMA weights (gathered on all ranks); optimizer groups and EMA step. DeepSpeed:
+        the optimizer is in the engine's state, saved through accelerate and referenced here."""
         st = self.st
         tensors = {f"model.{k}": v for k, v in model_state(st.accelerator, st.prepared).items()}
-        optim, groups = optimizer_state(st.prepared, st.optimizer)
-        tensors.update(optim)
+        info: dict = {}
+        if is_deepspeed(st.accelerator):
+            self.engine_state = info["engine_state"] = save_engine_state(
+                st.accelerator, self.out, self.done, self.engine_state
+            )
+        else:
+            optim, info["optimizer_groups"] = optimizer_state(st.prepared, st.optimizer)
+            tensors.update(optim)
         if st.ema is not None:
             with ema_weights(st.trainable, st.ema):
                 ema = model_state(st.accelerator, st.prepared)
                 tensors.update({f"ema.{k}": ema[k].to("cpu", copy=True) for k in st.trainable_names if k in ema})
-        return tensors, {"optimizer_groups": groups, "ema_step": st.ema.optimization_step if st.ema else None}
+        return tensors, {**info, "ema_step": st.ema.optimization_step if st.ema else None}
 
 
 def _validation_masks(cfg: GeneratorTrainConfig, data) -> tuple[Tensor, list[str]]:
@@ -784,6 +810,7 @@ RUN_OUTPUTS = (
     "prompt_cache.safetensors",
     "checkpoints",
     "latent_cache.safetensors",
+    ENGINE_STATES,
 )
 
 
@@ -838,6 +865,9 @@ def _load(st: _State, tensors: dict[str, Tensor], info: dict, path: Path) -> Non
                 for shadow, p in zip(st.ema.shadow_params, st.trainable, strict=True):
                     shadow.copy_(p)
             st.ema.optimization_step = int(info["ema_step"])
+        if is_deepspeed(st.accelerator):  # weights and partitioned optimizer state from the engine's own state
+            st.accelerator.load_state(str(path.parent / info["engine_state"]))
+            return
         load_model_state(st.accelerator, st.prepared, st.model, weights, path)
         load_optimizer_state(st.prepared, st.optimizer, tensors, info["optimizer_groups"])
     except (RuntimeError, ValueError, KeyError) as e:
