@@ -13,15 +13,14 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
+# The shared options of both trainers.
+TRAINING = ("steps", "batch_size", "size", "resume", "overwrite")
+
 
 @app.command(cls=SettingsCommand)
 @friendly
 @with_settings(
-    "steps",
-    "batch_size",
-    "size",
-    "resume",
-    "overwrite",
+    *TRAINING,
     stage="generator-train",
     names={"control": "model.control"},
     arguments={"data": "Dataset (LoveDA, folder or JSONL layout); required unless --config gives 'data'."},
@@ -55,11 +54,7 @@ def train(*, settings: Settings) -> None:
 @app.command(cls=SettingsCommand)
 @friendly
 @with_settings(
-    "steps",
-    "batch_size",
-    "size",
-    "resume",
-    "overwrite",
+    *TRAINING,
     stage="generator-pretrain",
     names={"images": "data"},
     arguments={
