@@ -366,18 +366,15 @@ def test_help_shows_the_dataset_as_required_and_the_out_defaults(cli_app) -> Non
 
     train, pretrain = shown(["generator", "train", "--help"]), shown(["generator", "pretrain", "--help"])
     assert "required unless --config" in train and "required unless --config" in pretrain
-    assert f"default {GeneratorTrainConfig().out}" in train and "default runs/base" in pretrain
+    assert f"[default: {GeneratorTrainConfig().out}]" in train and "[default: runs/base]" in pretrain
 
 
 def test_pretrain_without_images_names_the_argument(cli_app, tmp_path: Path) -> None:
-    """Leaving out IMAGES: the fix says what IMAGES may be."""
+    """Leaving out IMAGES is a usage error naming the argument (--help says what IMAGES may be)."""
     out = tmp_path / "out"
-    refused(
-        cli_app,
-        ["generator", "pretrain", "--out", str(out)],
-        out,
-        "give IMAGES (a folder of images, a dataset, or toy:N)",
-    )
+    result = invoke(cli_app, ["generator", "pretrain", "--out", str(out)])
+    assert result.exit_code == 2 and not out.exists(), result.output
+    assert "Usage:" in result.output and "Missing argument 'IMAGES'" in result.output, result.output
 
 
 def test_synthesize_json_records_every_input_path_absolute(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from todsynth.cli.common import console, friendly
+from todsynth.cli.common import arg, console, finish, friendly
 
 if TYPE_CHECKING:
     from todsynth.data.check import CheckReport
@@ -40,7 +40,11 @@ def toy(
     from todsynth.data.toy import write_toy_dataset
 
     root = write_toy_dataset(out, n, size=size, seed=seed, split=split, label_only=label_only, layout=layout.value)
-    console.print(f"wrote {n} toy tile(s) to {escape(str(root))}", soft_wrap=True, highlight=False)
+    if label_only:
+        steps = [f"todsynth synthesize GENERATOR {arg(root)} SYN --segmenter SEG"]
+    else:
+        steps = [f"todsynth segment train {arg(root)}", f"todsynth generator train {arg(root)}"]
+    finish(f"wrote {n} toy tile(s) to {root}", *steps)
 
 
 def _class_table(report: CheckReport) -> Table:
@@ -128,6 +132,12 @@ def check(
     _print_report(report)
     if report.problems:
         raise typer.Exit(2)
+    if report.label_only:
+        finish(f"{path}: masks only", f"todsynth synthesize GENERATOR {arg(path)} SYN --segmenter SEG")
+    else:
+        finish(
+            f"{path}: ready to train on", f"todsynth segment train {arg(path)}", f"todsynth generator train {arg(path)}"
+        )
 
 
 @app.command()
@@ -150,11 +160,9 @@ def split(
     write_split(out, ids, {"seed": seed, "source": str(path)})
     chosen = set(ids)
     covered = set().union(*(p for id_, p in zip(ds.ids, presence, strict=True) if id_ in chosen))
-    console.print(
-        f"wrote {len(ids)} of {len(ds)} ids to {escape(str(out))}; "
-        f"classes present: {len(covered)}/{ds.classes.num_classes}",
-        soft_wrap=True,
-        highlight=False,
+    finish(
+        f"wrote {len(ids)} of {len(ds)} ids to {out}; classes present: {len(covered)}/{ds.classes.num_classes}",
+        f"todsynth segment train {arg(path)} --split-file {arg(out)}",
     )
 
 
@@ -180,9 +188,9 @@ def tile(
     from todsynth.data.tile import tile_dataset
 
     s = tile_dataset(src, out, size, stride=stride, min_valid=min_valid, split=split)
-    console.print(
+    finish(
         f"wrote {s.written} tile(s) of {s.size}x{s.size} (stride {s.stride}) from {s.scenes} scene(s) "
-        f"to {escape(str(s.out))}; skipped {s.skipped} with less than {s.min_valid:.0%} valid pixels",
-        soft_wrap=True,
-        highlight=False,
+        f"to {s.out}; skipped {s.skipped} with less than {s.min_valid:.0%} valid pixels",
+        f"todsynth data check {arg(s.out)}",
+        f"todsynth segment train {arg(s.out)}",
     )

@@ -6,27 +6,27 @@ from pathlib import Path
 
 import typer
 
-from todsynth.cli.common import Settings, console, friendly, with_settings
+from todsynth.cli.common import Settings, SettingsCommand, arg, finish, friendly, with_settings
 
 app = typer.Typer(
     help="Stage (a): pretrain a base on unlabeled images, train the mask-controlled MM-DiT, sample from it.",
     no_args_is_help=True,
 )
 
+# The shared options of both trainers.
+TRAINING = ("steps", "batch_size", "size", "resume", "overwrite")
 
-@app.command()
+
+@app.command(cls=SettingsCommand)
 @friendly
 @with_settings(
-    "steps",
-    "batch_size",
-    "size",
-    "resume",
-    "overwrite",
+    *TRAINING,
+    stage="generator-train",
     names={"control": "model.control"},
     arguments={"data": "Dataset (LoveDA, folder or JSONL layout); required unless --config gives 'data'."},
     options={
-        "out": (str, "Output folder (default runs/generator)."),
-        "control": (str, "model.control: triple | siamese | adapter | none (default triple)."),
+        "out": (str, "Output folder."),
+        "control": (str, "model.control: triple | siamese | adapter | none."),
         "init": (
             str,
             "Initialise text/image streams from a pretrained base (the --out folder of "
@@ -39,24 +39,23 @@ def train(*, settings: Settings) -> None:
 
     Every other setting (model size: --set model=sd3.5-medium, memory presets, ...): `todsynth config show
     generator-train`; --set resume=auto continues only if a checkpoint exists."""
-    from todsynth.generator.train import GeneratorTrainConfig, train_generator
+    from todsynth.generator.train import train_generator
 
-    cfg = settings.resolve(GeneratorTrainConfig)
+    cfg = settings.resolve()
     summary = train_generator(cfg)
-    console.print(
-        f"generator saved to {Path(cfg.out) / 'model'}; final loss {summary.final_loss:.4f}, "
-        f"{summary.wall_time_s:.1f} s"
+    model = Path(cfg.out) / "model"
+    finish(
+        f"generator saved to {model}; final loss {summary.final_loss:.4f}, {summary.wall_time_s:.1f} s",
+        f"todsynth generator sample {arg(model)} {arg(cfg.data)} SAMPLES",
+        f"todsynth synthesize {arg(model)} MASKS SYN --segmenter SEG",
     )
 
 
-@app.command()
+@app.command(cls=SettingsCommand)
 @friendly
 @with_settings(
-    "steps",
-    "batch_size",
-    "size",
-    "resume",
-    "overwrite",
+    *TRAINING,
+    stage="generator-pretrain",
     names={"images": "data"},
     arguments={
         "images": "Unlabeled images: a folder of images, any dataset (masks ignored), or "
@@ -64,7 +63,7 @@ def train(*, settings: Settings) -> None:
         "gives 'data'."
     },
     options={
-        "out": (str, "Output folder; the base model is written to OUT/model (default runs/base)."),
+        "out": (str, "Output folder; the base model is written to OUT/model."),
         "captions": (str, "JSON object {image id: caption}; other images get --prompt."),
         "prompt": (str, 'Prompt of uncaptioned images (default "a satellite image").'),
     },
@@ -74,14 +73,13 @@ def pretrain(*, settings: Settings) -> None:
 
     Rectified flow as `generator train` (resumable; multi-GPU: `accelerate launch -m todsynth.cli.main`); every
     setting: `todsynth config show generator-pretrain`."""
-    from todsynth.generator.pretrain import PRETRAIN_DEFAULTS, pretrain_generator
-    from todsynth.generator.train import GeneratorTrainConfig
+    from todsynth.generator.pretrain import pretrain_generator
 
-    cfg = settings.resolve(GeneratorTrainConfig, defaults=PRETRAIN_DEFAULTS)
+    cfg = settings.resolve()
     summary = pretrain_generator(cfg)
-    console.print(
-        f"base saved to {Path(cfg.out) / 'model'} (fine-tune: generator train DATA --init {cfg.out}); "
-        f"final loss {summary.final_loss:.4f}, {summary.wall_time_s:.1f} s"
+    finish(
+        f"base saved to {Path(cfg.out) / 'model'}; final loss {summary.final_loss:.4f}, {summary.wall_time_s:.1f} s",
+        f"todsynth generator train DATA --init {arg(cfg.out)}",
     )
 
 
@@ -118,4 +116,4 @@ def sample(
         device=device,
         mixed_precision=mixed_precision,
     )
-    console.print(f"wrote {path}")
+    finish(f"wrote {path}", f"todsynth synthesize {arg(model)} {arg(masks)} SYN --segmenter SEG")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from todsynth.cli.common import SettingsCommand
 from todsynth.cli.config import app as config_app
 from todsynth.cli.data import app as data_app
 from todsynth.cli.generator import app as generator_app
@@ -41,7 +42,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(segment_app, name="segment")
 app.add_typer(generator_app, name="generator")
 app.add_typer(config_app, name="config")
-app.command(name="synthesize")(synthesize)
+app.command(name="synthesize", cls=SettingsCommand)(synthesize)
 app.command(name="demo")(demo)
 app.command(name="experiment")(experiment)
 

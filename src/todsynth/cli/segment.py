@@ -8,12 +8,12 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from todsynth.cli.common import Resume, Settings, console, friendly, with_settings
+from todsynth.cli.common import Resume, Settings, SettingsCommand, arg, console, finish, friendly, with_settings
 
 app = typer.Typer(help="Train and evaluate segmentation models (stage c).", no_args_is_help=True)
 
 
-@app.command()
+@app.command(cls=SettingsCommand)
 @friendly
 @with_settings(
     "size",
@@ -22,17 +22,18 @@ app = typer.Typer(help="Train and evaluate segmentation models (stage c).", no_a
     "seed",
     "device",
     "overwrite",
+    stage="segment-train",
     arguments={
         "data": "Training dataset (LoveDA root, image/mask folder or .jsonl); required unless --config gives 'data'."
     },
     options={
-        "out": (str, "Output folder (default runs/segment)."),
+        "out": (str, "Output folder."),
         "split_file": (str, 'JSON split file ({"ids": [...]}) restricting the data.'),
         "synthetic": (str, "Synthetic dataset mixed into training."),
         "val": (str, "Validation dataset, scored after training."),
-        "arch": (str, "unet, deeplabv3plus, segformer or fpn (default unet)."),
+        "arch": (str, "unet, deeplabv3plus, segformer or fpn."),
         "encoder": (str, "smp encoder name (default resnet18 / mit_b0)."),
-        "lr": (float, "AdamW learning rate (default 5e-4)."),
+        "lr": (float, "AdamW learning rate."),
     },
 )
 def train(resume: Resume = False, *, settings: Settings) -> None:
@@ -40,15 +41,17 @@ def train(resume: Resume = False, *, settings: Settings) -> None:
 
     Every other setting (epochs, schedule, class_weights, mixed_precision, ...) by --set or --config: `todsynth
     config show segment-train`."""
-    from todsynth.segment.train import SegmentTrainConfig, train_segmenter
+    from todsynth.segment.train import train_segmenter
 
-    cfg = settings.resolve(SegmentTrainConfig)
+    cfg = settings.resolve()
     results = train_segmenter(cfg, resume=resume)
     if results.val is not None:
         console.print(_metrics_table(results.val, "validation"))
-    console.print(
-        f"model saved to [bold]{escape(results.model)}[/] ({results.steps} steps, {results.wall_time_s:.1f} s)",
-        highlight=False,
+    model = arg(results.model)
+    finish(
+        f"model saved to {results.model} ({results.steps} steps, {results.wall_time_s:.1f} s)",
+        f"todsynth segment eval {model} {arg(cfg.val or cfg.data)}",
+        *([] if cfg.synthetic else [f"todsynth synthesize GENERATOR MASKS SYN --segmenter {model}"]),
     )
 
 
@@ -57,7 +60,12 @@ def train(resume: Resume = False, *, settings: Settings) -> None:
 def evaluate(
     model_dir: Path = typer.Argument(..., help="Folder written by training (OUT/model)."),
     data: Path = typer.Argument(..., help="Dataset to score."),
-    split: str = typer.Option("Val", help="Split of a LoveDA root (other layouts have no splits)."),
+    split: str | None = typer.Option(
+        None,
+        show_default=False,
+        help="Split of a LoveDA root: Val, or the root's only split when it has no Val (as `data toy` writes); "
+        "other layouts have no splits.",
+    ),
     size: int | None = typer.Option(
         None, help="Predict at this tile size (default: the size the model was trained at; scores stay at native size)."
     ),
@@ -75,7 +83,9 @@ def evaluate(
     from todsynth.segment.train import check_device_choice, check_eval_split, evaluate_segmenter
 
     check_device_choice(device)
-    check_eval_split(data, split)
+    if split is not None:
+        check_eval_split(data, split)
+    split = split or _eval_split(data)
     model = Segmenter.from_pretrained(model_dir)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -87,6 +97,23 @@ def evaluate(
     if json_out is not None:
         write_json(json_out, {"model": str(model_dir), "data": str(data), "split": split, "metrics": result})
         console.print(f"metrics written to {escape(str(json_out))}", highlight=False)
+
+
+def _eval_split(data: Path) -> str:
+    """The split `segment eval` scores by default: Val, or the only split of a LoveDA root without one, said in
+    the output as it may be the training data."""
+    from todsynth.data.readers import LOVEDA_SPLITS, ignores_split
+
+    present = [] if ignores_split(data) else [s for s in LOVEDA_SPLITS if (data / s).is_dir()]
+    if len(present) != 1 or present[0] == "Val":
+        return "Val"
+    console.print(
+        f"{data} has no Val split: scoring its only split, {present[0]} (--split to choose)",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    return present[0]
 
 
 def _metrics_table(result: dict, title: str) -> Table:

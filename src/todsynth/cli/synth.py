@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from todsynth.cli.common import Settings, console, friendly, with_settings
+from todsynth.cli.common import Settings, arg, finish, friendly, with_settings
 
 
 @friendly
@@ -12,6 +12,7 @@ from todsynth.cli.common import Settings, console, friendly, with_settings
     "batch_size",
     "seed",
     "device",
+    stage="synthesize",
     names={"crfm_steps": "crfm.steps"},
     arguments={
         "generator": "Generator folder (out/model of `generator train`).",
@@ -20,8 +21,8 @@ from todsynth.cli.common import Settings, console, friendly, with_settings
     },
     options={
         "segmenter": (str, "Guidance segmenter folder (needed for CRFM)."),
-        "copies": (int, "Images per mask (and transform; default 1)."),
-        "crfm_steps": (int, "crfm.steps: CRFM rectified steps k (0 = plain sampling; default 4)."),
+        "copies": (int, "Images per mask (and transform)."),
+        "crfm_steps": (int, "crfm.steps: CRFM rectified steps k (0 = plain sampling)."),
         "mixed_precision": (str, "no | bf16 | fp16: autocast of transformer, decoder and CRFM's segmenter pass."),
     },
 )
@@ -29,16 +30,16 @@ def synthesize(*, settings: Settings) -> None:
     """Make synthetic image/label pairs with CRFM; resumable, and sharded under `accelerate launch`.
 
     Every setting: `todsynth config show synthesize` (CRFM's as crfm.*, e.g. --set crfm.alpha_max=0.3)."""
-    from todsynth.synthesize import SynthesizeConfig, synthesize as run
+    from todsynth.synthesize import synthesize as run
 
-    cfg = settings.resolve(SynthesizeConfig)
+    cfg = settings.resolve()
     from accelerate.state import PartialState
 
     state = PartialState()  # one process too: its device is accelerate's choice
     summary = run(cfg, accelerator=state)
-    if state.is_main_process:
-        done = f", {summary.already_done} already done" if summary.already_done else ""
-        console.print(
-            f"synthesized {summary.made} pairs ({summary.rejected} rejected{done}) into {cfg.out} "
-            f"in {summary.wall_time_s:.1f} s"
-        )
+    done = f", {summary.already_done} already done" if summary.already_done else ""
+    finish(
+        f"synthesized {summary.made} pairs ({summary.rejected} rejected{done}) into {cfg.out} "
+        f"in {summary.wall_time_s:.1f} s",
+        f"todsynth segment train REAL --synthetic {arg(cfg.out)} --out DOWNSTREAM",
+    )

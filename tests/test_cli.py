@@ -1,0 +1,105 @@
+"""The CLI as a new user meets it: defaults in --help, usage for missing arguments, the next command to run, and
+defaults that work on what `data toy` writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from todsynth.cli import common
+from todsynth.cli.main import app
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One line per message, so long tmp paths and help lines are not folded."""
+    monkeypatch.setattr(common.console, "width", 2000)
+    monkeypatch.setattr(common.err_console, "width", 2000)
+    monkeypatch.setenv("COLUMNS", "2000")
+
+
+def invoke(*args: str):
+    """Run `todsynth ARGS` in-process; typer's Result."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def words(text: str) -> str:
+    """Help or error text as one line of words (rich boxes and wrapping removed)."""
+    return " ".join(text.replace("│", " ").split())
+
+
+@pytest.mark.parametrize(
+    ("args", "missing"),
+    [
+        (["synthesize"], "Missing arguments 'GENERATOR', 'MASKS', 'OUT'"),
+        (["synthesize", "gen", "masks"], "Missing argument 'OUT'"),
+        (["generator", "train"], "Missing argument 'DATA'"),
+        (["segment", "train"], "Missing argument 'DATA'"),
+    ],
+)
+def test_missing_arguments_print_usage(args: list[str], missing: str) -> None:
+    """A left-out positional argument is a usage error (exit 2, usage, the argument), not a config error."""
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    shown = words(result.output)
+    assert "Usage:" in shown and missing in shown and "error: config" not in shown, shown
+
+
+def test_config_file_still_gives_the_arguments(tmp_path: Path) -> None:
+    """GENERATOR MASKS OUT from --config: no usage error; the run goes on to check the paths."""
+    config = tmp_path / "syn.yaml"
+    config.write_text(f"generator: {tmp_path / 'gen'}\nmasks: {tmp_path / 'masks'}\nout: {tmp_path / 'out'}\n")
+    result = invoke("synthesize", "--config", config, "--crfm-steps", "0")
+    assert result.exit_code == 2, result.output
+    assert "Missing argument" not in result.output and "error:" in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "stage", "settings"),
+    [
+        (["generator", "train"], "generator-train", ["out", "steps", "batch_size", "size", "model.control"]),
+        (["generator", "pretrain"], "generator-pretrain", ["out", "steps", "batch_size"]),
+        (["segment", "train"], "segment-train", ["out", "arch", "lr", "seed", "batch_size"]),
+        (["synthesize"], "synthesize", ["num_steps", "guidance_scale", "copies", "crfm.steps", "device"]),
+    ],
+)
+def test_help_shows_the_stage_defaults(args: list[str], stage: str, settings: list[str]) -> None:
+    """--help of a config-driven command shows each setting's default, read from the stage's config."""
+    cfg = common.stage_defaults(stage)
+    shown = words(invoke(*args, "--help").output)
+    for name in settings:
+        assert f"[default: {common._setting(cfg, name)}]" in shown, (name, shown)
+
+
+def test_finish_prints_where_and_next_on_the_main_process_only(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """`finish` prints the outputs and the next commands; other ranks of a launch print nothing."""
+    monkeypatch.setenv("RANK", "1")
+    common.finish("wrote x", "todsynth segment train x")
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    common.finish("wrote x", "todsynth segment train 'a b'")
+    assert capsys.readouterr().out.splitlines() == ["wrote x", "next: todsynth segment train 'a b'"]
+
+
+def test_data_toy_says_what_to_run_next(tmp_path: Path) -> None:
+    """`data toy` names its folder and the commands that train on it (masks only: synthesis)."""
+    out = tmp_path / "toy"
+    result = invoke("data", "toy", out, "--n", "2", "--size", "16")
+    assert result.exit_code == 0, result.output
+    assert f"next: todsynth segment train {out}" in result.output
+    assert f"next: todsynth generator train {out}" in result.output
+    result = invoke("data", "toy", tmp_path / "layouts", "--n", "2", "--size", "16", "--label-only")
+    assert f"next: todsynth synthesize GENERATOR {tmp_path / 'layouts'} SYN --segmenter SEG" in result.output
+
+
+def test_segment_eval_scores_the_only_split_of_a_toy_root(tiny_segmenter_dir: Path, toy_masks_16: Path) -> None:
+    """`data toy` writes only Train: eval without --split scores it, and says so; --split Val is still refused."""
+    result = invoke("segment", "eval", tiny_segmenter_dir, toy_masks_16, "--batch-size", "6")
+    assert result.exit_code == 0, result.output
+    assert "has no Val split: scoring its only split, Train" in result.output and "(Train)" in result.output
+    result = invoke("segment", "eval", tiny_segmenter_dir, toy_masks_16, "--split", "Val")
+    assert result.exit_code == 2 and "Val" in result.output, result.output
