@@ -17,6 +17,14 @@ from typing import Any, TypeVar
 from todsynth.errors import CheckpointError, ConfigError, TodsynthError
 
 C = TypeVar("C")
+# what strict reading (files the program wrote) accepts for each plain type, and how a message names it
+_EXACT_TYPES: dict[Any, tuple[tuple[type, ...], str]] = {
+    int: ((int,), "an integer"),
+    float: ((int, float), "a number"),
+    bool: ((bool,), "true or false"),
+    str: ((str,), "a string"),
+    Path: ((str,), "a path string"),
+}
 
 
 def _coerce(name: str, value: Any, tp: Any, source: str, strict: bool = False) -> Any:
@@ -39,19 +47,20 @@ def _coerce(name: str, value: Any, tp: Any, source: str, strict: bool = False) -
         if len(options) == 1:
             raise errors[0]
         raise ConfigError(f"'{name}' must be {' or '.join(_describe(a) for a in options)}, got {value!r}", path=source)
-    if strict:
-        return _check_exact(name, value, tp, source)
+    if strict and tp in _EXACT_TYPES:
+        accepted, kind = _EXACT_TYPES[tp]
+        if not isinstance(value, accepted) or (isinstance(value, bool) and tp is not bool):
+            raise ConfigError(f"'{name}' must be {kind}, got {value!r}", path=source)
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"'{name}' must be one of {list(args)}, got {value!r}", path=source)
         return value
     if origin in (tuple, list):
-        if isinstance(value, str):
+        if isinstance(value, str) and not strict:
             value = [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"'{name}' must be a list, got {value!r}", path=source)
-        inner = args[0] if args else Any
-        return origin(_coerce(name, v, inner, source) for v in value)
+        return origin(_coerce(name, v, args[0] if args else Any, source, strict) for v in value)
     if tp is Any:
         return value
     if tp is bool:
@@ -95,31 +104,6 @@ def _describe(tp: Any) -> str:
         return "a list"
     names = {bool: "true, false", int: "an integer", float: "a number", str: "a string", Path: "a path"}
     return names.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-_EXACT_TYPES: dict[Any, tuple[tuple[type, ...], str]] = {
-    int: ((int,), "an integer"),
-    float: ((int, float), "a number"),
-    bool: ((bool,), "true or false"),
-    str: ((str,), "a string"),
-    Path: ((str,), "a path string"),
-}
-
-
-def _check_exact(name: str, value: Any, tp: Any, source: str) -> Any:
-    """Return `value` if it already has the declared type (JSON lists become tuples), else raise ConfigError."""
-    origin = typing.get_origin(tp)
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"'{name}' must be a list, got {value!r}", path=source)
-        args = typing.get_args(tp)
-        inner = args[0] if args else Any
-        return origin(_coerce(name, v, inner, source, strict=True) for v in value)
-    if tp in _EXACT_TYPES:
-        accepted, kind = _EXACT_TYPES[tp]
-        if not isinstance(value, accepted) or (isinstance(value, bool) and tp is not bool):
-            raise ConfigError(f"'{name}' must be {kind}, got {value!r}", path=source)
-    return _coerce(name, value, tp, source)
 
 
 def build_config(
@@ -210,13 +194,13 @@ def _preset(cls: type, name: str, setting: str, source: str) -> dict[str, Any]:
     return _plain(presets[name])
 
 
-def setting_names(cls: type, prefix: str = "") -> list[str]:
-    """Dotted names of every setting of the config class `cls`, nested configs' included."""
+def setting_fields(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field]]:
+    """(dotted name, field) of every setting of the config class `cls`, nested configs' settings included."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
         is_config = dataclasses.is_dataclass(hints[f.name])
-        out += setting_names(hints[f.name], f"{prefix}{f.name}.") if is_config else [prefix + f.name]
+        out += setting_fields(hints[f.name], f"{prefix}{f.name}.") if is_config else [(prefix + f.name, f)]
     return out
 
 
@@ -225,7 +209,7 @@ def _nearest(cls: type, key: str, prefix: str) -> str:
     or '; known: [...]' when none is near."""
     import difflib
 
-    known = setting_names(cls)
+    known = [name for name, _ in setting_fields(cls)]
     leaf = key.rsplit(".", 1)[-1]
     near = [n for n in known if n.rsplit(".", 1)[-1] == leaf] + difflib.get_close_matches(key, known, n=3)
     near = list(dict.fromkeys(near))[:3]
@@ -337,15 +321,8 @@ def like(cls: type, name: str, default: Any = dataclasses.MISSING) -> Any:
 
 
 def resume_free_names(cls: type) -> set[str]:
-    """Dotted names of the fields of the config class `cls` (nested configs included) declared resume_free."""
-    out: set[str] = set()
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.metadata.get("resume_free"):
-            out.add(f.name)
-        elif dataclasses.is_dataclass(hints[f.name]):
-            out |= {f"{f.name}.{n}" for n in resume_free_names(hints[f.name])}
-    return out
+    """Dotted names of the settings of the config class `cls` (nested configs included) declared resume_free."""
+    return {name for name, f in setting_fields(cls) if f.metadata.get("resume_free")}
 
 
 def flat_dict(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

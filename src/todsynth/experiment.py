@@ -8,6 +8,7 @@ runs grids of cells with several seeds.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -180,31 +181,17 @@ class CellSettings:
         self.synthesis.crfm.validate()
         d, g, syn = self.data, self.generator, self.synthesis
         require(0 < self.downstream.real_share < 1, f"real_share must be in (0, 1), got {self.downstream.real_share}")
-        for name, value in (
-            ("segmenter.steps", self.segmenter.steps),
-            ("segmenter.batch_size", self.segmenter.batch_size),
-            ("generator.steps", g.steps),
-            ("generator.batch_size", g.batch_size),
-            ("synthesis.copies", syn.copies),
-            ("synthesis.num_steps", syn.num_steps),
-            ("base.pool", self.base.pool),
-            ("base.steps", self.base.steps),
-            ("base.batch_size", self.base.batch_size),
-        ):
-            require(value >= 1, f"{name} must be >= 1, got {value}")
+        counts = ("segmenter.steps", "segmenter.batch_size", "generator.steps", "generator.batch_size")
+        for name in (*counts, "synthesis.copies", "synthesis.num_steps", "base.pool", "base.steps", "base.batch_size"):
+            require(_get(self, name) >= 1, f"{name} must be >= 1, got {_get(self, name)}")
         require(
             self.init == "scratch" or not g.sd3_path,
             "init: pretrained and generator.sd3_path both initialise the generator: give one",
         )
         require(g.lora_rank >= 0, f"generator.lora_rank must be >= 0, got {g.lora_rank}")
-        for name, v in (
-            ("segmenter.lr", self.segmenter.lr),
-            ("generator.lr", g.lr),
-            ("base.lr", self.base.lr),
-            ("synthesis.filter_margin", syn.filter_margin),
-            ("synthesis.guidance_scale", syn.guidance_scale),
-            ("generator.timestep_tail", g.timestep_tail),
-        ):
+        rates = ("segmenter.lr", "generator.lr", "base.lr", "synthesis.filter_margin", "synthesis.guidance_scale")
+        for name in (*rates, "generator.timestep_tail"):
+            v = _get(self, name)
             require(math.isfinite(v) and v >= 0, f"{name} must be a finite number >= 0, got {v}")
         require(
             math.isfinite(syn.shift) and syn.shift > 0, f"synthesis.shift must be a finite number > 0, got {syn.shift}"
@@ -223,6 +210,11 @@ class CellSettings:
             f"synth: {self.synth} with protocol: layouts draws one image per layout, and this cell has no layouts",
             fix="set data.layouts_data, or protocol: masks (K images per real mask)",
         )
+
+
+def _get(settings: Any, dotted: str) -> Any:
+    """The setting `dotted` (e.g. "generator.steps") of a config."""
+    return functools.reduce(getattr, dotted.split("."), settings)
 
 
 def settings_from(values: dict[str, Any], source: str = "settings") -> CellSettings:
@@ -301,7 +293,7 @@ class Stage:
     in words what the stage computes (the log names it next to the hash folder).
     """
 
-    def __init__(self, root: Path, name: str, key: str, log: Callable[[str], None], what: str = ""):
+    def __init__(self, root: Path, name: str, key: str, log: Callable[[str], None], what: str):
         self.dir = Path(root).absolute() / "cache" / f"{name}-{key}"
         self.name, self.log, self.what = name, log, what
 
@@ -313,11 +305,7 @@ class Stage:
         from todsynth.io import read_json, write_json
 
         if not self.done:
-            self.log(
-                f"stage {self.name}: {self.what} → {self.dir.name}"
-                if self.what
-                else f"stage {self.name} → {self.dir.name}"
-            )
+            self.log(f"stage {self.name}: {self.what} → {self.dir.name}")
             self.dir.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
             result = fn(self.dir)
@@ -635,21 +623,28 @@ def base_config(s: CellSettings) -> GeneratorTrainConfig:
     )
 
 
+def _train_stage(
+    root: Path, name: str, cfg: GeneratorTrainConfig, log, what: str, label: str, progress: bool
+) -> StageResult:
+    """A generator (or base) training stage: `cfg` trained into the stage folder, `label` naming its log lines."""
+
+    def make(d: Path) -> dict:
+        from todsynth.generator.train import train_generator
+
+        summary = train_generator(
+            replace(cfg, out=str(d), progress=progress), on_step=step_logger(log, label, cfg.steps)
+        )
+        return {"model": str(d / "model"), "summary": asdict(summary), "loss_png": str(d / "loss.png")}
+
+    return Stage(root, name, stage_key(root, cfg), log, what).run(make)
+
+
 def stage_base(s: CellSettings, root: Path, log, progress: bool = False) -> StageResult:
     """Pretrain the text and image streams on unlabeled images (control none): the base every
     `init: pretrained` cell with the same base settings fine-tunes from, whatever its seed or control."""
     cfg = base_config(s)
     what = f"generator base pretrained on unlabeled images ({cfg.steps} steps)"
-
-    def make(d: Path) -> dict:
-        from todsynth.generator.pretrain import pretrain_generator
-
-        summary = pretrain_generator(
-            replace(cfg, out=str(d), progress=progress), on_step=step_logger(log, "generator base", cfg.steps)
-        )
-        return {"model": str(d / "model"), "summary": asdict(summary), "loss_png": str(d / "loss.png")}
-
-    return Stage(root, "base", stage_key(root, cfg), log, what).run(make)
+    return _train_stage(root, "base", cfg, log, what, "generator base", progress)
 
 
 def generator_config(s: CellSettings, data: dict, base: dict | None = None) -> GeneratorTrainConfig:
@@ -686,16 +681,7 @@ def stage_generator(
         base = stage_base(s, root, log, progress)
     cfg = generator_config(s, data, base if s.init == "pretrained" else None)
     what = f"generator ({cfg.model.control}, seed {s.seed})"
-
-    def make(d: Path) -> dict:
-        from todsynth.generator.train import train_generator
-
-        summary = train_generator(
-            replace(cfg, out=str(d), progress=progress), on_step=step_logger(log, what, cfg.steps)
-        )
-        return {"model": str(d / "model"), "summary": asdict(summary), "loss_png": str(d / "loss.png")}
-
-    return Stage(root, "generator", stage_key(root, cfg), log, f"{what}, {cfg.steps} steps on the real pairs").run(make)
+    return _train_stage(root, "generator", cfg, log, f"{what}, {cfg.steps} steps on the real pairs", what, progress)
 
 
 def synthesize_config(s: CellSettings, data: dict, gen: dict, guide: dict) -> SynthesizeConfig:
@@ -762,14 +748,8 @@ def stage_downstream(s: CellSettings, data: StageResult, syn: StageResult, root:
         synthetic = _samples(syn["path"], limit=s.data.n_layouts if toy_oracle else None, split_file=syn.get("ids"))
         share = s.downstream.real_share
         repeat = max(1, round(share / (1 - share) * len(synthetic) / len(real)))
-        return _train_eval(
-            replace(cfg, repeat_real=repeat),
-            d,
-            real,
-            test,
-            synthetic=synthetic,
-            on_step=step_logger(log, what, s.segmenter.steps),
-        )
+        on_step = step_logger(log, what, s.segmenter.steps)
+        return _train_eval(replace(cfg, repeat_real=repeat), d, real, test, synthetic, on_step)
 
     key = stage_key(root, cfg, s.downstream, data.dir.name, syn.dir.name)
     return Stage(root, "downstream", key, log, what).run(make)
@@ -810,12 +790,10 @@ def stage_fidelity(s: CellSettings, syn: dict, judge: dict, root: Path, log) -> 
     against their conditioning masks (a low flow loss does not mean the masks are obeyed)."""
     what = f"mask fidelity of the {s.synth} pairs (seed {s.seed})"
 
+    limit = s.data.n_layouts if s.synth == "oracle" else None
+
     def make(d: Path) -> dict:
-        return {
-            "metrics": mask_fidelity(
-                syn["path"], judge["model"], limit=s.data.n_layouts if s.synth == "oracle" else None
-            )
-        }
+        return {"metrics": mask_fidelity(syn["path"], judge["model"], limit=limit)}
 
     key = hashlib.sha256(f"{syn.dir.name}/{judge.dir.name}".encode()).hexdigest()[:12]
     return Stage(root, "fidelity", key, log, what).run(make)

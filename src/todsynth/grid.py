@@ -181,31 +181,11 @@ def write_csv(path: Path, summary: dict) -> None:
     if summary["cells"]:
         classes = list(summary["cells"][0]["IoU"])
         w = csv.writer(buf)
-        w.writerow(
-            [
-                "table",
-                "cell",
-                "n_seeds",
-                "mIoU_mean",
-                "mIoU_std",
-                "OA_mean",
-                "mAcc_mean",
-                *[f"IoU_{c}" for c in classes],
-            ]
-        )
+        header = ["table", "cell", "n_seeds", "mIoU_mean", "mIoU_std", "OA_mean", "mAcc_mean"]
+        w.writerow([*header, *[f"IoU_{c}" for c in classes]])
         for c in summary["cells"]:
-            w.writerow(
-                [
-                    c["table"],
-                    c["cell"],
-                    c["n_seeds"],
-                    c["mIoU"]["mean"],
-                    c["mIoU"]["std"],
-                    c["OA"]["mean"],
-                    c["mAcc"]["mean"],
-                    *[c["IoU"][k]["mean"] for k in classes],
-                ]
-            )
+            first = [c["table"], c["cell"], c["n_seeds"], c["mIoU"]["mean"], c["mIoU"]["std"], c["OA"]["mean"]]
+            w.writerow([*first, c["mAcc"]["mean"], *[c["IoU"][k]["mean"] for k in classes]])
     write_text(path, buf.getvalue())
 
 

@@ -81,11 +81,6 @@ def read_owner(lock: Path) -> str:
         return "?"
 
 
-def existing_run(folder: Path) -> list[str]:
-    """The run outputs (RUN_MARKERS) present in `folder`: non-empty means a run was checkpointed or finished there."""
-    return [name for name in RUN_MARKERS if (folder / name).exists()]
-
-
 def check_run_folder(
     folder: Path, resume: bool | Literal["auto"], overwrite: bool, outputs: Iterable[str], remove: bool = True
 ) -> None:
@@ -99,7 +94,7 @@ def check_run_folder(
             "overwrite and resume exclude each other",
             fix="give --resume to continue the run in --out, or --overwrite to replace it",
         )
-    found = existing_run(folder)
+    found = [name for name in RUN_MARKERS if (folder / name).exists()]  # a run was checkpointed or finished there
     if found and resume is False and not overwrite:
         raise ConfigError(
             f"the folder holds an earlier run ({', '.join(found)}), which a new run would overwrite",

@@ -397,16 +397,13 @@ class OutputFolder:
         from todsynth.io import read_json, write_text
 
         path = self.root / MANIFEST
-        records = dict(_read_manifest(path)) if path.exists() else {}
-        for p in sorted((self.root / RECORDS).glob("*.json")):
-            record = read_json(p)
-            if not isinstance(record, dict) or record.get("id") != p.stem:
-                raise DataError(
-                    f"not a record of sample '{p.stem}'",
-                    path=p,
-                    fix="delete it: its sample is made again on the next run",
-                )
-            records[p.stem] = record
+        records = _read_manifest(path)
+        found = {p.stem: read_json(p) for p in sorted((self.root / RECORDS).glob("*.json"))}
+        bad = next((k for k, r in found.items() if not isinstance(r, dict) or r.get("id") != k), None)
+        if bad is not None:
+            fix = "delete it: its sample is made again on the next run"
+            raise DataError(f"not a record of sample '{bad}'", path=self.root / RECORDS / f"{bad}.json", fix=fix)
+        records.update(found)
         write_text(path, "".join(json.dumps(records[k], sort_keys=True) + "\n" for k in sorted(records)))
         return len(records)
 

@@ -164,18 +164,12 @@ def _list_images(folder: Path, root: Path) -> list[Path]:
 
 def _split_files(files: list[Path], split_file: str, root: Path) -> list[Path]:
     """The files whose ids a split file lists, in its order; ids without a file are a DataError."""
+    from types import SimpleNamespace
+
     from todsynth.data.split import read_split
 
     by_id = {p.stem: p for p in files}
-    wanted = read_split(split_file)
-    unknown = [i for i in wanted if i not in by_id]
-    if unknown:
-        raise DataError(
-            f"{len(unknown)} id(s) are not in the dataset {root}, e.g. {unknown[:5]}",
-            path=split_file,
-            fix="use the split made for this dataset, or regenerate it",
-        )
-    return [by_id[i] for i in wanted]
+    return [by_id[i] for i in read_split(split_file, SimpleNamespace(ids=list(by_id), root=root))]
 
 
 def _read_images(loaders: list, size: int, root: Path) -> torch.Tensor:

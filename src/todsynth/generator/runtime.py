@@ -37,18 +37,9 @@ class Runtime:
         return self.process_index == 0
 
     @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        """bf16 / fp16 for autocast, None for fp32."""
-        return AUTOCAST_DTYPES.get(self.mixed_precision)
-
-    @property
     def text_dtype(self) -> torch.dtype:
         """Weights dtype of the text encoders: bf16 with bf16 autocast, else fp32 (T5 overflows in fp16)."""
         return torch.bfloat16 if self.mixed_precision == "bf16" else torch.float32
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """`torch.autocast` on this device in the chosen precision (a no-op context for "no")."""
-        return autocast(self.device, self.mixed_precision)
 
     def wait_for_everyone(self) -> None:
         """Barrier across processes (nothing to wait for with one)."""
@@ -118,8 +109,3 @@ def enable_tf32() -> None:
     """TF32 for fp32 matmuls and convolutions on CUDA: ~1e-3 relative error, far below an 8-bit image's step."""
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-
-
-def module_device(module: torch.nn.Module) -> torch.device:
-    """Device of a module's first parameter (CPU for a module without parameters)."""
-    return next((p.device for p in module.parameters()), torch.device("cpu"))

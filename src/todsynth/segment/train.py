@@ -56,7 +56,6 @@ RUN_OUTPUTS = (
 
 StepCallback = Callable[[int, float], None]
 ClassWeighting = Literal["none", "sqrt_inverse", "inverse"]
-CLASS_WEIGHTINGS: tuple[str, ...] = get_args(ClassWeighting)
 Arch = Literal["unet", "deeplabv3plus", "segformer", "fpn"]  # segment.model.ARCHS
 MAX_CLASS_WEIGHT = 10.0
 
@@ -127,10 +126,6 @@ class SegmentTrainConfig:
             require(value is None or value >= 1, f"'{name}' must be >= 1, got {value!r}")
         for name in ("warmup_steps", "num_workers", "seed"):
             require(getattr(self, name) >= 0, f"'{name}' must be >= 0, got {getattr(self, name)!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -435,7 +430,7 @@ def train_on_samples(
     step = 0
     if run is not None:
         run.settings = {
-            "config": cfg.to_dict(),
+            "config": dataclasses.asdict(cfg),
             "train_size": len(data),
             "total_steps": total,
             "classes": list(classes.names),
@@ -444,8 +439,8 @@ def train_on_samples(
         if resume:
             step = _load(run, model, optimizer, precision, metrics)
         else:
-            run.start(cfg.to_dict(), metrics)
-    start_trackers(accelerator, "segmenter", cfg.to_dict())
+            run.start(dataclasses.asdict(cfg), metrics)
+    start_trackers(accelerator, "segmenter", dataclasses.asdict(cfg))
     weight = (
         class_weights_from_counts(
             class_pixel_counts(data, classes.num_classes, classes.ignore_index), cfg.class_weights
@@ -468,16 +463,8 @@ def train_on_samples(
         cfg.checkpoint_every,
     )
     model.train()
-    fit(
-        task,
-        loop,
-        metrics,
-        accelerator,
-        run,
-        Progress("segmenter", total, step, accelerator.is_main_process),
-        on_step,
-        precision.scaler,
-    )
+    bar = Progress("segmenter", total, step, accelerator.is_main_process)
+    fit(task, loop, metrics, accelerator, run, bar, on_step, precision.scaler)
     accelerator.end_training()
     history = metrics.history()
     return TrainOutcome(
@@ -567,7 +554,7 @@ def train_segmenter(
         outcome.model.save_pretrained(out / "model")
         result = SegmenterResult(
             str(out / "model"),
-            cfg.to_dict(),
+            dataclasses.asdict(cfg),
             len(real),
             outcome.train_size - cfg.repeat_real * len(real),
             0 if synthetic is None else len(synthetic),
