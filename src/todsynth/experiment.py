@@ -311,7 +311,9 @@ class Stage:
             result = fn(self.dir)
             result["wall_time_s"] = round(time.perf_counter() - t0, 2)
             write_json(self.dir / "done.json", result)
-            self.log(f"stage {self.name} done in {result['wall_time_s']:.1f} s")
+            self.log(f"stage {self.name} done in {result['wall_time_s']:.1f} s: {self.what}")
+        else:
+            self.log(f"stage {self.name}: {self.what} → {self.dir.name} (cached)")
         out = StageResult(read_json(self.dir / "done.json"))
         out.dir = self.dir
         return out
