@@ -29,7 +29,7 @@ import torch
 
 from todsynth.data.classes import ClassSpec
 from todsynth.errors import CheckpointError, ConfigError, DataError
-from todsynth.generator.train import GeneratorTrainConfig, TrainData
+from todsynth.generator.train import GeneratorResult, GeneratorTrainConfig, TrainData
 
 PRETRAIN_PROMPT = "a satellite image"
 # Toy tile indices of the unlabeled pool. The experiment pipeline draws real tiles from index 0, label-only
@@ -74,7 +74,9 @@ def pretrain_config(data: str, out: str = "runs/base", **settings) -> GeneratorT
     )
 
 
-def pretrain_generator(cfg: GeneratorTrainConfig, on_step: Callable[[int, float], None] | None = None) -> dict:
+def pretrain_generator(
+    cfg: GeneratorTrainConfig, on_step: Callable[[int, float], None] | None = None
+) -> GeneratorResult:
     """Pretrain a base model (see the module docstring); the same resumable loop (and `on_step`) as
     `train_generator`."""
     from todsynth.generator.train import train_generator
