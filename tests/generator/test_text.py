@@ -204,6 +204,31 @@ def test_sd3_factory_and_config_rebuild_the_same_encoder(sd3_folder):
     assert torch.equal(encoder.encode(["road"])[0], again.encode(["road"])[0])
 
 
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_training_loads_sd3_text_encoders_in_bf16_under_bf16(sd3_folder, precision):
+    """The frozen SD3 encoders only fill the prompt cache: a bf16 run loads them in bf16, others in fp32."""
+    from todsynth.config import build_config
+    from todsynth.data.classes import ClassSpec
+    from todsynth.generator.train import GeneratorTrainConfig, build_pipeline
+
+    cfg = build_config(
+        GeneratorTrainConfig,
+        {
+            "data": "x",
+            "size": 16,
+            "text_encoder": "sd3",
+            "text_encoder_path": str(sd3_folder),
+            "mixed_precision": precision,
+            "model.num_layers": 1,
+            "model.num_heads": 2,
+            "model.head_dim": 8,
+        },
+    )
+    pipe = build_pipeline(cfg, ClassSpec(("a", "b")))
+    assert pipe.text_encoder.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    assert all(p.dtype == torch.float32 for p in pipe.transformer.parameters())
+
+
 @pytest.mark.parametrize("missing", ["text_encoder_2", "tokenizer_3", "text_encoder/config.json"])
 def test_sd3_missing_part_is_named(sd3_folder, tmp_path, missing):
     root = tmp_path / "sd3"

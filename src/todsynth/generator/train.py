@@ -303,7 +303,9 @@ def build_pipeline(cfg: GeneratorTrainConfig, classes, device: str = "cpu", norm
     channels = 3 if normalisation is None else normalisation.channels
     ae = load_autoencoder(cfg.autoencoder, path=cfg.autoencoder_path, channels=channels)
     te_kw = {"max_length": cfg.text_max_length} if cfg.text_encoder == "minilm" else {}
-    te = load_text_encoder(cfg.text_encoder, path=cfg.text_encoder_path, **te_kw)
+    # SD3's frozen CLIP + T5 only fill the prompt cache: under bf16 they load in bf16 (T5-XXL ~9 GiB, not ~18)
+    text_dtype = torch.bfloat16 if cfg.text_encoder == "sd3" and cfg.mixed_precision == "bf16" else None
+    te = load_text_encoder(cfg.text_encoder, path=cfg.text_encoder_path, dtype=text_dtype, **te_kw)
     common = dict(
         control=cfg.model.control,
         num_classes=classes.num_classes,
