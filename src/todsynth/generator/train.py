@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from todsynth.config import require, resume_free_names, setting
+from todsynth import runs
+from todsynth.config import require, require_at_least, resume_free_names, setting
 from todsynth.data.crops import CropMode
 from todsynth.generator.distributed import (
     ENGINE_STATES,
@@ -35,8 +36,6 @@ from todsynth.generator.distributed import (
 )
 from todsynth.generator.mmdit import MMDiTArch
 from todsynth.generator.presets import MemoryPreset, Optimizer, cast_frozen, make_optimizer
-
-CHECKPOINT_DIR = "checkpoint"
 
 
 @dataclass
@@ -171,31 +170,12 @@ class GeneratorTrainConfig:
             "overwrite and resume exclude each other: give --resume to continue the run in out, "
             "or --overwrite to replace it",
         )
-        for name in (
-            "size",
-            "steps",
-            "batch_size",
-            "grad_accum",
-            "val_steps",
-            "checkpoint_every",
-            "full_state_every",
-            "log_every",
-            "text_max_length",
-        ):
-            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in (
-            "lr",
-            "weight_decay",
-            "grad_clip",
-            "warmup_steps",
-            "val_every",
-            "val_samples",
-            "lora_rank",
-            "num_workers",
-            "checkpoints_total_limit",
-        ):
-            v = getattr(self, name)
-            require(math.isfinite(v) and v >= 0, f"{name} must be >= 0, got {v}")
+        require_at_least(
+            self, 1, "size", "steps", "batch_size", "grad_accum", "val_steps", "checkpoint_every", "full_state_every"
+        )
+        require_at_least(self, 1, "log_every", "text_max_length")
+        require_at_least(self, 0, "lr", "weight_decay", "grad_clip", "warmup_steps", "val_every", "val_samples")
+        require_at_least(self, 0, "lora_rank", "num_workers", "checkpoints_total_limit")
         require(
             not (self.cache_latents and self.crop == "random"),
             "cache_latents needs crop center or resize: a random crop differs at every step, a cached latent does not",
@@ -795,23 +775,9 @@ def _latent_cache(pipe, data, out: Path, accelerator):
     return StreamData(MemorySamples(latents, labels), data.prompts, data.ids, data.normalisation)
 
 
-# What a run writes into its folder: removed before a run started with `overwrite`.
-RUN_OUTPUTS = (
-    "model",
-    "results.json",
-    CHECKPOINT_DIR,
-    CHECKPOINT_DIR + ".old",
-    CHECKPOINT_DIR + ".tmp",
-    "val",
-    "loss.png",
-    "config.json",
-    "metrics.jsonl",
-    "logs",
-    "prompt_cache.safetensors",
-    "checkpoints",
-    "latent_cache.safetensors",
-    ENGINE_STATES,
-)
+CACHES = ("prompt_cache.safetensors", "latent_cache.safetensors")  # encoded prompts and VAE latents of the data
+# What a generator run writes into its folder: removed before a run started with `overwrite`.
+RUN_OUTPUTS = (*runs.RUN_OUTPUTS, *CACHES, "val", "loss.png", "checkpoints", ENGINE_STATES)
 
 
 def _snapshot(out: Path, cfg: GeneratorTrainConfig, step: int, st: _State) -> None:
