@@ -8,6 +8,7 @@ library: pydantic or omegaconf would add a dependency and a second model of ever
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -293,6 +294,14 @@ def require(cond: bool, message: str, source: str = "config", fix: str | None = 
     """Raise ConfigError(message) unless `cond`; used by the configs' validate() methods."""
     if not cond:
         raise ConfigError(message, path=source, fix=fix)
+
+
+def require_at_least(cfg: Any, minimum: float, *names: str) -> None:
+    """Refuse any of the (dotted) settings `names` of `cfg` that is not a finite number >= `minimum` (None: unset)."""
+    for name in names:
+        value = functools.reduce(getattr, name.split("."), cfg)
+        ok = value is None or (math.isfinite(value) and value >= minimum)
+        require(ok, f"{name} must be a finite number >= {minimum}, got {value!r}")
 
 
 def setting(

@@ -8,7 +8,6 @@ runs grids of cells with several seeds.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -21,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from todsynth.config import flat_dict, like, require, resume_free_names, setting
+from todsynth.config import flat_dict, like, require, require_at_least, resume_free_names, setting
 from todsynth.crfm import CRFMConfig
 from todsynth.generator.mmdit import MMDiTArch
 from todsynth.generator.train import GeneratorTrainConfig
@@ -58,11 +57,8 @@ class DataSettings:
         """Refuse data settings that do not apply to these data sources instead of ignoring them."""
         real = self.real_data is not None
         toy_layouts = self.layouts_data is None and not real
-        require(self.size >= 1, f"size must be >= 1, got {self.size}")
-        for name in ("n_real", "n_test"):
-            value = getattr(self, name)
-            require(value is None or value >= 1, f"{name} must be >= 1 (or unset: all), got {value}")
-        require(self.n_layouts is None or self.n_layouts >= 0, f"n_layouts must be >= 0, got {self.n_layouts}")
+        require_at_least(self, 1, "size", "n_real", "n_test")
+        require_at_least(self, 0, "n_layouts")
         require(
             real or self.real_split_file is None,
             "real_split_file selects ids of real_data, but no real_data is set",
@@ -181,18 +177,14 @@ class CellSettings:
         self.synthesis.crfm.validate()
         d, g, syn = self.data, self.generator, self.synthesis
         require(0 < self.downstream.real_share < 1, f"real_share must be in (0, 1), got {self.downstream.real_share}")
-        counts = ("segmenter.steps", "segmenter.batch_size", "generator.steps", "generator.batch_size")
-        for name in (*counts, "synthesis.copies", "synthesis.num_steps", "base.pool", "base.steps", "base.batch_size"):
-            require(_get(self, name) >= 1, f"{name} must be >= 1, got {_get(self, name)}")
+        counts = ("segmenter.steps", "segmenter.batch_size", "generator.steps", "generator.batch_size", "base.pool")
+        require_at_least(self, 1, *counts, "synthesis.copies", "synthesis.num_steps", "base.steps", "base.batch_size")
         require(
             self.init == "scratch" or not g.sd3_path,
             "init: pretrained and generator.sd3_path both initialise the generator: give one",
         )
-        require(g.lora_rank >= 0, f"generator.lora_rank must be >= 0, got {g.lora_rank}")
         rates = ("segmenter.lr", "generator.lr", "base.lr", "synthesis.filter_margin", "synthesis.guidance_scale")
-        for name in (*rates, "generator.timestep_tail"):
-            v = _get(self, name)
-            require(math.isfinite(v) and v >= 0, f"{name} must be a finite number >= 0, got {v}")
+        require_at_least(self, 0, *rates, "generator.timestep_tail", "generator.lora_rank")
         require(
             math.isfinite(syn.shift) and syn.shift > 0, f"synthesis.shift must be a finite number > 0, got {syn.shift}"
         )
@@ -210,11 +202,6 @@ class CellSettings:
             f"synth: {self.synth} with protocol: layouts draws one image per layout, and this cell has no layouts",
             fix="set data.layouts_data, or protocol: masks (K images per real mask)",
         )
-
-
-def _get(settings: Any, dotted: str) -> Any:
-    """The setting `dotted` (e.g. "generator.steps") of a config."""
-    return functools.reduce(getattr, dotted.split("."), settings)
 
 
 def settings_from(values: dict[str, Any], source: str = "settings") -> CellSettings:

@@ -34,6 +34,8 @@ CHECKPOINT = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
 STATE_TENSORS = "state.safetensors"
 STATE_INFO = "state.json"
+# What every training run writes into its folder: removed before a run started with `overwrite`.
+RUN_OUTPUTS = ("model", "results.json", CONFIG_FILE, METRICS_FILE, "logs", CHECKPOINT, CHECKPOINT + ".old")
 Schedule = Literal["cosine", "poly", "cosine_ramp"]
 StepCallback = Callable[[int, float], None]
 
@@ -196,24 +198,33 @@ class Metrics:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl (none if it does not exist); a line cut by a kill (the last) is dropped."""
+    fix = "delete the line (or the file: only the logged values are lost)"
+    return read_jsonl(path, "step", int, CheckpointError, fix, drop_cut_last=True)
+
+
+def read_jsonl(
+    path: Path, key: str, kind: type, error: type[TodsynthError], fix: str, drop_cut_last: bool = False
+) -> list[dict[str, Any]]:
+    """The objects of a .jsonl file, each holding `key` of type `kind` (none if the file does not exist); any other
+    line (but a last one cut by a kill, with `drop_cut_last`) or an unreadable file is an `error` naming `path`."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         return []
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"cannot read the file: {e}", path=path, fix=fix) from None
     records = []
     for n, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            if n == len(lines):
+        except json.JSONDecodeError as e:
+            record, reason = None, f"not valid JSON ({e.msg})"
+        else:
+            reason = f"expected an object with {'an integer' if kind is int else 'a string'} {key!r}"
+        if not isinstance(record, dict) or not isinstance(record.get(key), kind):
+            if drop_cut_last and n == len(lines):
                 break
-            raise CheckpointError(
-                f"line {n} is not a metrics record",
-                path=path,
-                fix="delete the line (or the file: only the logged values are lost)",
-            )
+            raise error(f"line {n}: {reason}", path=path, fix=fix)
         records.append(record)
     return records
 

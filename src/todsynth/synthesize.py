@@ -26,10 +26,11 @@ from typing import Literal
 import numpy as np
 import torch
 
-from todsynth.config import require, resume_free_names, setting
+from todsynth.config import require, require_at_least, resume_free_names, setting
 from todsynth.crfm import CRFMConfig
 from todsynth.errors import CheckpointError, DataError
 from todsynth.filenames import file_stem
+from todsynth.runs import read_jsonl
 
 Transform = Literal["identity", "hflip", "vflip", "rot90", "rot180", "rot270", "crop"]
 RECORDS = ".records"
@@ -86,9 +87,7 @@ class SynthesizeConfig:
             "generator, masks and out are required",
             fix="give GENERATOR MASKS OUT (see `todsynth synthesize --help`)",
         )
-        require(self.copies >= 1, f"copies must be >= 1, got {self.copies}")
-        require(self.num_steps >= 1, f"num_steps must be >= 1, got {self.num_steps}")
-        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require_at_least(self, 1, "copies", "num_steps", "batch_size", "limit")
         require(len(self.transforms) > 0, "give at least one transform (identity = the mask as is)")
         require(
             math.isfinite(self.guidance_scale) and math.isfinite(self.shift) and self.shift > 0,
@@ -100,7 +99,6 @@ class SynthesizeConfig:
             "reject_ignored_fraction must be in [0, 1]",
         )
         require(not self.hard_resample or self.filter_stats is not None, "hard_resample needs filter_stats")
-        require(self.limit is None or self.limit >= 1, "limit must be >= 1")
         require(bool(self.device), "device must be auto, cpu or a device name")
         self.crfm.validate()
         require(
@@ -421,32 +419,8 @@ class OutputFolder:
 
 def _read_manifest(path: Path) -> dict[str, dict]:
     """Records of a manifest.jsonl by id; an unreadable line is a DataError naming the file."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return {}
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(
-            f"cannot read the manifest: {e}",
-            path=path,
-            fix="delete it and rerun: the samples it lists are made again, identically",
-        ) from None
-    records: dict[str, dict] = {}
-    for n, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            record, reason = None, f"not valid JSON ({e.msg})"
-        else:
-            reason = "expected an object with a string 'id'"
-        if not isinstance(record, dict) or not isinstance(record.get("id"), str):
-            raise DataError(
-                f"line {n}: {reason}",
-                path=path,
-                fix="delete it and rerun: the samples it lists are made again, identically",
-            )
-        records[record["id"]] = record
-    return records
+    fix = "delete it and rerun: the samples it lists are made again, identically"
+    return {record["id"]: record for record in read_jsonl(path, "id", str, DataError, fix)}
 
 
 def mask_dtype(classes, path: str | Path | None = None) -> type:

@@ -10,9 +10,10 @@ the run's checkpoint). Model-only snapshots (`checkpoints/step_N/`) are pruned t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,6 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 OPTIM_PREFIX = "optim."
-SNAPSHOTS = "checkpoints"
 ENGINE_STATES = "deepspeed"  # under DeepSpeed: the engine's own state per saved step, in the run folder
 
 
@@ -166,18 +166,14 @@ def save_snapshot(root: Path, step: int, state: dict[str, torch.Tensor], config:
     return folder
 
 
-class ema_weights:
+@contextlib.contextmanager
+def ema_weights(params: list[nn.Parameter], ema) -> Iterator[None]:
     """Context: EMA weights in the live (possibly sharded) parameters, restored on exit; no-op without EMA."""
-
-    def __init__(self, params: list[nn.Parameter], ema):
-        self.params, self.ema = params, ema
-
-    def __enter__(self):
-        if self.ema is not None:
-            self.ema.store(self.params)
-            self.ema.copy_to(self.params)
-
-    def __exit__(self, *exc):
-        if self.ema is not None:
-            self.ema.restore(self.params)
-        return False
+    if ema is not None:
+        ema.store(params)
+        ema.copy_to(params)
+    try:
+        yield
+    finally:
+        if ema is not None:
+            ema.restore(params)

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from todsynth.config import require, resume_free_names, setting
+from todsynth import runs
+from todsynth.config import require, require_at_least, resume_free_names, setting
 from todsynth.data.crops import CropMode
 from todsynth.generator.distributed import (
     ENGINE_STATES,
@@ -35,8 +36,6 @@ from todsynth.generator.distributed import (
 )
 from todsynth.generator.mmdit import MMDiTArch
 from todsynth.generator.presets import MemoryPreset, Optimizer, cast_frozen, make_optimizer
-
-CHECKPOINT_DIR = "checkpoint"
 
 
 @dataclass
@@ -171,31 +170,12 @@ class GeneratorTrainConfig:
             "overwrite and resume exclude each other: give --resume to continue the run in out, "
             "or --overwrite to replace it",
         )
-        for name in (
-            "size",
-            "steps",
-            "batch_size",
-            "grad_accum",
-            "val_steps",
-            "checkpoint_every",
-            "full_state_every",
-            "log_every",
-            "text_max_length",
-        ):
-            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in (
-            "lr",
-            "weight_decay",
-            "grad_clip",
-            "warmup_steps",
-            "val_every",
-            "val_samples",
-            "lora_rank",
-            "num_workers",
-            "checkpoints_total_limit",
-        ):
-            v = getattr(self, name)
-            require(math.isfinite(v) and v >= 0, f"{name} must be >= 0, got {v}")
+        require_at_least(
+            self, 1, "size", "steps", "batch_size", "grad_accum", "val_steps", "checkpoint_every", "full_state_every"
+        )
+        require_at_least(self, 1, "log_every", "text_max_length")
+        require_at_least(self, 0, "lr", "weight_decay", "grad_clip", "warmup_steps", "val_every", "val_samples")
+        require_at_least(self, 0, "lora_rank", "num_workers", "checkpoints_total_limit")
         require(
             not (self.cache_latents and self.crop == "random"),
             "cache_latents needs crop center or resize: a random crop differs at every step, a cached latent does not",
@@ -520,10 +500,8 @@ def _train(
     batches = StepBatches(
         len(data.ids), cfg.batch_size, cfg.seed, start * cfg.grad_accum, end * cfg.grad_accum, rank, world
     )
-    task = _GeneratorTask(
-        cfg, pipe, state, data, iter(batch_loader(data.samples, batches, cfg.num_workers)), val_labels, val_prompts, out
-    )
-    task.engine_state = engine_state
+    loader = iter(batch_loader(data.samples, batches, cfg.num_workers))
+    task = _GeneratorTask(cfg, pipe, state, data, loader, val_labels, val_prompts, out, engine_state)
     loop = Loop(
         start,
         end,
@@ -558,24 +536,23 @@ def _train(
     return result
 
 
+@dataclass
 class _GeneratorTask:
     """The generator's part of the fit loop: one flow-matching step, validation, snapshots, the state to save."""
 
-    def __init__(
-        self,
-        cfg: GeneratorTrainConfig,
-        pipe,
-        st: _State,
-        data,
-        loader,
-        val_labels: Tensor,
-        val_prompts: list[str],
-        out: Path,
-    ):
-        self.cfg, self.pipe, self.st, self.data, self.loader = cfg, pipe, st, data, loader
-        self.val_labels, self.val_prompts, self.out = val_labels, val_prompts, out
-        self.optimizer = st.optimizer
-        self.done, self.engine_state = 0, None  # steps done; DeepSpeed: the committed checkpoint's engine state
+    cfg: GeneratorTrainConfig
+    pipe: Any
+    st: _State
+    data: Any
+    loader: Iterator
+    val_labels: Tensor
+    val_prompts: list[str]
+    out: Path
+    engine_state: str | None = None  # DeepSpeed: the committed checkpoint's engine state
+    done: int = 0  # steps done
+
+    def __post_init__(self) -> None:
+        self.optimizer = self.st.optimizer
 
     def train_step(self, step: int) -> Tensor:
         """grad_accum micro-batches, clipped update (DeepSpeed: the engine's), EMA; returns the step's loss (float64,
@@ -618,19 +595,39 @@ class _GeneratorTask:
             st.ema.step(st.trainable)
         return loss_sum
 
+    @torch.no_grad()
     def validate(self, step: int) -> dict[str, float]:
-        record = validate(
-            self.pipe,
-            self.st.ema,
-            self.val_labels,
-            self.val_prompts,
-            self.cfg,
-            self.out,
-            step,
-            self.st.accelerator,
-            self.st,
+        """Sample the fixed validation masks with the live modules (EMA weights swapped in), save a grid,
+        the samples (safetensors) and, with a segmenter, the mask fidelity (mIoU of generated vs masks).
+
+        FSDP: every rank runs the sharded model (its forward gathers weights); otherwise the main process alone."""
+        from todsynth.io import save_weights
+        from todsynth.viz import save_mask_image_grid
+
+        cfg, st, pipe, labels = self.cfg, self.st, self.pipe, self.val_labels
+        sharded = is_fsdp(st.accelerator)
+        if not (st.accelerator.is_main_process or sharded) or len(labels) == 0:
+            return {}
+        module = st.prepared if sharded else pipe.transformer
+        with ema_weights(st.trainable, st.ema), _module_in(pipe, module), st.precision.autocast():
+            seeds = validation_seeds(len(labels), cfg.seed)
+            images = pipe(
+                labels, self.val_prompts, seeds=seeds, num_steps=cfg.val_steps, guidance_scale=cfg.guidance_scale
+            )
+        if not st.accelerator.is_main_process:
+            return {}
+        images = images.float()
+        about = {"step": step, "num_steps": cfg.val_steps, "guidance_scale": cfg.guidance_scale, "seed": cfg.seed}
+        metadata = {k: str(v) for k, v in about.items()}
+        save_weights(
+            self.out / "val" / "last_samples.safetensors", {"images": images, "labels": labels}, metadata=metadata
         )
-        return {k: v for k, v in record.items() if k != "step"}
+        grid = self.out / "val" / f"step_{step:06d}.png"
+        save_mask_image_grid(grid, labels, images, pipe.classes, normalisation=pipe.normalisation)
+        if not cfg.fidelity_segmenter:
+            return {}
+        miou = mask_fidelity(images, labels, cfg.fidelity_segmenter, pipe.classes, pipe.normalisation)
+        return {"mask_fidelity_miou": miou}
 
     def after_step(self, step: int) -> None:
         self.done = step
@@ -676,64 +673,6 @@ def validation_seeds(n: int, seed: int) -> list[int]:
     from todsynth.generator.pipeline import sample_seeds
 
     return sample_seeds(seed, [f"val{i}" for i in range(n)])
-
-
-@torch.no_grad()
-def validate(
-    pipe,
-    ema,
-    labels: Tensor,
-    prompts: list[str],
-    cfg: GeneratorTrainConfig,
-    out: Path,
-    step: int,
-    accelerator,
-    state: _State | None = None,
-) -> dict:
-    """Sample the fixed validation masks with the live modules (EMA weights swapped in), save a grid,
-    the samples (safetensors) and, with a segmenter, the mask fidelity (mIoU of generated vs masks).
-
-    FSDP: every rank runs the sharded model (its forward gathers weights); otherwise the main process alone."""
-    from todsynth.io import save_weights
-
-    sharded = state is not None and is_fsdp(accelerator)
-    if not (accelerator.is_main_process or sharded) or len(labels) == 0:
-        return {"step": step}
-    params = state.trainable if state is not None else [p for p in pipe.transformer.parameters() if p.requires_grad]
-    autocast = state.precision.autocast() if state is not None else contextlib.nullcontext()
-    with ema_weights(params, ema), _module_in(pipe, state.prepared if sharded else pipe.transformer), autocast:
-        images = pipe(
-            labels,
-            prompts,
-            seeds=validation_seeds(len(labels), cfg.seed),
-            num_steps=cfg.val_steps,
-            guidance_scale=cfg.guidance_scale,
-        )
-    if not accelerator.is_main_process:
-        return {"step": step}
-    images = images.float()
-    val_dir = out / "val"
-    save_weights(
-        val_dir / "last_samples.safetensors",
-        {"images": images, "labels": labels},
-        metadata={
-            "step": str(step),
-            "num_steps": str(cfg.val_steps),
-            "guidance_scale": str(cfg.guidance_scale),
-            "seed": str(cfg.seed),
-        },
-    )
-    from todsynth.viz import save_mask_image_grid
-
-    save_mask_image_grid(
-        val_dir / f"step_{step:06d}.png", labels, images, pipe.classes, normalisation=pipe.normalisation
-    )
-    record = {"step": step}
-    if cfg.fidelity_segmenter:
-        record["mask_fidelity_miou"] = mask_fidelity(
-            images, labels, cfg.fidelity_segmenter, pipe.classes, pipe.normalisation
-        )
-    return record
 
 
 def mask_fidelity(images: Tensor, labels: Tensor, segmenter_dir: str, classes, normalisation: Any = None) -> float:
@@ -797,23 +736,9 @@ def _latent_cache(pipe, data, out: Path, accelerator):
     return StreamData(MemorySamples(latents, labels), data.prompts, data.ids, data.normalisation)
 
 
-# What a run writes into its folder: removed before a run started with `overwrite`.
-RUN_OUTPUTS = (
-    "model",
-    "results.json",
-    CHECKPOINT_DIR,
-    CHECKPOINT_DIR + ".old",
-    CHECKPOINT_DIR + ".tmp",
-    "val",
-    "loss.png",
-    "config.json",
-    "metrics.jsonl",
-    "logs",
-    "prompt_cache.safetensors",
-    "checkpoints",
-    "latent_cache.safetensors",
-    ENGINE_STATES,
-)
+CACHES = ("prompt_cache.safetensors", "latent_cache.safetensors")  # encoded prompts and VAE latents of the data
+# What a generator run writes into its folder: removed before a run started with `overwrite`.
+RUN_OUTPUTS = (*runs.RUN_OUTPUTS, *CACHES, "val", "loss.png", "checkpoints", ENGINE_STATES)
 
 
 def _snapshot(out: Path, cfg: GeneratorTrainConfig, step: int, st: _State) -> None:

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from todsynth.checkpoint import load_optimizer_tensors, optimizer_tensors
-from todsynth.config import require, resume_free_names, setting
+from todsynth.config import require, require_at_least, resume_free_names, setting
 from todsynth.data.bands import Normalisation, check_normalisation, dataset_settings, fit_normalisation
 from todsynth.data.check import open_checked
 from todsynth.data.classes import ClassSpec
@@ -26,6 +26,7 @@ from todsynth.errors import CheckpointError, ConfigError, DataError
 from todsynth.io import write_json
 from todsynth.runs import (
     METRICS_FILE,
+    RUN_OUTPUTS,
     STATE_TENSORS,
     Loop,
     Metrics,
@@ -42,17 +43,6 @@ from todsynth.segment.metrics import ConfusionAccumulator, SegMetrics
 from todsynth.segment.model import Segmenter, SegmenterConfig, check_encoder
 
 MIN_TRAIN_SAMPLES = 2  # batches are cut full (drop_last) or hold all samples when fewer
-# What a run writes into its folder: removed before a run started with `overwrite`.
-RUN_OUTPUTS = (
-    "model",
-    "results.json",
-    "checkpoint",
-    "checkpoint.old",
-    "checkpoint.tmp",
-    "config.json",
-    "metrics.jsonl",
-    "logs",
-)
 
 StepCallback = Callable[[int, float], None]
 ClassWeighting = Literal["none", "sqrt_inverse", "inverse"]
@@ -111,21 +101,9 @@ class SegmentTrainConfig:
         for name in ("lr", "poly_power"):
             value = getattr(self, name)
             require(_finite(value) and value > 0, f"'{name}' must be a finite number > 0, got {value!r}")
-        require(
-            _finite(self.weight_decay) and self.weight_decay >= 0,
-            f"'weight_decay' must be a finite number >= 0, got {self.weight_decay!r}",
-        )
-        require(
-            self.synthetic_ratio is None or (_finite(self.synthetic_ratio) and self.synthetic_ratio >= 0),
-            f"'synthetic_ratio' must be a finite number >= 0, got {self.synthetic_ratio!r}",
-        )
-        for name in ("epochs", "batch_size", "eval_batch_size", "repeat_real", "log_every", "checkpoint_every"):
-            require(getattr(self, name) >= 1, f"'{name}' must be >= 1, got {getattr(self, name)!r}")
-        for name in ("steps", "size"):
-            value = getattr(self, name)
-            require(value is None or value >= 1, f"'{name}' must be >= 1, got {value!r}")
-        for name in ("warmup_steps", "num_workers", "seed"):
-            require(getattr(self, name) >= 0, f"'{name}' must be >= 0, got {getattr(self, name)!r}")
+        require_at_least(self, 0, "weight_decay", "synthetic_ratio", "warmup_steps", "num_workers", "seed")
+        require_at_least(self, 1, "epochs", "batch_size", "eval_batch_size", "repeat_real", "log_every")
+        require_at_least(self, 1, "checkpoint_every", "steps", "size")
 
 
 @dataclass
