@@ -90,8 +90,8 @@ def test_data_toy_says_what_to_run_next(tmp_path: Path) -> None:
     out = tmp_path / "toy"
     result = invoke("data", "toy", out, "--n", "2", "--size", "16")
     assert result.exit_code == 0, result.output
-    assert f"next: todsynth segment train {out}" in result.output
-    assert f"next: todsynth generator train {out}" in result.output
+    assert f"next: todsynth segment train {out} --size 16" in result.output
+    assert f"next: todsynth generator train {out} --size 16" in result.output
     result = invoke("data", "toy", tmp_path / "layouts", "--n", "2", "--size", "16", "--label-only")
     assert f"next: todsynth synthesize GENERATOR {tmp_path / 'layouts'} SYN --segmenter SEG" in result.output
 
@@ -103,3 +103,54 @@ def test_segment_eval_scores_the_only_split_of_a_toy_root(tiny_segmenter_dir: Pa
     assert "has no Val split: scoring its only split, Train" in result.output and "(Train)" in result.output
     result = invoke("segment", "eval", tiny_segmenter_dir, toy_masks_16, "--split", "Val")
     assert result.exit_code == 2 and "Val" in result.output, result.output
+
+
+TINY_GEN = [
+    "--batch-size",
+    "2",
+    "--size",
+    "16",
+    "--set",
+    "model.num_layers=1",
+    "--set",
+    "model.num_heads=2",
+    "--set",
+    "model.head_dim=8",
+    "--set",
+    "text_max_length=8",
+    "--set",
+    "val_every=0",
+    "--set",
+    "progress=false",
+]
+
+
+def test_a_run_that_fails_before_its_first_state_leaves_nothing(toy_masks_16: Path, tmp_path: Path) -> None:
+    """`segment train` on 16 px tiles at the default size 512 is refused; its run folder keeps no config.json or
+    metrics.jsonl, so the corrected command starts there without --overwrite."""
+    out = tmp_path / "seg"
+    result = invoke("segment", "train", toy_masks_16, "--out", out)
+    assert result.exit_code == 2 and "smaller than the working size 512" in result.output, result.output
+    assert not (out / "config.json").exists() and not (out / "metrics.jsonl").exists()
+
+
+def test_stop_after_says_where_it_stopped_and_how_to_continue(toy_masks_16: Path, tmp_path: Path) -> None:
+    out = tmp_path / "gen"
+    result = invoke(
+        "generator", "train", toy_masks_16, "--out", out, "--steps", "3", "--set", "stop_after=1", *TINY_GEN
+    )
+    assert result.exit_code == 0, result.output
+    assert "stopped at step 1 of 3" in result.output and "next: the same command with --resume" in result.output
+
+
+def test_a_killed_run_with_snapshots_only_is_not_silently_reused(toy_masks_16: Path, tmp_path: Path) -> None:
+    """Model snapshots (checkpoints/) show a run progressed there: a new run is refused without --overwrite."""
+    out = tmp_path / "gen"
+    (out / "checkpoints" / "step_000001").mkdir(parents=True)
+    result = invoke("generator", "train", toy_masks_16, "--out", out, "--steps", "1", *TINY_GEN)
+    assert result.exit_code == 2 and "checkpoints" in result.output and "--overwrite" in result.output, result.output
+
+
+def test_an_empty_set_value_is_refused(toy_masks_16: Path, tmp_path: Path) -> None:
+    result = invoke("generator", "train", toy_masks_16, "--out", tmp_path / "gen", "--set", "lr=", *TINY_GEN)
+    assert result.exit_code == 2 and "'lr=' has no value" in result.output, result.output

@@ -263,6 +263,8 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
                 f"override {item!r} is not key=value", fix="write e.g. --set lr=0.001 or --set model.num_layers=6"
             )
         k, v = item.split("=", 1)
+        if not v.strip():  # YAML reads an empty value as null, which would quietly mean "the default"
+            raise ConfigError(f"override {item!r} has no value", fix=f"give one, e.g. --set {k.strip()}=VALUE")
         try:
             out[k.strip()] = yaml.safe_load(v)
         except (yaml.YAMLError, ValueError, RecursionError) as e:

@@ -19,8 +19,9 @@ from typing import Literal
 from todsynth.errors import ConfigError, TodsynthError
 
 RUN_LOCK = "run.lock"
-# What a finished or checkpointed training run leaves in its folder: a new run must not silently replace it.
-RUN_MARKERS = ("model", "results.json", "checkpoint/state.safetensors", "checkpoint.old")
+# What shows that a run progressed or finished in a folder (model snapshots included: a run killed before its
+# first full state is refused too, not silently mixed with a new one)
+RUN_MARKERS = ("model", "results.json", "checkpoint/state.safetensors", "checkpoint.old", "checkpoints")
 
 
 def owner_tag() -> str:

@@ -68,7 +68,7 @@ def lr_at(
 def check_settings(saved: Any, current: dict[str, Any], free: Iterable[str], path: Path, what: str) -> None:
     """Refuse, naming `path`, a run whose recorded settings differ from `current` in any setting not in `free`
     (dotted names; nested settings are compared flat)."""
-    fix = "resume with the settings of the original run, or start a new run in another folder"
+    fix = "resume with the settings of the original run, replace it with --overwrite, or use another --out"
     if not isinstance(saved, dict):
         raise CheckpointError(f"{what} holds no settings record", path=path, fix=fix)
     saved, current, free = flat_dict(saved), flat_dict(json.loads(json.dumps(current))), set(free)
@@ -244,6 +244,7 @@ class RunFolder:
     ):
         self.root, self.settings, self.free, self.main = Path(root), settings or {}, set(free), main
         self.checkpoint = self.root / CHECKPOINT
+        self.started = self.saved = False  # this invocation wrote config.json / a state
 
     def has_state(self) -> bool:
         """Whether a state exists (or `checkpoint.old`, left by a kill between the two renames of a save)."""
@@ -255,11 +256,19 @@ class RunFolder:
             for name in (CHECKPOINT, CHECKPOINT + ".old", CHECKPOINT + ".tmp"):
                 shutil.rmtree(self.root / name, ignore_errors=True)
             write_json(self.root / CONFIG_FILE, config)
+        self.started = True
         metrics.start()
+
+    def discard_start(self) -> None:
+        """Remove what `start` wrote when the run failed before saving any state (nothing half-written stays)."""
+        if self.started and not self.saved and self.main:
+            for name in (CONFIG_FILE, METRICS_FILE):
+                (self.root / name).unlink(missing_ok=True)
 
     def save_state(self, step: int, tensors: dict[str, Tensor], info: dict[str, Any], scaler: Any = None) -> None:
         """Write tensors (plus RNG and loss-scaler state), step, settings and `info` into checkpoint/ via a temp
         folder and renames (main process only)."""
+        self.saved = True
         if not self.main:
             return
         tmp, old = self.checkpoint.with_name(CHECKPOINT + ".tmp"), self.checkpoint.with_name(CHECKPOINT + ".old")
@@ -310,9 +319,13 @@ def open_run(
             raise CheckpointError(
                 "no checkpoint to resume from",
                 path=run.checkpoint,
-                fix="start the run without resume, or with resume=auto to continue only if one exists",
+                fix="start the run without --resume (with --overwrite to replace what an earlier run left there)",
             )
-        yield run, resuming
+        try:
+            yield run, resuming
+        except BaseException:
+            run.discard_start()
+            raise
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def toy(
     if label_only:
         steps = [f"todsynth synthesize GENERATOR {arg(root)} SYN --segmenter SEG"]
     else:
-        steps = [f"todsynth segment train {arg(root)}", f"todsynth generator train {arg(root)}"]
+        steps = [f"todsynth {cmd} train {arg(root)} --size {size}" for cmd in ("segment", "generator")]
     finish(f"wrote {n} toy tile(s) to {root}", *steps)
 
 

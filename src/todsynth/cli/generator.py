@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from todsynth.cli.common import Settings, SettingsCommand, arg, finish, friendly, with_settings
+
+if TYPE_CHECKING:
+    from todsynth.generator.train import GeneratorResult, GeneratorTrainConfig
 
 app = typer.Typer(
     help="Stage (a): pretrain a base on unlabeled images, train the mask-controlled MM-DiT, sample from it.",
@@ -44,10 +48,29 @@ def train(*, settings: Settings) -> None:
     cfg = settings.resolve()
     summary = train_generator(cfg)
     model = Path(cfg.out) / "model"
-    finish(
-        f"generator saved to {model}; final loss {summary.final_loss:.4f}, {summary.wall_time_s:.1f} s",
+    _finished(
+        "generator",
+        summary,
+        cfg,
         f"todsynth generator sample {arg(model)} {arg(cfg.data)} SAMPLES",
         f"todsynth synthesize {arg(model)} MASKS SYN --segmenter SEG",
+    )
+
+
+def _finished(what: str, summary: GeneratorResult, cfg: GeneratorTrainConfig, *next_commands: str) -> None:
+    """End a training command: the model and run folder and the next commands, or, after stop_after, the step
+    it stopped at and how to continue."""
+    loss = "" if summary.final_loss is None else f"; final loss {summary.final_loss:.4f}"
+    if summary.steps < cfg.steps:
+        finish(
+            f"stopped at step {summary.steps} of {cfg.steps}{loss}; run folder {cfg.out}",
+            "the same command with --resume",
+        )
+        return
+    finish(
+        f"{what} saved to {summary.model}{loss}, {summary.wall_time_s:.1f} s; run folder {cfg.out} (config.json, "
+        "metrics.jsonl, checkpoint/)",
+        *next_commands,
     )
 
 
@@ -77,10 +100,7 @@ def pretrain(*, settings: Settings) -> None:
 
     cfg = settings.resolve()
     summary = pretrain_generator(cfg)
-    finish(
-        f"base saved to {Path(cfg.out) / 'model'}; final loss {summary.final_loss:.4f}, {summary.wall_time_s:.1f} s",
-        f"todsynth generator train DATA --init {arg(cfg.out)}",
-    )
+    _finished("base", summary, cfg, f"todsynth generator train DATA --init {arg(cfg.out)}")
 
 
 @app.command()
