@@ -95,3 +95,22 @@ def test_a_size_preset_fills_the_model_and_given_settings_win() -> None:
 def test_unknown_names_and_choices_are_refused_by_their_dotted_name(cls, values, words) -> None:
     with pytest.raises(ConfigError, match=words):
         build_config(cls, values)
+
+
+def test_a_setting_given_twice_is_refused(tmp_path):
+    """Nested and dotted spellings of one setting with two values, or a key repeated in a YAML mapping, are
+    ambiguous: refused naming the setting (plain YAML would keep the last one silently)."""
+    from todsynth.generator.train import GeneratorTrainConfig
+
+    both = tmp_path / "both.yaml"
+    both.write_text("data: x\nmodel: {num_layers: 2}\nmodel.num_layers: 3\n")
+    with pytest.raises(ConfigError, match=r"'model.num_layers' is given twice, as 2 and 3"):
+        load_config(GeneratorTrainConfig, both)
+    repeated = tmp_path / "repeated.yaml"
+    repeated.write_text("data: x\nsteps: 5\nsteps: 7\n")
+    with pytest.raises(ConfigError, match=r"given twice") as info:
+        load_config(GeneratorTrainConfig, repeated)
+    assert str(repeated) in str(info.value)
+    same = tmp_path / "same.yaml"
+    same.write_text("data: x\nmodel: {num_layers: 2}\nmodel.num_layers: 2\n")
+    assert load_config(GeneratorTrainConfig, same).model.num_layers == 2

@@ -15,6 +15,8 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
+
 from todsynth.errors import CheckpointError, ConfigError, TodsynthError
 
 C = TypeVar("C")
@@ -172,9 +174,13 @@ def flatten(cls: type, values: Any) -> dict[str, Any]:
         head, _, rest = str(key).partition(".")
         tp = hints[head] if head in names else None
         if dataclasses.is_dataclass(tp) and (rest or isinstance(value, dict)):
-            out.update({f"{head}.{k}": v for k, v in flatten(tp, {rest: value} if rest else value).items()})
+            items = {f"{head}.{k}": v for k, v in flatten(tp, {rest: value} if rest else value).items()}
         else:
-            out[str(key)] = value
+            items = {str(key): value}
+        for name, v in items.items():  # e.g. `model: {num_layers: 2}` beside `model.num_layers: 3`
+            if name in out and out[name] != v:
+                raise ConfigError(f"'{name}' is given twice, as {out[name]!r} and {v!r}", fix="give it once")
+            out[name] = v
     return out
 
 
@@ -228,15 +234,13 @@ def load_config(
 ) -> C:
     """`cls` from `defaults`, then a YAML file (optional), then `overrides` (e.g. from the CLI; None values are
     not given); keys are dotted names or nested mappings."""
-    import yaml
-
     values = flatten(cls, defaults or {})
     source = "config"
     if path is not None:
         path = Path(path)
         source = str(path)
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
         except FileNotFoundError:
             raise ConfigError("config file not found", path=path, fix="check the --config path") from None
         except OSError as e:
@@ -252,10 +256,19 @@ def load_config(
     return build_config(cls, values, source, check=check)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key repeated in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        repeated = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise yaml.constructor.ConstructorError(None, None, f"key(s) {repeated} given twice", node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     """Parse CLI `--set key=value` items; values are YAML scalars (numbers, booleans, lists)."""
-    import yaml
-
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
@@ -350,8 +363,6 @@ def flat_dict(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_yaml(cfg: Any, defaults: Any = None, indent: str = "") -> str:
     """`cfg` as YAML that `load_config` reads back, each setting under a comment with its help, type and default
     (the value in `defaults`, a config of the same class; `cfg` itself when None)."""
-    import yaml
-
     defaults = cfg if defaults is None else defaults
     hints = typing.get_type_hints(type(cfg))
     lines = []
