@@ -28,7 +28,7 @@ import torch
 
 from todsynth.config import require, require_at_least, resume_free_names, setting
 from todsynth.crfm import CRFMConfig
-from todsynth.errors import CheckpointError, DataError
+from todsynth.errors import CheckpointError, DataError, TodsynthError
 from todsynth.filenames import file_stem
 from todsynth.runs import read_jsonl
 
@@ -395,12 +395,18 @@ class OutputFolder:
         from todsynth.io import read_json, write_text
 
         path = self.root / MANIFEST
-        records = _read_manifest(path)
-        found = {p.stem: read_json(p) for p in sorted((self.root / RECORDS).glob("*.json"))}
+        found = {}
+        for p in sorted((self.root / RECORDS).glob("*.json")):
+            try:
+                found[p.stem] = read_json(p)
+            except TodsynthError:  # gone: another process's finish() wrote a manifest listing it (read below)
+                if p.exists():
+                    raise
         bad = next((k for k, r in found.items() if not isinstance(r, dict) or r.get("id") != k), None)
         if bad is not None:
             fix = "delete it: its sample is made again on the next run"
             raise DataError(f"not a record of sample '{bad}'", path=self.root / RECORDS / f"{bad}.json", fix=fix)
+        records = _read_manifest(path)  # after the records: it holds every record another process removed
         records.update(found)
         write_text(path, "".join(json.dumps(records[k], sort_keys=True) + "\n" for k in sorted(records)))
         return len(records)

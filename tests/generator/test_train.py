@@ -101,7 +101,7 @@ def test_resume_refuses_without_checkpoint(toy, tmp_path):
     out = tmp_path / "empty"
     with pytest.raises(CheckpointError, match="no checkpoint to resume from") as info:
         train_generator(small(toy, out, resume=True))
-    assert info.value.path == out / "checkpoint" and "without resume" in str(info.value)
+    assert info.value.path == out / "checkpoint" and "without --resume" in str(info.value)
     assert not out.exists()
     assert load_config(GeneratorTrainConfig, None, {"data": "d", "resume": "auto"}).resume == "auto"
     assert load_config(GeneratorTrainConfig, None, {"data": "d", "resume": "true"}).resume is True

@@ -108,3 +108,26 @@ def test_manifest_is_never_partial(tiny_generator_dir: Path, toy_masks_16: Path,
         finished = synthesize(cfg, progress=False)
     lines = (out / "manifest.jsonl").read_text().splitlines()
     assert finished.made == 1 and len(lines) == 2 == finished.in_manifest
+
+
+def test_a_record_removed_by_another_finish_stays_in_the_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Two processes finishing together: the other one writes its manifest and removes the records while this one
+    lists them; the merge skips the vanished record (no error) and still lists it, read from that manifest."""
+    import todsynth.io
+
+    folder = OutputFolder(tmp_path / "o", LOVEDA)
+    record = {"id": "a", "image": "images/a.png"}
+    (folder.root / RECORDS).mkdir(parents=True, exist_ok=True)
+    (folder.root / RECORDS / "a.json").write_text(json.dumps(record))
+    real_read = todsynth.io.read_json
+
+    def other_process_finishes(path):
+        """read_json, with the other process's finish() running just before this record is read."""
+        (folder.root / "manifest.jsonl").write_text(json.dumps(record) + "\n")
+        Path(path).unlink()
+        return real_read(path)
+
+    monkeypatch.setattr(todsynth.io, "read_json", other_process_finishes)
+    assert folder.write_manifest() == 1
+    monkeypatch.undo()
+    assert [json.loads(line)["id"] for line in (folder.root / "manifest.jsonl").read_text().splitlines()] == ["a"]

@@ -300,7 +300,7 @@ def test_resume_refuses_foreign_and_garbage_checkpoints(
     )
     assert (out / "checkpoint" / "state.safetensors").read_bytes() == data
     empty = tmp_path / "empty"
-    invoke_refused(cli_app, make_args(toy_masks_16, empty, "--resume"), "no checkpoint", "without resume")
+    invoke_refused(cli_app, make_args(toy_masks_16, empty, "--resume"), "no checkpoint", "without --resume")
     assert not empty.exists()
 
 
