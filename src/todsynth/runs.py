@@ -244,7 +244,7 @@ class RunFolder:
     ):
         self.root, self.settings, self.free, self.main = Path(root), settings or {}, set(free), main
         self.checkpoint = self.root / CHECKPOINT
-        self.started = self.saved = False  # this invocation wrote config.json / a state
+        self.started = False  # this invocation wrote config.json
 
     def has_state(self) -> bool:
         """Whether a state exists (or `checkpoint.old`, left by a kill between the two renames of a save)."""
@@ -261,14 +261,13 @@ class RunFolder:
 
     def discard_start(self) -> None:
         """Remove what `start` wrote when the run failed before saving any state (nothing half-written stays)."""
-        if self.started and not self.saved and self.main:
+        if self.started and self.main and not self.has_state():
             for name in (CONFIG_FILE, METRICS_FILE):
                 (self.root / name).unlink(missing_ok=True)
 
     def save_state(self, step: int, tensors: dict[str, Tensor], info: dict[str, Any], scaler: Any = None) -> None:
         """Write tensors (plus RNG and loss-scaler state), step, settings and `info` into checkpoint/ via a temp
         folder and renames (main process only)."""
-        self.saved = True
         if not self.main:
             return
         tmp, old = self.checkpoint.with_name(CHECKPOINT + ".tmp"), self.checkpoint.with_name(CHECKPOINT + ".old")
