@@ -11,6 +11,8 @@ from typer.testing import CliRunner
 from todsynth.cli import common
 from todsynth.cli.main import app
 
+from tiny_models import TINY_GEN
+
 
 @pytest.fixture(autouse=True)
 def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,26 +107,6 @@ def test_segment_eval_scores_the_only_split_of_a_toy_root(tiny_segmenter_dir: Pa
     assert result.exit_code == 2 and "Val" in result.output, result.output
 
 
-TINY_GEN = [
-    "--batch-size",
-    "2",
-    "--size",
-    "16",
-    "--set",
-    "model.num_layers=1",
-    "--set",
-    "model.num_heads=2",
-    "--set",
-    "model.head_dim=8",
-    "--set",
-    "text_max_length=8",
-    "--set",
-    "val_every=0",
-    "--set",
-    "progress=false",
-]
-
-
 def test_a_run_that_fails_before_its_first_state_leaves_nothing(toy_masks_16: Path, tmp_path: Path) -> None:
     """`segment train` on 16 px tiles at the default size 512 is refused; its run folder keeps no config.json or
     metrics.jsonl, so the corrected command starts there without --overwrite."""
@@ -137,7 +119,7 @@ def test_a_run_that_fails_before_its_first_state_leaves_nothing(toy_masks_16: Pa
 def test_stop_after_says_where_it_stopped_and_how_to_continue(toy_masks_16: Path, tmp_path: Path) -> None:
     out = tmp_path / "gen"
     result = invoke(
-        "generator", "train", toy_masks_16, "--out", out, "--steps", "3", "--set", "stop_after=1", *TINY_GEN
+        "generator", "train", toy_masks_16, "--out", out, *TINY_GEN, "--steps", "3", "--set", "stop_after=1"
     )
     assert result.exit_code == 0, result.output
     assert "stopped at step 1 of 3" in result.output and "next: the same command with --resume" in result.output
@@ -147,7 +129,7 @@ def test_a_killed_run_with_snapshots_only_is_not_silently_reused(toy_masks_16: P
     """Model snapshots (checkpoints/) show a run progressed there: a new run is refused without --overwrite."""
     out = tmp_path / "gen"
     (out / "checkpoints" / "step_000001").mkdir(parents=True)
-    result = invoke("generator", "train", toy_masks_16, "--out", out, "--steps", "1", *TINY_GEN)
+    result = invoke("generator", "train", toy_masks_16, "--out", out, *TINY_GEN)
     assert result.exit_code == 2 and "checkpoints" in result.output and "--overwrite" in result.output, result.output
 
 

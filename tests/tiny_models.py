@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# CLI options of a one-step 16-px segmenter / generator run (the CLI tests' smallest real runs)
+TINY_SEG = ["--arch", "segformer", "--encoder", "tu-mobilenetv3_small_050", "--size", "16", "--steps", "1"]
+TINY_SEG += ["--batch-size", "2", "--device", "cpu"]
+TINY_GEN = ["--steps", "1", "--batch-size", "2", "--size", "16", "--set", "model.num_layers=1"]
+TINY_GEN += ["--set", "model.num_heads=2", "--set", "model.head_dim=8", "--set", "val_every=0"]
+TINY_GEN += ["--set", "text_max_length=8", "--set", "progress=false"]
+
 
 def save_tiny_generator(path: Path, classes, num_layers: int = 2, head_dim: int = 16, jitter: float = 0.0) -> Path:
     """Build and save a 16-px MaskToImagePipeline for `classes`; `jitter` adds noise so outputs are not trivial."""

@@ -21,6 +21,7 @@ from PIL import Image
 from todsynth.errors import CheckpointError, ConfigError, DataError, TodsynthError
 
 from reliability_helpers import invoke, is_temp
+from tiny_models import TINY_GEN, TINY_SEG
 
 HINTS = (
     "must",
@@ -45,40 +46,6 @@ HINTS = (
     "resize",
     "set ",
 )
-TINY_SEG = [
-    "--arch",
-    "segformer",
-    "--encoder",
-    "tu-mobilenetv3_small_050",
-    "--size",
-    "16",
-    "--steps",
-    "1",
-    "--batch-size",
-    "2",
-    "--device",
-    "cpu",
-]
-TINY_GEN = [
-    "--steps",
-    "1",
-    "--batch-size",
-    "2",
-    "--size",
-    "16",
-    "--set",
-    "model.num_layers=1",
-    "--set",
-    "model.num_heads=2",
-    "--set",
-    "model.head_dim=8",
-    "--set",
-    "val_every=0",
-    "--set",
-    "text_max_length=8",
-    "--set",
-    "progress=false",
-]
 
 
 def says_what_to_do(text: str) -> bool:

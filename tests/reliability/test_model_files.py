@@ -15,12 +15,14 @@ from typing import Any
 
 import pytest
 import torch
-from test_bad_inputs import TINY_SEG, raises, refused
+from test_bad_inputs import raises, refused
 
 from todsynth.errors import CheckpointError
 from todsynth.generator.mmdit import MaskControlMMDiT
 from todsynth.generator.pipeline import MaskToImagePipeline
 from todsynth.segment.model import Segmenter
+
+from tiny_models import TINY_SEG
 
 FAST_S = 2.0
 

@@ -21,41 +21,7 @@ from todsynth.errors import ConfigError, TodsynthError
 from todsynth.locks import RUN_LOCK, owner_tag
 
 from reliability_helpers import cli_env, invoke, refused_with
-
-TINY_SEG = [
-    "--arch",
-    "segformer",
-    "--encoder",
-    "tu-mobilenetv3_small_050",
-    "--size",
-    "16",
-    "--steps",
-    "1",
-    "--batch-size",
-    "2",
-    "--device",
-    "cpu",
-]
-TINY_GEN = [
-    "--steps",
-    "1",
-    "--batch-size",
-    "2",
-    "--size",
-    "16",
-    "--set",
-    "model.num_layers=1",
-    "--set",
-    "model.num_heads=2",
-    "--set",
-    "model.head_dim=8",
-    "--set",
-    "val_every=0",
-    "--set",
-    "text_max_length=8",
-    "--set",
-    "progress=false",
-]
+from tiny_models import TINY_GEN, TINY_SEG
 
 
 def seg_train(data: Path, out: Path, *extra: str) -> list[str]:

@@ -12,12 +12,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from PIL import Image
-from test_bad_inputs import TINY_GEN, _write, raises, refused
+from test_bad_inputs import _write, raises, refused
 from test_model_files import edit_json
 
 from todsynth.errors import CheckpointError, ConfigError, DataError
 
 from reliability_helpers import invoke
+from tiny_models import TINY_GEN
 
 SYNTH_FAST = ["--crfm-steps", "0", "--num-steps", "1", "--set", "limit=1"]
 
