@@ -14,7 +14,15 @@ from typing import Any
 
 import numpy as np
 
+from todsynth.crfm import presynth_strip
+from todsynth.data.readers import open_dataset
+from todsynth.data.torchdata import SegTorchDataset
 from todsynth.experiment import CellSettings, run_cell, settings_from
+from todsynth.io import write_json
+from todsynth.report import fmt, metrics_table, write_report
+from todsynth.runs import METRICS_FILE, read_metrics
+from todsynth.segment.model import Segmenter
+from todsynth.viz import colorize, plot_class_bars, plot_curves, save_png, tile_rows, to_uint8
 
 BUDGETS: dict[str, dict[str, Any]] = {
     # the README demo: ≤ 10 minutes on 2 CPU cores (the generator: the "demo" size, MMDiTArch's defaults)
@@ -55,8 +63,6 @@ SYNTHETIC = [name for name, synth in METHODS if synth != "none"]
 
 def run_demo(out: str | Path, budget: str = "demo", seed: int = 0, log=print) -> dict:
     """Run the demo into `out` (resumable: finished stages are reused); returns the results dict."""
-    from todsynth.io import write_json
-
     out = Path(out)
     t0 = time.perf_counter()
     base = settings_from({**BUDGETS[budget], "seed": seed}, f"demo {budget}")
@@ -106,8 +112,6 @@ def _gains(metrics: dict) -> dict:
 
 def make_figures(out: Path, s: CellSettings, cells: dict, results: dict) -> dict[str, Path]:
     """Per-class IoU bars, loss curves and the image grid (oracle | mask | plain | CRFM | pre-synth strip)."""
-    from todsynth.viz import plot_class_bars, plot_curves
-
     names = list(next(iter(results["metrics"].values()))["IoU"])
     figs = {
         "bars": out / "figures" / "per_class_iou.png",
@@ -129,19 +133,14 @@ def _xy(history: list) -> tuple[list, list]:
 
 
 def _generator_history(model_dir: str) -> tuple[list, list] | None:
-    from todsynth.runs import METRICS_FILE, read_metrics
-
     records = [(r["step"], r["loss"]) for r in read_metrics(Path(model_dir).parent / METRICS_FILE) if "loss" in r]
     return _xy(records) if records else None
 
 
 def sample_grid(path: Path, s: CellSettings, cells: dict, n: int = 4, frames: int = 6) -> None:
     """Rows: oracle image | mask | plain | CRFM | CRFM's decoded x̂0 over the steps (pre-synth strip)."""
-    from todsynth.crfm import presynth_strip
     from todsynth.generator.pipeline import MaskToImagePipeline, sample_seeds
     from todsynth.generator.sample import load_masks
-    from todsynth.segment.model import Segmenter
-    from todsynth.viz import colorize, save_png, tile_rows, to_uint8
 
     crfm_cell = cells["+ synthetic (CRFM)"]
     pipe = MaskToImagePipeline.from_pretrained(crfm_cell["generator"]["model"])
@@ -163,10 +162,6 @@ def sample_grid(path: Path, s: CellSettings, cells: dict, n: int = 4, frames: in
 
 def _oracle_images(root: str | None, ids: list[str], size: int) -> list[np.ndarray]:
     """The toy renderer's images for the given layout ids (the 'real image' of a layout)."""
-    from todsynth.data.readers import open_dataset
-    from todsynth.data.torchdata import SegTorchDataset
-    from todsynth.viz import to_uint8
-
     ds = open_dataset(root)
     tds = SegTorchDataset(ds, size=size)
     index = {i: k for k, i in enumerate(ds.ids)}
@@ -174,16 +169,13 @@ def _oracle_images(root: str | None, ids: list[str], size: int) -> list[np.ndarr
 
 
 def write_demo_report(out: Path, results: dict, figures: dict[str, Path]) -> None:
-    from todsynth.report import fmt, metrics_table, write_report
-
     names = list(next(iter(results["metrics"].values()))["IoU"])
     gain_rows = [["method", "mIoU gain", "share of oracle gain", "mask fidelity (judge mIoU)"]]
     for name, g in results["gains"].items():
         share = "–" if g["share_of_oracle_gain"] is None else f"{100 * g['share_of_oracle_gain']:.0f} %"
         gain_rows.append([name, f"{g['miou_gain']:+.3f}", share, fmt(results["mask_fidelity"].get(name))])
     s = results["settings"]
-    d, seg, gen, syn = s["data"], s["segmenter"], s["generator"], s["synthesis"]
-    crfm = syn["crfm"]
+    d, seg, gen, syn, crfm = s["data"], s["segmenter"], s["generator"], s["synthesis"], s["synthesis"]["crfm"]
     sections = [
         (
             "Protocol",
