@@ -14,8 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from todsynth.config import flatten
-from todsynth.experiment import CellSettings, mask_fidelity, run_cell, settings_from, stage_data, stage_judge
+from todsynth.crfm import presynth_strip
+from todsynth.data.readers import open_dataset
+from todsynth.data.torchdata import SegTorchDataset
+from todsynth.experiment import CellSettings, run_cell, settings_from
+from todsynth.io import write_json
+from todsynth.report import fmt, metrics_table, write_report
+from todsynth.runs import METRICS_FILE, read_metrics
+from todsynth.segment.model import Segmenter
+from todsynth.viz import colorize, plot_class_bars, plot_curves, save_png, tile_rows, to_uint8
 
 BUDGETS: dict[str, dict[str, Any]] = {
     # the README demo: ≤ 10 minutes on 2 CPU cores (the generator: the "demo" size, MMDiTArch's defaults)
@@ -51,32 +58,25 @@ METHODS = (
     ("+ synthetic (CRFM)", "crfm"),
     ("+ oracle renders", "oracle"),
 )
+SYNTHETIC = [name for name, synth in METHODS if synth != "none"]
 
 
-def run_demo(out: str | Path, budget: str = "demo", seed: int = 0, log=print, **overrides) -> dict:
+def run_demo(out: str | Path, budget: str = "demo", seed: int = 0, log=print) -> dict:
     """Run the demo into `out` (resumable: finished stages are reused); returns the results dict."""
-    from todsynth.io import write_json
-
     out = Path(out)
     t0 = time.perf_counter()
-    values = {**flatten(CellSettings, BUDGETS[budget]), "seed": seed, **flatten(CellSettings, overrides)}
-    base = settings_from(values, f"demo {budget}")
+    base = settings_from({**BUDGETS[budget], "seed": seed}, f"demo {budget}")
     cells = {
         name: run_cell(dataclasses.replace(base, synth=kind), out, log, progress=budget != "tiny")
         for name, kind in METHODS
     }
-    data = stage_data(base, out, log)
-    judge = stage_judge(base, data, out, log)
-    fidelity = {
-        name: mask_fidelity(cells[name]["synthesis"]["path"], judge["model"], limit=base.data.n_layouts)
-        for name in ("+ synthetic (plain)", "+ synthetic (CRFM)", "+ oracle renders")
-    }
+    judge = cells["+ oracle renders"]["judge"]  # every synthetic cell shares this stage
     results = {
         "protocol": "(ii) one synthetic image per new label-only layout",
         "budget": budget,
         "settings": dataclasses.asdict(base),
         "metrics": {name: c["metrics"] for name, c in cells.items()},
-        "mask_fidelity": {name: f["mIoU"] for name, f in fidelity.items()},
+        "mask_fidelity": {name: cells[name]["fidelity"]["metrics"]["mIoU"] for name in SYNTHETIC},
         "judge": {"arch": base.judge_arch, "metrics_on_test": judge["metrics"]},
         "stage_wall_time_s": _stage_times(cells, judge),
         "generator": {"final_loss": cells["+ synthetic (CRFM)"]["generator"]["summary"]["final_loss"]},
@@ -104,7 +104,7 @@ def _gains(metrics: dict) -> dict:
     real = metrics["real only"]["mIoU"]
     oracle_gain = metrics["+ oracle renders"]["mIoU"] - real
     gains = {}
-    for name in ("+ synthetic (plain)", "+ synthetic (CRFM)", "+ oracle renders"):
+    for name in SYNTHETIC:
         gain = metrics[name]["mIoU"] - real
         gains[name] = {"miou_gain": gain, "share_of_oracle_gain": gain / oracle_gain if oracle_gain > 0 else None}
     return gains
@@ -112,8 +112,6 @@ def _gains(metrics: dict) -> dict:
 
 def make_figures(out: Path, s: CellSettings, cells: dict, results: dict) -> dict[str, Path]:
     """Per-class IoU bars, loss curves and the image grid (oracle | mask | plain | CRFM | pre-synth strip)."""
-    from todsynth.viz import plot_class_bars, plot_curves
-
     names = list(next(iter(results["metrics"].values()))["IoU"])
     figs = {
         "bars": out / "figures" / "per_class_iou.png",
@@ -121,10 +119,7 @@ def make_figures(out: Path, s: CellSettings, cells: dict, results: dict) -> dict
         "grid": out / "figures" / "samples.png",
     }
     plot_class_bars(figs["bars"], names, {k: [m["IoU"][c] for c in names] for k, m in results["metrics"].items()})
-    curves = {
-        f"segmenter: {k}": _xy(c["downstream"]["loss_history"] if "downstream" in c else c["guidance"]["loss_history"])
-        for k, c in cells.items()
-    }
+    curves = {f"segmenter: {k}": _xy(c.get("downstream", c["guidance"])["loss_history"]) for k, c in cells.items()}
     gen_hist = _generator_history(cells["+ synthetic (CRFM)"]["generator"]["model"])
     if gen_hist:
         curves["generator (flow matching)"] = gen_hist
@@ -138,19 +133,14 @@ def _xy(history: list) -> tuple[list, list]:
 
 
 def _generator_history(model_dir: str) -> tuple[list, list] | None:
-    from todsynth.runs import METRICS_FILE, read_metrics
-
     records = [(r["step"], r["loss"]) for r in read_metrics(Path(model_dir).parent / METRICS_FILE) if "loss" in r]
     return _xy(records) if records else None
 
 
 def sample_grid(path: Path, s: CellSettings, cells: dict, n: int = 4, frames: int = 6) -> None:
     """Rows: oracle image | mask | plain | CRFM | CRFM's decoded x̂0 over the steps (pre-synth strip)."""
-    from todsynth.crfm import presynth_strip
     from todsynth.generator.pipeline import MaskToImagePipeline, sample_seeds
     from todsynth.generator.sample import load_masks
-    from todsynth.segment.model import Segmenter
-    from todsynth.viz import colorize, save_png, tile_rows, to_uint8
 
     crfm_cell = cells["+ synthetic (CRFM)"]
     pipe = MaskToImagePipeline.from_pretrained(crfm_cell["generator"]["model"])
@@ -172,10 +162,6 @@ def sample_grid(path: Path, s: CellSettings, cells: dict, n: int = 4, frames: in
 
 def _oracle_images(root: str | None, ids: list[str], size: int) -> list[np.ndarray]:
     """The toy renderer's images for the given layout ids (the 'real image' of a layout)."""
-    from todsynth.data.readers import open_dataset
-    from todsynth.data.torchdata import SegTorchDataset
-    from todsynth.viz import to_uint8
-
     ds = open_dataset(root)
     tds = SegTorchDataset(ds, size=size)
     index = {i: k for k, i in enumerate(ds.ids)}
@@ -183,24 +169,13 @@ def _oracle_images(root: str | None, ids: list[str], size: int) -> list[np.ndarr
 
 
 def write_demo_report(out: Path, results: dict, figures: dict[str, Path]) -> None:
-    from todsynth.report import fmt, metrics_table, write_report
-
     names = list(next(iter(results["metrics"].values()))["IoU"])
-    gains = results["gains"]
     gain_rows = [["method", "mIoU gain", "share of oracle gain", "mask fidelity (judge mIoU)"]]
-    for name, g in gains.items():
-        share = g["share_of_oracle_gain"]
-        gain_rows.append(
-            [
-                name,
-                f"{g['miou_gain']:+.3f}",
-                "–" if share is None else f"{100 * share:.0f} %",
-                fmt(results["mask_fidelity"].get(name)),
-            ]
-        )
+    for name, g in results["gains"].items():
+        share = "–" if g["share_of_oracle_gain"] is None else f"{100 * g['share_of_oracle_gain']:.0f} %"
+        gain_rows.append([name, f"{g['miou_gain']:+.3f}", share, fmt(results["mask_fidelity"].get(name))])
     s = results["settings"]
-    d, seg, gen, syn = s["data"], s["segmenter"], s["generator"], s["synthesis"]
-    crfm = syn["crfm"]
+    d, seg, gen, syn, crfm = s["data"], s["segmenter"], s["generator"], s["synthesis"], s["synthesis"]["crfm"]
     sections = [
         (
             "Protocol",

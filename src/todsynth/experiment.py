@@ -7,25 +7,32 @@ runs grids of cells with several seeds.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from todsynth.config import flat_dict, like, require, require_at_least, resume_free_names, setting
+from todsynth.config import build_config, flat_dict, like, require, require_at_least, resume_free_names, setting
 from todsynth.crfm import CRFMConfig
+from todsynth.data.bands import convert
+from todsynth.data.check import open_checked
+from todsynth.data.readers import open_dataset
+from todsynth.data.split import few_shot_split, read_split, write_split
+from todsynth.data.toy import write_toy_dataset
+from todsynth.errors import ConfigError, DataError
 from todsynth.generator.mmdit import MMDiTArch
-from todsynth.generator.train import GeneratorTrainConfig
-from todsynth.segment.train import Arch, ClassWeighting, SegmentTrainConfig
-from todsynth.synthesize import SynthesizeConfig
+from todsynth.generator.pretrain import pretrain_config
+from todsynth.generator.train import GeneratorTrainConfig, load_train_data, train_generator
+from todsynth.io import read_json, write_json
+from todsynth.segment.model import Segmenter
+from todsynth.segment.train import Arch, ClassWeighting, SegmentTrainConfig, evaluate_segmenter, train_on_samples
+from todsynth.synthesize import SynthesizeConfig, build_synthesize_config, class_loss_stats, synthesize
 
 # counts of the embedded toy data where a cell leaves them unset (with a real dataset, unset means all of it)
 TOY_COUNTS = {"n_real": 16, "n_layouts": 200, "n_test": 64}
@@ -173,22 +180,13 @@ class CellSettings:
     downstream: DownstreamSettings = setting(default_factory=DownstreamSettings, help="downstream segmenter")
 
     def validate(self) -> None:
-        self.data.validate()
-        self.synthesis.crfm.validate()
-        d, g, syn = self.data, self.generator, self.synthesis
+        """The cell's own rules; each stage's settings are checked where they are defined, by building the stage's
+        config (on stand-in paths)."""
+        d = self.data
+        d.validate()
         require(0 < self.downstream.real_share < 1, f"real_share must be in (0, 1), got {self.downstream.real_share}")
-        counts = ("segmenter.steps", "segmenter.batch_size", "generator.steps", "generator.batch_size", "base.pool")
-        require_at_least(self, 1, *counts, "synthesis.copies", "synthesis.num_steps", "base.steps", "base.batch_size")
-        require(
-            self.init == "scratch" or not g.sd3_path,
-            "init: pretrained and generator.sd3_path both initialise the generator: give one",
-        )
-        rates = ("segmenter.lr", "generator.lr", "base.lr", "synthesis.filter_margin", "synthesis.guidance_scale")
-        require_at_least(self, 0, *rates, "generator.timestep_tail", "generator.lora_rank")
-        require(
-            math.isfinite(syn.shift) and syn.shift > 0, f"synthesis.shift must be a finite number > 0, got {syn.shift}"
-        )
-        require(g.timestep_tail <= 1, f"generator.timestep_tail must be in [0, 1], got {g.timestep_tail}")
+        require_at_least(self, 1, "base.pool")
+        require_at_least(self, 0, "synthesis.guidance_scale")
         require(self.segmenter.arch != self.judge_arch, "the judge segmenter must use another architecture")
         toy_layouts = d.layouts_data is None and d.real_data is None
         require(
@@ -202,14 +200,22 @@ class CellSettings:
             f"synth: {self.synth} with protocol: layouts draws one image per layout, and this cell has no layouts",
             fix="set data.layouts_data, or protocol: masks (K images per real mask)",
         )
+        stand_in = {k: k for k in ("real", "real_ids", "layouts", "layouts_ids", "model", "filter_stats")}
+        for part, build in (
+            ("segmenter", lambda: segmenter_config(self, self.seed).validate()),
+            ("synthesis", lambda: synthesize_config(self, stand_in, stand_in, stand_in)),
+            ("base", lambda: base_config(self)),
+            ("generator", lambda: generator_config(self, stand_in, stand_in if self.init == "pretrained" else None)),
+        ):
+            try:
+                build()
+            except ConfigError as e:
+                raise ConfigError(f"{part}: {e.problem}", fix=e.fix) from None
 
 
 def settings_from(values: dict[str, Any], source: str = "settings") -> CellSettings:
     """A validated CellSettings from nested or dotted settings; a refused one names `source` (e.g.
     'grid.yaml: table/cell')."""
-    from todsynth.config import build_config
-    from todsynth.errors import ConfigError
-
     try:
         return build_config(CellSettings, values, source)
     except ConfigError as e:
@@ -237,11 +243,9 @@ def stage_key(root: Path, *parts: Any) -> str:
     under = f"{Path(root).absolute()}{os.sep}"
 
     def plain(x: Any) -> Any:
-        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        if is_dataclass(x) and not isinstance(x, type):
             free = resume_free_names(type(x))
             return {k: plain(v) for k, v in flat_dict(asdict(x)).items() if k not in free}
-        if isinstance(x, dict):
-            return {str(k): plain(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
             return [plain(v) for v in x]
         return x.removeprefix(under) if isinstance(x, str) else x
@@ -257,8 +261,6 @@ def _data_key(s: CellSettings, root: Path) -> str:
         try:
             digest = hashlib.sha256(Path(s.data.real_split_file).read_bytes()).hexdigest()[:12]
         except OSError as e:
-            from todsynth.errors import ConfigError
-
             raise ConfigError(
                 f"cannot read the split file: {e.strerror}",
                 path=s.data.real_split_file,
@@ -289,18 +291,15 @@ class Stage:
         return (self.dir / "done.json").is_file()
 
     def run(self, fn: Callable[[Path], dict]) -> StageResult:
-        from todsynth.io import read_json, write_json
-
-        if not self.done:
-            self.log(f"stage {self.name}: {self.what} → {self.dir.name}")
+        cached = self.done
+        self.log(f"stage {self.name}: {self.what} → {self.dir.name}" + (" (cached)" if cached else ""))
+        if not cached:
             self.dir.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
             result = fn(self.dir)
             result["wall_time_s"] = round(time.perf_counter() - t0, 2)
             write_json(self.dir / "done.json", result)
             self.log(f"stage {self.name} done in {result['wall_time_s']:.1f} s: {self.what}")
-        else:
-            self.log(f"stage {self.name}: {self.what} → {self.dir.name} (cached)")
         out = StageResult(read_json(self.dir / "done.json"))
         out.dir = self.dir
         return out
@@ -342,19 +341,8 @@ def _mask_files(ds) -> dict[Path, str]:
     return {Path(ds.paths(i)[1]).resolve(): ds.ids[i] for i in range(len(ds))}
 
 
-def _unused(ds, taken: list[tuple[Any, list[str]]]) -> list[str]:
-    """`ds`'s ids minus the tiles already drawn (from `ds` or another view of the same files) for another part."""
-    used: set[Path] = set()
-    for other, ids in taken:
-        chosen = set(ids)
-        used |= {f for f, i in _mask_files(other).items() if i in chosen}
-    return [i for f, i in _mask_files(ds).items() if f not in used]
-
-
 def _draw(ids: list[str], n: int | None, seed: list[int], count: str, source: str) -> list[str]:
     """A seeded random draw of `n` ids (all when `n` is None), kept in dataset order."""
-    from todsynth.errors import ConfigError
-
     if not ids:
         raise ConfigError(
             f"no tiles of {source} are left for {count.removeprefix('n_')} (the others are "
@@ -374,45 +362,39 @@ def _draw(ids: list[str], n: int | None, seed: list[int], count: str, source: st
     return [i for k, i in enumerate(ids) if k in keep]
 
 
-def _real_ids(s: CellSettings, ds) -> list[str]:
-    """The real training tiles: the split file's ids, a seeded few-shot subset of n_real, or all."""
-    from todsynth.data.split import few_shot_split, read_split
-    from todsynth.errors import ConfigError
-
+def _real_ids(s: CellSettings, ds) -> tuple[list[str], str]:
+    """The real training tiles and how they were chosen: the split file's ids, a seeded few-shot subset of n_real,
+    or all."""
     d = s.data
     if d.real_split_file is not None:
-        return read_split(d.real_split_file, ds)
+        return read_split(d.real_split_file, ds), f"split file {d.real_split_file}"
     if d.n_real is None:
-        return list(ds.ids)
+        return list(ds.ids), "all"
     if d.n_real > len(ds):
         raise ConfigError(
             f"n_real = {d.n_real} but {d.real_data} has {len(ds)} tile(s)",
             path=d.real_data,
             fix=f"set data.n_real to at most {len(ds)}, or leave it unset to use them all",
         )
-    return few_shot_split(ds, n=d.n_real, seed=d.seed)
+    return few_shot_split(ds, n=d.n_real, seed=d.seed), f"seeded few-shot draw, data.seed {d.seed}"
 
 
 def _draw_real_parts(s: CellSettings, log: Callable[[str], None]) -> dict[str, tuple[list[str], dict]]:
     """part -> (ids, what to record) of the real parts (training tiles, test tiles, layouts), disjoint where
     they share files; drawn before the data stage writes anything, so a bad count leaves no folder."""
-    from todsynth.data.readers import open_dataset
-
     out: dict[str, tuple[list[str], dict]] = {}
-    taken: list[tuple[Any, list[str]]] = []
+    used: set[Path] = set()  # mask files of the tiles drawn so far (another view of the same files shares them)
+
+    def take(ds, ids: list[str]) -> None:
+        chosen = set(ids)
+        used.update(f for f, i in _mask_files(ds).items() if i in chosen)
+
     said: list[str] = []
     d = s.data
     if d.real_data is not None:
         real = open_dataset(d.real_data, "Train")
-        ids = _real_ids(s, real)
-        how = (
-            f"split file {d.real_split_file}"
-            if d.real_split_file
-            else "all"
-            if d.n_real is None
-            else f"seeded few-shot draw, data.seed {d.seed}"
-        )
-        taken.append((real, ids))
+        ids, how = _real_ids(s, real)
+        take(real, ids)
         said.append(f"{len(ids)} real tiles of {len(real)} ({how})")
         out["real"] = (ids, {"source": d.real_data, "how": how})
     parts = (("test", d.test_data, d.test_split, "n_test", 1), ("layouts", d.layouts_data, "Train", "n_layouts", 2))
@@ -420,8 +402,9 @@ def _draw_real_parts(s: CellSettings, log: Callable[[str], None]) -> dict[str, t
         if source is None:
             continue
         ds = open_dataset(source, split)
-        ids = _draw(_unused(ds, taken), getattr(d, count), [d.seed, salt], count, source)
-        taken.append((ds, ids))
+        unused = [i for f, i in _mask_files(ds).items() if f not in used]
+        ids = _draw(unused, getattr(d, count), [d.seed, salt], count, source)
+        take(ds, ids)
         said.append(f"{len(ids)} {part} tiles of {len(ds)}")
         out[part] = (ids, {"source": source, "split": split, "seed": d.seed})
     if said:
@@ -439,23 +422,17 @@ def stage_data(s: CellSettings, root: Path, log) -> StageResult:
     drawn = {} if stage.done else _draw_real_parts(s, log)
 
     def make(folder: Path) -> dict:
-        from todsynth.data.split import write_split
-        from todsynth.data.toy import write_toy_dataset
+        def toy(part: str, n: int, start: int, **kw: Any) -> str:
+            return str(write_toy_dataset(folder / part, n, d.size, d.seed, start=start, **kw))
 
         out = {}
         if d.real_data is None:
-            out["real"] = str(write_toy_dataset(folder / "real", d.n_real, d.size, d.seed, start=0))
+            out["real"] = toy("real", d.n_real, 0)
         if d.layouts_data is None and d.real_data is None:
-            out["layouts"] = str(
-                write_toy_dataset(
-                    folder / "layouts", max(d.n_layouts, 1), d.size, d.seed, start=100_000, label_only=True
-                )
-            )
-            out["oracle"] = str(
-                write_toy_dataset(folder / "oracle", max(d.n_layouts, 1), d.size, d.seed, start=100_000)
-            )
+            out["layouts"] = toy("layouts", max(d.n_layouts, 1), 100_000, label_only=True)
+            out["oracle"] = toy("oracle", max(d.n_layouts, 1), 100_000)
         if d.test_data is None:
-            out["test"] = str(write_toy_dataset(folder / "test", d.n_test, d.size, d.seed, split="Val", start=500_000))
+            out["test"] = toy("test", d.n_test, 500_000, split="Val")
         for part, (ids, meta) in drawn.items():
             write_split(folder / f"{part}_ids.json", ids, meta)
             out[f"{part}_ids"] = str(folder / f"{part}_ids.json")
@@ -469,45 +446,24 @@ def stage_data(s: CellSettings, root: Path, log) -> StageResult:
     return paths
 
 
-def _samples(path: str, split: str = "Train", limit: int | None = None, split_file: str | None = None):
-    from todsynth.data.check import open_checked
-
-    return open_checked(path, split, split_file, limit=limit)
-
-
-def _real(data: dict):
-    """The real training tiles of a cell (validated)."""
-    return _samples(data["real"], split_file=data.get("real_ids"))
-
-
-def _test(s: CellSettings, data: dict):
-    """The test tiles of a cell (validated)."""
-    return _samples(data["test"], s.data.test_split, split_file=data.get("test_ids"))
-
-
 def segmenter_config(s: CellSettings, seed: int, judge: bool = False) -> SegmentTrainConfig:
     """The SegmentTrainConfig of a cell's guidance and downstream segmenters (or, `judge`, its judge: the judge's
     architecture with its default encoder, unweighted loss)."""
-    seg = s.segmenter
     own = {"arch": s.judge_arch, "encoder": None, "class_weights": "none"} if judge else {}
-    return replace(
-        SegmentTrainConfig(**asdict(seg)),
-        size=s.data.size,
-        seed=seed,
-        device="auto",
-        warmup_steps=min(20, seg.steps // 10),
-        **own,
+    warmup = min(20, s.segmenter.steps // 10)
+    return SegmentTrainConfig(
+        **{**asdict(s.segmenter), **own}, size=s.data.size, seed=seed, device="auto", warmup_steps=warmup
     )
 
 
-def _train_eval(
-    cfg: SegmentTrainConfig, d: Path, real, test, synthetic=None, on_step: Callable[[int, float], None] | None = None
-) -> dict:
-    """Train a segmenter on real (+ synthetic), save it (with its working size), evaluate it on the test set
-    (each test tile predicted at the working size, scored at its own resolution)."""
-    from todsynth.segment.train import evaluate_segmenter, train_on_samples
-
-    outcome = train_on_samples(real, real.classes, cfg, synthetic=synthetic, on_step=on_step)
+def _train_eval(cfg: SegmentTrainConfig, d: Path, s: CellSettings, data: dict, log, what: str, mix=None) -> dict:
+    """Train a segmenter on the cell's real tiles (+ the synthetic pairs `mix(real)` returns with the config to train
+    on them), logging its steps as `what`; save it (with its working size), evaluate it on the cell's test tiles
+    (each predicted at the working size, scored at its own resolution)."""
+    real = open_checked(data["real"], split_file=data.get("real_ids"))
+    test = open_checked(data["test"], s.data.test_split, data.get("test_ids"))
+    cfg, synthetic = mix(real) if mix else (cfg, None)
+    outcome = train_on_samples(real, real.classes, cfg, synthetic=synthetic, on_step=step_logger(log, what, cfg.steps))
     outcome.model.save_pretrained(d / "model")
     metrics = evaluate_segmenter(outcome.model, test, batch_size=16)
     return {
@@ -520,13 +476,11 @@ def _train_eval(
 
 def stage_guidance(s: CellSettings, data: StageResult, root: Path, log) -> StageResult:
     """Real-only segmenter: CRFM's guidance network, the filter's statistics, and the 'real only' row."""
-    s = resolve_counts(s)
     cfg = segmenter_config(s, s.seed)
     what = f"segmenter on real only ({cfg.arch}, seed {s.seed})"
 
     def make(d: Path) -> dict:
-        real, test = _real(data), _test(s, data)
-        result = _train_eval(cfg, d, real, test, on_step=step_logger(log, what, s.segmenter.steps))
+        result = _train_eval(cfg, d, s, data, log, what)
         result["filter_stats"] = _filter_stats(result["model"], data, s.data.size, d / "filter_stats.json")
         return result
 
@@ -537,12 +491,6 @@ def stage_guidance(s: CellSettings, data: StageResult, root: Path, log) -> Stage
 
 def _filter_stats(model_dir: str, data: dict, size: int, path: Path) -> str:
     """Per-class mean CE of the guidance segmenter on the real set (FreeMask thresholds), as JSON."""
-    from todsynth.data.bands import convert
-    from todsynth.generator.train import load_train_data
-    from todsynth.io import write_json
-    from todsynth.segment.model import Segmenter
-    from todsynth.synthesize import class_loss_stats
-
     real, classes = load_train_data(str(data["real"]), "Train", size, data.get("real_ids"))
     segmenter = Segmenter.from_pretrained(model_dir)
     images = convert(real.images, real.normalisation, segmenter.normalisation, f"the segmenter {model_dir}")
@@ -552,15 +500,11 @@ def _filter_stats(model_dir: str, data: dict, size: int, path: Path) -> str:
 
 
 def _oracle(s: CellSettings, data: dict):
-    """oracle_data's images of the drawn layouts (None without oracle_data); every layout id must have one."""
-    from todsynth.errors import DataError
-
+    """The real images of the cell's layouts: the toy renders, or oracle_data's images of the drawn layouts (every
+    layout id must have one)."""
+    if data.get("oracle"):
+        return open_checked(data["oracle"])
     oracle_data = s.data.oracle_data
-    if oracle_data is None:
-        return None
-    from todsynth.data.readers import open_dataset
-    from todsynth.data.split import read_split
-
     ids = read_split(data["layouts_ids"])
     ds = open_dataset(oracle_data)
     missing = sorted(set(ids) - set(ds.ids))
@@ -570,19 +514,16 @@ def _oracle(s: CellSettings, data: dict):
             path=oracle_data,
             fix="oracle_data must hold the images of layouts_data's ids (the same file names)",
         )
-    return _samples(oracle_data, split_file=data["layouts_ids"])
+    return open_checked(oracle_data, split_file=data["layouts_ids"])
 
 
 def stage_judge(s: CellSettings, data: StageResult, root: Path, log) -> StageResult:
     """An independent judge (other architecture and seed) trained on real + oracle pairs, for mask fidelity."""
-    s = resolve_counts(s)
     cfg = segmenter_config(s, s.seed + 1000, judge=True)
     what = f"judge segmenter ({cfg.arch}, seed {cfg.seed}) on real + oracle pairs"
 
     def make(d: Path) -> dict:
-        real, test = _real(data), _test(s, data)
-        oracle = _samples(data["oracle"]) if data.get("oracle") else _oracle(s, data)
-        return _train_eval(cfg, d, real, test, synthetic=oracle, on_step=step_logger(log, what, s.segmenter.steps))
+        return _train_eval(cfg, d, s, data, log, what, lambda real: (cfg, _oracle(s, data)))
 
     return Stage(root, "judge", stage_key(root, cfg, data.dir.name), log, what).run(make)
 
@@ -590,8 +531,6 @@ def stage_judge(s: CellSettings, data: StageResult, root: Path, log) -> StageRes
 def base_config(s: CellSettings) -> GeneratorTrainConfig:
     """The pretraining config of a cell's base: its own settings, the generator's architecture (control none) and
     image space; neither the cell's seed nor its control, so every cell with these settings shares the base."""
-    from todsynth.generator.pretrain import pretrain_config
-
     b, g = s.base, s.generator
     return pretrain_config(
         b.data or f"toy:{b.pool}:{s.data.seed}",
@@ -604,7 +543,6 @@ def base_config(s: CellSettings) -> GeneratorTrainConfig:
         lr=b.lr,
         warmup_steps=min(50, b.steps // 10),
         val_every=b.steps,
-        val_samples=4,
         val_steps=12,
         checkpoint_every=max(b.steps // 10, 1),
         seed=0,
@@ -618,8 +556,6 @@ def _train_stage(
     """A generator (or base) training stage: `cfg` trained into the stage folder, `label` naming its log lines."""
 
     def make(d: Path) -> dict:
-        from todsynth.generator.train import train_generator
-
         summary = train_generator(
             replace(cfg, out=str(d), progress=progress), on_step=step_logger(log, label, cfg.steps)
         )
@@ -639,8 +575,6 @@ def stage_base(s: CellSettings, root: Path, log, progress: bool = False) -> Stag
 def generator_config(s: CellSettings, data: dict, base: dict | None = None) -> GeneratorTrainConfig:
     """The GeneratorTrainConfig of a cell: its generator settings on the cell's real pairs, validated at every
     full run, snapshots every quarter, resumed when its stage was killed."""
-    from todsynth.config import build_config
-
     g = s.generator
     return build_config(
         GeneratorTrainConfig,
@@ -651,7 +585,6 @@ def generator_config(s: CellSettings, data: dict, base: dict | None = None) -> G
             "size": s.data.size,
             "warmup_steps": min(50, g.steps // 10),
             "val_every": g.steps,
-            "val_samples": 4,
             "val_steps": s.synthesis.num_steps,
             "checkpoint_every": max(g.steps // 4, 1),
             "seed": s.seed,
@@ -664,11 +597,8 @@ def generator_config(s: CellSettings, data: dict, base: dict | None = None) -> G
 def stage_generator(
     s: CellSettings, data: StageResult, root: Path, log, progress: bool = False, base: dict | None = None
 ) -> StageResult:
-    """Train the mask-controlled MM-DiT on the real pairs (from scratch, SD3 or a pretrained `base`)."""
-    s = resolve_counts(s)
-    if s.init == "pretrained" and base is None:
-        base = stage_base(s, root, log, progress)
-    cfg = generator_config(s, data, base if s.init == "pretrained" else None)
+    """Train the mask-controlled MM-DiT on the real pairs (from scratch, SD3 or the pretrained `base` stage)."""
+    cfg = generator_config(s, data, base)
     what = f"generator ({cfg.model.control}, seed {s.seed})"
     return _train_stage(root, "generator", cfg, log, f"{what}, {cfg.steps} steps on the real pairs", what, progress)
 
@@ -676,8 +606,6 @@ def stage_generator(
 def synthesize_config(s: CellSettings, data: dict, gen: dict, guide: dict) -> SynthesizeConfig:
     """The SynthesizeConfig of a cell: its synthesis settings for the layouts or the training masks, CRFM off
     for plain sampling, the guidance segmenter's statistics where it filters or balances."""
-    from todsynth.synthesize import build_synthesize_config
-
     syn = s.synthesis
     layouts = s.protocol == "layouts"
     split_file = data.get("layouts_ids") if layouts else data.get("real_ids")
@@ -700,7 +628,6 @@ def stage_synthesis(
     s: CellSettings, data: StageResult, gen: dict | None, guide: dict, root: Path, log, progress: bool = False
 ) -> StageResult:
     """Synthetic pairs: generator (plain or CRFM) or the oracle renderer, for layouts or training masks."""
-    s = resolve_counts(s)
     what = f"synthesis ({s.synth}, seed {s.seed})"
     if s.synth == "oracle":
 
@@ -715,8 +642,6 @@ def stage_synthesis(
     cfg = synthesize_config(s, data, gen, guide)
 
     def make(d: Path) -> dict:
-        from todsynth.synthesize import synthesize
-
         summary = synthesize(
             replace(cfg, out=str(d / "pairs")), progress=progress, on_batch=count_logger(log, what, "images")
         )
@@ -726,22 +651,19 @@ def stage_synthesis(
 
 
 def stage_downstream(s: CellSettings, data: StageResult, syn: StageResult, root: Path, log) -> StageResult:
-    """Segmenter on real (+ synthetic), same number of steps as real-only, scored on the test set."""
-    s = resolve_counts(s)
+    """Segmenter on real (+ synthetic, real repeated to make real_share of the mix), same number of steps as
+    real-only, scored on the test set."""
     cfg = segmenter_config(s, s.seed)
     what = f"segmenter on real + {s.synth} ({cfg.arch}, seed {s.seed})"
+    toy_oracle = s.synth == "oracle" and "ids" not in syn
 
-    def make(d: Path) -> dict:
-        real, test = _real(data), _test(s, data)
-        toy_oracle = s.synth == "oracle" and "ids" not in syn
-        synthetic = _samples(syn["path"], limit=s.data.n_layouts if toy_oracle else None, split_file=syn.get("ids"))
+    def mix(real) -> tuple[SegmentTrainConfig, Any]:
+        synthetic = open_checked(syn["path"], split_file=syn.get("ids"), limit=s.data.n_layouts if toy_oracle else None)
         share = s.downstream.real_share
-        repeat = max(1, round(share / (1 - share) * len(synthetic) / len(real)))
-        on_step = step_logger(log, what, s.segmenter.steps)
-        return _train_eval(replace(cfg, repeat_real=repeat), d, real, test, synthetic, on_step)
+        return replace(cfg, repeat_real=max(1, round(share / (1 - share) * len(synthetic) / len(real)))), synthetic
 
     key = stage_key(root, cfg, s.downstream, data.dir.name, syn.dir.name)
-    return Stage(root, "downstream", key, log, what).run(make)
+    return Stage(root, "downstream", key, log, what).run(lambda d: _train_eval(cfg, d, s, data, log, what, mix))
 
 
 def stage_times(result: dict) -> dict[str, float]:
@@ -760,13 +682,11 @@ def run_cell(s: CellSettings, root: str | Path, log: Callable[[str], None] = pri
     if s.synth == "none":
         out["metrics"] = guide["metrics"]
         return out
-    uses_base = s.synth != "oracle" and s.init == "pretrained"
-    base = stage_base(s, root, log, progress) if uses_base else None
-    gen = stage_generator(s, data, root, log, progress, base) if s.synth != "oracle" else None
+    if s.synth != "oracle" and s.init == "pretrained":
+        out["base"] = stage_base(s, root, log, progress)
+    gen = stage_generator(s, data, root, log, progress, out.get("base")) if s.synth != "oracle" else None
     syn = stage_synthesis(s, data, gen, guide, root, log, progress)
     down = stage_downstream(s, data, syn, root, log)
-    if base is not None:
-        out["base"] = base
     out.update(generator=gen, synthesis=syn, downstream=down, metrics=down["metrics"])
     if data.get("oracle") or s.data.oracle_data:  # a judge needs real + oracle pairs to train on
         out["judge"] = stage_judge(s, data, root, log)
@@ -774,18 +694,17 @@ def run_cell(s: CellSettings, root: str | Path, log: Callable[[str], None] = pri
     return out
 
 
-def stage_fidelity(s: CellSettings, syn: dict, judge: dict, root: Path, log) -> dict:
+def stage_fidelity(s: CellSettings, syn: StageResult, judge: StageResult, root: Path, log) -> StageResult:
     """Mask fidelity of a cell's synthetic pairs: the independent judge's metrics on the synthetic images
     against their conditioning masks (a low flow loss does not mean the masks are obeyed)."""
-    what = f"mask fidelity of the {s.synth} pairs (seed {s.seed})"
-
-    limit = s.data.n_layouts if s.synth == "oracle" else None
 
     def make(d: Path) -> dict:
-        return {"metrics": mask_fidelity(syn["path"], judge["model"], limit=limit)}
+        pairs = open_checked(syn["path"], limit=s.data.n_layouts if s.synth == "oracle" else None)
+        metrics = evaluate_segmenter(Segmenter.from_pretrained(judge["model"]), pairs, batch_size=16)
+        return {"metrics": metrics.to_dict(list(pairs.classes.names))}
 
     key = hashlib.sha256(f"{syn.dir.name}/{judge.dir.name}".encode()).hexdigest()[:12]
-    return Stage(root, "fidelity", key, log, what).run(make)
+    return Stage(root, "fidelity", key, log, f"mask fidelity of the {s.synth} pairs (seed {s.seed})").run(make)
 
 
 def cell_compute_s(result: dict) -> float:
@@ -793,13 +712,3 @@ def cell_compute_s(result: dict) -> float:
     return round(
         sum(sec for folder, sec in stage_times(result).items() if not Path(folder).name.startswith("base-")), 1
     )
-
-
-def mask_fidelity(images_dir: str | Path, judge_model: str, limit: int | None = None) -> dict:
-    """Mask fidelity: the judge's metrics on synthetic images against their conditioning masks."""
-    from todsynth.segment.model import Segmenter
-    from todsynth.segment.train import evaluate_segmenter
-
-    ds = _samples(str(images_dir), limit=limit)
-    judge = Segmenter.from_pretrained(judge_model)
-    return evaluate_segmenter(judge, ds, batch_size=16).to_dict(list(ds.classes.names))

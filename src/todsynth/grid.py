@@ -24,16 +24,19 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from todsynth.config import flatten
 from todsynth.errors import ConfigError
+from todsynth.experiment import CellSettings, cell_compute_s, run_cell, settings_from, stage_times
+from todsynth.io import write_json, write_text
+from todsynth.viz import _save_figure
 
 BUILTIN = ("paper-tables", "foundation", "smoke")
 
 
 def load_grid(source: str | Path) -> dict:
     """A grid config from a YAML file or a built-in name (paper-tables, foundation, smoke)."""
-    import yaml
-
     if str(source) in BUILTIN:
         text = resources.files("todsynth").joinpath(f"configs/{source}.yaml").read_text()
         where = f"built-in {source}"
@@ -66,22 +69,16 @@ def expand(grid: dict) -> dict[str, dict[str, dict]]:
     for table, spec in grid["tables"].items():
         if not isinstance(spec, dict):
             raise ConfigError(f"table {table!r} must be a mapping", path=grid["_source"])
-        fixed = _flat(spec.get("fixed") or {})
+        fixed = flatten(CellSettings, spec.get("fixed") or {})  # dotted names: merging keeps the other nested ones
         if "cells" in spec:
-            out[table] = {str(name): {**fixed, **_flat(over or {})} for name, over in spec["cells"].items()}
+            cells = spec["cells"].items()
+            out[table] = {str(name): {**fixed, **flatten(CellSettings, over or {})} for name, over in cells}
         elif "sweep" in spec and isinstance(spec["sweep"], dict) and len(spec["sweep"]) == 1:
             ((key, values),) = spec["sweep"].items()
             out[table] = {f"{key}={v}": {**fixed, key: v} for v in values}
         else:
             raise ConfigError(f"table {table!r} needs 'cells' or a one-key 'sweep'", path=grid["_source"])
     return out
-
-
-def _flat(values: dict) -> dict:
-    """Cell settings (nested or dotted) as {dotted name: value}, so that merging keeps the other nested ones."""
-    from todsynth.experiment import CellSettings
-
-    return flatten(CellSettings, values)
 
 
 def run_grid(
@@ -93,9 +90,6 @@ def run_grid(
     overrides: dict | None = None,
 ) -> dict:
     """Run every (table, cell, seed) — or only `table` / `table/cell` entries — and write the summaries."""
-    from todsynth.experiment import cell_compute_s, run_cell, settings_from, stage_times
-    from todsynth.io import write_json
-
     out = Path(out)
     tables = expand(grid)
     seeds = seeds or list(grid["seeds"])
@@ -108,7 +102,8 @@ def run_grid(
             if only and not any(sel in (table, f"{table}/{name}") for sel in only):
                 continue
             for seed in seeds:
-                values = {**_flat(grid["base"]), **over, **_flat(overrides or {}), "seed": seed}
+                values = {**flatten(CellSettings, grid["base"]), **over, **flatten(CellSettings, overrides or {})}
+                values["seed"] = seed
                 todo.append((table, name, seed, settings_from(values, f"{grid['_source']}: {table}/{name}")))
     for table, name, seed, s in todo:
         log(f"cell {table}/{name} seed {seed}")
@@ -153,16 +148,16 @@ def summarise(rows: list[dict]) -> dict:
     fidelity (judge mIoU) and the cell's compute (its stages' wall time, pretraining left out)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["table"], r["cell"]), []).append(r["metrics"])
+        groups.setdefault((r["table"], r["cell"]), []).append(r)
     cells = []
-    for (table, cell), ms in groups.items():
+    for (table, cell), mine in groups.items():
+        ms = [r["metrics"] for r in mine]
         entry: dict[str, Any] = {"table": table, "cell": cell, "n_seeds": len(ms)}
         for k in ("mIoU", "OA", "mAcc"):
             entry[k] = _mean_std([m[k] for m in ms])
         entry["IoU"] = {c: _mean_std([m["IoU"][c] for m in ms]) for c in ms[0]["IoU"]}
-        mine = [r for r in rows if (r["table"], r["cell"]) == (table, cell)]
-        entry["mask_fidelity"] = _mean_std([r.get("mask_fidelity") for r in mine])
-        entry["compute_s"] = _mean_std([r.get("compute_s") for r in mine])
+        for k in ("mask_fidelity", "compute_s"):
+            entry[k] = _mean_std([r[k] for r in mine])
         cells.append(entry)
     return {"cells": cells}
 
@@ -175,8 +170,6 @@ def _mean_std(values: list[float | None]) -> dict:
 
 
 def write_csv(path: Path, summary: dict) -> None:
-    from todsynth.io import write_text
-
     buf = io.StringIO()
     if summary["cells"]:
         classes = list(summary["cells"][0]["IoU"])
@@ -192,8 +185,6 @@ def write_csv(path: Path, summary: dict) -> None:
 def write_markdown(path: Path, summary: dict, rows: list[dict]) -> None:
     """The tables as Markdown: mIoU mean ± std, the per-seed values and per-class IoU means; the grid's
     from-scratch compute at the end."""
-    from todsynth.io import write_text
-
     per_seed: dict[tuple[str, str], list[str]] = {}
     for r in rows:
         per_seed.setdefault((r["table"], r["cell"]), []).append(format_metric(r["metrics"]["mIoU"]))
@@ -219,15 +210,13 @@ def write_markdown(path: Path, summary: dict, rows: list[dict]) -> None:
         lines.append("")
     sizes = sorted({r["settings"]["data"]["size"] for r in rows if "settings" in r})
     if sizes:
-        lines.append(
+        lines += [
             "Mask fidelity: an independent judge segmenter's mIoU on the cell's synthetic images against "
             "their conditioning masks; compute: the wall time of the stages the cell used (pretraining "
-            "apart), as measured when each ran."
-        )
-        lines.append(
+            "apart), as measured when each ran.",
             f"Working size {' / '.join(map(str, sizes))} px: every model trains at its cell's size, and "
-            "each test tile is predicted at that size and scored at its own resolution."
-        )
+            "each test tile is predicted at that size and scored at its own resolution.",
+        ]
     if "compute" in summary:
         k = summary["compute"]
         kinds = "; ".join(
@@ -250,12 +239,7 @@ def format_metric(v: float | None) -> str:
 
 def plot_tables(out: Path, summary: dict) -> None:
     """One bar plot of mIoU (mean ± std) per table."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from todsynth.viz import _save_figure
 
     by_table: dict[str, list[dict]] = {}
     for c in summary["cells"]:
