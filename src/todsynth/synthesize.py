@@ -356,6 +356,8 @@ class OutputFolder:
     def write_manifest(self) -> int:
         """Merge the manifest's records and the per-sample records into manifest.jsonl (sorted by id),
         atomically; returns the count."""
+        from todsynth.io import read_json  # looked up when called, so a stand-in for it (tests) takes effect
+
         path = self.root / MANIFEST
         found = {}
         for p in sorted((self.root / RECORDS).glob("*.json")):
@@ -375,10 +377,8 @@ class OutputFolder:
 
     def finish(self) -> int:
         """Write the complete manifest, then remove the records and claims it makes redundant; returns the count.
-
         The manifest is in place before any record goes, so a process checking an item (record first, then
-        manifest) always finds it done. Leftovers of an interrupted removal are harmless and go next time.
-        """
+        manifest) always finds it done. Leftovers of an interrupted removal are harmless and go next time."""
         total = self.write_manifest()
         for sub in (RECORDS, CLAIMS):
             shutil.rmtree(self.root / sub, ignore_errors=True)
@@ -449,9 +449,8 @@ def synthesize(
     runtime = resolve_runtime(cfg.device, cfg.mixed_precision, state=accelerator)
     rank, world = runtime.process_index, runtime.num_processes
     pipe = MaskToImagePipeline.for_runtime(cfg.generator, runtime)
-    # restricted to the split file (whose ids must all be in the dataset) and to the first `limit`
     labels, prompts, ids, classes = load_masks(
-        cfg.masks, cfg.split, pipe.image_size, cfg.limit, cfg.split_file, cfg.crop
+        cfg.masks, cfg.split, pipe.image_size, n=cfg.limit, split_file=cfg.split_file, crop=cfg.crop
     )
     check_mask_classes(classes, pipe.classes, cfg.masks)
     mask_dtype(classes, cfg.masks)
@@ -459,11 +458,9 @@ def synthesize(
     if segmenter is not None:  # other bands or sample type than the generator's: refused before anything is made
         _segmenter_images(pipe, segmenter, torch.zeros(1, pipe.normalisation.channels, 1, 1))
     stats = _read_stats(cfg.filter_stats, classes.num_classes) if cfg.filter_stats else None
-    copies = (
-        hardness_copies(labels, stats["class_mean_loss"], cfg.copies, classes.ignore_index)
-        if cfg.hard_resample
-        else None
-    )
+    copies = None
+    if cfg.hard_resample:  # validate() made sure of filter_stats
+        copies = hardness_copies(labels, stats["class_mean_loss"], cfg.copies, classes.ignore_index)
     out = OutputFolder(Path(cfg.out), classes, pipe.normalisation, config_dict(cfg), record_settings=rank == 0)
     runtime.wait_for_everyone()
     out.release_stale_claims()

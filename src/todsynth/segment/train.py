@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_type_hints
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from todsynth.checkpoint import load_optimizer_tensors, optimizer_tensors
-from todsynth.config import require, require_at_least, resume_free_names, setting
+from todsynth.config import build_config, require, require_at_least, resume_free_names, setting
 from todsynth.data.bands import Normalisation, check_normalisation, dataset_settings, fit_normalisation
 from todsynth.data.check import open_checked
 from todsynth.data.classes import ClassSpec, class_difference
@@ -128,13 +128,10 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 def check_device_choice(device: str) -> None:
     """Refuse a --device other than auto, cpu or cuda with the message `segment train` gives (its config's check)."""
-    choices = list(get_args(get_type_hints(SegmentTrainConfig)["device"]))
-    if device not in choices:
-        raise ConfigError(
-            f"'device' must be one of {choices}, got {device!r}",
-            path="config",
-            fix=f"give --device {', '.join(choices[:-1])} or {choices[-1]}",
-        )
+    try:
+        build_config(SegmentTrainConfig, {"device": device}, check=False)
+    except ConfigError as e:
+        raise ConfigError(e.problem, path="config", fix="give --device auto, cpu or cuda") from None
 
 
 def check_eval_split(data: str | Path, split: str, default: str = "Val") -> None:
@@ -179,13 +176,9 @@ def cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, weight: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Mean (optionally class-weighted) cross-entropy over non-ignored pixels; 0, not NaN, if all are ignored.
-
-    Weighted pixels are still divided by the pixel count (not the weight sum), so a batch's loss does not
-    depend on which other samples share it.
-    """
-    total = torch.nn.functional.cross_entropy(
-        logits.float(), labels, weight=weight, ignore_index=ignore_index, reduction="sum"
-    )
+    Weighted pixels are still divided by the pixel count (not the weight sum), so a batch's loss does not depend on
+    which other samples share it."""
+    total = F.cross_entropy(logits.float(), labels, weight=weight, ignore_index=ignore_index, reduction="sum")
     return total / (labels != ignore_index).sum().clamp(min=1)
 
 
@@ -208,10 +201,8 @@ def class_pixel_counts(data: Dataset, num_classes: int, ignore_index: int) -> to
 
 
 def class_weights_from_counts(counts: torch.Tensor, how: str) -> torch.Tensor | None:
-    """Per-class loss weights ∝ frequency^-1 (or ^-1/2), capped at 10× the smallest, mean 1 per pixel.
-
-    Absent classes get the cap. `how == "none"` gives None (plain cross-entropy).
-    """
+    """Per-class loss weights ∝ frequency^-1 (or ^-1/2), capped at 10× the smallest, mean 1 per pixel; absent
+    classes get the cap; `how == "none"` gives None (plain cross-entropy)."""
     if how == "none" or counts.sum() <= 0:
         return None
     freq = counts / counts.sum().clamp(min=1)
@@ -221,25 +212,23 @@ def class_weights_from_counts(counts: torch.Tensor, how: str) -> torch.Tensor | 
     return (w / (freq * w).sum().clamp(min=1e-12)).float()
 
 
+@dataclass
 class _SegmenterTask:
     """The segmenter's part of the fit loop: one cross-entropy step on the seeded batches, validation, state."""
 
-    def __init__(
-        self,
-        model: Segmenter,
-        optimizer: Any,
-        precision: Any,
-        data: Dataset,
-        cfg: SegmentTrainConfig,
-        start: int,
-        ignore_index: int,
-        weight: torch.Tensor | None,
-        val_samples: Any,
-    ):
-        self.model, self.optimizer, self.precision, self.cfg = model, optimizer, precision, cfg
-        self.ignore_index, self.weight, self.val_samples = ignore_index, weight, val_samples
-        self.batches = self._batches(data, start)
-        self.val: SegMetrics | None = None
+    model: Segmenter
+    optimizer: Any
+    precision: Precision
+    data: Dataset
+    cfg: SegmentTrainConfig
+    start: int
+    ignore_index: int
+    weight: torch.Tensor | None
+    val_samples: Any
+    val: SegMetrics | None = None  # of the last validation
+
+    def __post_init__(self) -> None:
+        self.batches = self._batches(self.data, self.start)
 
     def _batches(self, data: Dataset, step: int) -> Any:
         """Batches from `step` on, epoch by epoch: a (seed, epoch)-seeded permutation cut into full batches,
@@ -294,21 +283,6 @@ class _SegmenterTask:
         }, {}
 
 
-def _segmenter_config(cfg: SegmentTrainConfig, classes: ClassSpec, normalisation: Normalisation) -> SegmenterConfig:
-    """The model architecture implied by the training settings, the label space and the input bands."""
-    return SegmenterConfig(
-        arch=cfg.arch,
-        encoder=cfg.encoder,
-        num_classes=classes.num_classes,
-        in_channels=normalisation.channels,
-        class_names=tuple(classes.names),
-        ignore_index=classes.ignore_index,
-        encoder_weights_file=cfg.encoder_weights_file,
-        normalisation=normalisation.to_dict(),
-        size=cfg.size,
-    )
-
-
 def _training_data(
     samples: Sequence[Sample] | Dataset,
     synthetic: Sequence[Sample] | Dataset | None,
@@ -340,14 +314,13 @@ def train_on_samples(
     run: RunFolder | None = None,
     resume: bool = False,
     on_step: StepCallback | None = None,
-    normalisation: Normalisation | None = None,
     accelerator: Any = None,
 ) -> TrainOutcome:
     """Train a segmenter on in-memory samples (plus an optional synthetic mix); checkpoints and metrics.jsonl
     only in a `run` folder, whose state `resume` continues. `accelerator`: the entry point's (default: one made here).
 
-    The input normalisation (default: data.yaml's settings, a stretch computed over `samples`; torch datasets carry
-    no settings: 8-bit RGB / 255) is stored in the model's config."""
+    The input normalisation (data.yaml's settings, a stretch computed over `samples`; torch datasets carry no
+    settings: 8-bit RGB / 255) is stored in the model's config."""
     from accelerate.utils import set_seed
 
     cfg.validate()
@@ -357,13 +330,23 @@ def train_on_samples(
     set_seed(cfg.seed)
     if len(samples) == 0:
         raise DataError("no training samples")
-    if normalisation is None:
-        normalisation = Normalisation.rgb8() if isinstance(samples, Dataset) else fit_normalisation(samples)
+    normalisation = Normalisation.rgb8() if isinstance(samples, Dataset) else fit_normalisation(samples)
     data = _training_data(samples, synthetic, cfg, normalisation)
     check_device(cfg.device)
     accelerator = accelerator or make_accelerator(cfg.log_with, None if run is None else run.root / "logs")
     device = torch.device("cpu") if cfg.device == "cpu" else accelerator.device
-    model = Segmenter(_segmenter_config(cfg, classes, normalisation)).to(device)
+    architecture = SegmenterConfig(  # from the training settings, the label space and the input bands
+        arch=cfg.arch,
+        encoder=cfg.encoder,
+        num_classes=classes.num_classes,
+        in_channels=normalisation.channels,
+        class_names=tuple(classes.names),
+        ignore_index=classes.ignore_index,
+        encoder_weights_file=cfg.encoder_weights_file,
+        normalisation=normalisation.to_dict(),
+        size=cfg.size,
+    )
+    model = Segmenter(architecture).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     precision = Precision(cfg.mixed_precision, device)
     total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch(len(data), cfg.batch_size)
@@ -377,8 +360,17 @@ def train_on_samples(
             "classes": list(classes.names),
         }
         run.free = {f"config.{name}" for name in resume_free_names(SegmentTrainConfig)}
-        if resume:
-            step = _load(run, model, optimizer, precision, metrics)
+        if resume:  # model, optimizer, RNG and loss scaler as saved
+            step, tensors, _ = run.load_state(metrics, precision.scaler)
+            try:
+                model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+                load_optimizer_tensors(optimizer, tensors)
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise CheckpointError(
+                    f"checkpoint does not fit this model: {str(e).splitlines()[0][:300]}",
+                    path=run.checkpoint / STATE_TENSORS,
+                    fix="resume with the settings of the original run",
+                ) from None
         else:
             run.start(dataclasses.asdict(cfg), metrics)
     start_trackers(accelerator, "segmenter", dataclasses.asdict(cfg))
@@ -417,21 +409,6 @@ def train_on_samples(
     )
 
 
-def _load(run: RunFolder, model: Segmenter, optimizer: Any, precision: Any, metrics: Metrics) -> int:
-    """Load the run's saved state into model, optimizer, RNG and loss scaler; returns its step."""
-    step, tensors, _ = run.load_state(metrics, precision.scaler)
-    try:
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        load_optimizer_tensors(optimizer, tensors)
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise CheckpointError(
-            f"checkpoint does not fit this model: {str(e).splitlines()[0][:300]}",
-            path=run.checkpoint / STATE_TENSORS,
-            fix="resume with the settings of the original run",
-        ) from None
-    return step
-
-
 def _same_classes(a: ClassSpec, b: ClassSpec, path: str) -> None:
     """Raise DataError unless two datasets share class names and ignore index."""
     if tuple(a.names) != tuple(b.names) or a.ignore_index != b.ignore_index:
@@ -462,11 +439,9 @@ class SegmenterResult:
 def train_segmenter(
     cfg: SegmentTrainConfig, resume: bool = False, on_step: StepCallback | None = None, accelerator: Any = None
 ) -> SegmenterResult:
-    """Validate the datasets, train, save `out/model/` and `out/results.json`; returns the result.
-
-    The run holds `out`'s run lock throughout; an `out` holding an earlier run is refused unless `resume`
-    (continue it) or `cfg.overwrite` (replace it).
-    """
+    """Validate the datasets, train, save `out/model/` and `out/results.json`; returns the result. The run holds
+    `out`'s run lock throughout; an `out` holding an earlier run is refused unless `resume` (continue it) or
+    `cfg.overwrite` (replace it)."""
     cfg.validate()
     if cfg.data is None:
         raise ConfigError("no training data given", fix="set 'data' (--data PATH)")
@@ -581,8 +556,7 @@ def evaluate_segmenter(
     try:
         for groups in loader:
             for group in groups:
-                labels = group["label"].to(device)
-                meter.update(_predict_at(model, group["image"].to(device), size), labels)
+                meter.update(_predict_at(model, group["image"].to(device), size), group["label"].to(device))
     finally:
         model.to(original).train(was_training)
     return meter.compute()
