@@ -1,15 +1,14 @@
-"""Task-oriented synthesis of a labelled dataset: for each mask (of a dataset, a split or a label-only
-folder), K images from the generator with CRFM, optional mask transforms, FreeMask-style filtering.
+"""Task-oriented synthesis of a labelled dataset: for each mask (of a dataset, a split or a label-only folder),
+K images from the generator with CRFM, optional mask transforms, FreeMask-style filtering.
 
-Output: the generic folder layout (images/, masks/, classes.yaml) plus manifest.jsonl. 8-bit RGB generators
-write PNG images; others write GeoTIFFs of the source's bands and sample type (inverse scaling) with the
-data.yaml that reads them back as the source is read (`todsynth.data.bands`). Every sample's
-seed derives from (seed, mask id, transform, copy), so output is independent of batch size and process
-count. Each finished sample leaves a record file (written last, atomically): a killed run resumes by
-skipping recorded samples, and several processes (accelerate, or two independent runs) claim samples
-with lock files so they never write the same one. Once every sample is done the records are gathered
-into manifest.jsonl and the records and claims are removed; a rerun then finds its samples there.
-File names come from `todsynth.filenames.file_stem`, so distinct mask ids never share a file.
+Output: the generic folder layout (images/, masks/, classes.yaml) plus manifest.jsonl. 8-bit RGB generators write
+PNG images; others write GeoTIFFs of the source's bands and sample type (inverse scaling) with the data.yaml that
+reads them back as the source is read (`todsynth.data.bands`). Every sample's seed derives from (seed, mask id,
+transform, copy), so output is independent of batch size and process count. Each finished sample leaves a record
+file (written last, atomically): a killed run resumes by skipping recorded samples, and several processes
+(accelerate, or two independent runs) claim samples with lock files so they never write the same one. Once every
+sample is done the records are gathered into manifest.jsonl and the records and claims are removed; a rerun then
+finds its samples there. File names come from `todsynth.filenames.file_stem`, so distinct mask ids never share a file.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,12 +25,15 @@ from typing import Literal
 
 import numpy as np
 import torch
+import yaml
 
-from todsynth.config import require, require_at_least, resume_free_names, setting
+from todsynth.config import build_config, require, require_at_least, resume_free_names, setting
 from todsynth.crfm import CRFMConfig
 from todsynth.errors import CheckpointError, DataError, TodsynthError
 from todsynth.filenames import file_stem
-from todsynth.runs import read_jsonl
+from todsynth.io import atomic_path, read_json, write_json, write_text
+from todsynth.locks import create_exclusive, owner_alive, owner_tag
+from todsynth.runs import Progress, check_settings, read_jsonl
 
 Transform = Literal["identity", "hflip", "vflip", "rot90", "rot180", "rot270", "crop"]
 RECORDS = ".records"
@@ -63,9 +66,8 @@ class SynthesizeConfig:
     limit: int | None = setting(None, resume_free=True, help="only the first N masks")
     crop: Literal["resize", "center"] = setting(
         "resize",
-        help="how masks reach the generator's size: resize (short "
-        "side, nearest; the long side center-cropped) or center (a window at "
-        "the masks' own scale; tile large masks first with `data tile`)",
+        help="how masks reach the generator's size: resize (short side, nearest; the long side center-cropped) or "
+        "center (a window at the masks' own scale; tile large masks first with `data tile`)",
     )
     filter_stats: str | None = setting(None, help="per-class loss JSON (see class_loss_stats); enables pixel filtering")
     filter_pixels: bool = setting(True, help="with filter_stats: pixels above margin × class loss become ignore")
@@ -111,8 +113,6 @@ class SynthesizeConfig:
 
 def build_synthesize_config(values: dict) -> SynthesizeConfig:
     """SynthesizeConfig from settings (dotted names such as `crfm.steps`, or a nested `crfm` mapping)."""
-    from todsynth.config import build_config
-
     return build_config(SynthesizeConfig, values, "synthesize settings")
 
 
@@ -154,13 +154,9 @@ def transform_label(label: torch.Tensor, name: str, seed_key: int = 0) -> torch.
 
 
 def plan(ids: list[str], cfg: SynthesizeConfig, copies: list[int] | None = None) -> list[WorkItem]:
-    """All work items, in a fixed order (mask, transform, copy)."""
-    items = []
-    for i, sid in enumerate(ids):
-        for t in cfg.transforms:
-            for k in range((copies or [cfg.copies] * len(ids))[i]):
-                items.append(WorkItem(i, sid, t, k))
-    return items
+    """All work items, in a fixed order (mask, transform, copy); `copies` per mask (default: cfg.copies each)."""
+    copies = copies or [cfg.copies] * len(ids)
+    return [WorkItem(i, sid, t, k) for i, sid in enumerate(ids) for t in cfg.transforms for k in range(copies[i])]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,17 +226,21 @@ class OutputFolder:
     def __init__(
         self, root: Path, classes, normalisation=None, settings: dict | None = None, record_settings: bool = True
     ):
-        from todsynth.data.bands import Normalisation
+        """Refuse a folder of other classes, data.yaml or `settings` (batching aside) before writing anything, so a
+        refused rerun leaves it as it was; in a new folder the settings are recorded (with `record_settings`)."""
+        from todsynth.data.bands import Normalisation, data_yaml
 
-        self.root, self.record_settings = root, record_settings
-        self.classes = classes
+        self.root, self.classes = root, classes
         self.normalisation = normalisation or Normalisation.rgb8()
+        self.data_yaml = data_yaml(self.normalisation)  # what the images need to read back as their source
         self._manifest_key: tuple[int, int, int] | None = None
         self._manifest: dict[str, dict] = {}
-        self._check_classes_file()
-        self._check_data_file()
-        if settings is not None:  # a refused rerun leaves the folder as it was
-            self._check_settings(settings)
+        self._check_dataset_files()
+        path = root / SETTINGS_FILE
+        if settings is not None and path.exists():
+            check_settings(read_json(path), settings, resume_free_names(SynthesizeConfig), path, "this folder")
+        elif settings is not None and record_settings:
+            write_json(path, settings)
         for sub in ("images", "masks", RECORDS, CLAIMS):
             try:
                 (root / sub).mkdir(parents=True, exist_ok=True)
@@ -250,10 +250,14 @@ class OutputFolder:
                     path=root / sub,
                     fix="choose a writable output folder",
                 ) from None
-        self._write_classes()
+        if not (root / "classes.yaml").exists():
+            write_text(root / "classes.yaml", yaml.safe_dump(classes.to_dict(), sort_keys=False))
+        if self.data_yaml is not None and not (root / "data.yaml").exists():
+            write_text(root / "data.yaml", self.data_yaml)
 
-    def _check_classes_file(self) -> None:
-        """Refuse a folder whose classes.yaml holds other classes (compared parsed, not as text)."""
+    def _check_dataset_files(self) -> None:
+        """Refuse a folder whose classes.yaml holds other classes (compared parsed, not as text) or whose data.yaml
+        says other bands or scaling than this generator's images need (None: 8-bit RGB PNGs need none)."""
         from todsynth.data.readers import load_classes
 
         path = self.root / "classes.yaml"
@@ -264,17 +268,7 @@ class OutputFolder:
                 path=path,
                 fix="choose an empty output folder",
             )
-
-    def _data_yaml(self) -> str | None:
-        """The data.yaml the images need to read back as their source (None: 8-bit RGB PNGs need none)."""
-        from todsynth.data.bands import data_yaml
-
-        return data_yaml(self.normalisation)
-
-    def _check_data_file(self) -> None:
-        """Refuse a folder whose data.yaml says other bands or scaling than this generator's images need."""
-        path = self.root / "data.yaml"
-        wanted = self._data_yaml()
+        path, wanted = self.root / "data.yaml", self.data_yaml
         if path.exists() and (wanted is None or path.read_text(encoding="utf-8") != wanted):
             raise DataError(
                 "the output folder holds a data.yaml other than this generator's images need "
@@ -283,35 +277,12 @@ class OutputFolder:
                 fix="choose an empty output folder",
             )
 
-    def _write_classes(self) -> None:
-        import yaml
-
-        from todsynth.io import write_text
-
-        path = self.root / "classes.yaml"
-        if not path.exists():
-            write_text(path, yaml.safe_dump(self.classes.to_dict(), sort_keys=False))
-        data = self._data_yaml()
-        if data is not None and not (self.root / "data.yaml").exists():
-            write_text(self.root / "data.yaml", data)
-
     def image_array(self, image: torch.Tensor) -> np.ndarray:
         """A generated CxHxW image in [0, 1] as the samples written: 8-bit RGB, or the source's sample type."""
         from todsynth.data.bands import to_raw
         from todsynth.viz import to_uint8
 
         return to_uint8(image) if self.normalisation.is_rgb8 else to_raw(image, self.normalisation)
-
-    def _check_settings(self, settings: dict) -> None:
-        """Refuse a folder synthesized with other settings (batching aside); record them in a new one."""
-        from todsynth.io import read_json, write_json
-        from todsynth.runs import check_settings
-
-        path = self.root / SETTINGS_FILE
-        if path.exists():
-            check_settings(read_json(path), settings, resume_free_names(SynthesizeConfig), path, "this folder")
-        elif self.record_settings:
-            write_json(path, settings)
 
     def done(self, item: WorkItem) -> bool:
         """Whether the item is finished: it has a record, or (records go once all are done) the manifest lists it."""
@@ -333,8 +304,6 @@ class OutputFolder:
         """Atomically claim an unfinished item (a lock file holding this process); False if it is done or
         another process has it. A process that finishes the folder removes .claims; the item is then done,
         which the check after locking sees."""
-        from todsynth.locks import create_exclusive, owner_tag
-
         if self.done(item):
             return False
         path = self.root / CLAIMS / f"{item.id}.lock"
@@ -356,8 +325,6 @@ class OutputFolder:
 
     def release_stale_claims(self) -> int:
         """Remove claims of processes on this host that no longer run (killed runs); returns how many."""
-        from todsynth.locks import owner_alive
-
         released = 0
         for lock in (self.root / CLAIMS).glob("*.lock"):
             if (self.root / RECORDS / f"{lock.stem}.json").exists() or owner_alive(lock):
@@ -372,7 +339,6 @@ class OutputFolder:
         from PIL import Image
 
         from todsynth.data.bands import write_geotiff
-        from todsynth.io import atomic_path
 
         if self.normalisation.is_rgb8:
             with atomic_path(self.root / "images" / f"{item.id}.png") as tmp:
@@ -385,14 +351,12 @@ class OutputFolder:
 
     def write_record(self, item: WorkItem, record: dict) -> None:
         """The record marks the item done (rejected items get a record and no files)."""
-        from todsynth.io import write_json
-
         write_json(self.root / RECORDS / f"{item.id}.json", record)
 
     def write_manifest(self) -> int:
         """Merge the manifest's records and the per-sample records into manifest.jsonl (sorted by id),
         atomically; returns the count."""
-        from todsynth.io import read_json, write_text
+        from todsynth.io import read_json  # looked up when called, so a stand-in for it (tests) takes effect
 
         path = self.root / MANIFEST
         found = {}
@@ -413,10 +377,8 @@ class OutputFolder:
 
     def finish(self) -> int:
         """Write the complete manifest, then remove the records and claims it makes redundant; returns the count.
-
         The manifest is in place before any record goes, so a process checking an item (record first, then
-        manifest) always finds it done. Leftovers of an interrupted removal are harmless and go next time.
-        """
+        manifest) always finds it done. Leftovers of an interrupted removal are harmless and go next time."""
         total = self.write_manifest()
         for sub in (RECORDS, CLAIMS):
             shutil.rmtree(self.root / sub, ignore_errors=True)
@@ -469,12 +431,9 @@ def synthesize(
     """Run synthesis (resumable, shardable); returns counts and timing. `accelerator`: an accelerate
     PartialState/Accelerator when launched with `accelerate launch` (processes take items[rank::world]);
     `on_batch(done, total)` is called on rank 0 after every batch (the experiment runner logs with it)."""
-    import time
-
     from todsynth.generator.pipeline import MaskToImagePipeline
     from todsynth.generator.runtime import resolve_runtime
-    from todsynth.generator.sample import check_mask_classes
-    from todsynth.runs import Progress
+    from todsynth.generator.sample import check_mask_classes, load_masks
 
     cfg.validate()
     check_output_folder(
@@ -490,20 +449,19 @@ def synthesize(
     runtime = resolve_runtime(cfg.device, cfg.mixed_precision, state=accelerator)
     rank, world = runtime.process_index, runtime.num_processes
     pipe = MaskToImagePipeline.for_runtime(cfg.generator, runtime)
-    labels, prompts, ids, classes = _masks(cfg, pipe.image_size)
+    labels, prompts, ids, classes = load_masks(
+        cfg.masks, cfg.split, pipe.image_size, n=cfg.limit, split_file=cfg.split_file, crop=cfg.crop
+    )
     check_mask_classes(classes, pipe.classes, cfg.masks)
     mask_dtype(classes, cfg.masks)
     segmenter = _segmenter(cfg.segmenter, runtime.device, classes) if cfg.segmenter else None
     if segmenter is not None:  # other bands or sample type than the generator's: refused before anything is made
         _segmenter_images(pipe, segmenter, torch.zeros(1, pipe.normalisation.channels, 1, 1))
     stats = _read_stats(cfg.filter_stats, classes.num_classes) if cfg.filter_stats else None
-    copies = (
-        hardness_copies(labels, stats["class_mean_loss"], cfg.copies, classes.ignore_index)
-        if cfg.hard_resample
-        else None
-    )
-    settings = json.loads(json.dumps(config_dict(cfg)))
-    out = OutputFolder(Path(cfg.out), classes, pipe.normalisation, settings, record_settings=rank == 0)
+    copies = None
+    if cfg.hard_resample:  # validate() made sure of filter_stats
+        copies = hardness_copies(labels, stats["class_mean_loss"], cfg.copies, classes.ignore_index)
+    out = OutputFolder(Path(cfg.out), classes, pipe.normalisation, config_dict(cfg), record_settings=rank == 0)
     runtime.wait_for_everyone()
     out.release_stale_claims()
     items = plan(ids, cfg, copies)
@@ -571,21 +529,8 @@ def _resolved(path: str | Path) -> Path:
         return Path(os.path.abspath(path))
 
 
-def _masks(cfg: SynthesizeConfig, size: int):
-    """Label maps, prompts, ids and classes of the masks: restricted to the split file (whose ids must all
-    be in the dataset) and to the first `limit`."""
-    from todsynth.generator.sample import load_masks
-
-    labels, prompts, ids, classes = load_masks(cfg.masks, cfg.split, size, split_file=cfg.split_file, crop=cfg.crop)
-    if cfg.limit:
-        labels, prompts, ids = labels[: cfg.limit], prompts[: cfg.limit], ids[: cfg.limit]
-    return labels, prompts, ids, classes
-
-
 def _read_stats(path: str, num_classes: int) -> dict:
     """Read a class_loss_stats JSON, checking it holds one mean loss (or null) per class."""
-    from todsynth.io import read_json
-
     stats = read_json(path)
     means = stats.get("class_mean_loss") if isinstance(stats, dict) else None
     ok = (
@@ -670,22 +615,11 @@ def _run_batch(
     labs = torch.stack([lab for lab, _ in inputs])
     texts = [text for _, text in inputs]
     seeds = [sample_seeds(cfg.seed, [_item_key(it)], it.copy)[0] for it in batch]
+    sampling = dict(seeds=seeds, num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, shift=cfg.shift)
     if segmenter is not None and cfg.crfm.steps > 0:
-        images = crfm_sample(
-            pipe,
-            segmenter,
-            labs,
-            cfg.crfm,
-            prompts=texts,
-            seeds=seeds,
-            num_steps=cfg.num_steps,
-            guidance_scale=cfg.guidance_scale,
-            shift=cfg.shift,
-        )
+        images = crfm_sample(pipe, segmenter, labs, cfg.crfm, prompts=texts, **sampling)
     else:
-        images = pipe(
-            labs, texts, seeds=seeds, num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, shift=cfg.shift
-        )
+        images = pipe(labs, texts, **sampling)
     images = images.cpu()
     made = rejected = 0
     logits = None
@@ -724,7 +658,6 @@ def config_dict(cfg: SynthesizeConfig) -> dict:
     """The run's settings as synthesize.json records them: every input path absolute, so a rerun from
     another working directory compares equal."""
     d = asdict(cfg)
-    d["transforms"] = list(cfg.transforms)
     for name in ("generator", "masks", "segmenter", "filter_stats", "split_file"):
         if d[name]:
             d[name] = str(Path(d[name]).resolve())

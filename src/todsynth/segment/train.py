@@ -5,21 +5,23 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+import torch.nn.functional as F
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from todsynth.checkpoint import load_optimizer_tensors, optimizer_tensors
-from todsynth.config import require, require_at_least, resume_free_names, setting
+from todsynth.config import build_config, require, require_at_least, resume_free_names, setting
 from todsynth.data.bands import Normalisation, check_normalisation, dataset_settings, fit_normalisation
 from todsynth.data.check import open_checked
-from todsynth.data.classes import ClassSpec
+from todsynth.data.classes import ClassSpec, class_difference
 from todsynth.data.crops import CropMode
+from todsynth.data.readers import BaseDataset, ignores_split
 from todsynth.data.sample import Sample
 from todsynth.data.torchdata import SegTorchDataset, mix_real_synthetic, set_epoch
 from todsynth.errors import CheckpointError, ConfigError, DataError
@@ -33,6 +35,7 @@ from todsynth.runs import (
     Precision,
     Progress,
     RunFolder,
+    StepCallback,
     fit,
     lr_at,
     make_accelerator,
@@ -43,8 +46,6 @@ from todsynth.segment.metrics import ConfusionAccumulator, SegMetrics
 from todsynth.segment.model import Segmenter, SegmenterConfig, check_encoder
 
 MIN_TRAIN_SAMPLES = 2  # batches are cut full (drop_last) or hold all samples when fewer
-
-StepCallback = Callable[[int, float], None]
 ClassWeighting = Literal["none", "sqrt_inverse", "inverse"]
 Arch = Literal["unet", "deeplabv3plus", "segformer", "fpn"]  # segment.model.ARCHS
 MAX_CLASS_WEIGHT = 10.0
@@ -100,7 +101,7 @@ class SegmentTrainConfig:
         check_encoder(self.encoder)
         for name in ("lr", "poly_power"):
             value = getattr(self, name)
-            require(_finite(value) and value > 0, f"'{name}' must be a finite number > 0, got {value!r}")
+            require(math.isfinite(value) and value > 0, f"'{name}' must be a finite number > 0, got {value!r}")
         require_at_least(self, 0, "weight_decay", "synthetic_ratio", "warmup_steps", "num_workers", "seed")
         require_at_least(self, 1, "epochs", "batch_size", "eval_batch_size", "repeat_real", "log_every")
         require_at_least(self, 1, "checkpoint_every", "steps", "size")
@@ -120,46 +121,22 @@ class TrainOutcome:
     class_weights: list[float] | None = None
 
 
-def _finite(value: Any) -> bool:
-    """Whether `value` is a real finite number."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def steps_per_epoch(n: int, batch_size: int) -> int:
     """Full batches per epoch (the last partial batch is dropped), or 1 when the data is smaller than a batch."""
     return max(1, n // batch_size)
 
 
-def total_steps(cfg: SegmentTrainConfig, n: int) -> int:
-    """Optimizer steps of the whole run."""
-    return cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch(n, cfg.batch_size)
-
-
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The batches of one epoch: a (seed, epoch)-seeded permutation cut into full batches."""
-    order = np.random.default_rng([seed, epoch]).permutation(n).tolist()
-    k = steps_per_epoch(n, batch_size)
-    return [order[i * batch_size : (i + 1) * batch_size] for i in range(k)]
-
-
 def check_device_choice(device: str) -> None:
     """Refuse a --device other than auto, cpu or cuda with the message `segment train` gives (its config's check)."""
-    import typing
-
-    choices = list(get_args(typing.get_type_hints(SegmentTrainConfig)["device"]))
-    if device not in choices:
-        raise ConfigError(
-            f"'device' must be one of {choices}, got {device!r}",
-            path="config",
-            fix=f"give --device {', '.join(choices[:-1])} or {choices[-1]}",
-        )
+    try:
+        build_config(SegmentTrainConfig, {"device": device}, check=False)
+    except ConfigError as e:
+        raise ConfigError(e.problem, path="config", fix="give --device auto, cpu or cuda") from None
 
 
 def check_eval_split(data: str | Path, split: str, default: str = "Val") -> None:
     """Refuse a split other than the default for a dataset that has no splits (only a LoveDA root has them):
     a setting that does not apply is refused, not ignored."""
-    from todsynth.data.readers import ignores_split
-
     if split != default and ignores_split(data):
         raise ConfigError(
             f"--split {split} is given, but {data} has no splits (only a LoveDA root has Train/Val/Test)",
@@ -179,10 +156,6 @@ def _as_train_dataset(
 ) -> Dataset:
     """A torch dataset over samples scaled by `normalisation` (already-torch datasets pass through;
     torchgeo-style items are refused with the adapter to use)."""
-    from torch.utils.data import ConcatDataset
-
-    from todsynth.data.readers import BaseDataset
-
     known = isinstance(samples, (SegTorchDataset, BaseDataset, ConcatDataset))
     first = samples[0] if len(samples) and not known else None
     if isinstance(first, dict) and "label" not in first:
@@ -203,21 +176,15 @@ def cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, weight: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Mean (optionally class-weighted) cross-entropy over non-ignored pixels; 0, not NaN, if all are ignored.
-
-    Weighted pixels are still divided by the pixel count (not the weight sum), so a batch's loss does not
-    depend on which other samples share it.
-    """
-    total = torch.nn.functional.cross_entropy(
-        logits.float(), labels, weight=weight, ignore_index=ignore_index, reduction="sum"
-    )
+    Weighted pixels are still divided by the pixel count (not the weight sum), so a batch's loss does not depend on
+    which other samples share it."""
+    total = F.cross_entropy(logits.float(), labels, weight=weight, ignore_index=ignore_index, reduction="sum")
     return total / (labels != ignore_index).sum().clamp(min=1)
 
 
 def class_pixel_counts(data: Dataset, num_classes: int, ignore_index: int) -> torch.Tensor:
     """Labelled pixels per class over a whole training dataset (ignored pixels excluded); a dataset that
     appears several times in a mix (repeated real data) is read once and counted as often as it appears."""
-    from torch.utils.data import ConcatDataset
-
     if isinstance(data, ConcatDataset):
         counts, seen = torch.zeros(num_classes, dtype=torch.float64), {}
         for part in data.datasets:
@@ -234,10 +201,8 @@ def class_pixel_counts(data: Dataset, num_classes: int, ignore_index: int) -> to
 
 
 def class_weights_from_counts(counts: torch.Tensor, how: str) -> torch.Tensor | None:
-    """Per-class loss weights ∝ frequency^-1 (or ^-1/2), capped at 10× the smallest, mean 1 per pixel.
-
-    Absent classes get the cap. `how == "none"` gives None (plain cross-entropy).
-    """
+    """Per-class loss weights ∝ frequency^-1 (or ^-1/2), capped at 10× the smallest, mean 1 per pixel; absent
+    classes get the cap; `how == "none"` gives None (plain cross-entropy)."""
     if how == "none" or counts.sum() <= 0:
         return None
     freq = counts / counts.sum().clamp(min=1)
@@ -247,48 +212,43 @@ def class_weights_from_counts(counts: torch.Tensor, how: str) -> torch.Tensor | 
     return (w / (freq * w).sum().clamp(min=1e-12)).float()
 
 
-def _epoch_loader(data: Dataset, cfg: SegmentTrainConfig, step: int, pin_memory: bool) -> DataLoader:
-    """The rest of the epoch containing `step`: its seeded batches from that step on, augmented for that epoch.
-
-    The loader gets its own generator, so creating it (e.g. on resume) leaves the global torch RNG alone.
-    """
-    spe = steps_per_epoch(len(data), cfg.batch_size)
-    epoch = step // spe
-    set_epoch(data, epoch)
-    batches = epoch_batches(len(data), cfg.batch_size, cfg.seed, epoch)[step % spe :]
-    return DataLoader(
-        data,
-        batch_sampler=batches,
-        num_workers=cfg.num_workers,
-        pin_memory=pin_memory,
-        generator=torch.Generator().manual_seed(cfg.seed + epoch),
-    )
-
-
+@dataclass
 class _SegmenterTask:
     """The segmenter's part of the fit loop: one cross-entropy step on the seeded batches, validation, state."""
 
-    def __init__(
-        self,
-        model: Segmenter,
-        optimizer: Any,
-        precision: Any,
-        data: Dataset,
-        cfg: SegmentTrainConfig,
-        start: int,
-        ignore_index: int,
-        weight: torch.Tensor | None,
-        val_samples: Any,
-    ):
-        self.model, self.optimizer, self.precision, self.cfg = model, optimizer, precision, cfg
-        self.ignore_index, self.weight, self.val_samples = ignore_index, weight, val_samples
-        self.batches = self._batches(data, start)
-        self.val: SegMetrics | None = None
+    model: Segmenter
+    optimizer: Any
+    precision: Precision
+    data: Dataset
+    cfg: SegmentTrainConfig
+    start: int
+    ignore_index: int
+    weight: torch.Tensor | None
+    val_samples: Any
+    val: SegMetrics | None = None  # of the last validation
+
+    def __post_init__(self) -> None:
+        self.batches = self._batches(self.data, self.start)
 
     def _batches(self, data: Dataset, step: int) -> Any:
-        """Batches from `step` on, epoch by epoch (each epoch's loader made once the previous one is used up)."""
+        """Batches from `step` on, epoch by epoch: a (seed, epoch)-seeded permutation cut into full batches,
+        augmented for that epoch. Each epoch's loader is made once the previous one is used up, with its own
+        generator, so making one (e.g. on resume) leaves the global torch RNG alone."""
+        cfg, n = self.cfg, len(data)
+        spe = steps_per_epoch(n, cfg.batch_size)
         while True:
-            for batch in _epoch_loader(data, self.cfg, step, self.precision.device.type == "cuda"):
+            epoch = step // spe
+            set_epoch(data, epoch)
+            order = np.random.default_rng([cfg.seed, epoch]).permutation(n).tolist()
+            batches = [order[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(spe)][step % spe :]
+            loader = DataLoader(
+                data,
+                batch_sampler=batches,
+                num_workers=cfg.num_workers,
+                pin_memory=self.precision.device.type == "cuda",
+                generator=torch.Generator().manual_seed(cfg.seed + epoch),
+            )
+            for batch in loader:
                 yield batch
                 step += 1
 
@@ -323,29 +283,6 @@ class _SegmenterTask:
         }, {}
 
 
-def _segmenter_config(cfg: SegmentTrainConfig, classes: ClassSpec, normalisation: Normalisation) -> SegmenterConfig:
-    """The model architecture implied by the training settings, the label space and the input bands."""
-    return SegmenterConfig(
-        arch=cfg.arch,
-        encoder=cfg.encoder,
-        num_classes=classes.num_classes,
-        in_channels=normalisation.channels,
-        class_names=tuple(classes.names),
-        ignore_index=classes.ignore_index,
-        encoder_weights_file=cfg.encoder_weights_file,
-        normalisation=normalisation.to_dict(),
-        size=cfg.size,
-    )
-
-
-def training_normalisation(samples: Sequence[Sample] | Dataset) -> Normalisation:
-    """The input normalisation a segmenter trains with: data.yaml's settings, a stretch computed over `samples`
-    (torch datasets carry no settings: 8-bit RGB / 255)."""
-    if isinstance(samples, Dataset) or len(samples) == 0:
-        return Normalisation.rgb8()
-    return fit_normalisation(samples)
-
-
 def _training_data(
     samples: Sequence[Sample] | Dataset,
     synthetic: Sequence[Sample] | Dataset | None,
@@ -354,8 +291,6 @@ def _training_data(
 ) -> Dataset:
     """The real (+ synthetic) training mix as one torch dataset, all scaled by the real data's normalisation."""
     real = _as_train_dataset(samples, cfg, normalisation)
-    if len(real) == 0:
-        raise DataError("no training samples")
     if synthetic is not None and not isinstance(synthetic, Dataset):
         check_normalisation(synthetic, normalisation, "being trained")
     syn = None if synthetic is None else _as_train_dataset(synthetic, cfg, normalisation)
@@ -379,13 +314,13 @@ def train_on_samples(
     run: RunFolder | None = None,
     resume: bool = False,
     on_step: StepCallback | None = None,
-    normalisation: Normalisation | None = None,
     accelerator: Any = None,
 ) -> TrainOutcome:
     """Train a segmenter on in-memory samples (plus an optional synthetic mix); checkpoints and metrics.jsonl
     only in a `run` folder, whose state `resume` continues. `accelerator`: the entry point's (default: one made here).
 
-    The input normalisation (default: `training_normalisation(samples)`) is stored in the model's config."""
+    The input normalisation (data.yaml's settings, a stretch computed over `samples`; torch datasets carry no
+    settings: 8-bit RGB / 255) is stored in the model's config."""
     from accelerate.utils import set_seed
 
     cfg.validate()
@@ -395,15 +330,26 @@ def train_on_samples(
     set_seed(cfg.seed)
     if len(samples) == 0:
         raise DataError("no training samples")
-    normalisation = normalisation or training_normalisation(samples)
+    normalisation = Normalisation.rgb8() if isinstance(samples, Dataset) else fit_normalisation(samples)
     data = _training_data(samples, synthetic, cfg, normalisation)
     check_device(cfg.device)
     accelerator = accelerator or make_accelerator(cfg.log_with, None if run is None else run.root / "logs")
     device = torch.device("cpu") if cfg.device == "cpu" else accelerator.device
-    model = Segmenter(_segmenter_config(cfg, classes, normalisation)).to(device)
+    architecture = SegmenterConfig(  # from the training settings, the label space and the input bands
+        arch=cfg.arch,
+        encoder=cfg.encoder,
+        num_classes=classes.num_classes,
+        in_channels=normalisation.channels,
+        class_names=tuple(classes.names),
+        ignore_index=classes.ignore_index,
+        encoder_weights_file=cfg.encoder_weights_file,
+        normalisation=normalisation.to_dict(),
+        size=cfg.size,
+    )
+    model = Segmenter(architecture).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     precision = Precision(cfg.mixed_precision, device)
-    total = total_steps(cfg, len(data))
+    total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch(len(data), cfg.batch_size)
     metrics = Metrics(None if run is None else run.root / METRICS_FILE, accelerator)
     step = 0
     if run is not None:
@@ -414,18 +360,24 @@ def train_on_samples(
             "classes": list(classes.names),
         }
         run.free = {f"config.{name}" for name in resume_free_names(SegmentTrainConfig)}
-        if resume:
-            step = _load(run, model, optimizer, precision, metrics)
+        if resume:  # model, optimizer, RNG and loss scaler as saved
+            step, tensors, _ = run.load_state(metrics, precision.scaler)
+            try:
+                model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+                load_optimizer_tensors(optimizer, tensors)
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise CheckpointError(
+                    f"checkpoint does not fit this model: {str(e).splitlines()[0][:300]}",
+                    path=run.checkpoint / STATE_TENSORS,
+                    fix="resume with the settings of the original run",
+                ) from None
         else:
             run.start(dataclasses.asdict(cfg), metrics)
     start_trackers(accelerator, "segmenter", dataclasses.asdict(cfg))
-    weight = (
-        class_weights_from_counts(
-            class_pixel_counts(data, classes.num_classes, classes.ignore_index), cfg.class_weights
-        )
-        if cfg.class_weights != "none"
-        else None
-    )
+    weight = None
+    if cfg.class_weights != "none":  # counting reads every training label: only when weighting
+        counts = class_pixel_counts(data, classes.num_classes, classes.ignore_index)
+        weight = class_weights_from_counts(counts, cfg.class_weights)
     if weight is not None:
         weight = weight.to(device)
     task = _SegmenterTask(model, optimizer, precision, data, cfg, step, classes.ignore_index, weight, val_samples)
@@ -455,21 +407,6 @@ def train_on_samples(
         time.perf_counter() - start,
         None if weight is None else weight.cpu().tolist(),
     )
-
-
-def _load(run: RunFolder, model: Segmenter, optimizer: Any, precision: Any, metrics: Metrics) -> int:
-    """Load the run's saved state into model, optimizer, RNG and loss scaler; returns its step."""
-    step, tensors, _ = run.load_state(metrics, precision.scaler)
-    try:
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        load_optimizer_tensors(optimizer, tensors)
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise CheckpointError(
-            f"checkpoint does not fit this model: {str(e).splitlines()[0][:300]}",
-            path=run.checkpoint / STATE_TENSORS,
-            fix="resume with the settings of the original run",
-        ) from None
-    return step
 
 
 def _same_classes(a: ClassSpec, b: ClassSpec, path: str) -> None:
@@ -502,11 +439,9 @@ class SegmenterResult:
 def train_segmenter(
     cfg: SegmentTrainConfig, resume: bool = False, on_step: StepCallback | None = None, accelerator: Any = None
 ) -> SegmenterResult:
-    """Validate the datasets, train, save `out/model/` and `out/results.json`; returns the result.
-
-    The run holds `out`'s run lock throughout; an `out` holding an earlier run is refused unless `resume`
-    (continue it) or `cfg.overwrite` (replace it).
-    """
+    """Validate the datasets, train, save `out/model/` and `out/results.json`; returns the result. The run holds
+    `out`'s run lock throughout; an `out` holding an earlier run is refused unless `resume` (continue it) or
+    `cfg.overwrite` (replace it)."""
     cfg.validate()
     if cfg.data is None:
         raise ConfigError("no training data given", fix="set 'data' (--data PATH)")
@@ -554,8 +489,6 @@ def _eval_dataset(data: str | Path | Sequence[Sample] | Dataset, split: str, mod
     classes = getattr(data, "classes", None)
     names = model.config.class_names
     if classes is not None and names is not None and tuple(classes.names) != tuple(names):
-        from todsynth.data.classes import class_difference
-
         raise DataError(
             f"dataset classes {class_difference(list(classes.names), list(names))} differ from the "
             f"model's {class_difference(list(names), list(classes.names))}",
@@ -579,8 +512,6 @@ def _collate_by_size(items: list[dict[str, torch.Tensor]]) -> list[dict[str, tor
 @torch.no_grad()
 def _predict_at(model: Segmenter, images: torch.Tensor, size: int | None) -> torch.Tensor:
     """Labels at the images' resolution, predicted at `size` x `size` when given."""
-    import torch.nn.functional as F
-
     h, w = images.shape[-2:]
     if size is None or (h, w) == (size, size):
         return model(images).argmax(dim=1)
@@ -625,8 +556,7 @@ def evaluate_segmenter(
     try:
         for groups in loader:
             for group in groups:
-                labels = group["label"].to(device)
-                meter.update(_predict_at(model, group["image"].to(device), size), labels)
+                meter.update(_predict_at(model, group["image"].to(device), size), group["label"].to(device))
     finally:
         model.to(original).train(was_training)
     return meter.compute()
