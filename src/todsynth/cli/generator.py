@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from todsynth.cli.common import Settings, SettingsCommand, arg, finish, friendly, with_settings
+from todsynth.cli.common import SettingsCommand, arg, finish, friendly, with_settings
 
 if TYPE_CHECKING:
     from todsynth.generator.train import GeneratorResult, GeneratorTrainConfig
@@ -38,14 +38,13 @@ TRAINING = ("steps", "batch_size", "size", "resume", "overwrite")
         ),
     },
 )
-def train(*, settings: Settings) -> None:
+def train(cfg: Any) -> None:
     """Train the generator with rectified-flow matching (multi-GPU: `accelerate launch -m todsynth.cli.main`).
 
     Every other setting (model size: --set model=sd3.5-medium, memory presets, ...): `todsynth config show
     generator-train`; --set resume=auto continues only if a checkpoint exists."""
     from todsynth.generator.train import train_generator
 
-    cfg = settings.resolve()
     summary = train_generator(cfg)
     model = Path(cfg.out) / "model"
     _finished(
@@ -91,14 +90,13 @@ def _finished(what: str, summary: GeneratorResult, cfg: GeneratorTrainConfig, *n
         "prompt": (str, 'Prompt of uncaptioned images (default "a satellite image").'),
     },
 )
-def pretrain(*, settings: Settings) -> None:
+def pretrain(cfg: Any) -> None:
     """Pretrain a base (text + image streams, no masks) on unlabeled images; fine-tune with `train --init OUT`.
 
     Rectified flow as `generator train` (resumable; multi-GPU: `accelerate launch -m todsynth.cli.main`); every
     setting: `todsynth config show generator-pretrain`."""
     from todsynth.generator.pretrain import pretrain_generator
 
-    cfg = settings.resolve()
     summary = pretrain_generator(cfg)
     _finished("base", summary, cfg, f"todsynth generator train DATA --init {arg(cfg.out)}")
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from todsynth.cli.common import Resume, Settings, SettingsCommand, arg, console, finish, friendly, with_settings
+from todsynth.cli.common import SHARED, SettingsCommand, arg, console, finish, friendly, with_settings
 
 app = typer.Typer(help="Train and evaluate segmentation models (stage c).", no_args_is_help=True)
 
@@ -36,14 +37,13 @@ app = typer.Typer(help="Train and evaluate segmentation models (stage c).", no_a
         "lr": (float, "AdamW learning rate."),
     },
 )
-def train(resume: Resume = False, *, settings: Settings) -> None:
+def train(cfg: Any, resume: bool = typer.Option(False, "--resume", help=SHARED["resume"][1])) -> None:
     """Train a segmenter; writes OUT/model/, OUT/results.json and OUT/checkpoint/.
 
     Every other setting (epochs, schedule, class_weights, mixed_precision, ...) by --set or --config: `todsynth
     config show segment-train`."""
     from todsynth.segment.train import train_segmenter
 
-    cfg = settings.resolve()
     results = train_segmenter(cfg, resume=resume)
     if results.val is not None:
         console.print(_metrics_table(results.val, "validation"))
