@@ -67,33 +67,17 @@ SHARED: dict[str, tuple[type, str]] = {
 }
 
 
-def _option(name: str, tp: type, text: str) -> Any:
-    """The CLI option of a setting: a flag for a bool (False: not given), else a value (None: not given)."""
-    if tp is bool:
-        return Annotated[bool, typer.Option(f"--{name.replace('_', '-')}", help=text)]
-    return Annotated[tp | None, typer.Option(show_default=False, help=text)]  # type: ignore[valid-type]
+def _option(name: str, tp: Any, text: str) -> Any:
+    """The option --NAME of a setting: a flag for a bool (False: not given), else a value (None: not given)."""
+    option = typer.Option(f"--{name.rstrip('_').replace('_', '-')}", help=text)
+    return Annotated[bool, option] if tp is bool else Annotated[tp | None, option]
 
 
-FILE_OPTIONS = {
-    "config": Annotated[
-        Path | None,
-        typer.Option(
-            "--config",
-            show_default=False,
-            help="YAML file of settings, nested or dotted keys (as `todsynth config show` prints).",
-        ),
-    ],
-    "set_": Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set",
-            show_default=False,
-            help="Any setting as key=value, dotted for nested ones (model.num_layers=6); repeatable.",
-        ),
-    ],
-    "print_config": _option(
-        "print_config", bool, "Print the resolved settings as YAML (readable by --config) and exit."
-    ),
+# --config, --set and --print-config of every config-driven command
+FILE_OPTIONS: dict[str, tuple[Any, str]] = {
+    "config": (Path, "YAML file of settings, nested or dotted keys (as `todsynth config show` prints)."),
+    "set_": (list[str], "Any setting as key=value, dotted for nested ones (model.num_layers=6); repeatable."),
+    "print_config": (bool, "Print the resolved settings as YAML (readable by --config) and exit."),
 }
 
 
@@ -123,7 +107,7 @@ class SettingsCommand(TyperCommand):
             if param.name in names and not getattr(param, "is_flag", False):
                 value = _setting(cfg, names[param.name])
                 if value not in (None, ""):
-                    param.default, param.show_default = value, True
+                    param.default = value
         super().format_help(ctx, formatter)
 
 
@@ -146,12 +130,11 @@ def with_settings(
     usage error, as typer makes it for a required argument."""
     arguments, names = arguments or {}, names or {}
     added: dict[str, Any] = {
-        n: Annotated[str | None, typer.Argument(metavar=n.upper(), show_default=False, help=text)]
-        for n, text in arguments.items()
+        n: Annotated[str | None, typer.Argument(metavar=n.upper(), help=text)] for n, text in arguments.items()
     }
     added.update({n: _option(n, *spec) for n, spec in {**(options or {}), **{n: SHARED[n] for n in shared}}.items()})
     settings = {n: names.get(n, n) for n in added}
-    added.update(FILE_OPTIONS)
+    added.update({n: _option(n, *spec) for n, spec in FILE_OPTIONS.items()})
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -175,17 +158,13 @@ def with_settings(
                 ctx.fail(f"Missing argument{plural} {shown} (required unless --config gives {keys}).")
             return fn(load_config(cls, config, values, defaults), **kw)
 
+        kw_only = inspect.Parameter.KEYWORD_ONLY
         own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "cfg"]
         extra = [
-            inspect.Parameter(
-                n,
-                inspect.Parameter.KEYWORD_ONLY,
-                annotation=tp,
-                default=False if typing.get_args(tp)[0] is bool else None,
-            )
+            inspect.Parameter(n, kw_only, annotation=tp, default=False if typing.get_args(tp)[0] is bool else None)
             for n, tp in added.items()
         ]
-        params = [*own, *extra, inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)]
+        params = [*own, *extra, inspect.Parameter("ctx", kw_only, annotation=typer.Context)]
         command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in params}
         command.settings_stage, command.settings_names = stage, settings  # type: ignore[attr-defined]

@@ -62,7 +62,6 @@ def evaluate(
     data: Path = typer.Argument(..., help="Dataset to score."),
     split: str | None = typer.Option(
         None,
-        show_default=False,
         help="Split of a LoveDA root: Val, or the root's only split when it has no Val (as `data toy` writes); "
         "other layouts have no splits.",
     ),
