@@ -14,28 +14,26 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 
 console = Console()
 err_console = Console(stderr=True)
 
 
-def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorator: a TodsynthError becomes 'error: <message>' on stderr and exit code 2, not a traceback."""
+class Friendly(TyperGroup):
+    """A command group whose commands' TodsynthErrors become 'error: <message>' on stderr and exit code 2, not a
+    traceback."""
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def invoke(self, ctx: Any) -> Any:
         from rich.markup import escape
 
         from todsynth.errors import TodsynthError
 
         try:
-            return fn(*args, **kwargs)
+            return super().invoke(ctx)
         except TodsynthError as e:
             err_console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-
-    return wrapper
 
 
 def arg(path: object) -> str:

@@ -7,9 +7,9 @@ from typing import Any
 
 import typer
 
-from todsynth.cli.common import friendly
+from todsynth.cli.common import Friendly
 
-app = typer.Typer(help="Show the settings of a stage.", no_args_is_help=True)
+app = typer.Typer(help="Show the settings of a stage.", no_args_is_help=True, cls=Friendly)
 
 
 class StageName(str, Enum):
@@ -43,7 +43,6 @@ def stage_config(stage: StageName) -> tuple[type, dict[str, Any]]:
 
 
 @app.command()
-@friendly
 def show(stage: StageName = typer.Argument(..., help="The stage whose settings to print.")) -> None:
     """Print every setting of STAGE with its default, type and help (comments): a file for --config."""
     from todsynth.config import config_yaml, load_config

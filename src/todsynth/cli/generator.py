@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from todsynth.cli.common import SettingsCommand, arg, finish, friendly, with_settings
+from todsynth.cli.common import Friendly, SettingsCommand, arg, finish, with_settings
 
 if TYPE_CHECKING:
     from todsynth.generator.train import GeneratorResult, GeneratorTrainConfig
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 app = typer.Typer(
     help="Stage (a): pretrain a base on unlabeled images, train the mask-controlled MM-DiT, sample from it.",
     no_args_is_help=True,
+    cls=Friendly,
 )
 
 # The shared options of both trainers.
@@ -22,7 +23,6 @@ TRAINING = ("steps", "batch_size", "size", "resume", "overwrite")
 
 
 @app.command(cls=SettingsCommand)
-@friendly
 @with_settings(
     *TRAINING,
     stage="generator-train",
@@ -74,7 +74,6 @@ def _finished(what: str, summary: GeneratorResult, cfg: GeneratorTrainConfig, *n
 
 
 @app.command(cls=SettingsCommand)
-@friendly
 @with_settings(
     *TRAINING,
     stage="generator-pretrain",
@@ -102,7 +101,6 @@ def pretrain(cfg: Any) -> None:
 
 
 @app.command()
-@friendly
 def sample(
     model: Path = typer.Argument(..., help="Generator folder (out/model of `generator train`)."),
     masks: str = typer.Argument(..., help="Dataset whose masks condition the images."),

@@ -9,13 +9,12 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from todsynth.cli.common import SHARED, SettingsCommand, arg, console, finish, friendly, with_settings
+from todsynth.cli.common import SHARED, Friendly, SettingsCommand, arg, console, finish, with_settings
 
-app = typer.Typer(help="Train and evaluate segmentation models (stage c).", no_args_is_help=True)
+app = typer.Typer(help="Train and evaluate segmentation models (stage c).", no_args_is_help=True, cls=Friendly)
 
 
 @app.command(cls=SettingsCommand)
-@friendly
 @with_settings(
     "size",
     "steps",
@@ -56,7 +55,6 @@ def train(cfg: Any, resume: bool = typer.Option(False, "--resume", help=SHARED["
 
 
 @app.command("eval")
-@friendly
 def evaluate(
     model_dir: Path = typer.Argument(..., help="Folder written by training (OUT/model)."),
     data: Path = typer.Argument(..., help="Dataset to score."),

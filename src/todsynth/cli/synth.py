@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from todsynth.cli.common import arg, finish, friendly, with_settings
+from todsynth.cli.common import arg, finish, with_settings
 
 
-@friendly
 @with_settings(
     "num_steps",
     "guidance_scale",
