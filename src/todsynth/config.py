@@ -74,17 +74,12 @@ def _coerce(name: str, value: Any, tp: Any, source: str, strict: bool = False) -
         raise ConfigError(f"'{name}' must be true or false, got {value!r}", path=source)
     if tp in (int, float):
         try:
-            f = float(value)
+            f = None if isinstance(value, bool) else float(value)
         except (TypeError, ValueError):
             f = None
-        if f is None or isinstance(value, bool):
-            raise ConfigError(
-                f"'{name}' must be {'an integer' if tp is int else 'a number'}, got {value!r}", path=source
-            )
-        if not math.isfinite(f) or (tp is int and f != int(f)):
-            raise ConfigError(
-                f"'{name}' must be {'an integer' if tp is int else 'a finite number'}, got {value!r}", path=source
-            )
+        if f is None or not math.isfinite(f) or (tp is int and f != int(f)):
+            kind = "an integer" if tp is int else "a number" if f is None else "a finite number"
+            raise ConfigError(f"'{name}' must be {kind}, got {value!r}", path=source)
         return int(f) if tp is int else f
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -142,14 +137,8 @@ def build_config(
                 path=source,
                 fix=None if strict else "use a setting `todsynth config show STAGE` lists",
             )
-    missing = [
-        n
-        for n, f in fields.items()
-        if n not in own
-        and n not in nested
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
-    ]
+    required = [n for n, f in fields.items() if f.default is f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if n not in own and n not in nested]
     if missing:
         raise ConfigError(f"missing setting(s) {[prefix + n for n in missing]}", path=source)
     kwargs = {k: _coerce(prefix + k, v, hints[k], source, strict) for k, v in own.items()}
