@@ -153,10 +153,10 @@ def build_config(
     return cfg
 
 
-def flatten(cls: type, values: Any, unique: bool = False) -> dict[str, Any]:
+def flatten(cls: type, values: Any, file: str | Path | None = None) -> dict[str, Any]:
     """Settings of the config class `cls` as {dotted name: value}: nested mappings (and config instances) of its
     nested configs flattened, mapping-valued settings of their own kept whole. A later spelling of a setting wins
-    (`{**asdict(cfg), "crfm.steps": 0}`), unless `unique` (one file: two values of one setting are refused)."""
+    (`{**asdict(cfg), "crfm.steps": 0}`), unless they come from one `file` (two values of one setting: refused)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     out: dict[str, Any] = {}
@@ -168,8 +168,8 @@ def flatten(cls: type, values: Any, unique: bool = False) -> dict[str, Any]:
         else:
             items = {str(key): value}
         for name, v in items.items():  # e.g. `model: {num_layers: 2}` beside `model.num_layers: 3`
-            if unique and name in out and out[name] != v:
-                raise ConfigError(f"'{name}' is given twice, as {out[name]!r} and {v!r}", fix="give it once")
+            if file is not None and name in out and out[name] != v:
+                raise ConfigError(f"'{name}' is given twice, as {out[name]!r} and {v!r}", path=file, fix="give it once")
             out[name] = v
     return out
 
@@ -241,10 +241,7 @@ def load_config(
             raise ConfigError(f"not valid YAML: {e}", path=path, fix="fix the YAML syntax") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError("expected a mapping of setting: value", path=path)
-        try:
-            values.update(flatten(cls, loaded or {}, unique=True))
-        except ConfigError as e:
-            raise ConfigError(e.problem, path=path, fix=e.fix) from None
+        values.update(flatten(cls, loaded or {}, path))
     values.update({k: v for k, v in flatten(cls, overrides or {}).items() if v is not None})
     return build_config(cls, values, source, check=check)
 
