@@ -279,12 +279,9 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 
 
 def config_from_file(cls: type[C], data: Any, path: str | Path, fix: str) -> C:
-    """Build `cls` from a model file's JSON content with build_config's checks and strict types.
-
-    Model folders (segmenter config.json, generator pipeline.json and transformer/config.json) are read
-    through here, so one place checks their keys, types and ranges; any problem is a CheckpointError
-    naming `path`, with `fix` unless the check gave a more specific one.
-    """
+    """Build `cls` from a model file's JSON content with build_config's checks and strict types: model folders are
+    read through here, so one place checks their keys, types and ranges; a problem is a CheckpointError naming `path`,
+    with `fix` unless the check gave a more specific one."""
     if not isinstance(data, dict):
         raise CheckpointError(
             f"expected a JSON object of setting: value, got {type(data).__name__}", path=path, fix=fix
@@ -343,10 +340,7 @@ def flat_dict(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """A nested settings mapping (e.g. `dataclasses.asdict` of a config) as {dotted name: value}."""
     out: dict[str, Any] = {}
     for k, v in values.items():
-        if isinstance(v, dict):
-            out.update(flat_dict(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
+        out.update(flat_dict(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
 

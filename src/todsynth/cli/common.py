@@ -110,22 +110,17 @@ class SettingsCommand(TyperCommand):
 
 
 def with_settings(
-    *shared: str,
     stage: str,
+    shared: tuple[str, ...] = (),
     arguments: dict[str, str] | None = None,
     options: dict[str, tuple[type, str]] | None = None,
     names: dict[str, str] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator of the config-driven command of `stage` (a `config show` stage name): its settings as CLI
-    parameters; the command receives the resolved config as `cfg`. Register it with `cls=SettingsCommand`.
-
-    `arguments` (name: help) are positional, `options` (name: (type, help)) the command's own options, `shared`
-    the options of SHARED (one spelling per concept across commands), then --config, --set, --print-config.
-    `names` maps a parameter to its dotted setting (control: model.control); others are the setting itself.
-
-    The config: the command's defaults, the --config file, the options, then --set; with --print-config it is
-    printed as `config show` does and the command exits. A positional argument that none of these gives is a
-    usage error, as typer makes it for a required argument."""
+    """Decorator of the config-driven command of `stage` (a `config show` stage name; register it with
+    `cls=SettingsCommand`): `arguments` (name: help) positional, `options` (name: (type, help)) its own, `shared` those
+    of SHARED, then --config, --set and --print-config; `names` maps a parameter to its dotted setting (control:
+    model.control). The command gets `cfg`: its defaults, the --config file, the options, then --set; a positional
+    argument that none of these gives is a usage error, as typer makes it for a required argument."""
     arguments, names = arguments or {}, names or {}
     added: dict[str, Any] = {
         n: Annotated[str | None, typer.Argument(metavar=n.upper(), help=text)] for n, text in arguments.items()

@@ -24,8 +24,8 @@ TRAINING = ("steps", "batch_size", "size", "resume", "overwrite")
 
 @app.command(cls=SettingsCommand)
 @with_settings(
-    *TRAINING,
-    stage="generator-train",
+    "generator-train",
+    TRAINING,
     names={"control": "model.control"},
     arguments={"data": "Dataset (LoveDA, folder or JSONL layout); required unless --config gives 'data'."},
     options={
@@ -75,8 +75,8 @@ def _finished(what: str, summary: GeneratorResult, cfg: GeneratorTrainConfig, *n
 
 @app.command(cls=SettingsCommand)
 @with_settings(
-    *TRAINING,
-    stage="generator-pretrain",
+    "generator-pretrain",
+    TRAINING,
     names={"images": "data"},
     arguments={
         "images": "Unlabeled images: a folder of images, any dataset (masks ignored), or "

@@ -16,13 +16,8 @@ app = typer.Typer(help="Train and evaluate segmentation models (stage c).", no_a
 
 @app.command(cls=SettingsCommand)
 @with_settings(
-    "size",
-    "steps",
-    "batch_size",
-    "seed",
-    "device",
-    "overwrite",
-    stage="segment-train",
+    "segment-train",
+    ("size", "steps", "batch_size", "seed", "device", "overwrite"),
     arguments={
         "data": "Training dataset (LoveDA root, image/mask folder or .jsonl); required unless --config gives 'data'."
     },

@@ -8,12 +8,8 @@ from todsynth.cli.common import arg, finish, with_settings
 
 
 @with_settings(
-    "num_steps",
-    "guidance_scale",
-    "batch_size",
-    "seed",
-    "device",
-    stage="synthesize",
+    "synthesize",
+    ("num_steps", "guidance_scale", "batch_size", "seed", "device"),
     names={"crfm_steps": "crfm.steps"},
     arguments={
         "generator": "Generator folder (out/model of `generator train`).",
