@@ -61,16 +61,12 @@ def _finished(what: str, summary: GeneratorResult, cfg: GeneratorTrainConfig, *n
     it stopped at and how to continue."""
     loss = "" if summary.final_loss is None else f"; final loss {summary.final_loss:.4f}"
     if summary.steps < cfg.steps:
-        finish(
-            f"stopped at step {summary.steps} of {cfg.steps}{loss}; run folder {cfg.out}",
-            "the same command with --resume",
-        )
-        return
-    finish(
-        f"{what} saved to {summary.model}{loss}, {summary.wall_time_s:.1f} s; run folder {cfg.out} (config.json, "
-        "metrics.jsonl, checkpoint/)",
-        *next_commands,
-    )
+        done = f"stopped at step {summary.steps} of {cfg.steps}{loss}; run folder {cfg.out}"
+        next_commands = ("the same command with --resume",)
+    else:
+        done = f"{what} saved to {summary.model}{loss}, {summary.wall_time_s:.1f} s; run folder {cfg.out} "
+        done += "(config.json, metrics.jsonl, checkpoint/)"
+    finish(done, *next_commands)
 
 
 @app.command(cls=SettingsCommand)
@@ -79,9 +75,8 @@ def _finished(what: str, summary: GeneratorResult, cfg: GeneratorTrainConfig, *n
     TRAINING,
     names={"images": "data"},
     arguments={
-        "images": "Unlabeled images: a folder of images, any dataset (masks ignored), or "
-        "toy:N[:SEED] for N tiles of the embedded toy pool; required unless --config "
-        "gives 'data'."
+        "images": "Unlabeled images: a folder of images, any dataset (masks ignored), or toy:N[:SEED] for N tiles "
+        "of the embedded toy pool; required unless --config gives 'data'."
     },
     options={
         "out": (str, "Output folder; the base model is written to OUT/model."),
