@@ -74,17 +74,12 @@ def _coerce(name: str, value: Any, tp: Any, source: str, strict: bool = False) -
         raise ConfigError(f"'{name}' must be true or false, got {value!r}", path=source)
     if tp in (int, float):
         try:
-            f = float(value)
+            f = None if isinstance(value, bool) else float(value)
         except (TypeError, ValueError):
             f = None
-        if f is None or isinstance(value, bool):
-            raise ConfigError(
-                f"'{name}' must be {'an integer' if tp is int else 'a number'}, got {value!r}", path=source
-            )
-        if not math.isfinite(f) or (tp is int and f != int(f)):
-            raise ConfigError(
-                f"'{name}' must be {'an integer' if tp is int else 'a finite number'}, got {value!r}", path=source
-            )
+        if f is None or not math.isfinite(f) or (tp is int and f != int(f)):
+            kind = "an integer" if tp is int else "a number" if f is None else "a finite number"
+            raise ConfigError(f"'{name}' must be {kind}, got {value!r}", path=source)
         return int(f) if tp is int else f
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -142,14 +137,8 @@ def build_config(
                 path=source,
                 fix=None if strict else "use a setting `todsynth config show STAGE` lists",
             )
-    missing = [
-        n
-        for n, f in fields.items()
-        if n not in own
-        and n not in nested
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
-    ]
+    required = [n for n, f in fields.items() if f.default is f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if n not in own and n not in nested]
     if missing:
         raise ConfigError(f"missing setting(s) {[prefix + n for n in missing]}", path=source)
     kwargs = {k: _coerce(prefix + k, v, hints[k], source, strict) for k, v in own.items()}
@@ -164,10 +153,10 @@ def build_config(
     return cfg
 
 
-def flatten(cls: type, values: Any, unique: bool = False) -> dict[str, Any]:
+def flatten(cls: type, values: Any, file: str | Path | None = None) -> dict[str, Any]:
     """Settings of the config class `cls` as {dotted name: value}: nested mappings (and config instances) of its
     nested configs flattened, mapping-valued settings of their own kept whole. A later spelling of a setting wins
-    (`{**asdict(cfg), "crfm.steps": 0}`), unless `unique` (one file: two values of one setting are refused)."""
+    (`{**asdict(cfg), "crfm.steps": 0}`), unless they come from one `file` (two values of one setting: refused)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     out: dict[str, Any] = {}
@@ -179,8 +168,8 @@ def flatten(cls: type, values: Any, unique: bool = False) -> dict[str, Any]:
         else:
             items = {str(key): value}
         for name, v in items.items():  # e.g. `model: {num_layers: 2}` beside `model.num_layers: 3`
-            if unique and name in out and out[name] != v:
-                raise ConfigError(f"'{name}' is given twice, as {out[name]!r} and {v!r}", fix="give it once")
+            if file is not None and name in out and out[name] != v:
+                raise ConfigError(f"'{name}' is given twice, as {out[name]!r} and {v!r}", path=file, fix="give it once")
             out[name] = v
     return out
 
@@ -252,10 +241,7 @@ def load_config(
             raise ConfigError(f"not valid YAML: {e}", path=path, fix="fix the YAML syntax") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError("expected a mapping of setting: value", path=path)
-        try:
-            values.update(flatten(cls, loaded or {}, unique=True))
-        except ConfigError as e:
-            raise ConfigError(e.problem, path=path, fix=e.fix) from None
+        values.update(flatten(cls, loaded or {}, path))
     values.update({k: v for k, v in flatten(cls, overrides or {}).items() if v is not None})
     return build_config(cls, values, source, check=check)
 
@@ -293,12 +279,9 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 
 
 def config_from_file(cls: type[C], data: Any, path: str | Path, fix: str) -> C:
-    """Build `cls` from a model file's JSON content with build_config's checks and strict types.
-
-    Model folders (segmenter config.json, generator pipeline.json and transformer/config.json) are read
-    through here, so one place checks their keys, types and ranges; any problem is a CheckpointError
-    naming `path`, with `fix` unless the check gave a more specific one.
-    """
+    """Build `cls` from a model file's JSON content with build_config's checks and strict types: model folders are
+    read through here, so one place checks their keys, types and ranges; a problem is a CheckpointError naming `path`,
+    with `fix` unless the check gave a more specific one."""
     if not isinstance(data, dict):
         raise CheckpointError(
             f"expected a JSON object of setting: value, got {type(data).__name__}", path=path, fix=fix
@@ -357,10 +340,7 @@ def flat_dict(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """A nested settings mapping (e.g. `dataclasses.asdict` of a config) as {dotted name: value}."""
     out: dict[str, Any] = {}
     for k, v in values.items():
-        if isinstance(v, dict):
-            out.update(flat_dict(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
+        out.update(flat_dict(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
 

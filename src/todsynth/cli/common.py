@@ -9,35 +9,31 @@ import os
 import shlex
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 
 console = Console()
 err_console = Console(stderr=True)
-C = TypeVar("C")
 
 
-def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorator: a TodsynthError becomes 'error: <message>' on stderr and exit code 2, not a traceback."""
+class Friendly(TyperGroup):
+    """A command group whose commands' TodsynthErrors become 'error: <message>' on stderr and exit code 2, not a
+    traceback."""
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def invoke(self, ctx: Any) -> Any:
         from rich.markup import escape
 
         from todsynth.errors import TodsynthError
 
         try:
-            return fn(*args, **kwargs)
+            return super().invoke(ctx)
         except TodsynthError as e:
             err_console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-
-    return wrapper
 
 
 def arg(path: object) -> str:
@@ -55,58 +51,32 @@ def finish(done: str, *next_commands: str) -> None:
         console.print(f"next: {command}", markup=False, highlight=False, soft_wrap=True)
 
 
-# One option per concept, shared by the config-driven commands (defaults: `todsynth config show` or --print-config).
-Steps = Annotated[int | None, typer.Option(show_default=False, help="Optimizer steps.")]
-NumSteps = Annotated[int | None, typer.Option(show_default=False, help="Euler sampling steps.")]
-GuidanceScale = Annotated[
-    float | None, typer.Option(show_default=False, help="Classifier-free guidance scale on the text.")
-]
-BatchSize = Annotated[int | None, typer.Option(show_default=False, help="Batch size (of all processes).")]
-Size = Annotated[int | None, typer.Option(show_default=False, help="Working image side in pixels.")]
-Seed = Annotated[int | None, typer.Option(show_default=False, help="Seed of the run.")]
-Device = Annotated[
-    str | None, typer.Option(show_default=False, help="auto (the GPU when there is one), cpu or cuda[:N].")
-]
-Resume = Annotated[
-    bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint; refused when there is none.")
-]
-Overwrite = Annotated[
-    bool,
-    typer.Option(
-        "--overwrite", help="Replace an earlier run in --out (its model, results and checkpoint are removed)."
-    ),
-]
-ConfigFile = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        show_default=False,
-        help="YAML file of settings, nested or dotted keys (as `todsynth config show` prints).",
-    ),
-]
-Overrides = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set",
-        show_default=False,
-        help="Any setting as key=value, dotted for nested ones (model.num_layers=6); repeatable.",
-    ),
-]
-PrintConfig = Annotated[
-    bool, typer.Option("--print-config", help="Print the resolved settings as YAML (readable by --config) and exit.")
-]
-SHARED = {
-    "steps": Steps,
-    "num_steps": NumSteps,
-    "guidance_scale": GuidanceScale,
-    "batch_size": BatchSize,
-    "size": Size,
-    "seed": Seed,
-    "device": Device,
-    "resume": Resume,
-    "overwrite": Overwrite,
+# One option per concept across the config-driven commands, as (type, help); defaults: the stage's config.
+SHARED: dict[str, tuple[type, str]] = {
+    "steps": (int, "Optimizer steps."),
+    "num_steps": (int, "Euler sampling steps."),
+    "guidance_scale": (float, "Classifier-free guidance scale on the text."),
+    "batch_size": (int, "Batch size (of all processes)."),
+    "size": (int, "Working image side in pixels."),
+    "seed": (int, "Seed of the run."),
+    "device": (str, "auto (the GPU when there is one), cpu or cuda[:N]."),
+    "resume": (bool, "Continue the run in --out from its checkpoint; refused when there is none."),
+    "overwrite": (bool, "Replace an earlier run in --out (its model, results and checkpoint are removed)."),
 }
-FILE_OPTIONS = {"config": ConfigFile, "set_": Overrides, "print_config": PrintConfig}
+
+
+def _option(name: str, tp: Any, text: str) -> Any:
+    """The option --NAME of a setting: a flag for a bool (False: not given), else a value (None: not given)."""
+    option = typer.Option(f"--{name.rstrip('_').replace('_', '-')}", help=text)
+    return Annotated[bool, option] if tp is bool else Annotated[tp | None, option]
+
+
+# --config, --set and --print-config of every config-driven command
+FILE_OPTIONS: dict[str, tuple[Any, str]] = {
+    "config": (Path, "YAML file of settings, nested or dotted keys (as `todsynth config show` prints)."),
+    "set_": (list[str], "Any setting as key=value, dotted for nested ones (model.num_layers=6); repeatable."),
+    "print_config": (bool, "Print the resolved settings as YAML (readable by --config) and exit."),
+}
 
 
 def stage_defaults(stage: str) -> Any:
@@ -123,121 +93,71 @@ def _setting(cfg: Any, dotted: str) -> Any:
     return functools.reduce(getattr, dotted.split("."), cfg)
 
 
-@dataclass
-class Settings:
-    """What a config-driven command was given: its stage, its setting options (None: not given), which of them
-    are its positional arguments, --config, --set and --print-config."""
-
-    context: typer.Context
-    stage: str
-    options: dict[str, Any]
-    arguments: dict[str, str]
-    config: Path | None
-    overrides: list[str] | None
-    print_config: bool
-
-    def resolve(self) -> Any:
-        """The stage's config: the command's defaults, the --config file, the options (None: not given), then
-        --set; with --print-config, print it as `config show` does and exit. A positional argument that none of
-        these gives is a usage error, as typer makes it for a required argument."""
-        from todsynth.cli.config import StageName, stage_config
-        from todsynth.config import config_yaml, load_config, parse_overrides
-
-        cls, defaults = stage_config(StageName(self.stage))
-        values = {k: str(v) if isinstance(v, Path) else v for k, v in self.options.items()}
-        values.update(parse_overrides(self.overrides))
-        cfg = load_config(cls, self.config, values, defaults, check=False)
-        if self.print_config:
-            typer.echo(config_yaml(cfg, stage_defaults(self.stage)))
-            raise typer.Exit(0)
-        missing = [n for n, dotted in self.arguments.items() if _setting(cfg, dotted) in (None, "")]
-        if missing:
-            shown = ", ".join(f"'{n.upper()}'" for n in missing)
-            given = ", ".join(f"'{self.arguments[n]}'" for n in missing)
-            self.context.fail(
-                f"Missing argument{'s' if len(missing) > 1 else ''} {shown} (required unless --config gives {given})."
-            )
-        return load_config(cls, self.config, values, defaults)
-
-
 class SettingsCommand(TyperCommand):
     """A config-driven command (`with_settings`) whose --help shows each setting's default, read from the stage's
     config when help is asked for (the configs import torch, which a plain start does not)."""
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
         """Fill in the defaults, then typer's help; the defaults are set only here, as --help exits after it."""
-        names: dict[str, str] = getattr(self.callback, "settings_names", {})
-        if names:
-            cfg = stage_defaults(self.callback.settings_stage)  # type: ignore[union-attr]
-            for param in self.params:
-                flag = getattr(param, "is_flag", False)
-                value = _setting(cfg, names[param.name]) if param.name in names and not flag else None
+        names: dict[str, str] = self.callback.settings_names  # type: ignore[union-attr]
+        cfg = stage_defaults(self.callback.settings_stage)  # type: ignore[union-attr]
+        for param in self.params:
+            if param.name in names and not getattr(param, "is_flag", False):
+                value = _setting(cfg, names[param.name])
                 if value not in (None, ""):
-                    param.default, param.show_default = value, True
+                    param.default = value
         super().format_help(ctx, formatter)
 
 
 def with_settings(
-    *shared: str,
     stage: str,
+    shared: tuple[str, ...] = (),
     arguments: dict[str, str] | None = None,
     options: dict[str, tuple[type, str]] | None = None,
     names: dict[str, str] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator of the config-driven command of `stage` (a `config show` stage name): its settings as CLI
-    parameters, received as `settings` (a Settings); register it with `cls=SettingsCommand` to show defaults.
-
-    `arguments` (name: help) are positional, `options` (name: (type, help)) the command's own options, `shared`
-    the options of SHARED (one spelling per concept across commands), then --config, --set, --print-config.
-    `names` maps a parameter to its dotted setting (control: model.control); others are the setting itself."""
-    arguments, options, names = arguments or {}, options or {}, names or {}
+    """Decorator of the config-driven command of `stage` (a `config show` stage name; register it with
+    `cls=SettingsCommand`): `arguments` (name: help) positional, `options` (name: (type, help)) its own, `shared` those
+    of SHARED, then --config, --set and --print-config; `names` maps a parameter to its dotted setting (control:
+    model.control). The command gets `cfg`: its defaults, the --config file, the options, then --set; a positional
+    argument that none of these gives is a usage error, as typer makes it for a required argument."""
+    arguments, names = arguments or {}, names or {}
     added: dict[str, Any] = {
-        n: Annotated[str | None, typer.Argument(metavar=n.upper(), show_default=False, help=text)]
-        for n, text in arguments.items()
+        n: Annotated[str | None, typer.Argument(metavar=n.upper(), help=text)] for n, text in arguments.items()
     }
-    added.update(
-        {
-            n: Annotated[tp | None, typer.Option(show_default=False, help=text)]  # type: ignore[valid-type]
-            for n, (tp, text) in options.items()
-        }
-    )
-    added.update({n: SHARED[n] for n in shared})
+    added.update({n: _option(n, *spec) for n, spec in {**(options or {}), **{n: SHARED[n] for n in shared}}.items()})
     settings = {n: names.get(n, n) for n in added}
-    added.update(FILE_OPTIONS)
+    added.update({n: _option(n, *spec) for n, spec in FILE_OPTIONS.items()})
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "settings"]
+        @functools.wraps(fn)
+        def command(ctx: typer.Context, config: Path | None, set_: list[str] | None, print_config: bool, **kw: Any):
+            from todsynth.cli.config import StageName, stage_config
+            from todsynth.config import config_yaml, load_config, parse_overrides
+
+            given = {dotted: kw.pop(n) for n, dotted in settings.items()}
+            values = {k: None if v is False else v for k, v in given.items()}  # a flag left out: not given
+            values.update(parse_overrides(set_))
+            cls, defaults = stage_config(StageName(stage))
+            cfg = load_config(cls, config, values, defaults, check=False)
+            if print_config:
+                typer.echo(config_yaml(cfg, stage_defaults(stage)))
+                raise typer.Exit(0)
+            missing = [n for n in arguments if _setting(cfg, settings[n]) in (None, "")]
+            if missing:
+                shown = ", ".join(f"'{n.upper()}'" for n in missing)
+                keys = ", ".join(f"'{settings[n]}'" for n in missing)
+                plural = "s" if len(missing) > 1 else ""
+                ctx.fail(f"Missing argument{plural} {shown} (required unless --config gives {keys}).")
+            return fn(load_config(cls, config, values, defaults), **kw)
+
+        kw_only = inspect.Parameter.KEYWORD_ONLY
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "cfg"]
         extra = [
-            inspect.Parameter(
-                n,
-                inspect.Parameter.KEYWORD_ONLY,
-                annotation=tp,
-                default=False if typing.get_args(tp)[0] is bool else None,
-            )
+            inspect.Parameter(n, kw_only, annotation=tp, default=False if typing.get_args(tp)[0] is bool else None)
             for n, tp in added.items()
         ]
-
-        @functools.wraps(fn)
-        def command(**kwargs: Any) -> Any:
-            given = {n: kwargs.pop(n) for n in added}
-            values = {
-                dotted: (given[n] or None) if n in ("resume", "overwrite") else given[n]
-                for n, dotted in settings.items()
-            }
-            return fn(
-                settings=Settings(
-                    kwargs.pop("ctx"),
-                    stage,
-                    values,
-                    {n: settings[n] for n in arguments},
-                    given["config"],
-                    given["set_"],
-                    given["print_config"],
-                ),
-                **kwargs,
-            )
-
-        params = [*own, *extra, inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)]
+        params = [*own, *extra, inspect.Parameter("ctx", kw_only, annotation=typer.Context)]
         command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in params}
         command.settings_stage, command.settings_names = stage, settings  # type: ignore[attr-defined]

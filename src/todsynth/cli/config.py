@@ -7,9 +7,9 @@ from typing import Any
 
 import typer
 
-from todsynth.cli.common import friendly
+from todsynth.cli.common import Friendly, stage_defaults
 
-app = typer.Typer(help="Show the settings of a stage.", no_args_is_help=True)
+app = typer.Typer(help="Show the settings of a stage.", no_args_is_help=True, cls=Friendly)
 
 
 class StageName(str, Enum):
@@ -43,12 +43,9 @@ def stage_config(stage: StageName) -> tuple[type, dict[str, Any]]:
 
 
 @app.command()
-@friendly
 def show(stage: StageName = typer.Argument(..., help="The stage whose settings to print.")) -> None:
     """Print every setting of STAGE with its default, type and help (comments): a file for --config."""
-    from todsynth.config import config_yaml, load_config
+    from todsynth.config import config_yaml
 
-    cls, defaults = stage_config(stage)
-    typer.echo(
-        f"# {(cls.__doc__ or '').splitlines()[0]}\n" + config_yaml(load_config(cls, None, None, defaults, check=False))
-    )
+    cfg = stage_defaults(stage.value)
+    typer.echo(f"# {(type(cfg).__doc__ or '').splitlines()[0]}\n" + config_yaml(cfg))

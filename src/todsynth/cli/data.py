@@ -10,12 +10,12 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from todsynth.cli.common import arg, console, finish, friendly
+from todsynth.cli.common import Friendly, arg, console, finish
 
 if TYPE_CHECKING:
     from todsynth.data.check import CheckReport
 
-app = typer.Typer(help="Make, check, split and tile segmentation datasets.", no_args_is_help=True)
+app = typer.Typer(help="Make, check, split and tile segmentation datasets.", no_args_is_help=True, cls=Friendly)
 
 
 class Layout(str, Enum):
@@ -26,7 +26,6 @@ class Layout(str, Enum):
 
 
 @app.command()
-@friendly
 def toy(
     out: Path = typer.Argument(..., help="Folder to write the dataset into."),
     n: int = typer.Option(16, "--n", help="Number of tiles."),
@@ -40,11 +39,14 @@ def toy(
     from todsynth.data.toy import write_toy_dataset
 
     root = write_toy_dataset(out, n, size=size, seed=seed, split=split, label_only=label_only, layout=layout.value)
+    finish(f"wrote {n} toy tile(s) to {root}", *_next_commands(root, label_only, f" --size {size}"))
+
+
+def _next_commands(root: Path, label_only: bool, options: str = "") -> list[str]:
+    """What to run on a dataset: synthesis when it has masks only, else training (with `options`)."""
     if label_only:
-        steps = [f"todsynth synthesize GENERATOR {arg(root)} SYN --segmenter SEG"]
-    else:
-        steps = [f"todsynth {cmd} train {arg(root)} --size {size}" for cmd in ("segment", "generator")]
-    finish(f"wrote {n} toy tile(s) to {root}", *steps)
+        return [f"todsynth synthesize GENERATOR {arg(root)} SYN --segmenter SEG"]
+    return [f"todsynth {cmd} train {arg(root)}{options}" for cmd in ("segment", "generator")]
 
 
 def _class_table(report: CheckReport) -> Table:
@@ -119,7 +121,6 @@ def _print_report(report: CheckReport) -> None:
 
 
 @app.command()
-@friendly
 def check(
     path: Path = typer.Argument(..., help="Dataset: LoveDA root, images/ + masks/ folder, or .jsonl index."),
     split: str = typer.Option("Train", "--split", help="Split folder (LoveDA layout)."),
@@ -132,16 +133,11 @@ def check(
     _print_report(report)
     if report.problems:
         raise typer.Exit(2)
-    if report.label_only:
-        finish(f"{path}: masks only", f"todsynth synthesize GENERATOR {arg(path)} SYN --segmenter SEG")
-    else:
-        finish(
-            f"{path}: ready to train on", f"todsynth segment train {arg(path)}", f"todsynth generator train {arg(path)}"
-        )
+    ready = "masks only" if report.label_only else "ready to train on"
+    finish(f"{path}: {ready}", *_next_commands(path, report.label_only))
 
 
 @app.command()
-@friendly
 def split(
     path: Path = typer.Argument(..., help="Dataset to draw from."),
     out: Path = typer.Argument(..., help="Split file to write (.json)."),
@@ -167,7 +163,6 @@ def split(
 
 
 @app.command()
-@friendly
 def tile(
     src: Path = typer.Argument(
         ..., help="Dataset of scenes: LoveDA root, images/ + masks/ folder (PNG or GeoTIFF), or .jsonl index."

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from todsynth.cli.common import Settings, SettingsCommand, arg, finish, friendly, with_settings
+from todsynth.cli.common import Friendly, SettingsCommand, arg, finish, with_settings
 
 if TYPE_CHECKING:
     from todsynth.generator.train import GeneratorResult, GeneratorTrainConfig
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 app = typer.Typer(
     help="Stage (a): pretrain a base on unlabeled images, train the mask-controlled MM-DiT, sample from it.",
     no_args_is_help=True,
+    cls=Friendly,
 )
 
 # The shared options of both trainers.
@@ -22,10 +23,9 @@ TRAINING = ("steps", "batch_size", "size", "resume", "overwrite")
 
 
 @app.command(cls=SettingsCommand)
-@friendly
 @with_settings(
-    *TRAINING,
-    stage="generator-train",
+    "generator-train",
+    TRAINING,
     names={"control": "model.control"},
     arguments={"data": "Dataset (LoveDA, folder or JSONL layout); required unless --config gives 'data'."},
     options={
@@ -38,14 +38,13 @@ TRAINING = ("steps", "batch_size", "size", "resume", "overwrite")
         ),
     },
 )
-def train(*, settings: Settings) -> None:
+def train(cfg: Any) -> None:
     """Train the generator with rectified-flow matching (multi-GPU: `accelerate launch -m todsynth.cli.main`).
 
     Every other setting (model size: --set model=sd3.5-medium, memory presets, ...): `todsynth config show
     generator-train`; --set resume=auto continues only if a checkpoint exists."""
     from todsynth.generator.train import train_generator
 
-    cfg = settings.resolve()
     summary = train_generator(cfg)
     model = Path(cfg.out) / "model"
     _finished(
@@ -62,28 +61,22 @@ def _finished(what: str, summary: GeneratorResult, cfg: GeneratorTrainConfig, *n
     it stopped at and how to continue."""
     loss = "" if summary.final_loss is None else f"; final loss {summary.final_loss:.4f}"
     if summary.steps < cfg.steps:
-        finish(
-            f"stopped at step {summary.steps} of {cfg.steps}{loss}; run folder {cfg.out}",
-            "the same command with --resume",
-        )
-        return
-    finish(
-        f"{what} saved to {summary.model}{loss}, {summary.wall_time_s:.1f} s; run folder {cfg.out} (config.json, "
-        "metrics.jsonl, checkpoint/)",
-        *next_commands,
-    )
+        done = f"stopped at step {summary.steps} of {cfg.steps}{loss}; run folder {cfg.out}"
+        next_commands = ("the same command with --resume",)
+    else:
+        done = f"{what} saved to {summary.model}{loss}, {summary.wall_time_s:.1f} s; run folder {cfg.out} "
+        done += "(config.json, metrics.jsonl, checkpoint/)"
+    finish(done, *next_commands)
 
 
 @app.command(cls=SettingsCommand)
-@friendly
 @with_settings(
-    *TRAINING,
-    stage="generator-pretrain",
+    "generator-pretrain",
+    TRAINING,
     names={"images": "data"},
     arguments={
-        "images": "Unlabeled images: a folder of images, any dataset (masks ignored), or "
-        "toy:N[:SEED] for N tiles of the embedded toy pool; required unless --config "
-        "gives 'data'."
+        "images": "Unlabeled images: a folder of images, any dataset (masks ignored), or toy:N[:SEED] for N tiles "
+        "of the embedded toy pool; required unless --config gives 'data'."
     },
     options={
         "out": (str, "Output folder; the base model is written to OUT/model."),
@@ -91,20 +84,18 @@ def _finished(what: str, summary: GeneratorResult, cfg: GeneratorTrainConfig, *n
         "prompt": (str, 'Prompt of uncaptioned images (default "a satellite image").'),
     },
 )
-def pretrain(*, settings: Settings) -> None:
+def pretrain(cfg: Any) -> None:
     """Pretrain a base (text + image streams, no masks) on unlabeled images; fine-tune with `train --init OUT`.
 
     Rectified flow as `generator train` (resumable; multi-GPU: `accelerate launch -m todsynth.cli.main`); every
     setting: `todsynth config show generator-pretrain`."""
     from todsynth.generator.pretrain import pretrain_generator
 
-    cfg = settings.resolve()
     summary = pretrain_generator(cfg)
     _finished("base", summary, cfg, f"todsynth generator train DATA --init {arg(cfg.out)}")
 
 
 @app.command()
-@friendly
 def sample(
     model: Path = typer.Argument(..., help="Generator folder (out/model of `generator train`)."),
     masks: str = typer.Argument(..., help="Dataset whose masks condition the images."),

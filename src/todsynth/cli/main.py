@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from todsynth.cli.common import SettingsCommand
+from todsynth.cli.common import Friendly, SettingsCommand
 from todsynth.cli.config import app as config_app
 from todsynth.cli.data import app as data_app
 from todsynth.cli.generator import app as generator_app
@@ -14,9 +14,9 @@ from todsynth.cli.synth import synthesize
 
 app = typer.Typer(
     name="todsynth",
-    help="Task-oriented synthesis of remote-sensing segmentation training data.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    cls=Friendly,
 )
 
 

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import typer
 
-from todsynth.cli.common import console, friendly
+from todsynth.cli.common import console
 
 
-@friendly
 def demo(
     out: Path = typer.Argument(Path("demo-out"), help="Output folder (re-running resumes finished stages)."),
     budget: str = typer.Option("demo", help="demo (≤ 10 min on 2 CPU cores) or tiny (seconds, a smoke run)."),
@@ -54,7 +53,6 @@ def _tables(results: dict):
     return Columns([overall, per_class])
 
 
-@friendly
 def experiment(
     config: str = typer.Argument(..., help="YAML grid file, or a built-in: paper-tables, foundation, smoke."),
     out: Path = typer.Argument(..., help="Output folder (cached stages; re-running resumes)."),

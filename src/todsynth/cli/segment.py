@@ -3,26 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from todsynth.cli.common import Resume, Settings, SettingsCommand, arg, console, finish, friendly, with_settings
+from todsynth.cli.common import SHARED, Friendly, SettingsCommand, arg, console, finish, with_settings
 
-app = typer.Typer(help="Train and evaluate segmentation models (stage c).", no_args_is_help=True)
+app = typer.Typer(help="Train and evaluate segmentation models (stage c).", no_args_is_help=True, cls=Friendly)
 
 
 @app.command(cls=SettingsCommand)
-@friendly
 @with_settings(
-    "size",
-    "steps",
-    "batch_size",
-    "seed",
-    "device",
-    "overwrite",
-    stage="segment-train",
+    "segment-train",
+    ("size", "steps", "batch_size", "seed", "device", "overwrite"),
     arguments={
         "data": "Training dataset (LoveDA root, image/mask folder or .jsonl); required unless --config gives 'data'."
     },
@@ -36,14 +31,13 @@ app = typer.Typer(help="Train and evaluate segmentation models (stage c).", no_a
         "lr": (float, "AdamW learning rate."),
     },
 )
-def train(resume: Resume = False, *, settings: Settings) -> None:
+def train(cfg: Any, resume: bool = typer.Option(False, "--resume", help=SHARED["resume"][1])) -> None:
     """Train a segmenter; writes OUT/model/, OUT/results.json and OUT/checkpoint/.
 
     Every other setting (epochs, schedule, class_weights, mixed_precision, ...) by --set or --config: `todsynth
     config show segment-train`."""
     from todsynth.segment.train import train_segmenter
 
-    cfg = settings.resolve()
     results = train_segmenter(cfg, resume=resume)
     if results.val is not None:
         console.print(_metrics_table(results.val, "validation"))
@@ -56,13 +50,11 @@ def train(resume: Resume = False, *, settings: Settings) -> None:
 
 
 @app.command("eval")
-@friendly
 def evaluate(
     model_dir: Path = typer.Argument(..., help="Folder written by training (OUT/model)."),
     data: Path = typer.Argument(..., help="Dataset to score."),
     split: str | None = typer.Option(
         None,
-        show_default=False,
         help="Split of a LoveDA root: Val, or the root's only split when it has no Val (as `data toy` writes); "
         "other layouts have no splits.",
     ),

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from todsynth.cli.common import Settings, arg, finish, friendly, with_settings
+from typing import Any
+
+from todsynth.cli.common import arg, finish, with_settings
 
 
-@friendly
 @with_settings(
-    "num_steps",
-    "guidance_scale",
-    "batch_size",
-    "seed",
-    "device",
-    stage="synthesize",
+    "synthesize",
+    ("num_steps", "guidance_scale", "batch_size", "seed", "device"),
     names={"crfm_steps": "crfm.steps"},
     arguments={
         "generator": "Generator folder (out/model of `generator train`).",
@@ -26,14 +23,13 @@ from todsynth.cli.common import Settings, arg, finish, friendly, with_settings
         "mixed_precision": (str, "no | bf16 | fp16: autocast of transformer, decoder and CRFM's segmenter pass."),
     },
 )
-def synthesize(*, settings: Settings) -> None:
+def synthesize(cfg: Any) -> None:
     """Make synthetic image/label pairs with CRFM; resumable, and sharded under `accelerate launch`.
 
     Every setting: `todsynth config show synthesize` (CRFM's as crfm.*, e.g. --set crfm.alpha_max=0.3)."""
-    from todsynth.synthesize import synthesize as run
-
-    cfg = settings.resolve()
     from accelerate.state import PartialState
+
+    from todsynth.synthesize import synthesize as run
 
     state = PartialState()  # one process too: its device is accelerate's choice
     summary = run(cfg, accelerator=state)
