@@ -10,10 +10,28 @@ import pytest
 from todsynth.demo import run_demo
 
 
+ACCELERATORS: list[object] = []  # every accelerate.Accelerator the tiny demo made
+
+
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory) -> tuple[Path, dict]:
+    from accelerate import Accelerator
+
+    init = Accelerator.__init__
+
+    def counted(self, *args, **kwargs) -> None:
+        ACCELERATORS.append(self)
+        init(self, *args, **kwargs)
+
     out = tmp_path_factory.mktemp("demo") / "out"
-    return out, run_demo(out, budget="tiny", log=lambda m: None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Accelerator, "__init__", counted)
+        return out, run_demo(out, budget="tiny", log=lambda m: None)
+
+
+def test_the_demo_makes_one_accelerator_for_all_its_stages(demo_out):
+    """One Accelerator per entry point, passed down to every trainer and synthesis (none made per stage)."""
+    assert len(ACCELERATORS) == 1
 
 
 def test_report_files_exist(demo_out):

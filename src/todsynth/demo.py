@@ -20,7 +20,7 @@ from todsynth.data.torchdata import SegTorchDataset
 from todsynth.experiment import CellSettings, run_cell, settings_from
 from todsynth.io import write_json
 from todsynth.report import fmt, metrics_table, write_report
-from todsynth.runs import METRICS_FILE, read_metrics
+from todsynth.runs import METRICS_FILE, make_accelerator, read_metrics
 from todsynth.segment.model import Segmenter
 from todsynth.viz import colorize, plot_class_bars, plot_curves, save_png, tile_rows, to_uint8
 
@@ -66,8 +66,9 @@ def run_demo(out: str | Path, budget: str = "demo", seed: int = 0, log=print) ->
     out = Path(out)
     t0 = time.perf_counter()
     base = settings_from({**BUDGETS[budget], "seed": seed}, f"demo {budget}")
+    accelerator = make_accelerator()  # the demo's one: every stage of every cell trains on it
     cells = {
-        name: run_cell(dataclasses.replace(base, synth=kind), out, log, progress=budget != "tiny")
+        name: run_cell(dataclasses.replace(base, synth=kind), out, log, budget != "tiny", accelerator)
         for name, kind in METHODS
     }
     judge = cells["+ oracle renders"]["judge"]  # every synthetic cell shares this stage

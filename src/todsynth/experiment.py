@@ -30,6 +30,7 @@ from todsynth.generator.mmdit import MMDiTArch
 from todsynth.generator.pretrain import pretrain_config
 from todsynth.generator.train import GeneratorTrainConfig, load_train_data, train_generator
 from todsynth.io import read_json, write_json
+from todsynth.runs import make_accelerator
 from todsynth.segment.model import Segmenter
 from todsynth.segment.train import Arch, ClassWeighting, SegmentTrainConfig, evaluate_segmenter, train_on_samples
 from todsynth.synthesize import SynthesizeConfig, build_synthesize_config, class_loss_stats, synthesize
@@ -456,14 +457,17 @@ def segmenter_config(s: CellSettings, seed: int, judge: bool = False) -> Segment
     )
 
 
-def _train_eval(cfg: SegmentTrainConfig, d: Path, s: CellSettings, data: dict, log, what: str, mix=None) -> dict:
+def _train_eval(
+    cfg: SegmentTrainConfig, d: Path, s: CellSettings, data: dict, log, what: str, mix=None, accelerator: Any = None
+) -> dict:
     """Train a segmenter on the cell's real tiles (+ the synthetic pairs `mix(real)` returns with the config to train
     on them), logging its steps as `what`; save it (with its working size), evaluate it on the cell's test tiles
     (each predicted at the working size, scored at its own resolution)."""
     real = open_checked(data["real"], split_file=data.get("real_ids"))
     test = open_checked(data["test"], s.data.test_split, data.get("test_ids"))
     cfg, synthetic = mix(real) if mix else (cfg, None)
-    outcome = train_on_samples(real, real.classes, cfg, synthetic=synthetic, on_step=step_logger(log, what, cfg.steps))
+    on_step = step_logger(log, what, cfg.steps)
+    outcome = train_on_samples(real, real.classes, cfg, synthetic=synthetic, on_step=on_step, accelerator=accelerator)
     outcome.model.save_pretrained(d / "model")
     metrics = evaluate_segmenter(outcome.model, test, batch_size=16)
     return {
@@ -474,13 +478,13 @@ def _train_eval(cfg: SegmentTrainConfig, d: Path, s: CellSettings, data: dict, l
     }
 
 
-def stage_guidance(s: CellSettings, data: StageResult, root: Path, log) -> StageResult:
+def stage_guidance(s: CellSettings, data: StageResult, root: Path, log, accelerator: Any = None) -> StageResult:
     """Real-only segmenter: CRFM's guidance network, the filter's statistics, and the 'real only' row."""
     cfg = segmenter_config(s, s.seed)
     what = f"segmenter on real only ({cfg.arch}, seed {s.seed})"
 
     def make(d: Path) -> dict:
-        result = _train_eval(cfg, d, s, data, log, what)
+        result = _train_eval(cfg, d, s, data, log, what, accelerator=accelerator)
         result["filter_stats"] = _filter_stats(result["model"], data, s.data.size, d / "filter_stats.json")
         return result
 
@@ -517,13 +521,13 @@ def _oracle(s: CellSettings, data: dict):
     return open_checked(oracle_data, split_file=data["layouts_ids"])
 
 
-def stage_judge(s: CellSettings, data: StageResult, root: Path, log) -> StageResult:
+def stage_judge(s: CellSettings, data: StageResult, root: Path, log, accelerator: Any = None) -> StageResult:
     """An independent judge (other architecture and seed) trained on real + oracle pairs, for mask fidelity."""
     cfg = segmenter_config(s, s.seed + 1000, judge=True)
     what = f"judge segmenter ({cfg.arch}, seed {cfg.seed}) on real + oracle pairs"
 
     def make(d: Path) -> dict:
-        return _train_eval(cfg, d, s, data, log, what, lambda real: (cfg, _oracle(s, data)))
+        return _train_eval(cfg, d, s, data, log, what, lambda real: (cfg, _oracle(s, data)), accelerator)
 
     return Stage(root, "judge", stage_key(root, cfg, data.dir.name), log, what).run(make)
 
@@ -551,25 +555,24 @@ def base_config(s: CellSettings) -> GeneratorTrainConfig:
 
 
 def _train_stage(
-    root: Path, name: str, cfg: GeneratorTrainConfig, log, what: str, label: str, progress: bool
+    root: Path, name: str, cfg: GeneratorTrainConfig, log, what: str, label: str, progress: bool, accelerator: Any
 ) -> StageResult:
     """A generator (or base) training stage: `cfg` trained into the stage folder, `label` naming its log lines."""
 
     def make(d: Path) -> dict:
-        summary = train_generator(
-            replace(cfg, out=str(d), progress=progress), on_step=step_logger(log, label, cfg.steps)
-        )
+        on_step = step_logger(log, label, cfg.steps)
+        summary = train_generator(replace(cfg, out=str(d), progress=progress), on_step=on_step, accelerator=accelerator)
         return {"model": str(d / "model"), "summary": asdict(summary), "loss_png": str(d / "loss.png")}
 
     return Stage(root, name, stage_key(root, cfg), log, what).run(make)
 
 
-def stage_base(s: CellSettings, root: Path, log, progress: bool = False) -> StageResult:
+def stage_base(s: CellSettings, root: Path, log, progress: bool = False, accelerator: Any = None) -> StageResult:
     """Pretrain the text and image streams on unlabeled images (control none): the base every
     `init: pretrained` cell with the same base settings fine-tunes from, whatever its seed or control."""
     cfg = base_config(s)
     what = f"generator base pretrained on unlabeled images ({cfg.steps} steps)"
-    return _train_stage(root, "base", cfg, log, what, "generator base", progress)
+    return _train_stage(root, "base", cfg, log, what, "generator base", progress, accelerator)
 
 
 def generator_config(s: CellSettings, data: dict, base: dict | None = None) -> GeneratorTrainConfig:
@@ -595,12 +598,19 @@ def generator_config(s: CellSettings, data: dict, base: dict | None = None) -> G
 
 
 def stage_generator(
-    s: CellSettings, data: StageResult, root: Path, log, progress: bool = False, base: dict | None = None
+    s: CellSettings,
+    data: StageResult,
+    root: Path,
+    log,
+    progress: bool = False,
+    base: dict | None = None,
+    accelerator: Any = None,
 ) -> StageResult:
     """Train the mask-controlled MM-DiT on the real pairs (from scratch, SD3 or the pretrained `base` stage)."""
     cfg = generator_config(s, data, base)
     what = f"generator ({cfg.model.control}, seed {s.seed})"
-    return _train_stage(root, "generator", cfg, log, f"{what}, {cfg.steps} steps on the real pairs", what, progress)
+    what_all = f"{what}, {cfg.steps} steps on the real pairs"
+    return _train_stage(root, "generator", cfg, log, what_all, what, progress, accelerator)
 
 
 def synthesize_config(s: CellSettings, data: dict, gen: dict, guide: dict) -> SynthesizeConfig:
@@ -625,7 +635,14 @@ def synthesize_config(s: CellSettings, data: dict, gen: dict, guide: dict) -> Sy
 
 
 def stage_synthesis(
-    s: CellSettings, data: StageResult, gen: dict | None, guide: dict, root: Path, log, progress: bool = False
+    s: CellSettings,
+    data: StageResult,
+    gen: dict | None,
+    guide: dict,
+    root: Path,
+    log,
+    progress: bool = False,
+    accelerator: Any = None,
 ) -> StageResult:
     """Synthetic pairs: generator (plain or CRFM) or the oracle renderer, for layouts or training masks."""
     what = f"synthesis ({s.synth}, seed {s.seed})"
@@ -642,15 +659,16 @@ def stage_synthesis(
     cfg = synthesize_config(s, data, gen, guide)
 
     def make(d: Path) -> dict:
-        summary = synthesize(
-            replace(cfg, out=str(d / "pairs")), progress=progress, on_batch=count_logger(log, what, "images")
-        )
+        on_batch = count_logger(log, what, "images")
+        summary = synthesize(replace(cfg, out=str(d / "pairs")), accelerator, progress=progress, on_batch=on_batch)
         return {"path": str(d / "pairs"), **{k: v for k, v in asdict(summary).items() if k not in ("out", "generator")}}
 
     return Stage(root, "synthesis", stage_key(root, cfg), log, f"{what}: {s.protocol} → image/label pairs").run(make)
 
 
-def stage_downstream(s: CellSettings, data: StageResult, syn: StageResult, root: Path, log) -> StageResult:
+def stage_downstream(
+    s: CellSettings, data: StageResult, syn: StageResult, root: Path, log, accelerator: Any = None
+) -> StageResult:
     """Segmenter on real (+ synthetic, real repeated to make real_share of the mix), same number of steps as
     real-only, scored on the test set."""
     cfg = segmenter_config(s, s.seed)
@@ -663,7 +681,9 @@ def stage_downstream(s: CellSettings, data: StageResult, syn: StageResult, root:
         return replace(cfg, repeat_real=max(1, round(share / (1 - share) * len(synthetic) / len(real)))), synthetic
 
     key = stage_key(root, cfg, s.downstream, data.dir.name, syn.dir.name)
-    return Stage(root, "downstream", key, log, what).run(lambda d: _train_eval(cfg, d, s, data, log, what, mix))
+    return Stage(root, "downstream", key, log, what).run(
+        lambda d: _train_eval(cfg, d, s, data, log, what, mix, accelerator)
+    )
 
 
 def stage_times(result: dict) -> dict[str, float]:
@@ -671,25 +691,33 @@ def stage_times(result: dict) -> dict[str, float]:
     return {str(v.dir): float(v.get("wall_time_s", 0.0)) for v in result.values() if isinstance(v, StageResult)}
 
 
-def run_cell(s: CellSettings, root: str | Path, log: Callable[[str], None] = print, progress: bool = False) -> dict:
-    """Run (or reuse) every stage a cell needs; returns its metrics and the stage outputs."""
+def run_cell(
+    s: CellSettings,
+    root: str | Path,
+    log: Callable[[str], None] = print,
+    progress: bool = False,
+    accelerator: Any = None,
+) -> dict:
+    """Run (or reuse) every stage a cell needs; returns its metrics and the stage outputs. Every stage trains
+    on `accelerator`, the entry point's (default: one made here)."""
     s.validate()
+    acc = accelerator or make_accelerator()
     s = resolve_counts(s)
     root = Path(root)
     data = stage_data(s, root, log)
-    guide = stage_guidance(s, data, root, log)
+    guide = stage_guidance(s, data, root, log, acc)
     out: dict[str, Any] = {"settings": asdict(s), "data": data, "guidance": guide}
     if s.synth == "none":
         out["metrics"] = guide["metrics"]
         return out
     if s.synth != "oracle" and s.init == "pretrained":
-        out["base"] = stage_base(s, root, log, progress)
-    gen = stage_generator(s, data, root, log, progress, out.get("base")) if s.synth != "oracle" else None
-    syn = stage_synthesis(s, data, gen, guide, root, log, progress)
-    down = stage_downstream(s, data, syn, root, log)
+        out["base"] = stage_base(s, root, log, progress, acc)
+    gen = stage_generator(s, data, root, log, progress, out.get("base"), acc) if s.synth != "oracle" else None
+    syn = stage_synthesis(s, data, gen, guide, root, log, progress, acc)
+    down = stage_downstream(s, data, syn, root, log, acc)
     out.update(generator=gen, synthesis=syn, downstream=down, metrics=down["metrics"])
     if data.get("oracle") or s.data.oracle_data:  # a judge needs real + oracle pairs to train on
-        out["judge"] = stage_judge(s, data, root, log)
+        out["judge"] = stage_judge(s, data, root, log, acc)
         out["fidelity"] = stage_fidelity(s, syn, out["judge"], root, log)
     return out
 

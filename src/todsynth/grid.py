@@ -30,6 +30,7 @@ from todsynth.config import flatten
 from todsynth.errors import ConfigError
 from todsynth.experiment import CellSettings, cell_compute_s, run_cell, settings_from, stage_times
 from todsynth.io import write_json, write_text
+from todsynth.runs import make_accelerator
 from todsynth.viz import _save_figure
 
 BUILTIN = ("paper-tables", "foundation", "smoke")
@@ -105,9 +106,10 @@ def run_grid(
                 values = {**flatten(CellSettings, grid["base"]), **over, **flatten(CellSettings, overrides or {})}
                 values["seed"] = seed
                 todo.append((table, name, seed, settings_from(values, f"{grid['_source']}: {table}/{name}")))
+    accelerator = make_accelerator()  # the grid's one: every stage of every cell trains on it
     for table, name, seed, s in todo:
         log(f"cell {table}/{name} seed {seed}")
-        result = run_cell(s, out, log)
+        result = run_cell(s, out, log, accelerator=accelerator)
         used.update(stage_times(result))
         fidelity = result["fidelity"]["metrics"]["mIoU"] if "fidelity" in result else None
         rows.append(
