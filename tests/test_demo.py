@@ -9,7 +9,6 @@ import pytest
 
 from todsynth.demo import run_demo
 
-
 ACCELERATORS: list[object] = []  # every accelerate.Accelerator the tiny demo made
 
 

@@ -241,7 +241,7 @@ def test_sample_grid_previews_the_rgb_bands(four_band: Path, generator: Path, tm
 
     from todsynth.generator.sample import sample_grid
 
-    path = sample_grid(generator, four_band, tmp_path / "grid", n=2, steps=2)
+    path = sample_grid(generator, four_band, tmp_path / "grid", n=2, num_steps=2)
     with Image.open(path) as im:
         assert im.mode == "RGB"
 

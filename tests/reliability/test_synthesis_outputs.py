@@ -341,8 +341,8 @@ def test_generator_sample_refuses_masks_of_other_classes(
         (["--n", "0"], "n must"),
         (["--n", "-1"], "n must"),
         (["--batch-size", "0"], "batch_size must"),
-        (["--num-steps", "0"], "steps must"),
-        (["--guidance-scale", "nan"], "guidance must"),
+        (["--num-steps", "0"], "num_steps must"),
+        (["--guidance-scale", "nan"], "guidance_scale must"),
         (["--shift", "-1"], "shift must"),
     ],
     ids=["n_zero", "n_negative", "batch_zero", "steps_zero", "guidance_nan", "shift_negative"],
@@ -364,7 +364,7 @@ def test_sample_settings_are_checked_in_the_api() -> None:
     """The Python API refuses the same settings (the CLI is a thin layer over it)."""
     from todsynth.generator.sample import sample_grid
 
-    for kw in ({"n": 0}, {"batch_size": 0}, {"steps": 0}, {"guidance": math.nan}, {"shift": 0.0}):
+    for kw in ({"n": 0}, {"batch_size": 0}, {"num_steps": 0}, {"guidance_scale": math.nan}, {"shift": 0.0}):
         with pytest.raises(ConfigError):
             sample_grid("no-model", "no-masks", "no-out", **kw)
 

@@ -45,13 +45,15 @@ def check_mask_classes(masks: ClassSpec, generator: ClassSpec, path: str | Path)
         )
 
 
-def check_sample_settings(n: int, steps: int, guidance: float, shift: float, batch_size: int) -> None:
-    """Raise ConfigError for settings that cannot sample: counts below 1, non-finite guidance or shift."""
-    for name, value in (("n", n), ("steps", steps), ("batch_size", batch_size)):
+def check_sample_settings(n: int, num_steps: int, guidance_scale: float, shift: float, batch_size: int) -> None:
+    """Raise ConfigError for settings that cannot sample: counts below 1, non-finite guidance scale or shift."""
+    for name, value in (("n", n), ("num_steps", num_steps), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}", fix=f"set {name} to 1 or more")
-    if not math.isfinite(guidance):
-        raise ConfigError(f"guidance must be a finite number, got {guidance!r}", fix="set guidance, e.g. 1.0")
+    if not math.isfinite(guidance_scale):
+        raise ConfigError(
+            f"guidance_scale must be a finite number, got {guidance_scale!r}", fix="set guidance_scale, e.g. 1.0"
+        )
     if not (math.isfinite(shift) and shift > 0):
         raise ConfigError(f"shift must be a finite number > 0, got {shift!r}", fix="set shift, e.g. 1.0 or 3.0")
 
@@ -81,8 +83,8 @@ def sample_grid(
     out: str | Path,
     split: str = "Train",
     n: int = 8,
-    steps: int = 20,
-    guidance: float = 1.0,
+    num_steps: int = 20,
+    guidance_scale: float = 1.0,
     shift: float = 1.0,
     seed: int = 0,
     batch_size: int = 8,
@@ -97,7 +99,7 @@ def sample_grid(
     from todsynth.synthesize import check_output_folder
     from todsynth.viz import save_mask_image_grid
 
-    check_sample_settings(n, steps, guidance, shift, batch_size)
+    check_sample_settings(n, num_steps, guidance_scale, shift, batch_size)
     check_output_folder(out, {"masks dataset": masks, "generator folder": model})
     runtime = resolve_runtime(device, mixed_precision)
     pipe = MaskToImagePipeline.for_runtime(model, runtime)
@@ -111,8 +113,8 @@ def sample_grid(
         ids,
         seed=seed,
         batch_size=batch_size,
-        num_steps=steps,
-        guidance_scale=guidance,
+        num_steps=num_steps,
+        guidance_scale=guidance_scale,
         shift=shift,
     )
     path = Path(out) / "samples.png"
