@@ -103,6 +103,7 @@ def test_segment_eval_scores_the_only_split_of_a_toy_root(tiny_segmenter_dir: Pa
     result = invoke("segment", "eval", tiny_segmenter_dir, toy_masks_16, "--batch-size", "6")
     assert result.exit_code == 0, result.output
     assert "has no Val split: scoring its only split, Train" in result.output and "(Train)" in result.output
+    assert f"next: todsynth synthesize GENERATOR MASKS SYN --segmenter {tiny_segmenter_dir}" in result.output
     result = invoke("segment", "eval", tiny_segmenter_dir, toy_masks_16, "--split", "Val")
     assert result.exit_code == 2 and "Val" in result.output, result.output
 

@@ -88,7 +88,10 @@ def evaluate(
     console.print(_metrics_table(result, str(data) if ignores_split(data) else f"{data} ({split})"))
     if json_out is not None:
         write_json(json_out, {"model": str(model_dir), "data": str(data), "split": split, "metrics": result})
-        console.print(f"metrics written to {escape(str(json_out))}", highlight=False)
+    finish(
+        f"metrics written to {json_out}" if json_out is not None else "metrics printed (--json FILE keeps them)",
+        f"todsynth synthesize GENERATOR MASKS SYN --segmenter {arg(model_dir)}  (CRFM guided by this segmenter)",
+    )
 
 
 def _eval_split(data: Path) -> str:
