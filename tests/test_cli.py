@@ -3,6 +3,7 @@ defaults that work on what `data toy` writes."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from typer.testing import CliRunner
 from todsynth.cli import common
 from todsynth.cli.main import app
 
-from tiny_models import TINY_GEN
+from tiny_models import TINY_GEN, TINY_SEG
 
 
 @pytest.fixture(autouse=True)
@@ -124,6 +125,19 @@ def test_stop_after_says_where_it_stopped_and_how_to_continue(toy_masks_16: Path
     )
     assert result.exit_code == 0, result.output
     assert "stopped at step 1 of 3" in result.output and "next: the same command with --resume" in result.output
+
+
+def test_segment_train_stops_after_and_resumes_like_the_generator(toy_masks_16: Path, tmp_path: Path) -> None:
+    """The segmenter spells resume and stop_after as the generator does: settings, --resume, resume=auto."""
+    out = tmp_path / "seg"
+    args = ["segment", "train", toy_masks_16, "--out", out, *TINY_SEG, "--steps", "2"]
+    result = invoke(*args, "--set", "stop_after=1", "--set", "resume=auto")
+    assert result.exit_code == 0, result.output
+    assert "stopped at step 1 of 2" in result.output and "next: the same command with --resume" in result.output
+    result = invoke(*args, "--resume")
+    assert result.exit_code == 0 and "model saved to" in result.output, result.output
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 2
 
 
 def test_a_killed_run_with_snapshots_only_is_not_silently_reused(toy_masks_16: Path, tmp_path: Path) -> None:

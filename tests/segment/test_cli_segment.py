@@ -114,6 +114,6 @@ def test_train_segmenter_validates_data_first(tmp_path):
                 steps=1,
                 batch_size=2,
                 device="cpu",
-            ),
-            resume=True,
+                resume=True,
+            )
         )

@@ -41,6 +41,9 @@ def arg(path: object) -> str:
     return shlex.quote(str(path))
 
 
+RESUME = "the same command with --resume"  # the next step after a run ended by stop_after
+
+
 def finish(done: str, *next_commands: str) -> None:
     """End a command: what it wrote and where, then the command(s) to run next; printed by the main process only
     (RANK is set by `accelerate launch` and torchrun)."""

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from todsynth.cli.common import Friendly, SettingsCommand, arg, finish, with_settings
+from todsynth.cli.common import RESUME, Friendly, SettingsCommand, arg, finish, with_settings
 
 if TYPE_CHECKING:
     from todsynth.generator.train import GeneratorResult, GeneratorTrainConfig
@@ -62,7 +62,7 @@ def _finished(what: str, summary: GeneratorResult, cfg: GeneratorTrainConfig, *n
     loss = "" if summary.final_loss is None else f"; final loss {summary.final_loss:.4f}"
     if summary.steps < cfg.steps:
         done = f"stopped at step {summary.steps} of {cfg.steps}{loss}; run folder {cfg.out}"
-        next_commands = ("the same command with --resume",)
+        next_commands = (RESUME,)
     else:
         done = f"{what} saved to {summary.model}{loss}, {summary.wall_time_s:.1f} s; run folder {cfg.out} "
         done += "(config.json, metrics.jsonl, checkpoint/)"

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from todsynth.cli.common import SHARED, Friendly, SettingsCommand, arg, console, finish, with_settings
+from todsynth.cli.common import RESUME, Friendly, SettingsCommand, arg, console, finish, with_settings
 
 app = typer.Typer(help="Train and evaluate segmentation models (stage c).", no_args_is_help=True, cls=Friendly)
 
@@ -17,7 +17,7 @@ app = typer.Typer(help="Train and evaluate segmentation models (stage c).", no_a
 @app.command(cls=SettingsCommand)
 @with_settings(
     "segment-train",
-    ("size", "steps", "batch_size", "seed", "device", "overwrite"),
+    ("size", "steps", "batch_size", "seed", "device", "resume", "overwrite"),
     arguments={
         "data": "Training dataset (LoveDA root, image/mask folder or .jsonl); required unless --config gives 'data'."
     },
@@ -31,14 +31,17 @@ app = typer.Typer(help="Train and evaluate segmentation models (stage c).", no_a
         "lr": (float, "AdamW learning rate."),
     },
 )
-def train(cfg: Any, resume: bool = typer.Option(False, "--resume", help=SHARED["resume"][1])) -> None:
+def train(cfg: Any) -> None:
     """Train a segmenter; writes OUT/model/, OUT/results.json and OUT/checkpoint/.
 
     Every other setting (epochs, schedule, class_weights, mixed_precision, ...) by --set or --config: `todsynth
     config show segment-train`."""
     from todsynth.segment.train import train_segmenter
 
-    results = train_segmenter(cfg, resume=resume)
+    results = train_segmenter(cfg)
+    if results.steps < results.total_steps:
+        finish(f"stopped at step {results.steps} of {results.total_steps}; run folder {cfg.out}", RESUME)
+        return
     if results.val is not None:
         console.print(_metrics_table(results.val, "validation"))
     model = arg(results.model)

@@ -88,6 +88,14 @@ class SegmentTrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = setting("no", help="autocast precision")
     log_every: int = setting(10, resume_free=True, help="record the loss every N steps")
     checkpoint_every: int = setting(200, resume_free=True, help="save a resumable checkpoint every N steps")
+    resume: bool | Literal["auto"] = setting(
+        False,
+        resume_free=True,
+        help="true: continue from out/checkpoint (refused when there is none); auto: continue if one exists",
+    )
+    stop_after: int | None = setting(
+        None, resume_free=True, help="end this invocation after this step (like a kill; resume continues)"
+    )
     overwrite: bool = setting(
         False, resume_free=True, help="start afresh in an out that holds an earlier run (its outputs are removed)"
     )
@@ -104,7 +112,7 @@ class SegmentTrainConfig:
             require(math.isfinite(value) and value > 0, f"'{name}' must be a finite number > 0, got {value!r}")
         require_at_least(self, 0, "weight_decay", "synthetic_ratio", "warmup_steps", "num_workers", "seed")
         require_at_least(self, 1, "epochs", "batch_size", "eval_batch_size", "repeat_real", "log_every")
-        require_at_least(self, 1, "checkpoint_every", "steps", "size")
+        require_at_least(self, 1, "checkpoint_every", "steps", "size", "stop_after")
 
 
 @dataclass
@@ -113,7 +121,8 @@ class TrainOutcome:
 
     model: Segmenter
     val: SegMetrics | None
-    steps: int
+    steps: int  # done (fewer than total_steps after stop_after)
+    total_steps: int
     final_loss: float
     train_size: int
     history: list[tuple[int, float]] = field(default_factory=list)
@@ -383,7 +392,7 @@ def train_on_samples(
     task = _SegmenterTask(model, optimizer, precision, data, cfg, step, classes.ignore_index, weight, val_samples)
     loop = Loop(
         step,
-        total,
+        total if cfg.stop_after is None else min(total, cfg.stop_after),
         total,
         lambda s: lr_at(s, total, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.poly_power),
         cfg.batch_size,
@@ -400,6 +409,7 @@ def train_on_samples(
     return TrainOutcome(
         model.float().cpu().eval(),
         task.val,
+        loop.end,
         total,
         history[-1][1] if history else math.nan,
         len(data),
@@ -430,6 +440,7 @@ class SegmenterResult:
     synthetic_samples_used: int
     synthetic_samples_available: int
     steps: int
+    total_steps: int
     final_loss: float
     class_weights: list[float] | None
     val: dict[str, Any] | None
@@ -437,10 +448,10 @@ class SegmenterResult:
 
 
 def train_segmenter(
-    cfg: SegmentTrainConfig, resume: bool = False, on_step: StepCallback | None = None, accelerator: Any = None
+    cfg: SegmentTrainConfig, on_step: StepCallback | None = None, accelerator: Any = None
 ) -> SegmenterResult:
     """Validate the datasets, train, save `out/model/` and `out/results.json`; returns the result. The run holds
-    `out`'s run lock throughout; an `out` holding an earlier run is refused unless `resume` (continue it) or
+    `out`'s run lock throughout; an `out` holding an earlier run is refused unless `cfg.resume` (continue it) or
     `cfg.overwrite` (replace it)."""
     cfg.validate()
     if cfg.data is None:
@@ -460,7 +471,7 @@ def train_segmenter(
             check_normalisation(other, dataset_settings(real), f"trained on {cfg.data}")
     check_device(cfg.device)
     out = Path(cfg.out)
-    with open_run(out, resume, cfg.overwrite, RUN_OUTPUTS) as (run, resuming):
+    with open_run(out, cfg.resume, cfg.overwrite, RUN_OUTPUTS) as (run, resuming):
         outcome = train_on_samples(
             real, real.classes, cfg, val, synthetic, run, resuming, on_step, accelerator=accelerator
         )
@@ -472,6 +483,7 @@ def train_segmenter(
             outcome.train_size - cfg.repeat_real * len(real),
             0 if synthetic is None else len(synthetic),
             outcome.steps,
+            outcome.total_steps,
             outcome.final_loss,
             outcome.class_weights,
             None if outcome.val is None else outcome.val.to_dict(outcome.model.config.class_names),
