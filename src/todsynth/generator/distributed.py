@@ -108,11 +108,6 @@ def save_engine_state(accelerator, root: Path, step: int, keep: str | None) -> s
     return name
 
 
-def model_state(accelerator, prepared: nn.Module) -> dict[str, torch.Tensor]:
-    """The full model state dict, gathered through accelerate; call on all ranks (the main one gets it)."""
-    return accelerator.get_state_dict(prepared)
-
-
 def optimizer_state(prepared: nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Full optimizer state as flat tensors optim.<param name>.<key> and its param groups; call on all ranks."""
     raw = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
