@@ -7,7 +7,7 @@ A preset is a set of training settings applied in one place (`apply_preset`); es
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -45,7 +45,6 @@ PRESETS: dict[MemoryPreset, dict[str, Any]] = {
         "train_text": False,
     },
 }
-OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 
 
 def apply_preset(cfg):
@@ -58,22 +57,20 @@ def apply_preset(cfg):
 
 
 def make_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW (0.9, 0.999) as `name` says: torch's (fused kernel with adamw_fused) or bitsandbytes' 8-bit/paged one."""
+    """AdamW (0.9, 0.999) as `name` (an `Optimizer`) says: torch's (fused: adamw_fused) or bitsandbytes' 8-bit/paged."""
     if name in ("adamw", "adamw_fused"):
         return torch.optim.AdamW(
             params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, fused=True if name == "adamw_fused" else None
         )
-    if name in ("adamw8bit", "paged_adamw8bit"):
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ConfigError(
-                f"optimizer {name} needs bitsandbytes, which is not installed",
-                fix="pip install bitsandbytes (needs a CUDA GPU), or set optimizer=adamw",
-            ) from None
-        cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw8bit" else bnb.optim.AdamW8bit
-        return cls(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
-    raise ConfigError(f"unknown optimizer {name!r}; choose {', '.join(OPTIMIZERS)}")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConfigError(
+            f"optimizer {name} needs bitsandbytes, which is not installed",
+            fix="pip install bitsandbytes (needs a CUDA GPU), or set optimizer=adamw",
+        ) from None
+    cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
 
 
 def cast_frozen(model: nn.Module, dtype: str) -> None:

@@ -12,24 +12,22 @@ stream) and an image-only dataset (`unlabeled: true`):
 - any dataset the readers know (LoveDA, folder, JSONL): its images, masks ignored.
 
 Every image gets the generic prompt ("a satellite image", or `prompt`) unless a captions file (JSON
-object: image id → caption) gives it its own. The base is written like any generator (`out/model`,
-loadable with `MaskToImagePipeline.from_pretrained`); `load_base_into` starts a fine-tuning model from it:
-text and image streams (and the timestep/pooled-text embedder) from the base, the mask stream of
-``triple`` as a copy of the pretrained image stream, ``siamese`` sharing it, ``adapter``'s zero-initialised
-side branch fresh (at step 0 the model is the base), as `sd3.py` does for an SD3 transformer.
+object: image id → caption) gives it its own. The base is written like any generator (`out/model`);
+`load_base_into` starts a fine-tuning model from it, as `sd3.py` does from an SD3 transformer.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from todsynth.data.classes import ClassSpec
 from todsynth.errors import CheckpointError, ConfigError, DataError
-from todsynth.generator.train import GeneratorResult, GeneratorTrainConfig, TrainData
+from todsynth.generator.train import GeneratorResult, GeneratorTrainConfig, TrainData, train_generator
+from todsynth.runs import StepCallback
 
 PRETRAIN_PROMPT = "a satellite image"
 # Toy tile indices of the unlabeled pool. The experiment pipeline draws real tiles from index 0, label-only
@@ -74,14 +72,10 @@ def pretrain_config(data: str, out: str = "runs/base", **settings) -> GeneratorT
     )
 
 
-def pretrain_generator(
-    cfg: GeneratorTrainConfig, on_step: Callable[[int, float], None] | None = None
-) -> GeneratorResult:
+def pretrain_generator(cfg: GeneratorTrainConfig, on_step: StepCallback | None = None) -> GeneratorResult:
     """Pretrain a base model (see the module docstring); the same resumable loop (and `on_step`) as
     `train_generator`."""
-    from todsynth.generator.train import train_generator
-
-    if not cfg.unlabeled or cfg.model.control != "none":
+    if not cfg.unlabeled:  # control none is checked with the config
         raise ConfigError(
             "pretraining runs on unlabeled images with control none",
             fix="build the config with todsynth.generator.pretrain.pretrain_config",
@@ -164,16 +158,6 @@ def _list_images(folder: Path, root: Path) -> list[Path]:
     return files
 
 
-def _split_files(files: list[Path], split_file: str, root: Path) -> list[Path]:
-    """The files whose ids a split file lists, in its order; ids without a file are a DataError."""
-    from types import SimpleNamespace
-
-    from todsynth.data.split import read_split
-
-    by_id = {p.stem: p for p in files}
-    return [by_id[i] for i in read_split(split_file, SimpleNamespace(ids=list(by_id), root=root))]
-
-
 def _read_images(loaders: list, size: int, root: Path) -> torch.Tensor:
     """Decode every image (all problems reported together, each naming its file), its short side resized to
     `size` and the long side center-cropped, so a non-square image is never distorted.
@@ -227,13 +211,14 @@ def load_unlabeled(cfg: GeneratorTrainConfig) -> tuple[TrainData, ClassSpec]:
     """The images of `cfg.data` (toy pool, image folder or any dataset, masks ignored) as TrainData with
     all-ignore label maps (never read with control none) and per-image prompts."""
     from todsynth.data.classes import IGNORE_INDEX
-    from todsynth.data.readers import read_image
+    from todsynth.data.rasters import DATA_FILE, load_raster_spec
+    from todsynth.data.readers import CLASSES_FILE, SubsetDataset, load_classes, open_dataset, read_image
+    from todsynth.data.split import read_split
+    from todsynth.data.toy import TOY_CLASSES
 
     toy = parse_toy_spec(cfg.data)
     classes = UNLABELLED
     if toy is not None:
-        from todsynth.data.toy import TOY_CLASSES
-
         images, ids = toy_pool(toy[0], cfg.size, toy[1])
         classes = TOY_CLASSES
     else:
@@ -244,24 +229,18 @@ def load_unlabeled(cfg: GeneratorTrainConfig) -> tuple[TrainData, ClassSpec]:
             raise DataError("not an image folder or a dataset", path=path, fix=PRETRAIN_DATA)
         folder = _image_folder(path)
         if folder is not None:
-            from todsynth.data.rasters import DATA_FILE, load_raster_spec
-            from todsynth.data.readers import CLASSES_FILE, load_classes
-
             files = _list_images(folder, path)
-            if cfg.split_file:
-                files = _split_files(files, cfg.split_file, path)
+            if cfg.split_file:  # the files it lists, in its order; ids without a file are a DataError
+                by_id = {p.stem: p for p in files}
+                files = [by_id[i] for i in read_split(cfg.split_file, SimpleNamespace(ids=list(by_id), root=path))]
             ids, root = [p.stem for p in files], folder
             spec = load_raster_spec(path / DATA_FILE)
             loaders = [lambda p=p: read_image(p, spec) for p in files]
             if folder != path and (path / CLASSES_FILE).is_file():
                 classes = load_classes(path / CLASSES_FILE)
         else:
-            from todsynth.data.readers import SubsetDataset, open_dataset
-
             ds = open_dataset(path, split=cfg.split)
             if cfg.split_file:
-                from todsynth.data.split import read_split
-
                 ds = SubsetDataset(ds, read_split(cfg.split_file, ds))
             if ds.label_only:
                 raise DataError("dataset has masks but no images; pretraining needs images", path=path)
@@ -350,7 +329,8 @@ def load_base_into(model, init: str | Path, autoencoder, text_encoder, size: int
     stream is re-copied from the (now pretrained) image stream. Layers the base has no weights for — the
     mask embedding and the adapter branch — keep their fresh initialisation (the adapter's zero output
     projections, so an adapter model starts equal to the base)."""
-    from todsynth.generator.mmdit import CONFIG_NAME, WEIGHTS_NAME, MaskControlMMDiT
+    from todsynth.config import config_from_file
+    from todsynth.generator.mmdit import CONFIG_NAME, WEIGHTS_NAME, MaskControlMMDiT, MMDiTConfig
     from todsynth.io import load_weights, read_json
 
     base_dir = base_model_dir(init)
@@ -362,9 +342,6 @@ def load_base_into(model, init: str | Path, autoencoder, text_encoder, size: int
             path=base_dir,
             fix="give the --out folder of `todsynth generator pretrain`",
         )
-    from todsynth.config import config_from_file
-    from todsynth.generator.mmdit import MMDiTConfig
-
     base_cfg = config_from_file(
         MMDiTConfig,
         {k: v for k, v in raw.items() if k != "_class_name"},

@@ -355,15 +355,8 @@ def flow_loss(
     from todsynth.generator.flow import interpolate, sample_timesteps, velocity_target
 
     device = pipe.device
-    t = torch.cat(
-        [
-            sample_timesteps(
-                1, cfg.timestep_sampling, cfg.timestep_mean, cfg.timestep_std, generator=g, tail=cfg.timestep_tail
-            )
-            for g in gens
-        ]
-    )
-    t = to_device(t, device)
+    sampling = dict(mode=cfg.timestep_sampling, mean=cfg.timestep_mean, std=cfg.timestep_std, tail=cfg.timestep_tail)
+    t = to_device(torch.cat([sample_timesteps(1, generator=g, **sampling) for g in gens]), device)
     drop = torch.tensor([torch.rand(1, generator=g).item() < cfg.text_dropout for g in gens])
     with torch.no_grad():
         x0 = images.to(device) if latents else pipe.autoencoder.encode(images.to(device), sample=False)
@@ -454,15 +447,13 @@ def _train(
     model = pipe.transformer
     apply_freezing(model, cfg)
     cast_frozen(model, cfg.frozen_dtype)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = make_optimizer(
-        cfg.optimizer, [p for p in model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay
-    )
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    n_trainable = sum(p.numel() for p in trainable.values())  # before FSDP flattens them
+    optimizer = make_optimizer(cfg.optimizer, list(trainable.values()), cfg.lr, cfg.weight_decay)
     configure_deepspeed(accelerator, cfg.grad_accum, cfg.grad_clip, cfg.batch_size, cfg.mixed_precision)
     prepared, optimizer = accelerator.prepare(model, optimizer)
     task = _GeneratorTask(
-        cfg, pipe, accelerator, prepared, optimizer, trainable_names, data, val_labels, val_prompts, out
+        cfg, pipe, accelerator, prepared, optimizer, list(trainable), data, val_labels, val_prompts, out
     )
     metrics = runs.Metrics(out / runs.METRICS_FILE, accelerator)
     start = 0
@@ -672,7 +663,7 @@ class _GeneratorTask:
 
     def save_final(self, directory: Path) -> None:
         """The pipeline with EMA weights (fp32) in `directory`; FSDP: weights gathered on all ranks into a plain
-        copy."""
+        copy. The end of the run: the model is not trained or saved again."""
         from todsynth.checkpoint import build_on_meta
 
         acc, model = self.accelerator, self.model
@@ -685,12 +676,9 @@ class _GeneratorTask:
                     with _module_in(self.pipe, plain):
                         self.pipe.save_pretrained(directory)
             elif acc.is_main_process:
-                dtypes = {n: p.dtype for n, p in model.named_parameters()}
                 for p in model.parameters():  # bf16-stored frozen weights are written as fp32, like the rest
                     p.data = p.data.float()
                 self.pipe.save_pretrained(directory)
-                for n, p in model.named_parameters():
-                    p.data = p.data.to(dtypes[n])
         acc.wait_for_everyone()
 
 
