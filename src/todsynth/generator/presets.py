@@ -16,28 +16,17 @@ from todsynth.errors import ConfigError
 
 MemoryPreset = Literal["full-80gb", "lowmem-48gb", "lora-24gb"]
 Optimizer = Literal["adamw", "adamw_fused", "adamw8bit", "paged_adamw8bit"]
+# every preset: bf16 autocast over fp32 master weights, gradient checkpointing
+_BF16 = {"mixed_precision": "bf16", "gradient_checkpointing": True}
 PRESETS: dict[MemoryPreset, dict[str, Any]] = {
-    # full fine-tuning of image + mask streams: fp32 master weights, fused AdamW, bf16 autocast, checkpointing
-    "full-80gb": {
-        "mixed_precision": "bf16",
-        "gradient_checkpointing": True,
-        "optimizer": "adamw_fused",
-        "lora_rank": 0,
-    },
+    # full fine-tuning of image + mask streams, fused AdamW
+    "full-80gb": {**_BF16, "optimizer": "adamw_fused", "lora_rank": 0},
     # as full-80gb with 8-bit AdamW (bitsandbytes), bf16 weights for the frozen text stream and no EMA
-    "lowmem-48gb": {
-        "mixed_precision": "bf16",
-        "gradient_checkpointing": True,
-        "optimizer": "adamw8bit",
-        "frozen_dtype": "bf16",
-        "ema_decay": 0.0,
-        "lora_rank": 0,
-    },
+    "lowmem-48gb": {**_BF16, "optimizer": "adamw8bit", "frozen_dtype": "bf16", "ema_decay": 0.0, "lora_rank": 0},
     # LoRA on every linear of the image and mask streams (dual attention and adaLN included), mask_embed in
     # full, frozen base weights in bf16
     "lora-24gb": {
-        "mixed_precision": "bf16",
-        "gradient_checkpointing": True,
+        **_BF16,
         "optimizer": "adamw_fused",
         "lora_rank": 64,
         "frozen_dtype": "bf16",

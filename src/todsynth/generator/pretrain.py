@@ -106,12 +106,8 @@ def toy_pool(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, list[str]]
     """Images [n, 3, size, size] in [0, 1] of the unlabeled toy pool, and their ids."""
     from todsynth.data.toy import toy_sample
 
-    images, ids = [], []
-    for index in toy_pool_indices(n):
-        image, _, _ = toy_sample(index, size, seed)
-        images.append(torch.from_numpy(image).permute(2, 0, 1))
-        ids.append(f"toy_{index:05d}")
-    return torch.stack(images).float() / 255, ids
+    images = [torch.from_numpy(toy_sample(i, size, seed)[0]).permute(2, 0, 1) for i in toy_pool_indices(n)]
+    return torch.stack(images).float() / 255, [f"toy_{i:05d}" for i in toy_pool_indices(n)]
 
 
 PRETRAIN_DATA = (
@@ -145,14 +141,8 @@ def _list_images(folder: Path, root: Path) -> list[Path]:
     problems: list[DataError] = []
     files = list(_files_by_stem(folder, root, "image", problems).values())
     if not files and not problems:
-        suffixes = ", ".join(IMAGE_SUFFIXES)
-        problems.append(
-            DataError(
-                "no images found",
-                path=folder,
-                fix=f"put image files ({suffixes}) in it or in an images/ subfolder; {PRETRAIN_DATA}",
-            )
-        )
+        fix = f"put image files ({', '.join(IMAGE_SUFFIXES)}) in it or in an images/ subfolder; {PRETRAIN_DATA}"
+        problems.append(DataError("no images found", path=folder, fix=fix))
     if problems:
         raise DatasetProblems(folder, problems)
     return files
@@ -291,7 +281,7 @@ def check_base(base_dir: Path, meta: dict, base_cfg, cfg, autoencoder, text_enco
                 path=base_dir,
                 fix=f"fine-tune with --set {kind}={theirs}, or pretrain a base with this {kind}",
             )
-    base_te = {k: v for k, v in (meta.get("text_encoder") or {}).items() if k != "path"}
+    base_te = meta.get("text_encoder") or {}
     for key, ours in text_encoder.config.items():  # token counts: the sequence the text stream learned to read
         if key not in ("kind", "path") and base_te.get(key) != ours:
             fix = (
@@ -311,12 +301,11 @@ def check_base(base_dir: Path, meta: dict, base_cfg, cfg, autoencoder, text_enco
             path=base_dir,
             fix=f"fine-tune with --size {theirs}, or pretrain a base at size {size}",
         )
-    for field_name, setting in ARCHITECTURE:
-        theirs, ours = getattr(base_cfg, field_name), getattr(cfg, field_name)
+    for name, setting in ARCHITECTURE:
+        theirs, ours = getattr(base_cfg, name), getattr(cfg, name)
         if _shown(theirs) != _shown(ours):
-            by = "" if setting == field_name else f" (set by {setting})"
             raise CheckpointError(
-                f"the base has {field_name}={_shown(theirs)}, this run's model has {field_name}={_shown(ours)}{by}",
+                f"the base has {name}={_shown(theirs)}, this run's model has {name}={_shown(ours)} (set by {setting})",
                 path=base_dir,
                 fix="fine-tune with the base's settings, or pretrain a base of this size",
             )

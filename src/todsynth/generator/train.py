@@ -21,18 +21,7 @@ from torch import Tensor
 from todsynth import runs
 from todsynth.config import require, require_at_least, resume_free_names, setting
 from todsynth.data.crops import CropMode
-from todsynth.generator.distributed import (
-    ENGINE_STATES,
-    configure_deepspeed,
-    ema_weights,
-    is_deepspeed,
-    is_fsdp,
-    load_model_state,
-    load_optimizer_state,
-    optimizer_state,
-    save_engine_state,
-    save_snapshot,
-)
+from todsynth.generator import distributed
 from todsynth.generator.mmdit import MMDiTArch
 from todsynth.generator.presets import MemoryPreset, Optimizer, apply_preset, cast_frozen, make_optimizer
 
@@ -399,12 +388,97 @@ def train_generator(
     The run holds `out`'s run lock throughout; an `out` holding an earlier run is refused unless it is resumed
     or `cfg.overwrite` replaces it.
     """
+    from accelerate.utils import set_seed
+
+    from todsynth.generator.stream import MemorySamples, StepBatches, StreamData, batch_loader, open_train_stream
+    from todsynth.io import write_json
+
     cfg.validate()
     cfg = apply_preset(cfg)
     cfg.validate()
-    with runs.open_run(Path(cfg.out), cfg.resume, cfg.overwrite, RUN_OUTPUTS, _main_process()) as (run, resuming):
+    out = Path(cfg.out)
+    with runs.open_run(out, cfg.resume, cfg.overwrite, RUN_OUTPUTS, _main_process()) as (run, resuming):
         run.settings, run.free = asdict(cfg), resume_free_names(GeneratorTrainConfig)
-        return _train(cfg, run, resuming, on_step, accelerator)
+        accelerator = accelerator or runs.make_accelerator(cfg.log_with, out / "logs")
+        set_seed(cfg.seed)
+        if cfg.unlabeled:
+            from todsynth.generator.pretrain import load_unlabeled
+
+            pool, classes = load_unlabeled(cfg)
+            data = StreamData(MemorySamples(pool.images, pool.labels), pool.prompts, pool.ids)
+        else:
+            data, classes = open_train_stream(cfg.data, cfg.split, cfg.size, cfg.crop, cfg.seed, cfg.split_file)
+        val_labels, val_prompts = _validation_masks(cfg, data)
+        pipe = build_pipeline(cfg, classes, accelerator.device, data.normalisation)
+        # every prompt encoded once into out/prompt_cache.safetensors, each process its share; training never re-encodes
+        pipe.use_prompt_cache(
+            out / "prompt_cache.safetensors", sorted(set(data.prompts + val_prompts)), accelerator, offload_text=True
+        )
+        if cfg.cache_latents:
+            data = _latent_cache(pipe, data, out, accelerator)
+        model = pipe.transformer
+        apply_freezing(model, cfg)
+        cast_frozen(model, cfg.frozen_dtype)
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        n_trainable = sum(p.numel() for p in trainable.values())  # before FSDP flattens them
+        optimizer = make_optimizer(cfg.optimizer, list(trainable.values()), cfg.lr, cfg.weight_decay)
+        distributed.configure_deepspeed(accelerator, cfg.grad_accum, cfg.grad_clip, cfg.batch_size, cfg.mixed_precision)
+        prepared, optimizer = accelerator.prepare(model, optimizer)
+        task = _GeneratorTask(
+            cfg, pipe, accelerator, prepared, optimizer, list(trainable), data, val_labels, val_prompts, out
+        )
+        metrics = runs.Metrics(out / runs.METRICS_FILE, accelerator)
+        start = 0
+        if resuming:
+            start, tensors, info = run.load_state(metrics, task.precision.scaler)
+            task.load(tensors, info, run.checkpoint)
+        else:
+            run.start(asdict(cfg), metrics)
+        runs.start_trackers(accelerator, "generator", asdict(cfg))
+
+        world, rank = accelerator.num_processes, accelerator.process_index
+        require(cfg.batch_size % world == 0, f"batch_size {cfg.batch_size} must divide by {world} processes")
+        t0 = time.perf_counter()
+        end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
+        batches = StepBatches(
+            len(data.ids), cfg.batch_size, cfg.seed, start * cfg.grad_accum, end * cfg.grad_accum, rank, world
+        )
+        task.loader = iter(batch_loader(data.samples, batches, cfg.num_workers))
+        loop = runs.Loop(
+            start,
+            end,
+            cfg.steps,
+            lambda s: runs.lr_at(s, cfg.steps, cfg.lr, cfg.warmup_steps, "cosine_ramp"),
+            cfg.batch_size * cfg.grad_accum,
+            cfg.log_every,
+            cfg.val_every,
+            bool(cfg.val_every),
+            cfg.full_state_every,
+        )
+        progress = runs.Progress("generator", cfg.steps, start, cfg.progress and accelerator.is_main_process)
+        last = runs.fit(task, loop, metrics, accelerator, run, progress, on_step, task.precision.scaler)
+
+        history = metrics.history()
+        val = metrics.last("val/")
+        result = GeneratorResult(
+            str(out / "model"),
+            end,
+            last if last is not None else history[-1][1] if history else None,
+            None if val is None else {k[4:] if k.startswith("val/") else k: v for k, v in val.items()},
+            n_trainable,
+            world,
+            time.perf_counter() - t0,
+        )
+        task.save_final(out / "model")
+        if accelerator.is_main_process:
+            from todsynth.viz import plot_curves
+
+            curve = ([s for s, _ in history], [v for _, v in history])
+            plot_curves(out / "loss.png", {"flow-matching loss": curve}, xlabel="step", log_y=True)
+            write_json(out / "results.json", asdict(result))
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return result
 
 
 def _main_process() -> bool:
@@ -415,98 +489,6 @@ def _main_process() -> bool:
         if os.environ.get(name):
             return int(os.environ[name]) == 0
     return True
-
-
-def _train(
-    cfg: GeneratorTrainConfig, run: runs.RunFolder, resuming: bool, on_step: runs.StepCallback | None, accelerator: Any
-) -> GeneratorResult:
-    """The training run of `train_generator`, in a locked and checked run folder."""
-    from accelerate.utils import set_seed
-
-    from todsynth.generator.stream import MemorySamples, StepBatches, StreamData, batch_loader, open_train_stream
-    from todsynth.io import write_json
-
-    out = run.root
-    accelerator = accelerator or runs.make_accelerator(cfg.log_with, out / "logs")
-    set_seed(cfg.seed)
-    if cfg.unlabeled:
-        from todsynth.generator.pretrain import load_unlabeled
-
-        pool, classes = load_unlabeled(cfg)
-        data = StreamData(MemorySamples(pool.images, pool.labels), pool.prompts, pool.ids)
-    else:
-        data, classes = open_train_stream(cfg.data, cfg.split, cfg.size, cfg.crop, cfg.seed, cfg.split_file)
-    val_labels, val_prompts = _validation_masks(cfg, data)
-    pipe = build_pipeline(cfg, classes, accelerator.device, data.normalisation)
-    # every prompt encoded once into out/prompt_cache.safetensors, each process its share; training never re-encodes
-    pipe.use_prompt_cache(
-        out / "prompt_cache.safetensors", sorted(set(data.prompts + val_prompts)), accelerator, offload_text=True
-    )
-    if cfg.cache_latents:
-        data = _latent_cache(pipe, data, out, accelerator)
-    model = pipe.transformer
-    apply_freezing(model, cfg)
-    cast_frozen(model, cfg.frozen_dtype)
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    n_trainable = sum(p.numel() for p in trainable.values())  # before FSDP flattens them
-    optimizer = make_optimizer(cfg.optimizer, list(trainable.values()), cfg.lr, cfg.weight_decay)
-    configure_deepspeed(accelerator, cfg.grad_accum, cfg.grad_clip, cfg.batch_size, cfg.mixed_precision)
-    prepared, optimizer = accelerator.prepare(model, optimizer)
-    task = _GeneratorTask(
-        cfg, pipe, accelerator, prepared, optimizer, list(trainable), data, val_labels, val_prompts, out
-    )
-    metrics = runs.Metrics(out / runs.METRICS_FILE, accelerator)
-    start = 0
-    if resuming:
-        start, tensors, info = run.load_state(metrics, task.precision.scaler)
-        task.load(tensors, info, run.checkpoint)
-    else:
-        run.start(asdict(cfg), metrics)
-    runs.start_trackers(accelerator, "generator", asdict(cfg))
-
-    world, rank = accelerator.num_processes, accelerator.process_index
-    require(cfg.batch_size % world == 0, f"batch_size {cfg.batch_size} must divide by {world} processes")
-    t0 = time.perf_counter()
-    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
-    batches = StepBatches(
-        len(data.ids), cfg.batch_size, cfg.seed, start * cfg.grad_accum, end * cfg.grad_accum, rank, world
-    )
-    task.loader = iter(batch_loader(data.samples, batches, cfg.num_workers))
-    loop = runs.Loop(
-        start,
-        end,
-        cfg.steps,
-        lambda s: runs.lr_at(s, cfg.steps, cfg.lr, cfg.warmup_steps, "cosine_ramp"),
-        cfg.batch_size * cfg.grad_accum,
-        cfg.log_every,
-        cfg.val_every,
-        bool(cfg.val_every),
-        cfg.full_state_every,
-    )
-    progress = runs.Progress("generator", cfg.steps, start, cfg.progress and accelerator.is_main_process)
-    last = runs.fit(task, loop, metrics, accelerator, run, progress, on_step, task.precision.scaler)
-
-    history = metrics.history()
-    val = metrics.last("val/")
-    result = GeneratorResult(
-        str(out / "model"),
-        end,
-        last if last is not None else history[-1][1] if history else None,
-        None if val is None else {k[4:] if k.startswith("val/") else k: v for k, v in val.items()},
-        n_trainable,
-        world,
-        time.perf_counter() - t0,
-    )
-    task.save_final(out / "model")
-    if accelerator.is_main_process:
-        from todsynth.viz import plot_curves
-
-        curve = ([s for s, _ in history], [v for _, v in history])
-        plot_curves(out / "loss.png", {"flow-matching loss": curve}, xlabel="step", log_y=True)
-        write_json(out / "results.json", asdict(result))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return result
 
 
 @dataclass
@@ -537,6 +519,12 @@ class _GeneratorTask:
 
             self.ema = EMAModel(self.trainable, decay=self.cfg.ema_decay, use_ema_warmup=False)
         self.precision = runs.Precision(self.cfg.mixed_precision, self.accelerator.device)
+        from accelerate.utils import DistributedType
+
+        # FSDP: every rank takes part in gathering weights and in forward; DeepSpeed: its engine does accumulation,
+        # clipping and the optimizer step
+        layout = self.accelerator.distributed_type
+        self.sharded, self.deepspeed = layout == DistributedType.FSDP, layout == DistributedType.DEEPSPEED
 
     def train_step(self, step: int) -> Tensor:
         """grad_accum micro-batches, clipped update (DeepSpeed: the engine's), EMA; returns the step's loss (float64,
@@ -552,7 +540,7 @@ class _GeneratorTask:
             if cfg.augment:
                 images, labels = augment(images, labels, gens)
             prompts = [self.data.prompts[i] for i in local]
-            if is_deepspeed(acc):  # the engine scales by grad_accum, then clips, steps and zeroes at the boundary
+            if self.deepspeed:  # the engine scales by grad_accum, then clips, steps and zeroes at the boundary
                 with acc.accumulate(model), self.precision.autocast():
                     loss = flow_loss(self.pipe, model, images, labels, prompts, gens, cfg, cfg.cache_latents)
                     acc.backward(loss)
@@ -565,7 +553,7 @@ class _GeneratorTask:
                 )
                 self.precision.backward(loss)
             loss_sum += loss.detach().double()
-        if not is_deepspeed(acc):
+        if not self.deepspeed:
             if cfg.grad_clip > 0:
                 self.precision.unscale(self.optimizer)
                 acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -585,11 +573,10 @@ class _GeneratorTask:
         from todsynth.viz import save_mask_image_grid
 
         cfg, pipe, labels, acc = self.cfg, self.pipe, self.val_labels, self.accelerator
-        sharded = is_fsdp(acc)
-        if not (acc.is_main_process or sharded) or len(labels) == 0:
+        if not (acc.is_main_process or self.sharded) or len(labels) == 0:
             return {}
-        module = self.prepared if sharded else pipe.transformer
-        with ema_weights(self.trainable, self.ema), _module_in(pipe, module), self.precision.autocast():
+        module = self.prepared if self.sharded else pipe.transformer
+        with distributed.ema_weights(self.trainable, self.ema), _module_in(pipe, module), self.precision.autocast():
             seeds = validation_seeds(len(labels), cfg.seed)
             images = pipe(
                 labels, self.val_prompts, seeds=seeds, num_steps=cfg.val_steps, guidance_scale=cfg.guidance_scale
@@ -615,11 +602,11 @@ class _GeneratorTask:
         self.done = step
         if step % self.cfg.checkpoint_every:
             return
-        with ema_weights(self.trainable, self.ema):
+        with distributed.ema_weights(self.trainable, self.ema):
             weights = {k: v.to("cpu", copy=True) for k, v in self.accelerator.get_state_dict(self.prepared).items()}
         if self.accelerator.is_main_process:
             config = {"_class_name": type(self.model).__name__, **self.model.config.to_dict()}
-            save_snapshot(self.out / "checkpoints", step, weights, config, self.cfg.checkpoints_total_limit)
+            distributed.save_snapshot(self.out / "checkpoints", step, weights, config, self.cfg.checkpoints_total_limit)
         self.accelerator.wait_for_everyone()
 
     def state(self) -> tuple[dict[str, Tensor], dict]:
@@ -628,13 +615,15 @@ class _GeneratorTask:
         acc = self.accelerator
         tensors = {f"model.{k}": v for k, v in acc.get_state_dict(self.prepared).items()}
         info: dict = {}
-        if is_deepspeed(acc):
-            self.engine_state = info["engine_state"] = save_engine_state(acc, self.out, self.done, self.engine_state)
+        if self.deepspeed:
+            self.engine_state = info["engine_state"] = distributed.save_engine_state(
+                acc, self.out, self.done, self.engine_state
+            )
         else:
-            optim, info["optimizer_groups"] = optimizer_state(self.prepared, self.optimizer)
+            optim, info["optimizer_groups"] = distributed.optimizer_state(self.prepared, self.optimizer)
             tensors.update(optim)
         if self.ema is not None:
-            with ema_weights(self.trainable, self.ema):
+            with distributed.ema_weights(self.trainable, self.ema):
                 ema = acc.get_state_dict(self.prepared)
                 tensors.update({f"ema.{k}": ema[k].to("cpu", copy=True) for k in self.trainable_names if k in ema})
         return tensors, {**info, "ema_step": self.ema.optimization_step if self.ema else None}
@@ -648,16 +637,16 @@ class _GeneratorTask:
         try:
             if self.ema is not None:  # EMA weights through the model, so each rank's (sharded) shadow gets its part
                 ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
-                load_model_state(acc, self.prepared, self.model, {**weights, **ema}, path)
+                distributed.load_model_state(self.prepared, self.model, {**weights, **ema}, path, self.sharded)
                 with torch.no_grad():
                     for shadow, p in zip(self.ema.shadow_params, self.trainable, strict=True):
                         shadow.copy_(p)
                 self.ema.optimization_step = int(info["ema_step"])
-            if is_deepspeed(acc):  # weights and partitioned optimizer state from the engine's own state
+            if self.deepspeed:  # weights and partitioned optimizer state from the engine's own state
                 acc.load_state(str(path.parent / info["engine_state"]))
                 return
-            load_model_state(acc, self.prepared, self.model, weights, path)
-            load_optimizer_state(self.prepared, self.optimizer, tensors, info["optimizer_groups"])
+            distributed.load_model_state(self.prepared, self.model, weights, path, self.sharded)
+            distributed.load_optimizer_state(self.prepared, self.optimizer, tensors, info["optimizer_groups"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"checkpoint does not fit this model: {str(e)[:200]}", path=path) from None
 
@@ -667,8 +656,8 @@ class _GeneratorTask:
         from todsynth.checkpoint import build_on_meta
 
         acc, model = self.accelerator, self.model
-        with ema_weights(self.trainable, self.ema):
-            if is_fsdp(acc):
+        with distributed.ema_weights(self.trainable, self.ema):
+            if self.sharded:
                 weights = acc.get_state_dict(self.prepared)
                 if acc.is_main_process:
                     plain = build_on_meta(lambda: type(model)(model.config))
@@ -742,4 +731,4 @@ def _latent_cache(pipe, data, out: Path, accelerator):
 
 CACHES = ("prompt_cache.safetensors", "latent_cache.safetensors")  # encoded prompts and VAE latents of the data
 # What a generator run writes into its folder: removed before a run started with `overwrite`.
-RUN_OUTPUTS = (*runs.RUN_OUTPUTS, *CACHES, "val", "loss.png", "checkpoints", ENGINE_STATES)
+RUN_OUTPUTS = (*runs.RUN_OUTPUTS, *CACHES, "val", "loss.png", "checkpoints", distributed.ENGINE_STATES)
