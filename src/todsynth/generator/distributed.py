@@ -133,7 +133,7 @@ def load_model_state(
     load_state_strict(model, state, path)
 
 
-def save_snapshot(root: Path, step: int, state: dict[str, torch.Tensor], config: dict, limit: int) -> Path:
+def save_snapshot(root: Path, step: int, state: dict[str, torch.Tensor], config: dict, limit: int) -> None:
     """Model-only weights of `step` in root/step_<step>/ (config.json + model.safetensors); keeps the newest `limit`."""
     from todsynth.generator.mmdit import CONFIG_NAME, WEIGHTS_NAME
     from todsynth.io import save_weights, write_json
@@ -144,7 +144,6 @@ def save_snapshot(root: Path, step: int, state: dict[str, torch.Tensor], config:
     if limit > 0:
         for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
-    return folder
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ import torch
 
 from todsynth.errors import ConfigError
 
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICE_FIX = "use --device auto (accelerate's choice), cpu, or a device this machine has (cuda, cuda:1, mps)"
 
@@ -48,21 +49,27 @@ class Runtime:
 
 def autocast(device: torch.device | str, mixed_precision: str = "no") -> contextlib.AbstractContextManager:
     """Autocast context for `device` in `mixed_precision` ("no": nullcontext, so fp32 runs unchanged)."""
+    check_mixed_precision(mixed_precision)
     dtype = AUTOCAST_DTYPES.get(mixed_precision)
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
+def check_mixed_precision(value: str) -> None:
+    """Raise ConfigError unless `value` is no, bf16 or fp16."""
+    if value not in MIXED_PRECISIONS:
+        raise ConfigError(
+            f"mixed_precision must be one of {list(MIXED_PRECISIONS)}, got {value!r}",
+            fix="use no (fp32), bf16 (recommended on GPUs) or fp16",
+        )
+
+
 def resolve_runtime(device: str | None = "auto", mixed_precision: str = "no", state: Any = None) -> Runtime:
     """The Runtime of an entry point: "auto" (or None) takes accelerate's device for this process (its
     GPU under `accelerate launch`, the GPU with one process, else the CPU); "cpu" forces the CPU; another
     name ("cuda", "cuda:1", "mps") is checked to exist. TF32 matmuls are enabled on CUDA."""
-    if mixed_precision not in ("no", *AUTOCAST_DTYPES):
-        raise ConfigError(
-            f"mixed_precision must be one of ['no', 'bf16', 'fp16'], got {mixed_precision!r}",
-            fix="use no (fp32), bf16 (recommended on GPUs) or fp16",
-        )
+    check_mixed_precision(mixed_precision)
     name = "auto" if device is None else str(device)
     if state is None:
         from accelerate.state import PartialState

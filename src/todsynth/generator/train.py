@@ -219,14 +219,12 @@ def load_train_data(
 ):
     """Validate and read a whole dataset (any reader) into tensors at `size` by `crop` (todsynth.data.crops;
     `resize` scales the short side, labels nearest, and center-crops the rest). Training streams instead."""
-    from todsynth.generator.stream import open_train_stream
+    from todsynth.generator.stream import collate, open_train_stream
 
     data, classes = open_train_stream(path, split, size, crop, 0, split_file, images=images)
-    items = [data.samples[(i, 0, i)] for i in range(len(data.ids))]
-    image_t = torch.stack([im for _, im, _ in items]) if images else torch.empty(0)
-    return TrainData(
-        image_t, torch.stack([lab for _, _, lab in items]), data.prompts, data.ids, data.normalisation
-    ), classes
+    _, image_t, labels = collate([data.samples[(i, 0, i)] for i in range(len(data.ids))])
+    image_t = torch.empty(0) if image_t is None else image_t
+    return TrainData(image_t, labels, data.prompts, data.ids, data.normalisation), classes
 
 
 def augment(images: Tensor, labels: Tensor, gens: list[torch.Generator]) -> tuple[Tensor, Tensor]:
@@ -388,7 +386,7 @@ def train_generator(
     The run holds `out`'s run lock throughout; an `out` holding an earlier run is refused unless it is resumed
     or `cfg.overwrite` replaces it.
     """
-    from accelerate.utils import set_seed
+    from accelerate.utils import get_int_from_env, set_seed
 
     from todsynth.generator.stream import MemorySamples, StepBatches, StreamData, batch_loader, open_train_stream
     from todsynth.io import write_json
@@ -397,7 +395,9 @@ def train_generator(
     cfg = apply_preset(cfg)
     cfg.validate()
     out = Path(cfg.out)
-    with runs.open_run(out, cfg.resume, cfg.overwrite, RUN_OUTPUTS, _main_process()) as (run, resuming):
+    # the main process of a (possibly `accelerate launch`ed) run, known before accelerate starts
+    main = get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0) == 0
+    with runs.open_run(out, cfg.resume, cfg.overwrite, RUN_OUTPUTS, main) as (run, resuming):
         run.settings, run.free = asdict(cfg), resume_free_names(GeneratorTrainConfig)
         accelerator = accelerator or runs.make_accelerator(cfg.log_with, out / "logs")
         set_seed(cfg.seed)
@@ -479,16 +479,6 @@ def train_generator(
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return result
-
-
-def _main_process() -> bool:
-    """Whether this is the main process of a (possibly `accelerate launch`ed) run, known before accelerate starts."""
-    import os
-
-    for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
-        if os.environ.get(name):
-            return int(os.environ[name]) == 0
-    return True
 
 
 @dataclass
@@ -721,10 +711,9 @@ def _latent_cache(pipe, data, out: Path, accelerator):
     """The training set as VAE latents of its (deterministically cropped) images, encoded once into
     out/latent_cache.safetensors by all processes, with its labels: the loop then never runs the encoder."""
     from todsynth.generator.latent_cache import LATENT_CACHE, build_latent_cache
-    from todsynth.generator.stream import MemorySamples, StreamData
+    from todsynth.generator.stream import MemorySamples, StreamData, collate
 
-    items = [data.samples[(i, 0, i)] for i in range(len(data.ids))]
-    images, labels = torch.stack([im for _, im, _ in items]), torch.stack([lab for _, _, lab in items])
+    _, images, labels = collate([data.samples[(i, 0, i)] for i in range(len(data.ids))])
     latents = build_latent_cache(out / LATENT_CACHE, pipe.autoencoder, images, data.ids, accelerator)
     return StreamData(MemorySamples(latents, labels), data.prompts, data.ids, data.normalisation)
 
