@@ -30,20 +30,6 @@ OPTIM_PREFIX = "optim."
 ENGINE_STATES = "deepspeed"  # under DeepSpeed: the engine's own state per saved step, in the run folder
 
 
-def is_fsdp(accelerator) -> bool:
-    """Whether the prepared model is sharded (FSDP): then every rank takes part in gathering and in forward."""
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.FSDP
-
-
-def is_deepspeed(accelerator) -> bool:
-    """Whether a DeepSpeed engine runs the model: it then does accumulation, clipping and the optimizer step."""
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
-
-
 def process_group_kwargs() -> list:
     """Accelerator kwargs handlers for this launch: gloo under DeepSpeed without an accelerator device (there
     accelerate picks no backend, so every rank would count itself alone); none otherwise."""
@@ -87,7 +73,7 @@ def deepspeed_settings(
 
 def configure_deepspeed(accelerator, grad_accum: int, grad_clip: float, batch_size: int, mixed_precision: str) -> None:
     """Under DeepSpeed, put the run's settings into accelerate's DeepSpeed plugin; call before `prepare`."""
-    if is_deepspeed(accelerator):
+    if accelerator.state.deepspeed_plugin is not None:  # None unless accelerate runs DeepSpeed
         config = accelerator.state.deepspeed_plugin.deepspeed_config
         config.update(
             deepspeed_settings(config, grad_accum, grad_clip, batch_size, accelerator.num_processes, mixed_precision)
@@ -106,11 +92,6 @@ def save_engine_state(accelerator, root: Path, step: int, keep: str | None) -> s
     accelerator.save_state(str(root / name))
     accelerator.wait_for_everyone()
     return name
-
-
-def model_state(accelerator, prepared: nn.Module) -> dict[str, torch.Tensor]:
-    """The full model state dict, gathered through accelerate; call on all ranks (the main one gets it)."""
-    return accelerator.get_state_dict(prepared)
 
 
 def optimizer_state(prepared: nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -141,10 +122,10 @@ def load_optimizer_state(prepared: nn.Module, optimizer, tensors: dict[str, torc
 
 
 def load_model_state(
-    accelerator, prepared: nn.Module, model: nn.Module, state: dict[str, torch.Tensor], path: Path
+    prepared: nn.Module, model: nn.Module, state: dict[str, torch.Tensor], path: Path, sharded: bool
 ) -> None:
-    """Load a full state dict into the model on every rank (FSDP: each rank keeps its shard)."""
-    if is_fsdp(accelerator):
+    """Load a full state dict into the model on every rank (`sharded`, FSDP: each rank keeps its shard)."""
+    if sharded:
         set_model_state_dict(prepared, state, options=StateDictOptions(full_state_dict=True))
         return
     from todsynth.generator.mmdit import load_state_strict
@@ -152,7 +133,7 @@ def load_model_state(
     load_state_strict(model, state, path)
 
 
-def save_snapshot(root: Path, step: int, state: dict[str, torch.Tensor], config: dict, limit: int) -> Path:
+def save_snapshot(root: Path, step: int, state: dict[str, torch.Tensor], config: dict, limit: int) -> None:
     """Model-only weights of `step` in root/step_<step>/ (config.json + model.safetensors); keeps the newest `limit`."""
     from todsynth.generator.mmdit import CONFIG_NAME, WEIGHTS_NAME
     from todsynth.io import save_weights, write_json
@@ -163,7 +144,6 @@ def save_snapshot(root: Path, step: int, state: dict[str, torch.Tensor], config:
     if limit > 0:
         for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
-    return folder
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ A preset is a set of training settings applied in one place (`apply_preset`); es
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -16,28 +16,17 @@ from todsynth.errors import ConfigError
 
 MemoryPreset = Literal["full-80gb", "lowmem-48gb", "lora-24gb"]
 Optimizer = Literal["adamw", "adamw_fused", "adamw8bit", "paged_adamw8bit"]
+# every preset: bf16 autocast over fp32 master weights, gradient checkpointing
+_BF16 = {"mixed_precision": "bf16", "gradient_checkpointing": True}
 PRESETS: dict[MemoryPreset, dict[str, Any]] = {
-    # full fine-tuning of image + mask streams: fp32 master weights, fused AdamW, bf16 autocast, checkpointing
-    "full-80gb": {
-        "mixed_precision": "bf16",
-        "gradient_checkpointing": True,
-        "optimizer": "adamw_fused",
-        "lora_rank": 0,
-    },
+    # full fine-tuning of image + mask streams, fused AdamW
+    "full-80gb": {**_BF16, "optimizer": "adamw_fused", "lora_rank": 0},
     # as full-80gb with 8-bit AdamW (bitsandbytes), bf16 weights for the frozen text stream and no EMA
-    "lowmem-48gb": {
-        "mixed_precision": "bf16",
-        "gradient_checkpointing": True,
-        "optimizer": "adamw8bit",
-        "frozen_dtype": "bf16",
-        "ema_decay": 0.0,
-        "lora_rank": 0,
-    },
+    "lowmem-48gb": {**_BF16, "optimizer": "adamw8bit", "frozen_dtype": "bf16", "ema_decay": 0.0, "lora_rank": 0},
     # LoRA on every linear of the image and mask streams (dual attention and adaLN included), mask_embed in
     # full, frozen base weights in bf16
     "lora-24gb": {
-        "mixed_precision": "bf16",
-        "gradient_checkpointing": True,
+        **_BF16,
         "optimizer": "adamw_fused",
         "lora_rank": 64,
         "frozen_dtype": "bf16",
@@ -45,7 +34,6 @@ PRESETS: dict[MemoryPreset, dict[str, Any]] = {
         "train_text": False,
     },
 }
-OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 
 
 def apply_preset(cfg):
@@ -58,22 +46,20 @@ def apply_preset(cfg):
 
 
 def make_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW (0.9, 0.999) as `name` says: torch's (fused kernel with adamw_fused) or bitsandbytes' 8-bit/paged one."""
+    """AdamW (0.9, 0.999) as `name` (an `Optimizer`) says: torch's (fused: adamw_fused) or bitsandbytes' 8-bit/paged."""
     if name in ("adamw", "adamw_fused"):
         return torch.optim.AdamW(
             params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, fused=True if name == "adamw_fused" else None
         )
-    if name in ("adamw8bit", "paged_adamw8bit"):
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ConfigError(
-                f"optimizer {name} needs bitsandbytes, which is not installed",
-                fix="pip install bitsandbytes (needs a CUDA GPU), or set optimizer=adamw",
-            ) from None
-        cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw8bit" else bnb.optim.AdamW8bit
-        return cls(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
-    raise ConfigError(f"unknown optimizer {name!r}; choose {', '.join(OPTIMIZERS)}")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConfigError(
+            f"optimizer {name} needs bitsandbytes, which is not installed",
+            fix="pip install bitsandbytes (needs a CUDA GPU), or set optimizer=adamw",
+        ) from None
+    cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
 
 
 def cast_frozen(model: nn.Module, dtype: str) -> None:

@@ -12,24 +12,22 @@ stream) and an image-only dataset (`unlabeled: true`):
 - any dataset the readers know (LoveDA, folder, JSONL): its images, masks ignored.
 
 Every image gets the generic prompt ("a satellite image", or `prompt`) unless a captions file (JSON
-object: image id → caption) gives it its own. The base is written like any generator (`out/model`,
-loadable with `MaskToImagePipeline.from_pretrained`); `load_base_into` starts a fine-tuning model from it:
-text and image streams (and the timestep/pooled-text embedder) from the base, the mask stream of
-``triple`` as a copy of the pretrained image stream, ``siamese`` sharing it, ``adapter``'s zero-initialised
-side branch fresh (at step 0 the model is the base), as `sd3.py` does for an SD3 transformer.
+object: image id → caption) gives it its own. The base is written like any generator (`out/model`);
+`load_base_into` starts a fine-tuning model from it, as `sd3.py` does from an SD3 transformer.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from todsynth.data.classes import ClassSpec
 from todsynth.errors import CheckpointError, ConfigError, DataError
-from todsynth.generator.train import GeneratorResult, GeneratorTrainConfig, TrainData
+from todsynth.generator.train import GeneratorResult, GeneratorTrainConfig, TrainData, train_generator
+from todsynth.runs import StepCallback
 
 PRETRAIN_PROMPT = "a satellite image"
 # Toy tile indices of the unlabeled pool. The experiment pipeline draws real tiles from index 0, label-only
@@ -74,14 +72,10 @@ def pretrain_config(data: str, out: str = "runs/base", **settings) -> GeneratorT
     )
 
 
-def pretrain_generator(
-    cfg: GeneratorTrainConfig, on_step: Callable[[int, float], None] | None = None
-) -> GeneratorResult:
+def pretrain_generator(cfg: GeneratorTrainConfig, on_step: StepCallback | None = None) -> GeneratorResult:
     """Pretrain a base model (see the module docstring); the same resumable loop (and `on_step`) as
     `train_generator`."""
-    from todsynth.generator.train import train_generator
-
-    if not cfg.unlabeled or cfg.model.control != "none":
+    if not cfg.unlabeled:  # control none is checked with the config
         raise ConfigError(
             "pretraining runs on unlabeled images with control none",
             fix="build the config with todsynth.generator.pretrain.pretrain_config",
@@ -112,12 +106,8 @@ def toy_pool(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, list[str]]
     """Images [n, 3, size, size] in [0, 1] of the unlabeled toy pool, and their ids."""
     from todsynth.data.toy import toy_sample
 
-    images, ids = [], []
-    for index in toy_pool_indices(n):
-        image, _, _ = toy_sample(index, size, seed)
-        images.append(torch.from_numpy(image).permute(2, 0, 1))
-        ids.append(f"toy_{index:05d}")
-    return torch.stack(images).float() / 255, ids
+    images = [torch.from_numpy(toy_sample(i, size, seed)[0]).permute(2, 0, 1) for i in toy_pool_indices(n)]
+    return torch.stack(images).float() / 255, [f"toy_{i:05d}" for i in toy_pool_indices(n)]
 
 
 PRETRAIN_DATA = (
@@ -151,27 +141,11 @@ def _list_images(folder: Path, root: Path) -> list[Path]:
     problems: list[DataError] = []
     files = list(_files_by_stem(folder, root, "image", problems).values())
     if not files and not problems:
-        suffixes = ", ".join(IMAGE_SUFFIXES)
-        problems.append(
-            DataError(
-                "no images found",
-                path=folder,
-                fix=f"put image files ({suffixes}) in it or in an images/ subfolder; {PRETRAIN_DATA}",
-            )
-        )
+        fix = f"put image files ({', '.join(IMAGE_SUFFIXES)}) in it or in an images/ subfolder; {PRETRAIN_DATA}"
+        problems.append(DataError("no images found", path=folder, fix=fix))
     if problems:
         raise DatasetProblems(folder, problems)
     return files
-
-
-def _split_files(files: list[Path], split_file: str, root: Path) -> list[Path]:
-    """The files whose ids a split file lists, in its order; ids without a file are a DataError."""
-    from types import SimpleNamespace
-
-    from todsynth.data.split import read_split
-
-    by_id = {p.stem: p for p in files}
-    return [by_id[i] for i in read_split(split_file, SimpleNamespace(ids=list(by_id), root=root))]
 
 
 def _read_images(loaders: list, size: int, root: Path) -> torch.Tensor:
@@ -227,13 +201,14 @@ def load_unlabeled(cfg: GeneratorTrainConfig) -> tuple[TrainData, ClassSpec]:
     """The images of `cfg.data` (toy pool, image folder or any dataset, masks ignored) as TrainData with
     all-ignore label maps (never read with control none) and per-image prompts."""
     from todsynth.data.classes import IGNORE_INDEX
-    from todsynth.data.readers import read_image
+    from todsynth.data.rasters import DATA_FILE, load_raster_spec
+    from todsynth.data.readers import CLASSES_FILE, SubsetDataset, load_classes, open_dataset, read_image
+    from todsynth.data.split import read_split
+    from todsynth.data.toy import TOY_CLASSES
 
     toy = parse_toy_spec(cfg.data)
     classes = UNLABELLED
     if toy is not None:
-        from todsynth.data.toy import TOY_CLASSES
-
         images, ids = toy_pool(toy[0], cfg.size, toy[1])
         classes = TOY_CLASSES
     else:
@@ -244,24 +219,18 @@ def load_unlabeled(cfg: GeneratorTrainConfig) -> tuple[TrainData, ClassSpec]:
             raise DataError("not an image folder or a dataset", path=path, fix=PRETRAIN_DATA)
         folder = _image_folder(path)
         if folder is not None:
-            from todsynth.data.rasters import DATA_FILE, load_raster_spec
-            from todsynth.data.readers import CLASSES_FILE, load_classes
-
             files = _list_images(folder, path)
-            if cfg.split_file:
-                files = _split_files(files, cfg.split_file, path)
+            if cfg.split_file:  # the files it lists, in its order; ids without a file are a DataError
+                by_id = {p.stem: p for p in files}
+                files = [by_id[i] for i in read_split(cfg.split_file, SimpleNamespace(ids=list(by_id), root=path))]
             ids, root = [p.stem for p in files], folder
             spec = load_raster_spec(path / DATA_FILE)
             loaders = [lambda p=p: read_image(p, spec) for p in files]
             if folder != path and (path / CLASSES_FILE).is_file():
                 classes = load_classes(path / CLASSES_FILE)
         else:
-            from todsynth.data.readers import SubsetDataset, open_dataset
-
             ds = open_dataset(path, split=cfg.split)
             if cfg.split_file:
-                from todsynth.data.split import read_split
-
                 ds = SubsetDataset(ds, read_split(cfg.split_file, ds))
             if ds.label_only:
                 raise DataError("dataset has masks but no images; pretraining needs images", path=path)
@@ -312,7 +281,7 @@ def check_base(base_dir: Path, meta: dict, base_cfg, cfg, autoencoder, text_enco
                 path=base_dir,
                 fix=f"fine-tune with --set {kind}={theirs}, or pretrain a base with this {kind}",
             )
-    base_te = {k: v for k, v in (meta.get("text_encoder") or {}).items() if k != "path"}
+    base_te = meta.get("text_encoder") or {}
     for key, ours in text_encoder.config.items():  # token counts: the sequence the text stream learned to read
         if key not in ("kind", "path") and base_te.get(key) != ours:
             fix = (
@@ -332,12 +301,11 @@ def check_base(base_dir: Path, meta: dict, base_cfg, cfg, autoencoder, text_enco
             path=base_dir,
             fix=f"fine-tune with --size {theirs}, or pretrain a base at size {size}",
         )
-    for field_name, setting in ARCHITECTURE:
-        theirs, ours = getattr(base_cfg, field_name), getattr(cfg, field_name)
+    for name, setting in ARCHITECTURE:
+        theirs, ours = getattr(base_cfg, name), getattr(cfg, name)
         if _shown(theirs) != _shown(ours):
-            by = "" if setting == field_name else f" (set by {setting})"
             raise CheckpointError(
-                f"the base has {field_name}={_shown(theirs)}, this run's model has {field_name}={_shown(ours)}{by}",
+                f"the base has {name}={_shown(theirs)}, this run's model has {name}={_shown(ours)} (set by {setting})",
                 path=base_dir,
                 fix="fine-tune with the base's settings, or pretrain a base of this size",
             )
@@ -350,7 +318,8 @@ def load_base_into(model, init: str | Path, autoencoder, text_encoder, size: int
     stream is re-copied from the (now pretrained) image stream. Layers the base has no weights for — the
     mask embedding and the adapter branch — keep their fresh initialisation (the adapter's zero output
     projections, so an adapter model starts equal to the base)."""
-    from todsynth.generator.mmdit import CONFIG_NAME, WEIGHTS_NAME, MaskControlMMDiT
+    from todsynth.config import config_from_file
+    from todsynth.generator.mmdit import CONFIG_NAME, WEIGHTS_NAME, MaskControlMMDiT, MMDiTConfig
     from todsynth.io import load_weights, read_json
 
     base_dir = base_model_dir(init)
@@ -362,9 +331,6 @@ def load_base_into(model, init: str | Path, autoencoder, text_encoder, size: int
             path=base_dir,
             fix="give the --out folder of `todsynth generator pretrain`",
         )
-    from todsynth.config import config_from_file
-    from todsynth.generator.mmdit import MMDiTConfig
-
     base_cfg = config_from_file(
         MMDiTConfig,
         {k: v for k, v in raw.items() if k != "_class_name"},

@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,21 +21,9 @@ from torch import Tensor
 from todsynth import runs
 from todsynth.config import require, require_at_least, resume_free_names, setting
 from todsynth.data.crops import CropMode
-from todsynth.generator.distributed import (
-    ENGINE_STATES,
-    configure_deepspeed,
-    ema_weights,
-    is_deepspeed,
-    is_fsdp,
-    load_model_state,
-    load_optimizer_state,
-    model_state,
-    optimizer_state,
-    save_engine_state,
-    save_snapshot,
-)
+from todsynth.generator import distributed
 from todsynth.generator.mmdit import MMDiTArch
-from todsynth.generator.presets import MemoryPreset, Optimizer, cast_frozen, make_optimizer
+from todsynth.generator.presets import MemoryPreset, Optimizer, apply_preset, cast_frozen, make_optimizer
 
 
 @dataclass
@@ -231,14 +219,12 @@ def load_train_data(
 ):
     """Validate and read a whole dataset (any reader) into tensors at `size` by `crop` (todsynth.data.crops;
     `resize` scales the short side, labels nearest, and center-crops the rest). Training streams instead."""
-    from todsynth.generator.stream import open_train_stream
+    from todsynth.generator.stream import collate, open_train_stream
 
     data, classes = open_train_stream(path, split, size, crop, 0, split_file, images=images)
-    items = [data.samples[(i, 0, i)] for i in range(len(data.ids))]
-    image_t = torch.stack([im for _, im, _ in items]) if images else torch.empty(0)
-    return TrainData(
-        image_t, torch.stack([lab for _, _, lab in items]), data.prompts, data.ids, data.normalisation
-    ), classes
+    _, image_t, labels = collate([data.samples[(i, 0, i)] for i in range(len(data.ids))])
+    image_t = torch.empty(0) if image_t is None else image_t
+    return TrainData(image_t, labels, data.prompts, data.ids, data.normalisation), classes
 
 
 def augment(images: Tensor, labels: Tensor, gens: list[torch.Generator]) -> tuple[Tensor, Tensor]:
@@ -356,15 +342,8 @@ def flow_loss(
     from todsynth.generator.flow import interpolate, sample_timesteps, velocity_target
 
     device = pipe.device
-    t = torch.cat(
-        [
-            sample_timesteps(
-                1, cfg.timestep_sampling, cfg.timestep_mean, cfg.timestep_std, generator=g, tail=cfg.timestep_tail
-            )
-            for g in gens
-        ]
-    )
-    t = to_device(t, device)
+    sampling = dict(mode=cfg.timestep_sampling, mean=cfg.timestep_mean, std=cfg.timestep_std, tail=cfg.timestep_tail)
+    t = to_device(torch.cat([sample_timesteps(1, generator=g, **sampling) for g in gens]), device)
     drop = torch.tensor([torch.rand(1, generator=g).item() < cfg.text_dropout for g in gens])
     with torch.no_grad():
         x0 = images.to(device) if latents else pipe.autoencoder.encode(images.to(device), sample=False)
@@ -397,7 +376,7 @@ class GeneratorResult:
 
 
 def train_generator(
-    cfg: GeneratorTrainConfig, on_step: Callable[[int, float], None] | None = None, accelerator: Any = None
+    cfg: GeneratorTrainConfig, on_step: runs.StepCallback | None = None, accelerator: Any = None
 ) -> GeneratorResult:
     """Train; returns the result written to out/results.json. Resumable with cfg.resume (see the config).
 
@@ -407,157 +386,140 @@ def train_generator(
     The run holds `out`'s run lock throughout; an `out` holding an earlier run is refused unless it is resumed
     or `cfg.overwrite` replaces it.
     """
-    from todsynth.generator.presets import apply_preset
-    from todsynth.runs import open_run
+    from accelerate.utils import get_int_from_env, set_seed
+
+    from todsynth.generator.stream import MemorySamples, StepBatches, StreamData, batch_loader, open_train_stream
+    from todsynth.io import write_json
 
     cfg.validate()
     cfg = apply_preset(cfg)
     cfg.validate()
     out = Path(cfg.out)
-    main = _main_process()
-    with open_run(out, cfg.resume, cfg.overwrite, RUN_OUTPUTS, main) as (run, resuming):
+    # the main process of a (possibly `accelerate launch`ed) run, known before accelerate starts
+    main = get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0) == 0
+    with runs.open_run(out, cfg.resume, cfg.overwrite, RUN_OUTPUTS, main) as (run, resuming):
         run.settings, run.free = asdict(cfg), resume_free_names(GeneratorTrainConfig)
-        return _train(cfg, run, resuming, on_step, accelerator)
+        accelerator = accelerator or runs.make_accelerator(cfg.log_with, out / "logs")
+        set_seed(cfg.seed)
+        if cfg.unlabeled:
+            from todsynth.generator.pretrain import load_unlabeled
 
+            pool, classes = load_unlabeled(cfg)
+            data = StreamData(MemorySamples(pool.images, pool.labels), pool.prompts, pool.ids)
+        else:
+            data, classes = open_train_stream(cfg.data, cfg.split, cfg.size, cfg.crop, cfg.seed, cfg.split_file)
+        val_labels, val_prompts = _validation_masks(cfg, data)
+        pipe = build_pipeline(cfg, classes, accelerator.device, data.normalisation)
+        # every prompt encoded once into out/prompt_cache.safetensors, each process its share; training never re-encodes
+        pipe.use_prompt_cache(
+            out / "prompt_cache.safetensors", sorted(set(data.prompts + val_prompts)), accelerator, offload_text=True
+        )
+        if cfg.cache_latents:
+            data = _latent_cache(pipe, data, out, accelerator)
+        model = pipe.transformer
+        apply_freezing(model, cfg)
+        cast_frozen(model, cfg.frozen_dtype)
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        n_trainable = sum(p.numel() for p in trainable.values())  # before FSDP flattens them
+        optimizer = make_optimizer(cfg.optimizer, list(trainable.values()), cfg.lr, cfg.weight_decay)
+        distributed.configure_deepspeed(accelerator, cfg.grad_accum, cfg.grad_clip, cfg.batch_size, cfg.mixed_precision)
+        prepared, optimizer = accelerator.prepare(model, optimizer)
+        task = _GeneratorTask(
+            cfg, pipe, accelerator, prepared, optimizer, list(trainable), data, val_labels, val_prompts, out
+        )
+        metrics = runs.Metrics(out / runs.METRICS_FILE, accelerator)
+        start = 0
+        if resuming:
+            start, tensors, info = run.load_state(metrics, task.precision.scaler)
+            task.load(tensors, info, run.checkpoint)
+        else:
+            run.start(asdict(cfg), metrics)
+        runs.start_trackers(accelerator, "generator", asdict(cfg))
 
-def _main_process() -> bool:
-    """Whether this is the main process of a (possibly `accelerate launch`ed) run, known before accelerate starts."""
-    import os
+        world, rank = accelerator.num_processes, accelerator.process_index
+        require(cfg.batch_size % world == 0, f"batch_size {cfg.batch_size} must divide by {world} processes")
+        t0 = time.perf_counter()
+        end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
+        batches = StepBatches(
+            len(data.ids), cfg.batch_size, cfg.seed, start * cfg.grad_accum, end * cfg.grad_accum, rank, world
+        )
+        task.loader = iter(batch_loader(data.samples, batches, cfg.num_workers))
+        loop = runs.Loop(
+            start,
+            end,
+            cfg.steps,
+            lambda s: runs.lr_at(s, cfg.steps, cfg.lr, cfg.warmup_steps, "cosine_ramp"),
+            cfg.batch_size * cfg.grad_accum,
+            cfg.log_every,
+            cfg.val_every,
+            bool(cfg.val_every),
+            cfg.full_state_every,
+        )
+        progress = runs.Progress("generator", cfg.steps, start, cfg.progress and accelerator.is_main_process)
+        last = runs.fit(task, loop, metrics, accelerator, run, progress, on_step, task.precision.scaler)
 
-    for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
-        if os.environ.get(name):
-            return int(os.environ[name]) == 0
-    return True
+        history = metrics.history()
+        val = metrics.last("val/")
+        result = GeneratorResult(
+            str(out / "model"),
+            end,
+            last if last is not None else history[-1][1] if history else None,
+            None if val is None else {k[4:] if k.startswith("val/") else k: v for k, v in val.items()},
+            n_trainable,
+            world,
+            time.perf_counter() - t0,
+        )
+        task.save_final(out / "model")
+        if accelerator.is_main_process:
+            from todsynth.viz import plot_curves
 
-
-def _train(
-    cfg: GeneratorTrainConfig, run, resuming: bool, on_step: Callable[[int, float], None] | None, accelerator: Any
-) -> GeneratorResult:
-    """The training run of `train_generator`, in a locked and checked run folder."""
-    from accelerate.utils import set_seed
-
-    from todsynth.io import write_json
-    from todsynth.runs import Loop, Metrics, Precision, Progress, fit, lr_at, make_accelerator, start_trackers
-
-    out = run.root
-    accelerator = accelerator or make_accelerator(cfg.log_with, out / "logs")
-    set_seed(cfg.seed)
-    if cfg.unlabeled:
-        from todsynth.generator.pretrain import load_unlabeled
-        from todsynth.generator.stream import MemorySamples, StreamData
-
-        pool, classes = load_unlabeled(cfg)
-        data = StreamData(MemorySamples(pool.images, pool.labels), pool.prompts, pool.ids)
-    else:
-        from todsynth.generator.stream import open_train_stream
-
-        data, classes = open_train_stream(cfg.data, cfg.split, cfg.size, cfg.crop, cfg.seed, cfg.split_file)
-    val_labels, val_prompts = _validation_masks(cfg, data)
-    pipe = build_pipeline(cfg, classes, accelerator.device, data.normalisation)
-    # every prompt encoded once into out/prompt_cache.safetensors, each process its share; training never re-encodes
-    pipe.use_prompt_cache(
-        out / "prompt_cache.safetensors", sorted(set(data.prompts + val_prompts)), accelerator, offload_text=True
-    )
-    if cfg.cache_latents:
-        data = _latent_cache(pipe, data, out, accelerator)
-    model = pipe.transformer
-    apply_freezing(model, cfg)
-    cast_frozen(model, cfg.frozen_dtype)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = make_optimizer(
-        cfg.optimizer, [p for p in model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay
-    )
-    configure_deepspeed(accelerator, cfg.grad_accum, cfg.grad_clip, cfg.batch_size, cfg.mixed_precision)
-    ddp_model, optimizer = accelerator.prepare(model, optimizer)
-    trainable = [p for p in ddp_model.parameters() if p.requires_grad]  # FSDP: this rank's shards
-    state = _State(
-        accelerator,
-        ddp_model,
-        model,
-        optimizer,
-        _make_ema(trainable, cfg),
-        trainable,
-        trainable_names,
-        Precision(cfg.mixed_precision, accelerator.device),
-    )
-    metrics = Metrics(out / "metrics.jsonl", accelerator)
-    start, engine_state = 0, None
-    if resuming:
-        start, tensors, info = run.load_state(metrics, state.precision.scaler)
-        _load(state, tensors, info, run.checkpoint)
-        engine_state = info.get("engine_state")
-    else:
-        run.start(asdict(cfg), metrics)
-    start_trackers(accelerator, "generator", asdict(cfg))
-
-    world, rank = accelerator.num_processes, accelerator.process_index
-    require(cfg.batch_size % world == 0, f"batch_size {cfg.batch_size} must divide by {world} processes")
-    t0 = time.perf_counter()
-    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
-    from todsynth.generator.stream import StepBatches, batch_loader
-
-    batches = StepBatches(
-        len(data.ids), cfg.batch_size, cfg.seed, start * cfg.grad_accum, end * cfg.grad_accum, rank, world
-    )
-    loader = iter(batch_loader(data.samples, batches, cfg.num_workers))
-    task = _GeneratorTask(cfg, pipe, state, data, loader, val_labels, val_prompts, out, engine_state)
-    loop = Loop(
-        start,
-        end,
-        cfg.steps,
-        lambda s: lr_at(s, cfg.steps, cfg.lr, cfg.warmup_steps, "cosine_ramp"),
-        cfg.batch_size * cfg.grad_accum,
-        cfg.log_every,
-        cfg.val_every,
-        bool(cfg.val_every),
-        cfg.full_state_every,
-    )
-    progress = Progress("generator", cfg.steps, start, cfg.progress and accelerator.is_main_process)
-    last = fit(task, loop, metrics, accelerator, run, progress, on_step, state.precision.scaler)
-
-    history = metrics.history()
-    val = metrics.last("val/")
-    result = GeneratorResult(
-        str(out / "model"),
-        end,
-        last if last is not None else history[-1][1] if history else None,
-        None if val is None else {k[4:] if k.startswith("val/") else k: v for k, v in val.items()},
-        n_trainable,
-        world,
-        time.perf_counter() - t0,
-    )
-    _save_final(pipe, out / "model", state)
-    if accelerator.is_main_process:
-        _plot_loss(history, out / "loss.png")
-        write_json(out / "results.json", asdict(result))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return result
+            curve = ([s for s, _ in history], [v for _, v in history])
+            plot_curves(out / "loss.png", {"flow-matching loss": curve}, xlabel="step", log_y=True)
+            write_json(out / "results.json", asdict(result))
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return result
 
 
 @dataclass
 class _GeneratorTask:
-    """The generator's part of the fit loop: one flow-matching step, validation, snapshots, the state to save."""
+    """The generator's part of the fit loop (one flow-matching step, validation, snapshots) and what its state
+    holds: the prepared (DDP/FSDP) and the plain model, optimizer, EMA of the trainable parameters, precision."""
 
     cfg: GeneratorTrainConfig
     pipe: Any
-    st: _State
+    accelerator: Any
+    prepared: torch.nn.Module
+    optimizer: Any
+    trainable_names: list[str]  # names of the trainable parameters in the model's state dict
     data: Any
-    loader: Iterator
     val_labels: Tensor
     val_prompts: list[str]
     out: Path
     engine_state: str | None = None  # DeepSpeed: the committed checkpoint's engine state
     done: int = 0  # steps done
+    loader: Iterator = field(init=False)  # the batches from the first step on, set once a state is restored
 
     def __post_init__(self) -> None:
-        self.optimizer = self.st.optimizer
+        self.model = self.pipe.transformer
+        self.trainable = [p for p in self.prepared.parameters() if p.requires_grad]  # FSDP: this rank's shards
+        self.ema: Any = None  # of the trainable parameters only (frozen ones never change)
+        if self.cfg.ema_decay > 0:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.trainable, decay=self.cfg.ema_decay, use_ema_warmup=False)
+        self.precision = runs.Precision(self.cfg.mixed_precision, self.accelerator.device)
+        from accelerate.utils import DistributedType
+
+        # FSDP: every rank takes part in gathering weights and in forward; DeepSpeed: its engine does accumulation,
+        # clipping and the optimizer step
+        layout = self.accelerator.distributed_type
+        self.sharded, self.deepspeed = layout == DistributedType.FSDP, layout == DistributedType.DEEPSPEED
 
     def train_step(self, step: int) -> Tensor:
         """grad_accum micro-batches, clipped update (DeepSpeed: the engine's), EMA; returns the step's loss (float64,
         on the device)."""
-        cfg, st, acc = self.cfg, self.st, self.st.accelerator
+        cfg, acc, model = self.cfg, self.accelerator, self.prepared
         world, rank = acc.num_processes, acc.process_index
         loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
         for micro in range(cfg.grad_accum):
@@ -568,31 +530,27 @@ class _GeneratorTask:
             if cfg.augment:
                 images, labels = augment(images, labels, gens)
             prompts = [self.data.prompts[i] for i in local]
-            if is_deepspeed(acc):  # the engine scales by grad_accum, then clips, steps and zeroes at the boundary
-                with acc.accumulate(st.prepared), st.precision.autocast():
-                    loss = flow_loss(
-                        self.pipe, st.prepared, images, labels, prompts, gens, cfg, latents=cfg.cache_latents
-                    )
+            if self.deepspeed:  # the engine scales by grad_accum, then clips, steps and zeroes at the boundary
+                with acc.accumulate(model), self.precision.autocast():
+                    loss = flow_loss(self.pipe, model, images, labels, prompts, gens, cfg, cfg.cache_latents)
                     acc.backward(loss)
                 loss_sum += loss.detach().double() / cfg.grad_accum
                 continue
-            sync = micro == cfg.grad_accum - 1
-            ctx = acc.no_sync(st.prepared) if not sync and world > 1 else contextlib.nullcontext()
-            with ctx, st.precision.autocast():
+            ctx = acc.no_sync(model) if micro < cfg.grad_accum - 1 and world > 1 else contextlib.nullcontext()
+            with ctx, self.precision.autocast():
                 loss = (
-                    flow_loss(self.pipe, st.prepared, images, labels, prompts, gens, cfg, latents=cfg.cache_latents)
-                    / cfg.grad_accum
+                    flow_loss(self.pipe, model, images, labels, prompts, gens, cfg, cfg.cache_latents) / cfg.grad_accum
                 )
-                st.precision.backward(loss)
+                self.precision.backward(loss)
             loss_sum += loss.detach().double()
-        if not is_deepspeed(acc):
+        if not self.deepspeed:
             if cfg.grad_clip > 0:
-                st.precision.unscale(st.optimizer)
-                acc.clip_grad_norm_(st.prepared.parameters(), cfg.grad_clip)
-            st.precision.step(st.optimizer)
-            st.optimizer.zero_grad(set_to_none=True)
-        if st.ema is not None:
-            st.ema.step(st.trainable)
+                self.precision.unscale(self.optimizer)
+                acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            self.precision.step(self.optimizer)
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.trainable)
         return loss_sum
 
     @torch.no_grad()
@@ -604,17 +562,16 @@ class _GeneratorTask:
         from todsynth.io import save_weights
         from todsynth.viz import save_mask_image_grid
 
-        cfg, st, pipe, labels = self.cfg, self.st, self.pipe, self.val_labels
-        sharded = is_fsdp(st.accelerator)
-        if not (st.accelerator.is_main_process or sharded) or len(labels) == 0:
+        cfg, pipe, labels, acc = self.cfg, self.pipe, self.val_labels, self.accelerator
+        if not (acc.is_main_process or self.sharded) or len(labels) == 0:
             return {}
-        module = st.prepared if sharded else pipe.transformer
-        with ema_weights(st.trainable, st.ema), _module_in(pipe, module), st.precision.autocast():
+        module = self.prepared if self.sharded else pipe.transformer
+        with distributed.ema_weights(self.trainable, self.ema), _module_in(pipe, module), self.precision.autocast():
             seeds = validation_seeds(len(labels), cfg.seed)
             images = pipe(
                 labels, self.val_prompts, seeds=seeds, num_steps=cfg.val_steps, guidance_scale=cfg.guidance_scale
             )
-        if not st.accelerator.is_main_process:
+        if not acc.is_main_process:
             return {}
         images = images.float()
         about = {"step": step, "num_steps": cfg.val_steps, "guidance_scale": cfg.guidance_scale, "seed": cfg.seed}
@@ -630,28 +587,78 @@ class _GeneratorTask:
         return {"mask_fidelity_miou": miou}
 
     def after_step(self, step: int) -> None:
+        """Every checkpoint_every steps, model-only weights (EMA ones with EMA) in out/checkpoints/step_N, the newest
+        `checkpoints_total_limit` kept."""
         self.done = step
-        if step % self.cfg.checkpoint_every == 0:
-            _snapshot(self.out, self.cfg, step, self.st)
+        if step % self.cfg.checkpoint_every:
+            return
+        with distributed.ema_weights(self.trainable, self.ema):
+            weights = {k: v.to("cpu", copy=True) for k, v in self.accelerator.get_state_dict(self.prepared).items()}
+        if self.accelerator.is_main_process:
+            config = {"_class_name": type(self.model).__name__, **self.model.config.to_dict()}
+            distributed.save_snapshot(self.out / "checkpoints", step, weights, config, self.cfg.checkpoints_total_limit)
+        self.accelerator.wait_for_everyone()
 
     def state(self) -> tuple[dict[str, Tensor], dict]:
         """Model, AdamW moments and EMA weights (gathered on all ranks); optimizer groups and EMA step. DeepSpeed:
         the optimizer is in the engine's state, saved through accelerate and referenced here."""
-        st = self.st
-        tensors = {f"model.{k}": v for k, v in model_state(st.accelerator, st.prepared).items()}
+        acc = self.accelerator
+        tensors = {f"model.{k}": v for k, v in acc.get_state_dict(self.prepared).items()}
         info: dict = {}
-        if is_deepspeed(st.accelerator):
-            self.engine_state = info["engine_state"] = save_engine_state(
-                st.accelerator, self.out, self.done, self.engine_state
+        if self.deepspeed:
+            self.engine_state = info["engine_state"] = distributed.save_engine_state(
+                acc, self.out, self.done, self.engine_state
             )
         else:
-            optim, info["optimizer_groups"] = optimizer_state(st.prepared, st.optimizer)
+            optim, info["optimizer_groups"] = distributed.optimizer_state(self.prepared, self.optimizer)
             tensors.update(optim)
-        if st.ema is not None:
-            with ema_weights(st.trainable, st.ema):
-                ema = model_state(st.accelerator, st.prepared)
-                tensors.update({f"ema.{k}": ema[k].to("cpu", copy=True) for k in st.trainable_names if k in ema})
-        return tensors, {**info, "ema_step": st.ema.optimization_step if st.ema else None}
+        if self.ema is not None:
+            with distributed.ema_weights(self.trainable, self.ema):
+                ema = acc.get_state_dict(self.prepared)
+                tensors.update({f"ema.{k}": ema[k].to("cpu", copy=True) for k in self.trainable_names if k in ema})
+        return tensors, {**info, "ema_step": self.ema.optimization_step if self.ema else None}
+
+    def load(self, tensors: dict[str, Tensor], info: dict, path: Path) -> None:
+        """Load a saved state into the model, EMA and optimizer (on every rank)."""
+        from todsynth.errors import CheckpointError
+
+        acc, weights = self.accelerator, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        self.engine_state = info.get("engine_state")
+        try:
+            if self.ema is not None:  # EMA weights through the model, so each rank's (sharded) shadow gets its part
+                ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+                distributed.load_model_state(self.prepared, self.model, {**weights, **ema}, path, self.sharded)
+                with torch.no_grad():
+                    for shadow, p in zip(self.ema.shadow_params, self.trainable, strict=True):
+                        shadow.copy_(p)
+                self.ema.optimization_step = int(info["ema_step"])
+            if self.deepspeed:  # weights and partitioned optimizer state from the engine's own state
+                acc.load_state(str(path.parent / info["engine_state"]))
+                return
+            distributed.load_model_state(self.prepared, self.model, weights, path, self.sharded)
+            distributed.load_optimizer_state(self.prepared, self.optimizer, tensors, info["optimizer_groups"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint does not fit this model: {str(e)[:200]}", path=path) from None
+
+    def save_final(self, directory: Path) -> None:
+        """The pipeline with EMA weights (fp32) in `directory`; FSDP: weights gathered on all ranks into a plain
+        copy. The end of the run: the model is not trained or saved again."""
+        from todsynth.checkpoint import build_on_meta
+
+        acc, model = self.accelerator, self.model
+        with distributed.ema_weights(self.trainable, self.ema):
+            if self.sharded:
+                weights = acc.get_state_dict(self.prepared)
+                if acc.is_main_process:
+                    plain = build_on_meta(lambda: type(model)(model.config))
+                    plain.load_state_dict({k: v.float() for k, v in weights.items()}, assign=True)
+                    with _module_in(self.pipe, plain):
+                        self.pipe.save_pretrained(directory)
+            elif acc.is_main_process:
+                for p in model.parameters():  # bf16-stored frozen weights are written as fp32, like the rest
+                    p.data = p.data.float()
+                self.pipe.save_pretrained(directory)
+        acc.wait_for_everyone()
 
 
 def _validation_masks(cfg: GeneratorTrainConfig, data) -> tuple[Tensor, list[str]]:
@@ -700,110 +707,17 @@ def _module_in(pipe, module) -> Iterator[None]:
         pipe.transformer = saved
 
 
-@dataclass
-class _State:
-    """What a checkpoint holds and where it lives: the prepared (DDP/FSDP) and the plain model, optimizer, EMA,
-    precision."""
-
-    accelerator: object
-    prepared: torch.nn.Module
-    model: torch.nn.Module
-    optimizer: object
-    ema: object
-    trainable: list  # the prepared model's trainable parameters (EMA follows these)
-    trainable_names: list[str]  # their names in the model's state dict
-    precision: Any  # runs.Precision: autocast and the fp16 loss scaler
-
-
-def _make_ema(params: list, cfg: GeneratorTrainConfig):
-    """EMA of the trainable parameters only (frozen ones never change), or None."""
-    if cfg.ema_decay <= 0:
-        return None
-    from diffusers.training_utils import EMAModel
-
-    return EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=False)
-
-
 def _latent_cache(pipe, data, out: Path, accelerator):
     """The training set as VAE latents of its (deterministically cropped) images, encoded once into
     out/latent_cache.safetensors by all processes, with its labels: the loop then never runs the encoder."""
     from todsynth.generator.latent_cache import LATENT_CACHE, build_latent_cache
-    from todsynth.generator.stream import MemorySamples, StreamData
+    from todsynth.generator.stream import MemorySamples, StreamData, collate
 
-    items = [data.samples[(i, 0, i)] for i in range(len(data.ids))]
-    images, labels = torch.stack([im for _, im, _ in items]), torch.stack([lab for _, _, lab in items])
+    _, images, labels = collate([data.samples[(i, 0, i)] for i in range(len(data.ids))])
     latents = build_latent_cache(out / LATENT_CACHE, pipe.autoencoder, images, data.ids, accelerator)
     return StreamData(MemorySamples(latents, labels), data.prompts, data.ids, data.normalisation)
 
 
 CACHES = ("prompt_cache.safetensors", "latent_cache.safetensors")  # encoded prompts and VAE latents of the data
 # What a generator run writes into its folder: removed before a run started with `overwrite`.
-RUN_OUTPUTS = (*runs.RUN_OUTPUTS, *CACHES, "val", "loss.png", "checkpoints", ENGINE_STATES)
-
-
-def _snapshot(out: Path, cfg: GeneratorTrainConfig, step: int, st: _State) -> None:
-    """Model-only weights (EMA ones with EMA) in out/checkpoints/step_N, newest `checkpoints_total_limit` kept."""
-    with ema_weights(st.trainable, st.ema):
-        weights = {k: v.to("cpu", copy=True) for k, v in model_state(st.accelerator, st.prepared).items()}
-    if st.accelerator.is_main_process:
-        config = {"_class_name": type(st.model).__name__, **st.model.config.to_dict()}
-        save_snapshot(out / "checkpoints", step, weights, config, cfg.checkpoints_total_limit)
-    st.accelerator.wait_for_everyone()
-
-
-def _save_final(pipe, directory: Path, st: _State) -> None:
-    """The pipeline with EMA weights (fp32) in `directory`; FSDP: weights gathered on all ranks into a plain copy."""
-    from todsynth.checkpoint import build_on_meta
-
-    acc = st.accelerator
-    with ema_weights(st.trainable, st.ema):
-        if is_fsdp(acc):
-            weights = model_state(acc, st.prepared)
-            if acc.is_main_process:
-                plain = build_on_meta(lambda: type(st.model)(st.model.config))
-                plain.load_state_dict({k: v.float() for k, v in weights.items()}, assign=True)
-                with _module_in(pipe, plain):
-                    pipe.save_pretrained(directory)
-        elif acc.is_main_process:
-            dtypes = {n: p.dtype for n, p in st.model.named_parameters()}
-            for p in st.model.parameters():  # bf16-stored frozen weights are written as fp32, like the rest
-                p.data = p.data.float()
-            pipe.save_pretrained(directory)
-            for n, p in st.model.named_parameters():
-                p.data = p.data.to(dtypes[n])
-    acc.wait_for_everyone()
-
-
-def _load(st: _State, tensors: dict[str, Tensor], info: dict, path: Path) -> None:
-    """Load a saved state into the model, EMA and optimizer (on every rank)."""
-    from todsynth.errors import CheckpointError
-
-    weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    try:
-        if st.ema is not None:  # EMA weights through the model, so each rank's (sharded) shadow gets its part
-            load_model_state(
-                st.accelerator,
-                st.prepared,
-                st.model,
-                {**weights, **{k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}},
-                path,
-            )
-            with torch.no_grad():
-                for shadow, p in zip(st.ema.shadow_params, st.trainable, strict=True):
-                    shadow.copy_(p)
-            st.ema.optimization_step = int(info["ema_step"])
-        if is_deepspeed(st.accelerator):  # weights and partitioned optimizer state from the engine's own state
-            st.accelerator.load_state(str(path.parent / info["engine_state"]))
-            return
-        load_model_state(st.accelerator, st.prepared, st.model, weights, path)
-        load_optimizer_state(st.prepared, st.optimizer, tensors, info["optimizer_groups"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"checkpoint does not fit this model: {str(e)[:200]}", path=path) from None
-
-
-def _plot_loss(history: list[tuple[int, float]], path: Path) -> None:
-    from todsynth.viz import plot_curves
-
-    plot_curves(
-        path, {"flow-matching loss": ([s for s, _ in history], [v for _, v in history])}, xlabel="step", log_y=True
-    )
+RUN_OUTPUTS = (*runs.RUN_OUTPUTS, *CACHES, "val", "loss.png", "checkpoints", distributed.ENGINE_STATES)
