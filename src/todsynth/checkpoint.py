@@ -1,5 +1,6 @@
-"""Model files without pickle: optimizer moments as flat tensors, models built on the meta device and checked
-against their weights' header before loading (the resumable run state itself: todsynth.runs)."""
+"""Model files without pickle: optimizer moments as flat tensors keyed by parameter name (so any accelerate layout
+reads them), models built on the meta device and checked against their weights' header before loading (the
+resumable run state itself: todsynth.runs)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from torch.overrides import TorchFunctionMode
 
 from todsynth.errors import CheckpointError
@@ -16,27 +18,34 @@ from todsynth.io import load_weights, weight_shapes
 
 UNSTORED_BUDGET = 256 * 2**20  # bytes of buffers not in the weights (e.g. position tables) always allowed
 M = TypeVar("M", bound=nn.Module)
+OPTIM_PREFIX = "optim."
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optim.") -> dict[str, torch.Tensor]:
-    """The optimizer's per-parameter state as flat tensors named <prefix><param index>.<key>."""
-    out = {}
-    for idx, state in optimizer.state_dict()["state"].items():
-        for key, value in state.items():
-            out[f"{prefix}{idx}.{key}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-    return out
+def optimizer_state(prepared: nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Full optimizer state as flat tensors optim.<param name>.<key> and its param groups; call on all ranks."""
+    raw = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
+    full = get_optimizer_state_dict(prepared, raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    tensors = {
+        f"{OPTIM_PREFIX}{name}.{key}": (v if isinstance(v, torch.Tensor) else torch.tensor(v))
+        for name, state in full.get("state", {}).items()
+        for key, v in state.items()
+    }
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in full.get("param_groups", [])]
+    return tensors, groups
 
 
-def load_optimizer_tensors(
-    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], prefix: str = "optim."
-) -> None:
-    """Restore per-parameter optimizer state written by `optimizer_tensors`."""
-    state: dict[int, dict[str, torch.Tensor]] = {}
+def load_optimizer_state(prepared: nn.Module, optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    """Restore what `optimizer_state` wrote, on every rank (each reads the full state and keeps its part)."""
+    raw = getattr(optimizer, "optimizer", optimizer)
+    state: dict[str, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
-        if name.startswith(prefix):
-            idx, key = name[len(prefix) :].split(".", 1)
-            state.setdefault(int(idx), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+        if name.startswith(OPTIM_PREFIX):
+            param, key = name[len(OPTIM_PREFIX) :].rsplit(".", 1)
+            state.setdefault(param, {})[key] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
+    set_optimizer_state_dict(
+        prepared, raw, {"state": state, "param_groups": groups}, options=StateDictOptions(full_state_dict=True)
+    )
 
 
 class _ValuesOnCPU(TorchFunctionMode):

@@ -1,7 +1,7 @@
 """Training state under any accelerate layout (one process, DDP, FSDP, DeepSpeed ZeRO-2).
 
 Model weights come from `accelerator.get_state_dict` (FSDP: the full state dict, gathered by every rank);
-optimizer moments from torch's `get_optimizer_state_dict` (full, keyed by parameter name, so they do not depend
+optimizer moments from todsynth.checkpoint.optimizer_state (full, keyed by parameter name, so they do not depend
 on how a layout flattens or shards parameters). Under DeepSpeed the engine owns accumulation, clipping, the
 optimizer step and its ZeRO-partitioned state: the run's settings go into accelerate's DeepSpeed plugin, and the
 engine's state is saved and loaded with `accelerator.save_state`/`load_state` (`deepspeed/step_N/`, referenced by
@@ -21,12 +21,9 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_optimizer_state_dict,
     set_model_state_dict,
-    set_optimizer_state_dict,
 )
 
-OPTIM_PREFIX = "optim."
 ENGINE_STATES = "deepspeed"  # under DeepSpeed: the engine's own state per saved step, in the run folder
 
 
@@ -92,33 +89,6 @@ def save_engine_state(accelerator, root: Path, step: int, keep: str | None) -> s
     accelerator.save_state(str(root / name))
     accelerator.wait_for_everyone()
     return name
-
-
-def optimizer_state(prepared: nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Full optimizer state as flat tensors optim.<param name>.<key> and its param groups; call on all ranks."""
-    raw = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
-    full = get_optimizer_state_dict(prepared, raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    tensors = {
-        f"{OPTIM_PREFIX}{name}.{key}": (v if isinstance(v, torch.Tensor) else torch.tensor(v))
-        for name, state in full.get("state", {}).items()
-        for key, v in state.items()
-    }
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in full.get("param_groups", [])]
-    return tensors, groups
-
-
-def load_optimizer_state(prepared: nn.Module, optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
-    """Restore what `optimizer_state` wrote, on every rank (each reads the full state and keeps its part)."""
-    raw = getattr(optimizer, "optimizer", optimizer)
-    state: dict[str, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        if name.startswith(OPTIM_PREFIX):
-            param, key = name[len(OPTIM_PREFIX) :].rsplit(".", 1)
-            state.setdefault(param, {})[key] = value
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
-    set_optimizer_state_dict(
-        prepared, raw, {"state": state, "param_groups": groups}, options=StateDictOptions(full_state_dict=True)
-    )
 
 
 def load_model_state(

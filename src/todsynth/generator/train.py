@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from todsynth import runs
+from todsynth.checkpoint import load_optimizer_state, optimizer_state
 from todsynth.config import require, require_at_least, resume_free_names, setting
 from todsynth.data.crops import CropMode
 from todsynth.generator import distributed
@@ -610,7 +611,7 @@ class _GeneratorTask:
                 acc, self.out, self.done, self.engine_state
             )
         else:
-            optim, info["optimizer_groups"] = distributed.optimizer_state(self.prepared, self.optimizer)
+            optim, info["optimizer_groups"] = optimizer_state(self.prepared, self.optimizer)
             tensors.update(optim)
         if self.ema is not None:
             with distributed.ema_weights(self.trainable, self.ema):
@@ -636,7 +637,7 @@ class _GeneratorTask:
                 acc.load_state(str(path.parent / info["engine_state"]))
                 return
             distributed.load_model_state(self.prepared, self.model, weights, path, self.sharded)
-            distributed.load_optimizer_state(self.prepared, self.optimizer, tensors, info["optimizer_groups"])
+            load_optimizer_state(self.prepared, self.optimizer, tensors, info["optimizer_groups"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"checkpoint does not fit this model: {str(e)[:200]}", path=path) from None
 

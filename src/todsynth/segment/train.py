@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from todsynth.checkpoint import load_optimizer_tensors, optimizer_tensors
+from todsynth.checkpoint import load_optimizer_state, optimizer_state
 from todsynth.config import build_config, require, require_at_least, resume_free_names, setting
 from todsynth.data.bands import Normalisation, check_normalisation, dataset_settings, fit_normalisation
 from todsynth.data.check import open_checked
@@ -285,11 +285,9 @@ class _SegmenterTask:
         pass
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Model weights and AdamW moments."""
-        return {
-            **{f"model.{k}": v for k, v in self.model.state_dict().items()},
-            **optimizer_tensors(self.optimizer),
-        }, {}
+        """Model weights and AdamW moments (and its param groups)."""
+        optim, groups = optimizer_state(self.model, self.optimizer)
+        return {**{f"model.{k}": v for k, v in self.model.state_dict().items()}, **optim}, {"optimizer_groups": groups}
 
 
 def _training_data(
@@ -370,10 +368,10 @@ def train_on_samples(
         }
         run.free = {f"config.{name}" for name in resume_free_names(SegmentTrainConfig)}
         if resume:  # model, optimizer, RNG and loss scaler as saved
-            step, tensors, _ = run.load_state(metrics, precision.scaler)
+            step, tensors, info = run.load_state(metrics, precision.scaler)
             try:
                 model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-                load_optimizer_tensors(optimizer, tensors)
+                load_optimizer_state(model, optimizer, tensors, info["optimizer_groups"])
             except (RuntimeError, ValueError, KeyError) as e:
                 raise CheckpointError(
                     f"checkpoint does not fit this model: {str(e).splitlines()[0][:300]}",
