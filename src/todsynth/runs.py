@@ -24,7 +24,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
-from todsynth.config import flat_dict
+from todsynth.config import flat_dict, setting
 from todsynth.errors import CheckpointError, TodsynthError
 from todsynth.io import load_weights, read_json, save_weights, write_json, write_text
 from todsynth.locks import check_run_folder, run_lock
@@ -63,6 +63,26 @@ def lr_at(
 
 # ---------------------------------------------------------------------------------------------
 # Settings
+
+
+@dataclass
+class RunControl:
+    """How one invocation treats its run folder, the same settings in every trainer's config; resume-free."""
+
+    resume: bool | Literal["auto"] = setting(
+        False,
+        resume_free=True,
+        help="true: continue from out/checkpoint (refused when there is none); auto: continue if one exists",
+    )
+    stop_after: int | None = setting(
+        None, resume_free=True, help="end this invocation after this step (like a kill; resume continues)"
+    )
+    overwrite: bool = setting(
+        False, resume_free=True, help="start afresh in an out that holds an earlier run (its outputs are removed)"
+    )
+    log_with: Literal["tensorboard"] | None = setting(
+        None, resume_free=True, help="tracker besides out/metrics.jsonl: tensorboard (event files in out/logs)"
+    )
 
 
 def check_settings(saved: Any, current: dict[str, Any], free: Iterable[str], path: Path, what: str) -> None:

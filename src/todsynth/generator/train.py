@@ -28,7 +28,7 @@ from todsynth.generator.presets import MemoryPreset, Optimizer, apply_preset, ca
 
 
 @dataclass
-class GeneratorTrainConfig:
+class GeneratorTrainConfig(runs.RunControl):
     """Settings of `todsynth generator train` (and `generator pretrain`)."""
 
     data: str = setting(
@@ -118,25 +118,11 @@ class GeneratorTrainConfig:
     checkpoints_total_limit: int = setting(3, resume_free=True, help="model-only snapshots kept, newest first (0: all)")
     log_every: int = setting(10, resume_free=True, help="loss log interval in steps")
     seed: int = setting(0, help="seed of the weights, batches and noise")
-    resume: bool | Literal["auto"] = setting(
-        False,
-        resume_free=True,
-        help="true: continue from out/checkpoint (refused when there is none); auto: continue if one exists",
-    )
-    stop_after: int | None = setting(
-        None, resume_free=True, help="end this invocation after this step (like a kill; resume continues)"
-    )
     progress: bool = setting(True, resume_free=True, help="show a progress bar")
-    overwrite: bool = setting(
-        False, resume_free=True, help="start afresh in an out that holds an earlier run (its outputs are removed)"
-    )
     unlabeled: bool = setting(False, help="pretraining: images only, masks ignored (control none)")
     captions: str | None = setting(None, help="pretraining: JSON {image id: caption}; others get prompt")
     prompt: str | None = setting(
         None, help='pretraining: the prompt of uncaptioned images (default "a satellite image")'
-    )
-    log_with: Literal["tensorboard"] | None = setting(
-        None, resume_free=True, help="tracker besides out/metrics.jsonl: tensorboard (event files in out/logs)"
     )
 
     def validate(self) -> None:
@@ -162,7 +148,7 @@ class GeneratorTrainConfig:
         require_at_least(
             self, 1, "size", "steps", "batch_size", "grad_accum", "val_steps", "checkpoint_every", "full_state_every"
         )
-        require_at_least(self, 1, "log_every", "text_max_length")
+        require_at_least(self, 1, "log_every", "text_max_length", "stop_after")
         require_at_least(self, 0, "lr", "weight_decay", "grad_clip", "warmup_steps", "val_every", "val_samples")
         require_at_least(self, 0, "lora_rank", "num_workers", "checkpoints_total_limit")
         require(

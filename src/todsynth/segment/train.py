@@ -34,6 +34,7 @@ from todsynth.runs import (
     Metrics,
     Precision,
     Progress,
+    RunControl,
     RunFolder,
     StepCallback,
     fit,
@@ -52,7 +53,7 @@ MAX_CLASS_WEIGHT = 10.0
 
 
 @dataclass
-class SegmentTrainConfig:
+class SegmentTrainConfig(RunControl):
     """Settings of one segmenter training run (`todsynth segment train`); `steps` (if set) overrides `epochs`."""
 
     data: str | None = setting(None, help="DATA: the training dataset (LoveDA root, image/mask folder or .jsonl)")
@@ -88,21 +89,7 @@ class SegmentTrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = setting("no", help="autocast precision")
     log_every: int = setting(10, resume_free=True, help="record the loss every N steps")
     checkpoint_every: int = setting(200, resume_free=True, help="save a resumable checkpoint every N steps")
-    resume: bool | Literal["auto"] = setting(
-        False,
-        resume_free=True,
-        help="true: continue from out/checkpoint (refused when there is none); auto: continue if one exists",
-    )
-    stop_after: int | None = setting(
-        None, resume_free=True, help="end this invocation after this step (like a kill; resume continues)"
-    )
-    overwrite: bool = setting(
-        False, resume_free=True, help="start afresh in an out that holds an earlier run (its outputs are removed)"
-    )
     val_every: int = setting(0, resume_free=True, help="validate on val every N steps too (0: only at the end)")
-    log_with: Literal["tensorboard"] | None = setting(
-        None, resume_free=True, help="tracker besides out/metrics.jsonl: tensorboard (event files in out/logs)"
-    )
 
     def validate(self) -> None:
         """Reject negative counts and non-finite numbers (choices are checked by their types when loaded)."""
