@@ -125,6 +125,7 @@ def test_stop_after_says_where_it_stopped_and_how_to_continue(toy_masks_16: Path
     )
     assert result.exit_code == 0, result.output
     assert "stopped at step 1 of 3" in result.output and "next: the same command with --resume" in result.output
+    assert (out / "checkpoint").is_dir() and not (out / "model").exists() and not (out / "results.json").exists()
 
 
 def test_segment_train_stops_after_and_resumes_like_the_generator(toy_masks_16: Path, tmp_path: Path) -> None:
@@ -134,6 +135,7 @@ def test_segment_train_stops_after_and_resumes_like_the_generator(toy_masks_16: 
     result = invoke(*args, "--set", "stop_after=1", "--set", "resume=auto")
     assert result.exit_code == 0, result.output
     assert "stopped at step 1 of 2" in result.output and "next: the same command with --resume" in result.output
+    assert (out / "checkpoint").is_dir() and not (out / "model").exists() and not (out / "results.json").exists()
     result = invoke(*args, "--resume")
     assert result.exit_code == 0 and "model saved to" in result.output, result.output
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]

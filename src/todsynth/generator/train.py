@@ -456,6 +456,9 @@ def train_generator(
             world,
             time.perf_counter() - t0,
         )
+        if end < cfg.steps:  # stopped (stop_after): the state alone, as a kill leaves it, so nothing looks finished
+            accelerator.end_training()
+            return result
         task.save_final(out / "model")
         if accelerator.is_main_process:
             from todsynth.viz import plot_curves

@@ -388,7 +388,7 @@ def train_on_samples(
     )
     model.train()
     bar = Progress("segmenter", total, step, accelerator.is_main_process)
-    fit(task, loop, metrics, accelerator, run, bar, on_step, precision.scaler)
+    last = fit(task, loop, metrics, accelerator, run, bar, on_step, precision.scaler)
     accelerator.end_training()
     history = metrics.history()
     return TrainOutcome(
@@ -396,7 +396,7 @@ def train_on_samples(
         task.val,
         loop.end,
         total,
-        history[-1][1] if history else math.nan,
+        last if last is not None else history[-1][1] if history else math.nan,
         len(data),
         history,
         time.perf_counter() - start,
@@ -460,7 +460,6 @@ def train_segmenter(
         outcome = train_on_samples(
             real, real.classes, cfg, val, synthetic, run, resuming, on_step, accelerator=accelerator
         )
-        outcome.model.save_pretrained(out / "model")
         result = SegmenterResult(
             str(out / "model"),
             dataclasses.asdict(cfg),
@@ -474,7 +473,9 @@ def train_segmenter(
             None if outcome.val is None else outcome.val.to_dict(outcome.model.config.class_names),
             round(outcome.wall_time_s, 3),
         )
-        write_json(out / "results.json", dataclasses.asdict(result))
+        if outcome.steps == outcome.total_steps:  # stopped (stop_after): the state alone, as a kill leaves it
+            outcome.model.save_pretrained(out / "model")
+            write_json(out / "results.json", dataclasses.asdict(result))
     return result
 
 
