@@ -97,6 +97,17 @@ def test_data_toy_says_what_to_run_next(tmp_path: Path) -> None:
     assert f"next: todsynth generator train {out} --size 16" in result.output
     result = invoke("data", "toy", tmp_path / "layouts", "--n", "2", "--size", "16", "--label-only")
     assert f"next: todsynth synthesize GENERATOR {tmp_path / 'layouts'} SYN --segmenter SEG" in result.output
+    result = invoke("data", "check", out)  # the trainers' default sizes exceed these tiles: the next lines say so
+    assert result.exit_code == 0 and f"next: todsynth segment train {out} --size 16" in result.output, result.output
+
+
+def test_synthesize_next_line_trains_at_the_pairs_size(
+    tiny_generator_dir: Path, toy_masks_16: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "syn"
+    result = invoke("synthesize", tiny_generator_dir, toy_masks_16, out, "--crfm-steps", "0", "--num-steps", "1")
+    assert result.exit_code == 0, result.output
+    assert f"next: todsynth segment train REAL --synthetic {out} --out DOWNSTREAM --size 16" in result.output
 
 
 def test_segment_eval_scores_the_only_split_of_a_toy_root(tiny_segmenter_dir: Path, toy_masks_16: Path) -> None:

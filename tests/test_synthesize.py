@@ -87,8 +87,9 @@ def test_rerun_with_other_settings_is_refused(tiny_generator_dir, toy_masks_16, 
     from todsynth.errors import CheckpointError
 
     synthesize(cfg_for(tiny_generator_dir, toy_masks_16, tmp_path / "s", limit=1), progress=False)
-    with pytest.raises(CheckpointError, match="other settings"):
+    with pytest.raises(CheckpointError, match="other settings") as info:
         synthesize(cfg_for(tiny_generator_dir, toy_masks_16, tmp_path / "s", limit=1, seed=9), progress=False)
+    assert "--overwrite" not in str(info.value) and "another OUT" in str(info.value)  # synthesize has no --overwrite
 
 
 def test_filter_marks_only_pixels_above_threshold():

@@ -85,10 +85,14 @@ class RunControl:
     )
 
 
-def check_settings(saved: Any, current: dict[str, Any], free: Iterable[str], path: Path, what: str) -> None:
+RESUME_FIX = "resume with the settings of the original run, replace it with --overwrite, or use another --out"
+
+
+def check_settings(
+    saved: Any, current: dict[str, Any], free: Iterable[str], path: Path, what: str, fix: str = RESUME_FIX
+) -> None:
     """Refuse, naming `path`, a run whose recorded settings differ from `current` in any setting not in `free`
     (dotted names; nested settings are compared flat)."""
-    fix = "resume with the settings of the original run, replace it with --overwrite, or use another --out"
     if not isinstance(saved, dict):
         raise CheckpointError(f"{what} holds no settings record", path=path, fix=fix)
     saved, current, free = flat_dict(saved), flat_dict(json.loads(json.dumps(current))), set(free)

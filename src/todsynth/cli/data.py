@@ -134,7 +134,8 @@ def check(
     if report.problems:
         raise typer.Exit(2)
     ready = "masks only" if report.label_only else "ready to train on"
-    finish(f"{path}: {ready}", *_next_commands(path, report.label_only))
+    side = min((min(s) for s in report.sizes), default=None)  # a working size every tile fits (512 at most)
+    finish(f"{path}: {ready}", *_next_commands(path, report.label_only, f" --size {min(side, 512)}" if side else ""))
 
 
 @app.command()

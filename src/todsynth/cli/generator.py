@@ -92,7 +92,8 @@ def pretrain(cfg: Any) -> None:
     from todsynth.generator.pretrain import pretrain_generator
 
     summary = pretrain_generator(cfg)
-    _finished("base", summary, cfg, f"todsynth generator train DATA --init {arg(cfg.out)}")
+    base = f"todsynth generator train DATA --init {arg(cfg.out)} --size {cfg.size}"
+    _finished("base", summary, cfg, f"{base}  (model.* and text settings as the base's)")
 
 
 @app.command()

@@ -17,7 +17,7 @@ app = typer.Typer(help="Train and evaluate segmentation models (stage c).", no_a
 @app.command(cls=SettingsCommand)
 @with_settings(
     "segment-train",
-    ("size", "steps", "batch_size", "seed", "device", "resume", "overwrite"),
+    ("size", "steps", "batch_size", "seed", "resume", "overwrite"),
     arguments={
         "data": "Training dataset (LoveDA root, image/mask folder or .jsonl); required unless --config gives 'data'."
     },
@@ -29,6 +29,7 @@ app = typer.Typer(help="Train and evaluate segmentation models (stage c).", no_a
         "arch": (str, "unet, deeplabv3plus, segformer or fpn."),
         "encoder": (str, "smp encoder name (default resnet18 / mit_b0)."),
         "lr": (float, "AdamW learning rate."),
+        "device": (str, "auto (the GPU when there is one), cpu or cuda (a numbered GPU: CUDA_VISIBLE_DEVICES)."),
     },
 )
 def train(cfg: Any) -> None:
