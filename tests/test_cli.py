@@ -97,6 +97,9 @@ def test_data_toy_says_what_to_run_next(tmp_path: Path) -> None:
     assert f"next: todsynth generator train {out} --size 16" in result.output
     result = invoke("data", "toy", tmp_path / "layouts", "--n", "2", "--size", "16", "--label-only")
     assert f"next: todsynth synthesize GENERATOR {tmp_path / 'layouts'} SYN --segmenter SEG" in result.output
+    result = invoke("data", "toy", out, "--n", "3", "--size", "24")  # would mix 24-px tiles into the 16-px ones
+    assert result.exit_code == 2 and "already holds tiles" in result.output and "Train" in result.output
+    assert len(list(out.rglob("*.png"))) == 4  # 2 images + 2 masks, untouched
     result = invoke("data", "check", out)  # the trainers' default sizes exceed these tiles: the next lines say so
     assert result.exit_code == 0 and f"next: todsynth segment train {out} --size 16" in result.output, result.output
 

@@ -37,7 +37,12 @@ def toy(
 ) -> None:
     """Write a procedural toy dataset (LoveDA classes) for tests and demos."""
     from todsynth.data.toy import write_toy_dataset
+    from todsynth.errors import ConfigError
 
+    parts = [out / split] if layout == Layout.loveda else [out / "images", out / "masks"]
+    taken = next((p for p in parts if p.is_dir() and any(p.iterdir())), None)
+    if taken is not None:  # new tiles would mix with (or overwrite) the tiles there
+        raise ConfigError("the folder already holds tiles", path=taken, fix="write into a new folder or split")
     root = write_toy_dataset(out, n, size=size, seed=seed, split=split, label_only=label_only, layout=layout.value)
     finish(f"wrote {n} toy tile(s) to {root}", *_next_commands(root, label_only, f" --size {size}"))
 
