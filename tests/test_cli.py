@@ -113,12 +113,18 @@ def test_synthesize_next_line_trains_at_the_pairs_size(
     assert f"next: todsynth segment train REAL --synthetic {out} --out DOWNSTREAM --size 16" in result.output
 
 
-def test_segment_eval_scores_the_only_split_of_a_toy_root(tiny_segmenter_dir: Path, toy_masks_16: Path) -> None:
+def test_segment_eval_scores_the_only_split_of_a_toy_root(
+    tiny_segmenter_dir: Path, toy_masks_16: Path, tmp_path: Path
+) -> None:
     """`data toy` writes only Train: eval without --split scores it, and says so; --split Val is still refused."""
     result = invoke("segment", "eval", tiny_segmenter_dir, toy_masks_16, "--batch-size", "6")
     assert result.exit_code == 0, result.output
     assert "has no Val split: scoring its only split, Train" in result.output and "(Train)" in result.output
     assert f"next: todsynth synthesize GENERATOR MASKS SYN --segmenter {tiny_segmenter_dir}" in result.output
+    for bad in (tmp_path, Path("/proc/nope.json")):  # a folder, a place nothing can be written: refused up front
+        result = invoke("segment", "eval", tiny_segmenter_dir, toy_masks_16, "--json", bad)
+        assert result.exit_code == 2 and "cannot write the metrics file here" in result.output, result.output
+        assert "mIoU" not in result.output
     result = invoke("segment", "eval", tiny_segmenter_dir, toy_masks_16, "--split", "Val")
     assert result.exit_code == 2 and "Val" in result.output, result.output
 

@@ -79,6 +79,8 @@ def evaluate(
     from todsynth.segment.train import check_device_choice, check_eval_split, evaluate_segmenter
 
     check_device_choice(device)
+    if json_out is not None:
+        _check_writable_file(json_out)
     if split is not None:
         check_eval_split(data, split)
     split = split or _eval_split(data)
@@ -96,6 +98,23 @@ def evaluate(
         f"metrics written to {json_out}" if json_out is not None else "metrics printed (--json FILE keeps them)",
         f"todsynth synthesize GENERATOR MASKS SYN --segmenter {arg(model_dir)}  (CRFM guided by this segmenter)",
     )
+
+
+def _check_writable_file(path: Path) -> None:
+    """Refuse, before any work, a --json path that is a folder or lies where no file can be created (tried)."""
+    import tempfile
+
+    from todsynth.errors import ConfigError
+
+    folder = next(p for p in path.parents if p.exists())
+    try:
+        if path.is_dir():
+            raise OSError
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+        raise ConfigError(
+            "cannot write the metrics file here", path=path, fix="give --json a file in a writable folder"
+        ) from None
 
 
 def _eval_split(data: Path) -> str:
