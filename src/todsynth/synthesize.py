@@ -238,7 +238,7 @@ class OutputFolder:
         self._check_dataset_files()
         path = root / SETTINGS_FILE
         if settings is not None and path.exists():
-            fix = "rerun with the settings of the first run (see this file), or synthesize into another OUT folder"
+            fix = "rerun with the settings of the first run (see this file), or write into another OUT folder"
             check_settings(read_json(path), settings, resume_free_names(SynthesizeConfig), path, "this folder", fix)
         elif settings is not None and record_settings:
             write_json(path, settings)
