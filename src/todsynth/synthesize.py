@@ -413,11 +413,13 @@ def mask_dtype(classes, path: str | Path | None = None) -> type:
 
 @dataclass
 class SynthesisResult:
-    """What `synthesize` made: the dataset folder, the generator folder it sampled, counts and timing
-    (`in_manifest`: samples listed once the folder is complete, None while other processes still work)."""
+    """What `synthesize` made: the dataset folder, the generator folder it sampled and its image side (that of
+    every pair), counts and timing (`in_manifest`: samples listed once the folder is complete, None while other
+    processes still work)."""
 
     out: str
     generator: str
+    image_size: int
     made: int
     rejected: int
     planned: int
@@ -495,7 +497,15 @@ def synthesize(
     # process would be missing, and that process writes it when it finishes.
     total = out.finish() if rank == 0 and all(out.done(it) for it in items) else None
     return SynthesisResult(
-        str(out.root), cfg.generator, made, rejected, len(items), already, total, time.perf_counter() - t0
+        str(out.root),
+        cfg.generator,
+        pipe.image_size,
+        made,
+        rejected,
+        len(items),
+        already,
+        total,
+        time.perf_counter() - t0,
     )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from todsynth.cli.common import arg, finish, with_settings
@@ -38,13 +37,5 @@ def synthesize(cfg: Any) -> None:
     finish(
         f"synthesized {summary.made} pairs ({summary.rejected} rejected{done}) into {cfg.out} "
         f"in {summary.wall_time_s:.1f} s",
-        f"todsynth segment train REAL --synthetic {arg(cfg.out)} --out DOWNSTREAM --size {_image_size(cfg.generator)}",
+        f"todsynth segment train REAL --synthetic {arg(cfg.out)} --out DOWNSTREAM --size {summary.image_size}",
     )
-
-
-def _image_size(generator: str) -> int:
-    """The generator's image side (its pipeline.json): the size the synthetic pairs are, and the segmenter trains at."""
-    from todsynth.generator.pipeline import PIPELINE_FILE
-    from todsynth.io import read_json
-
-    return int(read_json(Path(generator) / PIPELINE_FILE)["image_size"])
